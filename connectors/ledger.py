@@ -1,0 +1,234 @@
+"""The allocation ledger: pools, their capacity, and every logical allocation, in PostgreSQL.
+
+Every process that runs flows on this machine (the CLI, workers, tests) shares it. Capacity is
+enforced under a row lock on the pool, so two processes can never over-commit a pool.
+A lease ends when it is released, when its expiry passes, or at once when its holder process
+(on this host) is gone: expiry is the backstop for holders that crashed without releasing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import socket
+import time
+from datetime import datetime
+
+import asyncpg
+import psutil
+
+from homeskillet.errors import AllocationNotFound, CapacityTimeout, NoRoute
+from homeskillet.schemas import Allocation, PoolSpec
+
+EPS = 1e-9
+HOST = socket.gethostname()
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS pools (
+    id text PRIMARY KEY,
+    tier text NOT NULL,
+    tflops double precision NOT NULL,
+    vram_gb double precision NOT NULL,
+    price_per_hour double precision NOT NULL
+);
+CREATE TABLE IF NOT EXISTS allocations (
+    allocation_id text PRIMARY KEY,
+    tenant text NOT NULL,
+    request_id text NOT NULL,
+    pool text NOT NULL REFERENCES pools(id),
+    model text NOT NULL,
+    tflops double precision NOT NULL,
+    vram_gb double precision NOT NULL,
+    endpoint text NOT NULL DEFAULT '',
+    holder text NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    lease_expires_at timestamptz NOT NULL,
+    state text NOT NULL DEFAULT 'active',
+    ended_at timestamptz
+);
+CREATE INDEX IF NOT EXISTS allocations_active_pool ON allocations (pool) WHERE state = 'active';
+"""
+
+COLUMNS = (
+    "allocation_id, tenant, request_id, pool, model, tflops, vram_gb, endpoint, created_at, lease_expires_at, state"
+)
+
+
+def new_allocation_id() -> str:
+    """Unguessable: 128 random bits."""
+    return "alloc-" + secrets.token_urlsafe(16)
+
+
+def holder_id() -> str:
+    """This process, in a form that tells a live holder from a dead one (pids get reused)."""
+    pid = psutil.Process().pid
+    return f"{HOST}:{pid}:{psutil.Process(pid).create_time():.3f}"
+
+
+def _holder_alive(holder: str) -> bool:
+    host, pid, created = holder.rsplit(":", 2)
+    if host != HOST:
+        return True  # another machine's process: only its lease expiry can end it
+    try:
+        return f"{psutil.Process(int(pid)).create_time():.3f}" == created
+    except psutil.Error:
+        return False
+
+
+class Ledger:
+    def __init__(self, dsn: str, lease_s: float):
+        self._dsn = dsn
+        self._lease_s = lease_s
+        self._holder = holder_id()
+
+    async def _connect(self) -> asyncpg.Connection:
+        return await asyncpg.connect(self._dsn)
+
+    async def sync_pools(self, pools: list[PoolSpec]) -> None:
+        """Create the tables if needed and make the pools table match the catalog."""
+        conn = await self._connect()
+        try:
+            async with conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock(hashtext('homeskillet.schema'))")
+                await conn.execute(SCHEMA)
+                await conn.executemany(
+                    """INSERT INTO pools (id, tier, tflops, vram_gb, price_per_hour) VALUES ($1, $2, $3, $4, $5)
+                       ON CONFLICT (id) DO UPDATE SET tier = $2, tflops = $3, vram_gb = $4, price_per_hour = $5""",
+                    [(p.id, p.tier, p.tflops, p.vram_gb, p.price_per_hour) for p in pools],
+                )
+        finally:
+            await conn.close()
+
+    async def reserve(
+        self,
+        *,
+        allocation_id: str,
+        tenant: str,
+        request_id: str,
+        pool: str,
+        model: str,
+        tflops: float,
+        vram_gb: float,
+        wait_s: float,
+    ) -> Allocation:
+        """Reserve a slice of the pool under the given id (from new_allocation_id), waiting up to
+        wait_s for room; raise CapacityTimeout after."""
+        deadline = time.monotonic() + wait_s
+        delay = 0.05
+        while True:
+            conn = await self._connect()
+            try:
+                async with conn.transaction():
+                    row = await conn.fetchrow("SELECT tflops, vram_gb FROM pools WHERE id = $1 FOR UPDATE", pool)
+                    if row is None:
+                        raise NoRoute(f"pool {pool!r} is not in the ledger")
+                    if tflops > row["tflops"] + EPS or vram_gb > row["vram_gb"] + EPS:
+                        raise NoRoute(
+                            f"pool {pool!r} ({row['tflops']:g} TFLOPS, {row['vram_gb']:g} GB) is too small "
+                            f"for {model} ({tflops:g} TFLOPS, {vram_gb:g} GB)"
+                        )
+                    await self._expire(conn, pool)
+                    used = await conn.fetchrow(
+                        "SELECT coalesce(sum(tflops), 0) AS t, coalesce(sum(vram_gb), 0) AS v "
+                        "FROM allocations WHERE pool = $1 AND state = 'active'",
+                        pool,
+                    )
+                    free_t, free_v = row["tflops"] - used["t"], row["vram_gb"] - used["v"]
+                    if tflops <= free_t + EPS and vram_gb <= free_v + EPS:
+                        record = await conn.fetchrow(
+                            f"""INSERT INTO allocations
+                                (allocation_id, tenant, request_id, pool, model, tflops, vram_gb, holder,
+                                 lease_expires_at)
+                                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now() + make_interval(secs => $9))
+                                RETURNING {COLUMNS}""",
+                            allocation_id,
+                            tenant,
+                            request_id,
+                            pool,
+                            model,
+                            tflops,
+                            vram_gb,
+                            self._holder,
+                            self._lease_s,
+                        )
+                        return Allocation(**dict(record))
+            finally:
+                await conn.close()
+            if time.monotonic() >= deadline:
+                raise CapacityTimeout(
+                    f"pool {pool!r} had no room for {model} ({tflops:g} TFLOPS, {vram_gb:g} GB) within "
+                    f"{wait_s:g}s: {free_t:g} TFLOPS and {free_v:g} GB free of {row['tflops']:g} and "
+                    f"{row['vram_gb']:g}"
+                )
+            await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(delay * 2, 0.5)
+
+    async def set_endpoint(self, allocation_id: str, endpoint: str) -> Allocation:
+        conn = await self._connect()
+        try:
+            record = await conn.fetchrow(
+                f"UPDATE allocations SET endpoint = $2 WHERE allocation_id = $1 RETURNING {COLUMNS}",
+                allocation_id,
+                endpoint,
+            )
+        finally:
+            await conn.close()
+        return Allocation(**dict(record))
+
+    async def release(self, allocation_id: str, tenant: str) -> datetime:
+        """End the tenant's allocation; releasing one already ended is a no-op that returns its end.
+
+        Another tenant's allocation, or an unknown id, raises AllocationNotFound with the same
+        message, so a tenant cannot even learn whether another tenant's id exists.
+        """
+        conn = await self._connect()
+        try:
+            ended = await conn.fetchval(
+                """UPDATE allocations SET state = 'released', ended_at = now()
+                   WHERE allocation_id = $1 AND tenant = $2 AND state = 'active' RETURNING ended_at""",
+                allocation_id,
+                tenant,
+            )
+            if ended is None:
+                ended = await conn.fetchval(
+                    "SELECT ended_at FROM allocations WHERE allocation_id = $1 AND tenant = $2",
+                    allocation_id,
+                    tenant,
+                )
+        finally:
+            await conn.close()
+        if ended is None:
+            raise AllocationNotFound(f"tenant {tenant!r} holds no allocation {allocation_id!r}")
+        return ended
+
+    async def held(self, tenant: str | None = None) -> list[Allocation]:
+        """Active allocations (all tenants, or one), after ending those whose lease is over."""
+        conn = await self._connect()
+        try:
+            async with conn.transaction():
+                # every writer locks pool rows first, in id order: no deadlocks between writers
+                await conn.execute("SELECT id FROM pools ORDER BY id FOR UPDATE")
+                await self._expire(conn, None)
+                rows = await conn.fetch(
+                    f"SELECT {COLUMNS} FROM allocations WHERE state = 'active' AND ($1::text IS NULL OR tenant = $1) "
+                    "ORDER BY created_at",
+                    tenant,
+                )
+        finally:
+            await conn.close()
+        return [Allocation(**dict(r)) for r in rows]
+
+    async def _expire(self, conn: asyncpg.Connection, pool: str | None) -> None:
+        """End active leases that passed their expiry or whose holder process is gone."""
+        holders = await conn.fetch(
+            "SELECT DISTINCT holder FROM allocations WHERE state = 'active' AND ($1::text IS NULL OR pool = $1)",
+            pool,
+        )
+        dead = [h["holder"] for h in holders if not _holder_alive(h["holder"])]
+        await conn.execute(
+            """UPDATE allocations SET state = 'expired', ended_at = now()
+               WHERE state = 'active' AND ($1::text IS NULL OR pool = $1)
+               AND (lease_expires_at < now() OR holder = ANY($2::text[]))""",
+            pool,
+            dead,
+        )

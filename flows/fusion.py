@@ -1,0 +1,171 @@
+"""`fuse_request`: decompose → route → (allocate → infer → release) per fragment → fuse.
+
+Fragments whose dependencies are done run concurrently. Each fragment's allocate → infer →
+release runs inside a Prefect transaction: if anything fails or is cancelled before release,
+the allocate task's rollback hook releases the slice. A crashed process runs no hooks; the
+ledger's lease expiry and holder check are the backstop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Literal
+
+from prefect import flow
+from prefect.artifacts import acreate_table_artifact
+from prefect.transactions import atransaction
+from pydantic import ValidationError
+
+from homeskillet import catalog as cat
+from homeskillet.errors import InvalidRequest
+from homeskillet.schemas import (
+    Constraints,
+    Fragment,
+    FragmentResult,
+    FusionResult,
+    InferenceRequest,
+    ModelChoice,
+    Plan,
+    Timings,
+)
+from tasks import runtime
+from tasks.decompose import decompose, fill
+from tasks.fusion import fuse
+from tasks.resources import allocate, infer, release
+from tasks.routing import fragment_cost, max_context, route
+
+
+def make_request(
+    prompt: str,
+    tenant: str,
+    strategy: str = "single",
+    constraints: Constraints | dict | None = None,
+    request_id: str | None = None,
+) -> InferenceRequest:
+    """The validated request, or InvalidRequest naming each problem."""
+    fields = {"prompt": prompt, "tenant": tenant, "strategy": strategy, "constraints": constraints or {}}
+    if request_id:
+        fields["request_id"] = request_id
+    try:
+        return InferenceRequest.model_validate(fields)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'request'}: {e['msg']}" for e in exc.errors())
+        raise InvalidRequest(f"invalid request: {problems}") from None
+
+
+@flow(name="fuse-request", flow_run_name="fuse-{tenant}", validate_parameters=False)
+async def fuse_request(
+    prompt: str,
+    tenant: str = "demo",
+    strategy: Literal["single"] = "single",
+    constraints: Constraints | None = None,
+    request_id: str | None = None,
+    catalog_path: str | None = None,
+) -> FusionResult:
+    """Answer one inference request: split it, run each fragment on its own GPU share, fuse."""
+    started = time.perf_counter()
+    request = make_request(prompt, tenant, strategy, constraints, request_id)
+    catalog_path = str(runtime.catalog_path(catalog_path))
+    catalog = runtime.catalog(catalog_path)
+    cat.check_tenant(catalog, request.tenant)
+    limits = request.constraints
+    plan = await decompose(request.prompt, request.request_id, max_context(catalog, limits), limits.max_tokens)
+    choices = await route(plan, catalog, limits)
+    results = await run_plan(plan, choices, request, catalog_path)
+    fused = await fuse(plan, results, request.tenant, time.perf_counter() - started)
+    await acreate_table_artifact(
+        key="fragments",
+        table=[fragment_row(r) for r in fused.fragments],
+        description=f"Request {fused.request_id} of tenant {fused.tenant}: {len(fused.fragments)} fragment(s), "
+        f"${fused.cost_usd:.6f}, {fused.wall_s:.2f}s",
+    )
+    return fused
+
+
+async def run_plan(
+    plan: Plan, choices: dict[str, ModelChoice], request: InferenceRequest, catalog_path: str
+) -> dict[str, FragmentResult]:
+    """Run every fragment once its dependencies are done; the first failure cancels the rest."""
+    running: dict[str, asyncio.Task[FragmentResult]] = {}
+    try:
+        async with asyncio.TaskGroup() as group:
+            for fragment in plan.fragments:  # topological order: dependencies are already scheduled
+                upstream = [running[dep] for dep in fragment.depends_on]
+                running[fragment.id] = group.create_task(
+                    run_fragment(fragment, upstream, choices[fragment.id], request, catalog_path)
+                )
+    except BaseExceptionGroup as group_error:
+        raise _first_cause(group_error) from None
+    return {fid: task.result() for fid, task in running.items()}
+
+
+async def run_fragment(
+    fragment: Fragment,
+    upstream: list[asyncio.Task[FragmentResult]],
+    choice: ModelChoice,
+    request: InferenceRequest,
+    catalog_path: str,
+) -> FragmentResult:
+    answers = {r.fragment_id: r.text.strip() for r in await asyncio.gather(*upstream)}
+    text = fill(fragment, answers)
+    limits = request.constraints
+    wait_s = runtime.settings().capacity_wait_s if limits.capacity_wait_s is None else limits.capacity_wait_s
+    t0 = time.perf_counter()
+    async with atransaction():
+        allocation = await allocate(request.tenant, request.request_id, choice, catalog_path, wait_s)
+        t1 = time.perf_counter()
+        completion = await infer(allocation, text, limits.max_tokens, catalog_path)
+        t2 = time.perf_counter()
+        ended_at = await release(allocation, catalog_path)
+        t3 = time.perf_counter()
+    catalog = runtime.catalog(catalog_path)
+    held_s = (ended_at - allocation.created_at).total_seconds()
+    tokens = completion.tokens_in + completion.tokens_out
+    cost = fragment_cost(cat.model(catalog, choice.model), cat.pool(catalog, choice.pool), held_s, tokens)
+    return FragmentResult(
+        fragment_id=fragment.id,
+        task_type=fragment.task_type,
+        text=completion.text,
+        model=allocation.model,
+        pool=allocation.pool,
+        tier=choice.tier,
+        allocation_id=allocation.allocation_id,
+        tokens_in=completion.tokens_in,
+        tokens_out=completion.tokens_out,
+        timings=Timings(allocate_s=t1 - t0, first_token_s=completion.first_token_s, infer_s=t2 - t1, release_s=t3 - t2),
+        cost_usd=cost,
+        reason=choice.reason,
+    )
+
+
+def fragment_row(result: FragmentResult) -> dict:
+    """One row of the fragments table (artifact and CLI)."""
+    return {
+        "fragment": result.fragment_id,
+        "task_type": result.task_type,
+        "model": result.model,
+        "pool": result.pool,
+        "tier": result.tier,
+        "allocation_id": result.allocation_id,
+        "latency_s": round(result.timings.allocate_s + result.timings.infer_s + result.timings.release_s, 3),
+        "tokens_in": result.tokens_in,
+        "tokens_out": result.tokens_out,
+        "cost_usd": round(result.cost_usd, 8),
+    }
+
+
+def _first_cause(group: BaseExceptionGroup) -> BaseException:
+    """The error that failed the group, rather than the cancellations it caused."""
+    leaves: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                walk(inner)
+        else:
+            leaves.append(exc)
+
+    walk(group)
+    real = [e for e in leaves if not isinstance(e, asyncio.CancelledError)]
+    return (real or leaves)[0]

@@ -1,0 +1,175 @@
+"""`homeskillet`: run requests, inspect allocations, manage the local Prefect server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import warnings
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from homeskillet.errors import HomeskilletError
+from homeskillet.settings import get_settings
+
+app = typer.Typer(help="Homeskillet: decompose, route, allocate, infer, release, fuse.", no_args_is_help=True)
+server_app = typer.Typer(help="The local Prefect server on embedded PostgreSQL.", no_args_is_help=True)
+app.add_typer(server_app, name="server")
+console = Console()
+errors = Console(stderr=True)
+
+warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
+
+
+def use_local_prefect() -> str:
+    """Start or reuse the local Prefect server and point this process's Prefect client at it.
+
+    Must run before anything imports prefect: Prefect reads these settings at import.
+    """
+    from connectors.prefect_server import ensure_prefect_server
+
+    settings = get_settings()
+    if "prefect" in sys.modules and os.environ.get("PREFECT_API_URL") is None:
+        raise RuntimeError("use_local_prefect() must run before prefect is imported")
+    url = os.environ.get("PREFECT_API_URL") or ensure_prefect_server(settings.home, settings.prefect_port)
+    os.environ["PREFECT_API_URL"] = url
+    os.environ.setdefault("PREFECT_HOME", str(settings.home / "prefect"))
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    return url
+
+
+def _fail(exc: Exception) -> None:
+    errors.print(f"[bold red]error:[/] {exc}", highlight=False)
+    raise typer.Exit(2)
+
+
+@app.command()
+def run(
+    prompt: Annotated[str, typer.Argument(help="The request, e.g. a multi-part question.")],
+    tenant: Annotated[str, typer.Option(help="Tenant the request belongs to.")] = "demo",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the fusion result as JSON.")] = False,
+    max_tokens: Annotated[int, typer.Option(help="Output tokens per fragment.")] = 128,
+    max_cost: Annotated[Optional[float], typer.Option(help="Upper bound on estimated cost, US$.")] = None,
+    model: Annotated[Optional[list[str]], typer.Option(help="Allowed model (repeatable).")] = None,
+    tier: Annotated[Optional[str], typer.Option(help="dedicated or preemptible.")] = None,
+    pool: Annotated[Optional[str], typer.Option(help="Run every fragment on this pool.")] = None,
+) -> None:
+    """Run one request through the fuse_request flow and print the fused answer."""
+    constraints = {"max_tokens": max_tokens, "max_cost_usd": max_cost, "allowed_models": model, "tier": tier, "pool": pool}
+    try:
+        api_url = use_local_prefect()
+        from flows.fusion import fuse_request
+
+        state = asyncio.run(
+            fuse_request(prompt=prompt, tenant=tenant, constraints=constraints, return_state=True)  # type: ignore[arg-type]
+        )
+        result = state.result()
+    except HomeskilletError as exc:
+        _fail(exc)
+    if as_json:
+        print(result.model_dump_json(indent=2))
+        return
+    from flows.fusion import fragment_row
+
+    console.print(result.answer, highlight=False, markup=False)
+    table = Table(title=f"request {result.request_id} · tenant {result.tenant} · fusion {result.fusion}")
+    rows = [fragment_row(r) for r in result.fragments]
+    for column in rows[0]:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*(str(v) for v in row.values()))
+    console.print(table)
+    ui = api_url.removesuffix("/api")
+    console.print(
+        f"total ${result.cost_usd:.8f} in {result.wall_s:.2f}s · flow run {ui}/runs/flow-run/{state.state_details.flow_run_id}"
+    )
+
+
+@app.command()
+def allocations(
+    tenant: Annotated[Optional[str], typer.Option(help="Only this tenant's allocations.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
+) -> None:
+    """List the allocations held now (expired leases are ended first)."""
+    from tasks import runtime
+
+    try:
+        held = asyncio.run(runtime.backend().held(tenant))
+    except HomeskilletError as exc:
+        _fail(exc)
+    if as_json:
+        print(json.dumps([a.model_dump(mode="json") for a in held], indent=2))
+        return
+    table = Table(title=f"{len(held)} allocation(s) held")
+    for column in ("allocation_id", "tenant", "pool", "model", "tflops", "vram_gb", "endpoint", "lease_expires_at"):
+        table.add_column(column)
+    for a in held:
+        table.add_row(
+            a.allocation_id, a.tenant, a.pool, a.model, f"{a.tflops:g}", f"{a.vram_gb:g}", a.endpoint,
+            a.lease_expires_at.isoformat(timespec="seconds"),
+        )  # fmt: skip
+    console.print(table)
+
+
+@server_app.command("start")
+def server_start() -> None:
+    """Start (or reuse) PostgreSQL and the Prefect server; print the API URL."""
+    from connectors.prefect_server import ensure_prefect_server
+
+    settings = get_settings()
+    try:
+        url = ensure_prefect_server(settings.home, settings.prefect_port)
+    except HomeskilletError as exc:
+        _fail(exc)
+    console.print(f"Prefect API {url} · UI {url.removesuffix('/api')} · state {settings.home}")
+    console.print(f"export PREFECT_API_URL={url}", highlight=False)
+
+
+@server_app.command("stop")
+def server_stop() -> None:
+    """Stop the Prefect server and PostgreSQL."""
+    from connectors.prefect_server import stop_prefect_server
+
+    stopped = stop_prefect_server(get_settings().home)
+    console.print("stopped" if stopped else "no Prefect server was running (PostgreSQL stopped if it ran)")
+
+
+@server_app.command("status")
+def server_status() -> None:
+    """Say whether the Prefect server and PostgreSQL run."""
+    from connectors import postgres
+    from connectors.prefect_server import running_server
+
+    settings = get_settings()
+    info = running_server(settings.home)
+    console.print(f"prefect: {'running, pid %d, %s' % (info.pid, info.api_url) if info else 'stopped'}")
+    try:
+        console.print(f"postgres: running, socket {postgres.socket_dir(settings.pgdata)}")
+    except HomeskilletError:
+        console.print("postgres: stopped")
+    if info is None:
+        raise typer.Exit(1)
+
+
+@app.command("bench-overhead")
+def bench_overhead(
+    repeats: Annotated[int, typer.Option(help="Runs of each side.")] = 3,
+    max_tokens: Annotated[int, typer.Option(help="Output tokens per fragment.")] = 48,
+) -> None:
+    """Orchestration overhead: the same fragments through fuse_request and as direct llama.cpp calls."""
+    try:
+        use_local_prefect()
+        from homeskillet.overhead import run_benchmark
+
+        report = asyncio.run(run_benchmark(repeats=repeats, max_tokens=max_tokens))
+    except HomeskilletError as exc:
+        _fail(exc)
+    console.print(report)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,203 @@
+"""The shared vocabulary: pydantic models every layer imports. No behaviour beyond validation."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Tier = Literal["dedicated", "preemptible"]
+PromptStyle = Literal["chat", "completion"]
+TaskType = Literal["factual_qa", "chat", "math", "summarize", "reduce"]
+AllocationState = Literal["active", "released", "expired"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+# --- the request --------------------------------------------------------------------------
+
+
+class Constraints(_Frozen):
+    max_cost_usd: float | None = Field(None, gt=0, description="Upper bound on the request's estimated cost.")
+    allowed_models: list[str] | None = Field(None, description="Only these catalog models may run fragments.")
+    tier: Tier | None = Field(None, description="Only pools of this tier; None means the cheapest that fits.")
+    pool: str | None = Field(None, description="Run every fragment on this pool.")
+    max_tokens: int = Field(128, ge=1, le=4096, description="Output tokens per fragment.")
+    capacity_wait_s: float | None = Field(None, ge=0, description="How long to wait for pool capacity.")
+
+
+class InferenceRequest(_Frozen):
+    tenant: str = Field(min_length=1)
+    prompt: str
+    strategy: Literal["single"] = "single"
+    constraints: Constraints = Constraints()
+    request_id: str = Field(default_factory=lambda: uuid.uuid4().hex[:12])
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("prompt is empty")
+        return value.strip()
+
+
+# --- the plan -----------------------------------------------------------------------------
+
+
+class Fragment(_Frozen):
+    id: str
+    text: str = Field(description="The fragment's prompt; {name} fields are filled from upstream answers.")
+    task_type: TaskType
+    depends_on: list[str] = []
+    est_prompt_tokens: int = Field(ge=1)
+
+
+class Plan(_Frozen):
+    """Fragments listed so that each depends only on fragments before it (a DAG in topological order)."""
+
+    request_id: str
+    fusion: Literal["ordered", "reduce"]
+    fragments: list[Fragment] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _dependencies_come_first(self) -> Plan:
+        seen: set[str] = set()
+        for fragment in self.fragments:
+            if fragment.id in seen:
+                raise ValueError(f"fragment id {fragment.id} appears twice")
+            unknown = [d for d in fragment.depends_on if d not in seen]
+            if unknown:
+                raise ValueError(f"fragment {fragment.id} depends on {unknown}, which do not come before it")
+            seen.add(fragment.id)
+        return self
+
+
+# --- the catalog --------------------------------------------------------------------------
+
+
+class LlamaCppServing(_Frozen):
+    """A GGUF file shipped in a PyPI package, served locally by llama.cpp."""
+
+    kind: Literal["llama_cpp"] = "llama_cpp"
+    package: str = Field(description="Importable package that holds the GGUF.")
+    file: str | None = Field(None, description="GGUF file name inside the package (glob allowed).")
+    assemble: bool = Field(False, description="The package builds the file with its assemble() function.")
+
+
+class OpenAIServing(_Frozen):
+    """A model already served behind an OpenAI-compatible endpoint."""
+
+    kind: Literal["openai"] = "openai"
+    base_url: str = Field(description="Base URL ending in /v1.")
+    model: str = Field(description="Model name the endpoint expects.")
+    api_key_env: str | None = Field(None, description="Environment variable holding the API key.")
+
+
+class ModelSpec(_Frozen):
+    name: str
+    family: str
+    parameters_m: float = Field(gt=0, description="Parameters, in millions.")
+    context_length: int = Field(gt=0)
+    prompt_style: PromptStyle
+    stop: list[str] = []
+    tflops: float = Field(ge=0)
+    vram_gb: float = Field(ge=0)
+    tokens_per_second: float = Field(gt=0, description="Measured decode throughput, for estimates.")
+    cost_per_1k_tokens: float = Field(0.0, ge=0, description="Per-token price (remote APIs); 0 for self-hosted.")
+    task_types: dict[TaskType, float] = Field(description="Suitability 0..1 per task type.")
+    serving: Annotated[LlamaCppServing | OpenAIServing, Field(discriminator="kind")]
+
+
+class PoolSpec(_Frozen):
+    id: str
+    backend: Literal["local"] = "local"
+    tier: Tier
+    tflops: float = Field(gt=0)
+    vram_gb: float = Field(gt=0)
+    price_per_hour: float = Field(ge=0, description="US$ per hour for the whole pool.")
+
+
+class TenantSpec(_Frozen):
+    id: str
+    description: str = ""
+
+
+class Catalog(_Frozen):
+    models: list[ModelSpec] = Field(min_length=1)
+    pools: list[PoolSpec] = Field(min_length=1)
+    tenants: list[TenantSpec] = Field(min_length=1)
+
+
+# --- routing, allocation, results ---------------------------------------------------------
+
+
+class ModelChoice(_Frozen):
+    fragment_id: str
+    model: str
+    pool: str
+    tier: Tier
+    tflops: float
+    vram_gb: float
+    est_cost_usd: float
+    reason: str
+
+
+class Allocation(_Frozen):
+    allocation_id: str
+    tenant: str
+    request_id: str
+    pool: str
+    model: str
+    tflops: float
+    vram_gb: float
+    endpoint: str
+    created_at: datetime
+    lease_expires_at: datetime
+    state: AllocationState = "active"
+
+
+class Timings(_Frozen):
+    allocate_s: float = 0.0
+    first_token_s: float | None = None
+    infer_s: float = 0.0
+    release_s: float = 0.0
+
+
+class FragmentResult(_Frozen):
+    fragment_id: str
+    task_type: TaskType
+    text: str
+    model: str
+    pool: str
+    tier: Tier
+    allocation_id: str
+    tokens_in: int
+    tokens_out: int
+    timings: Timings
+    cost_usd: float
+    reason: str
+
+
+class FusionResult(_Frozen):
+    request_id: str
+    tenant: str
+    answer: str
+    fusion: Literal["ordered", "reduce"]
+    fragments: list[FragmentResult]
+    cost_usd: float
+    wall_s: float
+
+
+class Completion(_Frozen):
+    """What one OpenAI-compatible call returned."""
+
+    text: str
+    tokens_in: int
+    tokens_out: int
+    first_token_s: float | None = None
+    total_s: float
+    finish_reason: str | None = None

@@ -1,0 +1,33 @@
+"""Process settings, from HOMESKILLET_* environment variables."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PACKAGED_CATALOG = Path(__file__).with_name("catalog.yaml")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="HOMESKILLET_", extra="ignore")
+
+    home: Path = Field(Path.home() / ".homeskillet", description="State folder: databases, logs, pids.")
+    catalog: Path = Field(PACKAGED_CATALOG, description="Catalog of models, pools and tenants (YAML).")
+    prefect_port: int = Field(4200, description="Port of the local Prefect server on 127.0.0.1.")
+    lease_s: float = Field(900.0, gt=0, description="Lease of an allocation; expiry is the crash backstop.")
+    capacity_wait_s: float = Field(30.0, ge=0, description="Default wait for pool capacity.")
+    infer_timeout_s: float = Field(300.0, gt=0, description="Client timeout of one inference call.")
+    model_idle_s: float = Field(300.0, gt=0, description="Stop a local model server idle this long.")
+    model_threads: int | None = Field(None, description="CPU threads per local model server.")
+
+    @property
+    def pgdata(self) -> Path:
+        return self.home / "pgdata"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,174 @@
+"""Decomposition: a request's prompt becomes a plan, a DAG of fragments (rule-based).
+
+- numbered items ("1. … 2. …", "Q1: …", one per line or inline) become one fragment each;
+- several questions or requests in one paragraph become one fragment each, with any plain
+  statements kept as shared context in front of each;
+- "Summarize …: <long text>" that does not fit one model's context is chunked (map) and the
+  chunk summaries are combined by a final fragment that depends on all of them (reduce);
+- anything else is one fragment. A fragment that fits no allowed model is an error.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from homeskillet.errors import InvalidRequest
+from homeskillet.schemas import Fragment, Plan, TaskType
+
+CHARS_PER_TOKEN = 3  # conservative for English (llama tokenizers average ~4)
+PROMPT_OVERHEAD_TOKENS = 48  # chat template and instructions around a fragment
+MAX_FRAGMENTS = 16
+
+_NUMBERED = re.compile(r"(?:^|(?<=\s))(?:Q\s*)?\(?(\d{1,2})[.):]\s+", re.IGNORECASE)
+_SUMMARY = re.compile(
+    r"^\s*(?:please\s+)?(?:summari[sz]e|give (?:me )?a summary of|tl;?dr)\b(?P<instruction>[^\n:]*)[:\n]\s*(?P<body>.+)$",
+    re.IGNORECASE | re.DOTALL,
+)
+_SENTENCE = re.compile(r"(?<=[.?!])\s+(?=[A-Z0-9\"'(])")
+_IMPERATIVE = re.compile(
+    r"^(?:and\s+|also,?\s+|then\s+)?(?:please\s+)?(?:write|list|name|explain|describe|give|tell|translate|compose|"
+    r"compute|calculate|solve|define|suggest|summari[sz]e|compare)\b",
+    re.IGNORECASE,
+)
+_MATH = re.compile(
+    r"\d\s*[-+*/×x^]\s*\d|\b(?:calculate|compute|solve|how many|sum of|product of|square root)\b", re.IGNORECASE
+)
+_FACT = re.compile(r"^(?:and\s+|also,?\s+)?(?:who|what|when|where|which|how (?:tall|old|far|big|long))\b", re.IGNORECASE)
+
+
+def estimate_tokens(text: str) -> int:
+    return max(1, math.ceil(len(text) / CHARS_PER_TOKEN))
+
+
+def classify(text: str) -> TaskType:
+    """Rule-based task type of one fragment's text."""
+    if _SUMMARY.match(text):
+        return "summarize"
+    if _MATH.search(text):
+        return "math"
+    if _FACT.match(text) and text.rstrip().endswith("?") and len(text.split()) <= 25:
+        return "factual_qa"
+    return "chat"
+
+
+def decompose_prompt(prompt: str, request_id: str, max_context: int, max_tokens: int) -> Plan:
+    """The plan for a prompt, given the largest context among allowed models and the output budget."""
+    budget = max_context - max_tokens - PROMPT_OVERHEAD_TOKENS
+    if budget <= 0:
+        raise InvalidRequest(f"max_tokens {max_tokens} leaves no room for a prompt in a {max_context}-token context")
+    summary = _SUMMARY.match(prompt)
+    if summary and estimate_tokens(prompt) > budget:
+        return _map_reduce(summary.group("body"), request_id, budget, max_context, max_tokens)
+    parts = _numbered_items(prompt) or _asks(prompt) or [prompt]
+    if len(parts) > MAX_FRAGMENTS:
+        raise InvalidRequest(f"prompt has {len(parts)} parts; at most {MAX_FRAGMENTS} fragments per request")
+    fragments = [_fragment(f"f{i}", text) for i, text in enumerate(parts, start=1)]
+    for fragment in fragments:
+        if fragment.est_prompt_tokens > budget:
+            where = "prompt" if len(fragments) == 1 else f"part {fragment.id}"
+            raise InvalidRequest(
+                f"{where} is about {fragment.est_prompt_tokens} tokens, beyond every allowed model's context "
+                f"(largest {max_context} tokens, {budget} left for the prompt after {max_tokens} output tokens)"
+            )
+    return Plan(request_id=request_id, fusion="ordered", fragments=fragments)
+
+
+def fill(fragment: Fragment, upstream: dict[str, str]) -> str:
+    """The fragment's prompt with the answers of the fragments it depends on filled in."""
+    if not fragment.depends_on:
+        return fragment.text
+    return fragment.text.format_map({dep: upstream[dep] for dep in fragment.depends_on})
+
+
+def _fragment(fid: str, text: str, task_type: TaskType | None = None, depends_on: list[str] | None = None) -> Fragment:
+    return Fragment(
+        id=fid,
+        text=text,
+        task_type=task_type or classify(text),
+        depends_on=depends_on or [],
+        est_prompt_tokens=estimate_tokens(text),
+    )
+
+
+def _numbered_items(prompt: str) -> list[str] | None:
+    """Items numbered 1, 2, 3 … in order (at least two); None when the prompt is not a numbered list."""
+    marks = [m for m in _NUMBERED.finditer(prompt)]
+    expected, picked = 1, []
+    for mark in marks:
+        if int(mark.group(1)) == expected:
+            picked.append(mark)
+            expected += 1
+    if len(picked) < 2:
+        return None
+    items = []
+    for mark, nxt in zip(picked, picked[1:] + [None]):
+        text = prompt[mark.end() : nxt.start() if nxt else len(prompt)].strip()
+        if text:
+            items.append(text)
+    return items if len(items) >= 2 else None
+
+
+def _asks(prompt: str) -> list[str] | None:
+    """Two or more questions or requests in running text; plain statements become shared context."""
+    sentences = [s.strip() for s in _SENTENCE.split(prompt.strip()) if s.strip()]
+    asks = [s for s in sentences if s.endswith("?") or _IMPERATIVE.match(s)]
+    if len(asks) < 2:
+        return None
+    context = " ".join(s for s in sentences if s not in asks)
+    return [f"{context} {ask}".strip() for ask in asks]
+
+
+def _map_reduce(body: str, request_id: str, budget: int, max_context: int, max_tokens: int) -> Plan:
+    instruction = "Summarize this passage in two or three sentences:\n\n"
+    chunk_tokens = budget - estimate_tokens(instruction)
+    chunks = _chunk(body, chunk_tokens * CHARS_PER_TOKEN)
+    reduce_head = "Combine these partial summaries into one concise summary:\n\n"
+    fits = (budget - estimate_tokens(reduce_head)) // (max_tokens + 2)
+    if len(chunks) > min(fits, MAX_FRAGMENTS - 1):
+        raise InvalidRequest(
+            f"text of about {estimate_tokens(body)} tokens needs {len(chunks)} chunks; at most "
+            f"{min(fits, MAX_FRAGMENTS - 1)} summaries fit one combining step in a {max_context}-token context"
+        )
+    maps = [_fragment(f"f{i}", instruction + chunk, "summarize") for i, chunk in enumerate(chunks, start=1)]
+    joined = "\n".join(f"- {{{m.id}}}" for m in maps)
+    reduce_text = reduce_head + joined
+    reduce = Fragment(
+        id=f"f{len(maps) + 1}",
+        text=reduce_text,
+        task_type="reduce",
+        depends_on=[m.id for m in maps],
+        est_prompt_tokens=estimate_tokens(reduce_head) + len(maps) * (max_tokens + 2),
+    )
+    return Plan(request_id=request_id, fusion="reduce", fragments=[*maps, reduce])
+
+
+def _chunk(text: str, max_chars: int) -> list[str]:
+    """Split on paragraph, then sentence, then word boundaries into pieces of at most max_chars."""
+    pieces: list[str] = []
+    for unit in re.split(r"\n\s*\n", text) if len(text) > max_chars else [text]:
+        if len(unit) <= max_chars:
+            pieces.append(unit)
+            continue
+        for sentence in _SENTENCE.split(unit):
+            while len(sentence) > max_chars:
+                cut = sentence.rfind(" ", 0, max_chars)
+                cut = cut if cut > 0 else max_chars
+                pieces.append(sentence[:cut])
+                sentence = sentence[cut:].lstrip()
+            pieces.append(sentence)
+    chunks: list[str] = []
+    for piece in pieces:
+        if chunks and len(chunks[-1]) + 2 + len(piece) <= max_chars:
+            chunks[-1] += "\n\n" + piece
+        elif piece.strip():
+            chunks.append(piece)
+    return chunks
+
+
+@task(name="decompose", cache_policy=NO_CACHE)
+async def decompose(prompt: str, request_id: str, max_context: int, max_tokens: int) -> Plan:
+    return decompose_prompt(prompt, request_id, max_context, max_tokens)
