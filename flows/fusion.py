@@ -50,7 +50,9 @@ def make_request(
     try:
         return InferenceRequest.model_validate(fields)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'request'}: {e['msg']}" for e in exc.errors())
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'request'}: {e['msg'].removeprefix('Value error, ')}" for e in exc.errors()
+        )
         raise InvalidRequest(f"invalid request: {problems}") from None
 
 

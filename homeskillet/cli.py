@@ -19,7 +19,7 @@ from homeskillet.settings import get_settings
 app = typer.Typer(help="Homeskillet: decompose, route, allocate, infer, release, fuse.", no_args_is_help=True)
 server_app = typer.Typer(help="The local Prefect server on embedded PostgreSQL.", no_args_is_help=True)
 app.add_typer(server_app, name="server")
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 160)  # pipes and logs get the whole table
 errors = Console(stderr=True)
 
 warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
@@ -38,7 +38,8 @@ def use_local_prefect() -> str:
     url = os.environ.get("PREFECT_API_URL") or ensure_prefect_server(settings.home, settings.prefect_port)
     os.environ["PREFECT_API_URL"] = url
     os.environ.setdefault("PREFECT_HOME", str(settings.home / "prefect"))
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    # Run logs still reach the Prefect server (the UI shows them); the terminal shows our own output.
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
     return url
 
 
@@ -79,9 +80,9 @@ def run(
     table = Table(title=f"request {result.request_id} · tenant {result.tenant} · fusion {result.fusion}")
     rows = [fragment_row(r) for r in result.fragments]
     for column in rows[0]:
-        table.add_column(column)
+        table.add_column(column, overflow="fold")
     for row in rows:
-        table.add_row(*(str(v) for v in row.values()))
+        table.add_row(*(f"{v:.8f}" if key == "cost_usd" else str(v) for key, v in row.items()))
     console.print(table)
     ui = api_url.removesuffix("/api")
     console.print(
@@ -106,7 +107,7 @@ def allocations(
         return
     table = Table(title=f"{len(held)} allocation(s) held")
     for column in ("allocation_id", "tenant", "pool", "model", "tflops", "vram_gb", "endpoint", "lease_expires_at"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")
     for a in held:
         table.add_row(
             a.allocation_id, a.tenant, a.pool, a.model, f"{a.tflops:g}", f"{a.vram_gb:g}", a.endpoint,

@@ -1,0 +1,93 @@
+"""Orchestration overhead: the same fragments through `fuse_request` and as direct llama.cpp calls.
+
+Both sides use the same plans, the same routing, the same warm model servers and the same
+concurrency (a plan's independent fragments run at once), so the difference is what the flow
+adds: Prefect task runs, the ledger's allocate and release, artifacts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from connectors import openai_client
+from flows.fusion import fuse_request
+from homeskillet import catalog as cat
+from homeskillet.schemas import Constraints, Plan
+from tasks import runtime
+from tasks.decompose import decompose_prompt
+from tasks.resources import render
+from tasks.routing import max_context, route_plan
+
+PROMPTS = [
+    "What is the capital of France? Who wrote Romeo and Juliet? Write a haiku about the sea.",
+    "1. What is the capital of Japan?\n2. Name three primary colors.\n3. Write one sentence about autumn.",
+]
+
+
+async def _direct(plan: Plan, choices: dict, endpoints: dict[str, str], max_tokens: int) -> None:
+    catalog = runtime.catalog()
+
+    async def one(fragment):
+        model = cat.model(catalog, choices[fragment.id].model)
+        await openai_client.complete(endpoints[model.name], model.name, max_tokens=max_tokens, **render(model, fragment.text))
+
+    assert all(not f.depends_on for f in plan.fragments), "the benchmark prompts have independent fragments"
+    await asyncio.gather(*(one(f) for f in plan.fragments))
+
+
+async def run_benchmark(repeats: int = 3, max_tokens: int = 48) -> str:
+    catalog = runtime.catalog()
+    servers = runtime.backend().servers
+    limits = Constraints(max_tokens=max_tokens)
+    work = []
+    for i, prompt in enumerate(PROMPTS):
+        plan = decompose_prompt(prompt, f"bench-{i}", max_context(catalog, limits), max_tokens)
+        work.append((prompt, plan, route_plan(plan, catalog, limits)))
+    models = {c.model for _, _, choices in work for c in choices.values()}
+    endpoints = {m: await asyncio.to_thread(servers.acquire, cat.model(catalog, m), "bench") for m in models}
+    try:
+        flow_s = direct_s = 0.0
+        for round_ in range(repeats + 1):  # round 0 warms both paths and is not counted
+            for prompt, plan, choices in work:
+                t0 = time.perf_counter()
+                await fuse_request(prompt=prompt, tenant="demo", constraints=limits)
+                t1 = time.perf_counter()
+                await _direct(plan, choices, endpoints, max_tokens)
+                t2 = time.perf_counter()
+                if round_:
+                    flow_s += t1 - t0
+                    direct_s += t2 - t1
+    finally:
+        servers.done("bench")
+    fragments = sum(len(plan.fragments) for _, plan, _ in work) * repeats
+    lines = [
+        f"{repeats} rounds x {len(PROMPTS)} requests = {fragments} fragments, max_tokens {max_tokens}",
+        f"through fuse_request: {flow_s:.2f}s   direct llama.cpp calls: {direct_s:.2f}s",
+        f"orchestration overhead ratio (flow / direct): {flow_s / direct_s:.2f}x, "
+        f"{(flow_s - direct_s) / fragments * 1000:.0f} ms per fragment",
+    ]
+    for name in sorted(models):
+        lines.append(await _decode_speed(cat.model(catalog, name), repeats))
+    return "\n".join(lines)
+
+
+async def _decode_speed(model, repeats: int, tokens: int = 64) -> str:
+    """Tokens/s of one model alone: streamed completions of a fixed length, one at a time."""
+    servers = runtime.backend().servers
+    endpoint = await asyncio.to_thread(servers.acquire, model, "bench-speed")
+    try:
+        decoded = seconds = first = 0.0
+        for _ in range(repeats):
+            out = await openai_client.complete(
+                endpoint, model.name, prompt="Once upon a time", max_tokens=tokens, stream=True
+            )
+            decoded += out.tokens_out - 1
+            seconds += out.total_s - out.first_token_s
+            first += out.first_token_s
+    finally:
+        servers.done("bench-speed")
+    return (
+        f"{model.name}: {decoded / seconds:.1f} tokens/s decoding alone "
+        f"({repeats} x {tokens}-token completions, first token after {first / repeats * 1000:.0f} ms)"
+    )

@@ -1,0 +1,134 @@
+"""fuse_request end to end: a real Prefect server, real PostgreSQL ledger, real models."""
+
+import asyncio
+import json
+
+import os
+
+import httpx
+import pytest
+
+from flows.fusion import fuse_request
+from homeskillet.errors import (
+    CapacityTimeout,
+    InferenceError,
+    InvalidRequest,
+    NoRoute,
+    UnknownModel,
+    UnknownTenant,
+)
+from tasks import runtime
+
+pytestmark = pytest.mark.usefixtures("assert_no_leaks")
+
+THREE_PARTS = "What is the capital of France? Who wrote Romeo and Juliet? Write a haiku about the sea."
+
+
+async def test_a_three_part_question_runs_on_real_models_and_releases_everything():
+    state = await fuse_request(prompt=THREE_PARTS, tenant="demo", return_state=True)
+    result = await state.result()
+    assert [f.fragment_id for f in result.fragments] == ["f1", "f2", "f3"]
+    assert len({f.allocation_id for f in result.fragments}) == 3
+    assert {f.model for f in result.fragments} == {"gemma3-270m", "smollm2-135m"}
+    assert "paris" in result.fragments[0].text.lower()
+    assert all(f.text.strip() and f.tokens_out > 0 and f.cost_usd > 0 for f in result.fragments)
+    assert result.answer.startswith("1. What is the capital of France?")
+    assert result.cost_usd == pytest.approx(sum(f.cost_usd for f in result.fragments))
+
+    flow_run_id = str(state.state_details.flow_run_id)
+    async with httpx.AsyncClient(base_url=os.environ["PREFECT_API_URL"]) as api:
+        response = await api.post(
+            "/artifacts/filter",
+            json={"artifacts": {"key": {"any_": ["fragments"]}, "flow_run_id": {"any_": [flow_run_id]}}, "limit": 10},
+        )
+    artifacts = response.raise_for_status().json()
+    assert len(artifacts) == 1 and artifacts[0]["type"] == "table"
+    rows = json.loads(artifacts[0]["data"])
+    assert [r["allocation_id"] for r in rows] == [f.allocation_id for f in result.fragments]
+
+
+async def test_a_failing_fragment_fails_the_request_and_releases_every_allocation(test_catalog, echo_server):
+    seen = len(echo_server.seen)
+    with pytest.raises(InferenceError, match="HTTP 500"):
+        await fuse_request(
+            prompt="1. Say one.\n2. FAIL now.\n3. Say three.",
+            tenant="acme",
+            constraints={"allowed_models": ["echo"], "pool": "roomy"},
+            catalog_path=test_catalog,
+        )
+    assert len(echo_server.seen) - seen == 3  # all three were allocated and sent before the failure
+
+
+async def test_cancelling_a_request_mid_inference_releases_its_allocations(test_catalog, monkeypatch):
+    monkeypatch.setenv("ECHO_DELAY_S", "5")
+    backend = runtime.backend(test_catalog)
+    run = asyncio.create_task(
+        fuse_request(
+            prompt="1. Say one.\n2. Say two.",
+            tenant="acme",
+            constraints={"allowed_models": ["echo"], "pool": "roomy"},
+            catalog_path=test_catalog,
+        )
+    )
+    for _ in range(200):
+        if len(await backend.held("acme")) == 2:
+            break
+        await asyncio.sleep(0.05)
+    assert len(await backend.held("acme")) == 2
+    run.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await run
+
+
+async def test_a_request_that_does_not_fit_fails_clearly_after_the_wait(test_catalog):
+    with pytest.raises(CapacityTimeout, match="pool 'tiny' had no room for echo"):
+        await fuse_request(
+            prompt="1. Say one.\n2. Say two.\n3. Say three.",
+            tenant="acme",
+            constraints={"allowed_models": ["echo"], "pool": "tiny", "capacity_wait_s": 0.2},
+            catalog_path=test_catalog,
+        )
+
+
+async def test_fragments_queue_for_a_small_pool_and_all_complete(test_catalog, monkeypatch):
+    monkeypatch.setenv("ECHO_DELAY_S", "0.2")
+    result = await fuse_request(
+        prompt="1. Say one.\n2. Say two.\n3. Say three.",
+        tenant="acme",
+        constraints={"allowed_models": ["echo"], "pool": "tiny", "capacity_wait_s": 30},
+        catalog_path=test_catalog,
+    )
+    assert [f.text for f in result.fragments] == ["echo: Say one.", "echo: Say two.", "echo: Say three."]
+
+
+async def test_map_reduce_feeds_chunk_answers_into_the_reduce_step(test_catalog, monkeypatch):
+    monkeypatch.setenv("ECHO_DELAY_S", "0")
+    body = "\n\n".join(f"Part {i} " + "lorem ipsum dolor " * 250 for i in range(3))
+    result = await fuse_request(
+        prompt="Summarize the following:\n" + body,
+        tenant="acme",
+        constraints={"allowed_models": ["echo"], "pool": "roomy", "max_tokens": 64},
+        catalog_path=test_catalog,
+    )
+    *maps, reduce = result.fragments
+    assert result.fusion == "reduce" and len(maps) >= 2
+    assert all(m.text.strip() in reduce.text for m in maps)  # the reduce prompt carried every chunk's answer
+    assert result.answer == reduce.text.strip()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"prompt": "   "}, InvalidRequest, "prompt is empty"),
+        ({"prompt": "Why " + "so " * 4000 + "?"}, InvalidRequest, "beyond every allowed model's context"),
+        ({"tenant": "nobody"}, UnknownTenant, "unknown tenant 'nobody'"),
+        ({"constraints": {"allowed_models": ["gpt-9"]}}, UnknownModel, "unknown model 'gpt-9'"),
+        ({"constraints": {"max_cost_usd": 1e-12}}, NoRoute, "no model fits max_cost"),
+        ({"constraints": {"pool": "micro"}}, NoRoute, "micro .* too small for any allowed model"),
+        ({"constraints": {"max_tokens": 0}}, InvalidRequest, "constraints.max_tokens"),
+    ],
+)
+async def test_bad_input_is_named_and_nothing_is_held(test_catalog, kwargs, error, message):
+    args = {"prompt": "What is 2 + 2?", "tenant": "acme", "catalog_path": test_catalog, **kwargs}
+    with pytest.raises(error, match=message):
+        await fuse_request(**args)

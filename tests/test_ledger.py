@@ -1,0 +1,131 @@
+"""The allocation ledger on the real embedded PostgreSQL."""
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from connectors import postgres
+from connectors.ledger import Ledger, new_allocation_id
+from homeskillet.errors import AllocationNotFound, CapacityTimeout, NoRoute
+from homeskillet.schemas import PoolSpec
+from homeskillet.settings import get_settings
+
+
+@pytest.fixture
+async def ledger(request):
+    """A ledger with one fresh pool of 2 TFLOPS / 1 GB for this test."""
+    pgdata = get_settings().pgdata
+    postgres.ensure_postgres(pgdata)
+    led = Ledger(postgres.dsn(pgdata, "homeskillet"), lease_s=60)
+    pool = f"pool-{request.node.name[:40]}"
+    await led.sync_pools([PoolSpec(id=pool, tier="dedicated", tflops=2.0, vram_gb=1.0, price_per_hour=1.0)])
+    led.pool = pool
+    yield led
+    for a in await led.held():
+        if a.pool == pool:
+            await led.release(a.allocation_id, a.tenant)
+
+
+async def reserve(led, tenant="acme", tflops=1.0, vram_gb=0.5, wait_s=0.0, pool=None):
+    return await led.reserve(
+        allocation_id=new_allocation_id(), tenant=tenant, request_id="r1", pool=pool or led.pool,
+        model="m", tflops=tflops, vram_gb=vram_gb, wait_s=wait_s,
+    )  # fmt: skip
+
+
+async def held_in(led, pool):
+    return [a for a in await led.held() if a.pool == pool]
+
+
+async def test_capacity_is_enforced_and_a_full_pool_fails_clearly_after_waiting(ledger):
+    first = await reserve(ledger)
+    second = await reserve(ledger)
+    assert first.allocation_id != second.allocation_id
+    started = time.monotonic()
+    with pytest.raises(CapacityTimeout, match=r"no room for m \(1 TFLOPS, 0.5 GB\) within 0.5s: 0 TFLOPS and 0 GB free"):
+        await reserve(ledger, wait_s=0.5)
+    assert time.monotonic() - started >= 0.5
+    assert len(await held_in(ledger, ledger.pool)) == 2
+
+
+async def test_a_waiting_allocation_gets_the_room_another_releases(ledger):
+    full = await reserve(ledger, tflops=2.0, vram_gb=1.0)
+    waiter = asyncio.create_task(reserve(ledger, wait_s=10))
+    await asyncio.sleep(0.3)
+    assert not waiter.done()
+    await ledger.release(full.allocation_id, "acme")
+    got = await asyncio.wait_for(waiter, 10)
+    assert got.state == "active"
+
+
+async def test_concurrent_reservations_never_overcommit(ledger):
+    results = await asyncio.gather(*(reserve(ledger, tflops=0.5, vram_gb=0.25) for _ in range(6)), return_exceptions=True)
+    granted = [r for r in results if not isinstance(r, Exception)]
+    refused = [r for r in results if isinstance(r, CapacityTimeout)]
+    assert len(granted) == 4 and len(refused) == 2
+
+
+async def test_a_slice_larger_than_the_pool_fails_at_once(ledger):
+    with pytest.raises(NoRoute, match="too small"):
+        await reserve(ledger, tflops=3.0, wait_s=30)
+
+
+async def test_only_the_owning_tenant_can_release(ledger):
+    mine = await reserve(ledger, tenant="acme")
+    with pytest.raises(AllocationNotFound, match="tenant 'globex' holds no allocation"):
+        await ledger.release(mine.allocation_id, "globex")
+    assert [a.allocation_id for a in await held_in(ledger, ledger.pool)] == [mine.allocation_id]
+    assert [a.tenant for a in await ledger.held("globex") if a.pool == ledger.pool] == []
+    ended = await ledger.release(mine.allocation_id, "acme")
+    assert await ledger.release(mine.allocation_id, "acme") == ended  # idempotent for the owner
+    with pytest.raises(AllocationNotFound):
+        await ledger.release("alloc-does-not-exist", "acme")
+
+
+async def test_leases_expire(ledger):
+    short = Ledger(ledger._dsn, lease_s=0.5)
+    await reserve(short, pool=ledger.pool)
+    assert len(await held_in(ledger, ledger.pool)) == 1
+    await asyncio.sleep(1.0)
+    assert await held_in(ledger, ledger.pool) == []
+    await reserve(ledger, tflops=2.0, vram_gb=1.0)  # the whole pool is free again
+
+
+def test_allocation_ids_are_unguessable():
+    ids = {new_allocation_id() for _ in range(1000)}
+    assert len(ids) == 1000
+    assert all(len(i) >= len("alloc-") + 22 for i in ids)
+
+
+async def test_a_vanished_holder_loses_its_lease_at_once(ledger):
+    """Another process reserves, then is killed: its slice comes back without waiting for expiry."""
+    script = textwrap.dedent(
+        f"""
+        import asyncio, sys, time
+        from connectors.ledger import Ledger, new_allocation_id
+        async def main():
+            led = Ledger({ledger._dsn!r}, lease_s=3600)
+            await led.reserve(allocation_id=new_allocation_id(), tenant="acme", request_id="r", pool={ledger.pool!r},
+                              model="m", tflops=2.0, vram_gb=1.0, wait_s=0)
+            print("held", flush=True)
+            time.sleep(600)
+        asyncio.run(main())
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=os.getcwd())
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        assert len(await held_in(ledger, ledger.pool)) == 1
+        with pytest.raises(CapacityTimeout):
+            await reserve(ledger, wait_s=0)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert await held_in(ledger, ledger.pool) == []
+    await reserve(ledger, tflops=2.0, vram_gb=1.0)
