@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -60,6 +61,7 @@ def local_services():
 class _EchoHandler(BaseHTTPRequestHandler):
     """An OpenAI-compatible endpoint that echoes, and fails on prompts containing FAIL.
 
+    A FAIL prompt with a tag like #abc3 fails once 3 prompts with that tag have arrived.
     A test double for a remote model: real HTTP on loopback, no model behind it.
     """
 
@@ -68,7 +70,13 @@ class _EchoHandler(BaseHTTPRequestHandler):
         text = body["messages"][-1]["content"] if "messages" in body else body["prompt"]
         self.server.seen.append({"path": self.path, "auth": self.headers.get("Authorization"), "text": text})
         if "FAIL" in text:
-            time.sleep(0.3)
+            # fail only once the request's other fragments (same #tag) are in flight too
+            tag = re.search(r"#\w+", text)
+            deadline = time.monotonic() + 5
+            while tag and time.monotonic() < deadline:
+                if sum(tag.group() in s["text"] for s in self.server.seen) >= int(tag.group()[-1]):
+                    break
+                time.sleep(0.05)
             self._send(500, {"error": {"message": "model crashed"}})
             return
         time.sleep(float(os.environ.get("ECHO_DELAY_S", "1.0")))
