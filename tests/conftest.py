@@ -50,7 +50,11 @@ def local_services():
     """PostgreSQL + Prefect server for the whole session; stopped and removed afterwards."""
     url = ensure_prefect_server(STATE, PORT)
     yield url
+    from prefect.logging.handlers import APILogHandler
+
     from tasks import runtime
+
+    APILogHandler().flush()  # deliver the run logs while the server still listens
 
     for path in {runtime.catalog_path(), runtime.catalog_path(PACKAGED_CATALOG)}:
         runtime.backend(path).servers.stop_all()
@@ -98,9 +102,16 @@ class _EchoHandler(BaseHTTPRequestHandler):
         pass
 
 
+class _EchoServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        pass  # a client that hung up (a cancelled request) is expected here
+
+
 @pytest.fixture(scope="session")
 def echo_server():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _EchoHandler)
+    server = _EchoServer(("127.0.0.1", 0), _EchoHandler)
     server.seen = []
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
