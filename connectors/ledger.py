@@ -11,12 +11,15 @@ from __future__ import annotations
 import asyncio
 import secrets
 import socket
+import threading
 import time
 from datetime import datetime
+from pathlib import Path
 
 import asyncpg
 import psutil
 
+from connectors import postgres
 from homeskillet.errors import AllocationNotFound, CapacityTimeout, NoRoute
 from homeskillet.schemas import Allocation, PoolSpec
 
@@ -75,6 +78,23 @@ def _holder_alive(holder: str) -> bool:
         return False
 
 
+_opened: dict[tuple[Path, float], Ledger] = {}
+_opening = threading.Lock()
+
+
+def open_ledger(pgdata: Path, lease_s: float) -> Ledger:
+    """The ledger in this PostgreSQL, started and given its tables once per process (blocking:
+    call it in a thread from async code)."""
+    key = (pgdata.resolve(), lease_s)
+    with _opening:
+        if key not in _opened:
+            postgres.ensure_postgres(pgdata)
+            ledger = Ledger(postgres.dsn(pgdata, "homeskillet"), lease_s=lease_s)
+            asyncio.run(ledger.sync_pools([]))
+            _opened[key] = ledger
+        return _opened[key]
+
+
 class Ledger:
     def __init__(self, dsn: str, lease_s: float):
         self._dsn = dsn
@@ -85,7 +105,7 @@ class Ledger:
         return await asyncpg.connect(self._dsn)
 
     async def sync_pools(self, pools: list[PoolSpec]) -> None:
-        """Create the tables if needed and make the pools table match the catalog."""
+        """Create the tables if needed and add or update these pools."""
         conn = await self._connect()
         try:
             async with conn.transaction():

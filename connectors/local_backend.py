@@ -4,11 +4,9 @@ llama.cpp model servers on loopback as the endpoints that allocations hand out."
 from __future__ import annotations
 
 import asyncio
-import threading
 from datetime import datetime
 
-from connectors import postgres
-from connectors.ledger import Ledger, new_allocation_id
+from connectors.ledger import Ledger, new_allocation_id, open_ledger
 from connectors.model_server import ModelServers
 from homeskillet.schemas import Allocation, Catalog, LlamaCppServing, ModelSpec
 from homeskillet.settings import Settings
@@ -20,8 +18,7 @@ class LocalBackend:
     def __init__(self, settings: Settings, catalog: Catalog):
         self._settings = settings
         self._catalog = catalog
-        self._ledger: Ledger | None = None
-        self._setup_lock = threading.Lock()
+        self._pools_synced = False
         self.servers = ModelServers(
             cache_dir=settings.home / "models",
             log_dir=settings.home / "logs",
@@ -30,19 +27,12 @@ class LocalBackend:
         )
 
     async def ledger(self) -> Ledger:
-        """The ledger, after making sure PostgreSQL runs and the pools match the catalog (once)."""
-        if self._ledger is None:
-            await asyncio.to_thread(self._setup)
-        assert self._ledger is not None
-        return self._ledger
-
-    def _setup(self) -> None:
-        with self._setup_lock:  # once per process, whichever coroutine or thread comes first
-            if self._ledger is None:
-                postgres.ensure_postgres(self._settings.pgdata)
-                ledger = Ledger(postgres.dsn(self._settings.pgdata, "homeskillet"), lease_s=self._settings.lease_s)
-                asyncio.run(ledger.sync_pools(self._catalog.pools))
-                self._ledger = ledger
+        """The shared ledger, with the catalog's local pools in it (synced once)."""
+        ledger = await asyncio.to_thread(open_ledger, self._settings.pgdata, self._settings.lease_s)
+        if not self._pools_synced:
+            await ledger.sync_pools([p for p in self._catalog.pools if p.backend == "local"])
+            self._pools_synced = True
+        return ledger
 
     @staticmethod
     def new_allocation_id() -> str:
@@ -83,3 +73,10 @@ class LocalBackend:
 
     async def held(self, tenant: str | None = None) -> list[Allocation]:
         return await (await self.ledger()).held(tenant)
+
+    async def verify(self, allocation: Allocation) -> bool:
+        """Whether the allocation's capacity still exists: local pools are never reclaimed."""
+        return True
+
+    async def shutdown(self) -> None:
+        self.servers.stop_all()

@@ -18,7 +18,7 @@ from prefect.transactions import atransaction
 from pydantic import ValidationError
 
 from homeskillet import catalog as cat
-from homeskillet.errors import InvalidRequest
+from homeskillet.errors import CircuitOpen, InvalidRequest, Preempted
 from homeskillet.schemas import (
     Constraints,
     Fragment,
@@ -33,7 +33,9 @@ from tasks import runtime
 from tasks.decompose import decompose, fill
 from tasks.fusion import fuse
 from tasks.resources import allocate, infer, release
-from tasks.routing import fragment_cost, max_context, route
+from tasks.routing import fragment_budget, fragment_cost, max_context, reroute, route
+
+MAX_ATTEMPTS = 3
 
 
 def make_request(
@@ -89,13 +91,14 @@ async def run_plan(
     plan: Plan, choices: dict[str, ModelChoice], request: InferenceRequest, catalog_path: str
 ) -> dict[str, FragmentResult]:
     """Run every fragment once its dependencies are done; the first failure cancels the rest."""
+    budget = fragment_budget(plan, request.constraints)
     running: dict[str, asyncio.Task[FragmentResult]] = {}
     try:
         async with asyncio.TaskGroup() as group:
             for fragment in plan.fragments:  # topological order: dependencies are already scheduled
                 upstream = [running[dep] for dep in fragment.depends_on]
                 running[fragment.id] = group.create_task(
-                    run_fragment(fragment, upstream, choices[fragment.id], request, catalog_path)
+                    run_fragment(fragment, upstream, choices[fragment.id], request, catalog_path, budget)
                 )
     except BaseExceptionGroup as group_error:
         raise _first_cause(group_error) from None
@@ -108,9 +111,36 @@ async def run_fragment(
     choice: ModelChoice,
     request: InferenceRequest,
     catalog_path: str,
+    budget_usd: float | None = None,
 ) -> FragmentResult:
+    """One fragment; re-run elsewhere when its share is preempted, or on the fallback backend
+    while its backend's circuit is open."""
     answers = {r.fragment_id: r.text.strip() for r in await asyncio.gather(*upstream)}
     text = fill(fragment, answers)
+    limits = request.constraints
+    catalog = runtime.catalog(catalog_path)
+    for attempt in range(1, MAX_ATTEMPTS + 1):
+        try:
+            return await _attempt(fragment, text, choice, request, catalog_path, attempt)
+        except Preempted as exc:
+            if attempt == MAX_ATTEMPTS:
+                raise
+            tier = "dedicated" if limits.on_preemption == "dedicated" else choice.tier
+            backend = cat.pool(catalog, choice.pool).backend
+            why = f"attempt {attempt} on {choice.pool} was preempted; re-run on {tier}"
+            choice = reroute(fragment, catalog, limits, budget_usd, why, tier=tier, backend=backend)
+        except CircuitOpen:
+            fallback = limits.fallback_backend
+            if fallback is None or fallback == cat.pool(catalog, choice.pool).backend or attempt == MAX_ATTEMPTS:
+                raise
+            why = f"{cat.pool(catalog, choice.pool).backend} circuit open; fell back to {fallback}"
+            choice = reroute(fragment, catalog, limits, budget_usd, why, backend=fallback)
+    raise AssertionError("unreachable")
+
+
+async def _attempt(
+    fragment: Fragment, text: str, choice: ModelChoice, request: InferenceRequest, catalog_path: str, attempt: int
+) -> FragmentResult:
     limits = request.constraints
     wait_s = runtime.settings().capacity_wait_s if limits.capacity_wait_s is None else limits.capacity_wait_s
     t0 = time.perf_counter()
@@ -122,22 +152,24 @@ async def run_fragment(
         ended_at = await release(allocation, catalog_path)
         t3 = time.perf_counter()
     catalog = runtime.catalog(catalog_path)
+    pool = cat.pool(catalog, choice.pool)
     held_s = (ended_at - allocation.created_at).total_seconds()
     tokens = completion.tokens_in + completion.tokens_out
-    cost = fragment_cost(cat.model(catalog, choice.model), cat.pool(catalog, choice.pool), held_s, tokens)
     return FragmentResult(
         fragment_id=fragment.id,
         task_type=fragment.task_type,
         text=completion.text,
         model=allocation.model,
-        pool=allocation.pool,
-        tier=choice.tier,
+        backend=pool.backend,
+        pool=pool.id,
+        tier=pool.tier,
         allocation_id=allocation.allocation_id,
         tokens_in=completion.tokens_in,
         tokens_out=completion.tokens_out,
         timings=Timings(allocate_s=t1 - t0, first_token_s=completion.first_token_s, infer_s=t2 - t1, release_s=t3 - t2),
-        cost_usd=cost,
+        cost_usd=fragment_cost(cat.model(catalog, choice.model), pool, held_s, tokens),
         reason=choice.reason,
+        attempts=attempt,
     )
 
 
@@ -147,12 +179,14 @@ def fragment_row(result: FragmentResult) -> dict:
         "fragment": result.fragment_id,
         "task_type": result.task_type,
         "model": result.model,
+        "backend": result.backend,
         "pool": result.pool,
         "tier": result.tier,
         "allocation_id": result.allocation_id,
         "latency_s": round(result.timings.allocate_s + result.timings.infer_s + result.timings.release_s, 3),
         "tokens_in": result.tokens_in,
         "tokens_out": result.tokens_out,
+        "attempts": result.attempts,
         "cost_usd": round(result.cost_usd, 8),
     }
 

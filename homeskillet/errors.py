@@ -39,3 +39,47 @@ class InferenceError(HomeskilletError):
 
 class ServiceError(HomeskilletError):
     """A local service (PostgreSQL, Prefect server, model server) failed to start or answer."""
+
+
+class Preempted(InferenceError):
+    """The GPU share disappeared under the fragment (a preemptible subscription was reclaimed)."""
+
+
+class HostedAIError(HomeskilletError):
+    """hosted·ai answered with an error, or not at all."""
+
+
+class HostedAIUnavailable(HostedAIError):
+    """Timeouts, connection errors, 5xx without a business code, 429: worth retrying later."""
+
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class CircuitOpen(HostedAIUnavailable):
+    """Too many failures in a row: calls fail fast until the breaker half-opens."""
+
+
+class HostedAIRejected(HostedAIError):
+    """A business error: the call was understood and refused."""
+
+    def __init__(self, message: str, code: int | None = None):
+        super().__init__(message)
+        self.code = code
+
+
+class InsufficientResources(HostedAIRejected):
+    pass
+
+
+class AlreadySubscribed(HostedAIRejected):
+    pass
+
+
+class HostedAIAuthError(HostedAIError):
+    """401/403: the key is wrong, expired, revoked or IP-blocked, or the team is not the key's."""
+
+
+class MissingCredentials(HomeskilletError):
+    pass

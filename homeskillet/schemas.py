@@ -6,9 +6,10 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 Tier = Literal["dedicated", "preemptible"]
+Backend = Literal["local", "hostedai"]
 PromptStyle = Literal["chat", "completion"]
 TaskType = Literal["factual_qa", "chat", "math", "summarize", "reduce"]
 AllocationState = Literal["active", "released", "expired"]
@@ -28,6 +29,11 @@ class Constraints(_Frozen):
     pool: str | None = Field(None, description="Run every fragment on this pool.")
     max_tokens: int = Field(128, ge=1, le=4096, description="Output tokens per fragment.")
     capacity_wait_s: float | None = Field(None, ge=0, description="How long to wait for pool capacity.")
+    backend: Backend = Field("local", description="Where GPU shares come from: this machine or hosted·ai.")
+    fallback_backend: Backend | None = Field(None, description="Used while the backend's circuit is open.")
+    on_preemption: Literal["same_tier", "dedicated"] = Field(
+        "same_tier", description="Where a preempted fragment is re-run."
+    )
 
 
 class InferenceRequest(_Frozen):
@@ -113,12 +119,23 @@ class ModelSpec(_Frozen):
 
 
 class PoolSpec(_Frozen):
+    """A pool of GPU capacity. For hosted·ai it is the share each tenant subscribes to, carved from
+    the hosted·ai pools listed in `hostedai_pools` (names or ids, tried by price and availability)."""
+
     id: str
-    backend: Literal["local"] = "local"
+    backend: Backend = "local"
     tier: Tier
     tflops: float = Field(gt=0)
     vram_gb: float = Field(gt=0)
-    price_per_hour: float = Field(ge=0, description="US$ per hour for the whole pool.")
+    price_per_hour: float = Field(ge=0, description="US$ per hour for the whole pool (an estimate for hosted·ai).")
+    hostedai_pools: list[str] = []
+
+
+class CardSpec(_Frozen):
+    """A GPU model's peak dense FP16 TFLOPS and its memory."""
+
+    tflops: float = Field(gt=0)
+    vram_gb: float = Field(gt=0)
 
 
 class TenantSpec(_Frozen):
@@ -130,6 +147,16 @@ class Catalog(_Frozen):
     models: list[ModelSpec] = Field(min_length=1)
     pools: list[PoolSpec] = Field(min_length=1)
     tenants: list[TenantSpec] = Field(min_length=1)
+    cards: dict[str, CardSpec] = {}
+
+
+class HostedAICredentials(_Frozen):
+    """One tenant's hosted·ai team and API key. The key is a SecretStr: it never shows in a repr."""
+
+    url: str = Field(description="Base URL of the panel's API, e.g. https://panel.example/api")
+    api_key: SecretStr
+    team_id: str
+    auth_header: Literal["x-api-key", "bearer"] = "x-api-key"
 
 
 # --- routing, allocation, results ---------------------------------------------------------
@@ -172,6 +199,7 @@ class FragmentResult(_Frozen):
     task_type: TaskType
     text: str
     model: str
+    backend: Backend = "local"
     pool: str
     tier: Tier
     allocation_id: str
@@ -180,6 +208,7 @@ class FragmentResult(_Frozen):
     timings: Timings
     cost_usd: float
     reason: str
+    attempts: int = 1
 
 
 class FusionResult(_Frozen):

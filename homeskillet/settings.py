@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PACKAGED_CATALOG = Path(__file__).with_name("catalog.yaml")
@@ -22,6 +22,12 @@ class Settings(BaseSettings):
     infer_timeout_s: float = Field(300.0, gt=0, description="Client timeout of one inference call.")
     model_idle_s: float = Field(300.0, gt=0, description="Stop a local model server idle this long.")
     model_threads: int | None = Field(None, description="CPU threads per local model server.")
+    hostedai_url: str | None = Field(None, description="hosted·ai API base URL (single-tenant set-up).")
+    hostedai_api_key: SecretStr | None = Field(None, description="hosted·ai API key (single-tenant set-up).")
+    hostedai_team_id: str | None = Field(None, description="hosted·ai team of that key.")
+    hostedai_tenant: str = Field("demo", description="The tenant the environment's hosted·ai key belongs to.")
+    hostedai_auth_header: str = Field("x-api-key", description="x-api-key or bearer.")
+    hostedai_idle_s: float = Field(60.0, ge=0, description="Unsubscribe a tenant's idle subscription after this.")
 
     @property
     def pgdata(self) -> Path:

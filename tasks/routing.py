@@ -42,14 +42,15 @@ def candidates(catalog: Catalog, constraints: Constraints) -> tuple[list[ModelSp
     )
     if not models:
         raise NoRoute("allowed_models is empty: no model may run this request")
-    if constraints.pool is not None:
+    if constraints.pool is not None:  # a named pool implies its backend
         pools = [cat.pool(catalog, constraints.pool)]
         if constraints.tier is not None and pools[0].tier != constraints.tier:
             raise NoRoute(f"pool {pools[0].id!r} is {pools[0].tier}, but the request asks for tier {constraints.tier}")
     else:
-        pools = [p for p in catalog.pools if constraints.tier in (None, p.tier)]
+        pools = [p for p in catalog.pools if p.backend == constraints.backend and constraints.tier in (None, p.tier)]
         if not pools:
-            raise NoRoute(f"no pool of tier {constraints.tier!r} in the catalog")
+            tier = f" of tier {constraints.tier}" if constraints.tier else ""
+            raise NoRoute(f"no {constraints.backend} pool{tier} in the catalog")
     usable = [m for m in models if any(fits(m, p) for p in pools)]
     if not usable:
         smallest = min(models, key=lambda m: (m.vram_gb, m.tflops))
@@ -101,11 +102,26 @@ def route_fragment(
     )
 
 
+def fragment_budget(plan: Plan, constraints: Constraints) -> float | None:
+    """max_cost is shared evenly between the fragments."""
+    return None if constraints.max_cost_usd is None else constraints.max_cost_usd / len(plan.fragments)
+
+
 def route_plan(plan: Plan, catalog: Catalog, constraints: Constraints) -> dict[str, ModelChoice]:
-    """A choice for every fragment; max_cost is shared evenly between the fragments."""
+    """A choice for every fragment."""
     models, pools = candidates(catalog, constraints)
-    budget = None if constraints.max_cost_usd is None else constraints.max_cost_usd / len(plan.fragments)
+    budget = fragment_budget(plan, constraints)
     return {f.id: route_fragment(f, models, pools, constraints.max_tokens, budget) for f in plan.fragments}
+
+
+def reroute(
+    fragment: Fragment, catalog: Catalog, constraints: Constraints, budget_usd: float | None, why: str, **changes
+) -> ModelChoice:
+    """A new choice for one fragment under changed constraints (another tier, another backend)."""
+    changed = constraints.model_copy(update={"pool": None, **changes})
+    models, pools = candidates(catalog, changed)
+    choice = route_fragment(fragment, models, pools, changed.max_tokens, budget_usd)
+    return choice.model_copy(update={"reason": f"{why}; {choice.reason}"})
 
 
 @task(name="route", cache_policy=NO_CACHE)

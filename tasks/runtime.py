@@ -1,21 +1,28 @@
-"""What tasks share inside one process: the catalog and the GPU backend, loaded once per path."""
+"""What tasks share inside one process: the catalog and the GPU backends, loaded once per path."""
 
 from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
 
+from connectors.hostedai import Policy
+from connectors.hostedai_backend import HostedAIBackend
 from connectors.local_backend import LocalBackend
+from homeskillet import catalog as cat
 from homeskillet.catalog import load_catalog
 from homeskillet.schemas import Catalog
 from homeskillet.settings import Settings, get_settings
+from tasks.credentials import hostedai_credentials
+
+HOSTEDAI_POLICY = Policy()
 
 
 @lru_cache
-def _load(catalog_path: Path, home: Path) -> tuple[Catalog, LocalBackend]:
+def _load(catalog_path: Path, home: Path) -> tuple[Catalog, LocalBackend, HostedAIBackend]:
     catalog = load_catalog(catalog_path)
     settings = get_settings().model_copy(update={"catalog": catalog_path, "home": home})
-    return catalog, LocalBackend(settings, catalog)
+    hosted = HostedAIBackend(settings, catalog, hostedai_credentials, HOSTEDAI_POLICY)
+    return catalog, LocalBackend(settings, catalog), hosted
 
 
 def catalog_path(path: str | Path | None = None) -> Path:
@@ -27,8 +34,22 @@ def catalog(catalog_path: str | Path | None = None) -> Catalog:
     return _load(*_key(catalog_path))[0]
 
 
-def backend(catalog_path: str | Path | None = None) -> LocalBackend:
-    return _load(*_key(catalog_path))[1]
+def backend(catalog_path: str | Path | None = None, name: str = "local") -> LocalBackend | HostedAIBackend:
+    _, local, hosted = _load(*_key(catalog_path))
+    return hosted if name == "hostedai" else local
+
+
+def backend_for_pool(catalog_path: str | Path | None, pool_id: str) -> LocalBackend | HostedAIBackend:
+    """The backend that serves a catalog pool (or a hosted·ai ledger pool `<pool>/<tenant>`)."""
+    pool = cat.pool(catalog(catalog_path), pool_id.split("/", 1)[0])
+    return backend(catalog_path, pool.backend)
+
+
+async def shutdown(catalog_path: str | Path | None = None) -> None:
+    """Give back what this process holds: idle hosted·ai subscriptions, local model servers."""
+    _, local, hosted = _load(*_key(catalog_path))
+    await hosted.shutdown()
+    await local.shutdown()
 
 
 def settings() -> Settings:

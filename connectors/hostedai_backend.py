@@ -1,0 +1,211 @@
+"""The hosted·ai GPU backend: logical leases carved out of per-tenant subscriptions.
+
+Every fragment gets its own allocation (its own id, TFLOPS/VRAM slice and lease) in the shared
+ledger, in a ledger pool that belongs to one tenant and one catalog pool (`<pool>/<tenant>`),
+so no tenant can ever touch another's capacity. The physical capacity behind it is one
+hosted·ai subscription per tenant and pool, made with that tenant's own team and key on first
+use, shared by that tenant's fragments while warm, and unsubscribed when idle (and only when
+the ledger shows no allocation of any process on it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from connectors.hostedai import HostedAIClient, HostedPool, Policy, vgpus_for
+from connectors.ledger import Ledger, new_allocation_id, open_ledger
+from homeskillet.errors import (
+    HostedAIError,
+    HostedAIRejected,
+    HostedAIUnavailable,
+    InsufficientResources,
+    NoRoute,
+)
+from homeskillet.schemas import Allocation, Catalog, HostedAICredentials, ModelSpec, PoolSpec
+from homeskillet.settings import Settings
+
+log = logging.getLogger(__name__)
+Credentials = Callable[[str], Awaitable[HostedAICredentials]]
+
+
+@dataclass
+class _Share:
+    """One tenant's subscription behind one catalog pool."""
+
+    client: HostedAIClient
+    hosted_pool: HostedPool
+    subscription_id: int
+    endpoint: str
+    users: set[str] = field(default_factory=set)
+    idle_since: float = field(default_factory=time.monotonic)
+
+
+def ledger_pool(pool_id: str, tenant: str) -> str:
+    return f"{pool_id}/{tenant}"
+
+
+class HostedAIBackend:
+    name = "hostedai"
+
+    def __init__(self, settings: Settings, catalog: Catalog, credentials: Credentials, policy: Policy = Policy()):
+        self._settings = settings
+        self._catalog = catalog
+        self._credentials = credentials
+        self._policy = policy
+        self._shares: dict[tuple[str, str], _Share] = {}
+        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._synced: set[str] = set()
+
+    @staticmethod
+    def new_allocation_id() -> str:
+        return new_allocation_id()
+
+    async def ledger(self) -> Ledger:
+        return await asyncio.to_thread(open_ledger, self._settings.pgdata, self._settings.lease_s)
+
+    def _pool(self, pool_id: str) -> PoolSpec:
+        pool = next((p for p in self._catalog.pools if p.id == pool_id and p.backend == "hostedai"), None)
+        if pool is None:
+            raise NoRoute(f"{pool_id!r} is not a hosted·ai pool of the catalog")
+        return pool
+
+    async def allocate(
+        self, *, allocation_id: str, tenant: str, request_id: str, pool: str, model: ModelSpec, wait_s: float
+    ) -> Allocation:
+        spec = self._pool(pool)
+        ledger = await self.ledger()
+        share_pool = ledger_pool(spec.id, tenant)
+        if share_pool not in self._synced:
+            await ledger.sync_pools([spec.model_copy(update={"id": share_pool})])
+            self._synced.add(share_pool)
+        allocation = await ledger.reserve(
+            allocation_id=allocation_id, tenant=tenant, request_id=request_id, pool=share_pool,
+            model=model.name, tflops=model.tflops, vram_gb=model.vram_gb, wait_s=wait_s,
+        )  # fmt: skip
+        try:
+            share = await self._share(tenant, spec, allocation_id)
+            return await ledger.set_endpoint(allocation_id, share.endpoint)
+        except BaseException:
+            await self.release(allocation_id, tenant)
+            raise
+
+    async def _share(self, tenant: str, pool: PoolSpec, user: str) -> _Share:
+        key = (tenant, pool.id)
+        lock = self._locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            share = self._shares.get(key)
+            if share is None:
+                share = await self._subscribe(tenant, pool)
+                self._shares[key] = share
+            share.users.add(user)
+            return share
+
+    async def _subscribe(self, tenant: str, pool: PoolSpec) -> _Share:
+        """Subscribe the tenant's team to the cheapest configured hosted·ai pool with room; on
+        "Insufficient resources" fail over to the next."""
+        client = HostedAIClient(await self._credentials(tenant), self._policy)
+        offered = await client.pools()
+        wanted = [p for p in offered if not pool.hostedai_pools or p.name in pool.hostedai_pools or str(p.id) in pool.hostedai_pools]
+        if not wanted:
+            raise NoRoute(f"hosted·ai offers none of the pools {pool.hostedai_pools} for {pool.id}")
+        tried = []
+        for hosted in sorted(wanted, key=lambda p: (p.price_per_vgpu_hour, -p.available_vgpus)):
+            card = self._catalog.cards.get(hosted.gpu_model_type)
+            if card is None:
+                tried.append(f"{hosted.name} (unknown card {hosted.gpu_model_type})")
+                continue
+            vgpus = vgpus_for(pool.tflops, pool.vram_gb, card.tflops, card.vram_gb, hosted.sharing_ratio)
+            if hosted.available_vgpus < vgpus:
+                tried.append(f"{hosted.name} ({hosted.available_vgpus} of {vgpus} vGPUs free)")
+                continue
+            try:
+                subscription_id = await client.subscribe(hosted.id, vgpus)
+            except InsufficientResources:
+                tried.append(f"{hosted.name} (insufficient resources)")
+                continue
+            try:
+                await client.wait_ready(subscription_id)
+                endpoint = await client.inference_url(subscription_id)
+            except BaseException:
+                await self._unsubscribe(client, subscription_id, hosted.id)
+                raise
+            log.info("tenant %s subscribed to hosted·ai pool %s (%d vGPUs) for %s", tenant, hosted.name, vgpus, pool.id)
+            return _Share(client, hosted, subscription_id, endpoint)
+        raise InsufficientResources(f"no hosted·ai pool for {pool.id} has room: tried {', '.join(tried)}")
+
+    async def release(self, allocation_id: str, tenant: str) -> datetime:
+        ended = await (await self.ledger()).release(allocation_id, tenant)
+        for (owner, pool_id), share in list(self._shares.items()):
+            if owner == tenant and allocation_id in share.users:
+                share.users.discard(allocation_id)
+                share.idle_since = time.monotonic()
+                if share.users:
+                    continue
+                idle_s = self._settings.hostedai_idle_s
+                if idle_s == 0:
+                    await self._retire(tenant, pool_id)
+                else:  # look again once it has been idle long enough
+                    asyncio.get_running_loop().call_later(idle_s, lambda: asyncio.ensure_future(self.retire_idle()))
+        return ended
+
+    async def verify(self, allocation: Allocation) -> bool:
+        """Whether the allocation's subscription still exists; a vanished one is forgotten, so the
+        next allocation subscribes anew."""
+        pool_id = allocation.pool.rsplit("/", 1)[0]
+        share = self._shares.get((allocation.tenant, pool_id))
+        if share is None:
+            return False
+        try:
+            alive = await share.client.exists(share.subscription_id)
+        except HostedAIError:
+            return True  # cannot tell: do not call it a preemption
+        if not alive:
+            log.warning("hosted·ai subscription %s of tenant %s is gone (preempted)", share.subscription_id, allocation.tenant)
+            self._shares.pop((allocation.tenant, pool_id), None)
+        return alive
+
+    async def retire_idle(self, idle_s: float | None = None) -> int:
+        """Unsubscribe the shares idle longer than idle_s (default: the setting); how many went."""
+        limit = self._settings.hostedai_idle_s if idle_s is None else idle_s
+        now = time.monotonic()
+        gone = 0
+        for (tenant, pool_id), share in list(self._shares.items()):
+            if not share.users and now - share.idle_since >= limit:
+                gone += await self._retire(tenant, pool_id)
+        return gone
+
+    async def _retire(self, tenant: str, pool_id: str) -> int:
+        key = (tenant, pool_id)
+        async with self._locks.setdefault(key, asyncio.Lock()):
+            share = self._shares.get(key)
+            if share is None or share.users:
+                return 0
+            # another process of this tenant may be using the same team subscription
+            if any(a.pool == ledger_pool(pool_id, tenant) for a in await (await self.ledger()).held(tenant)):
+                return 0
+            self._shares.pop(key)
+            await self._unsubscribe(share.client, share.subscription_id, share.hosted_pool.id)
+            return 1
+
+    async def _unsubscribe(self, client: HostedAIClient, subscription_id: int, hosted_pool_id: int) -> None:
+        try:
+            await client.unsubscribe(subscription_id, hosted_pool_id)
+        except (HostedAIUnavailable, HostedAIRejected) as exc:
+            log.error("hosted·ai unsubscribe of %s failed: %s", subscription_id, exc)
+            raise
+
+    async def held(self, tenant: str | None = None) -> list[Allocation]:
+        return [a for a in await (await self.ledger()).held(tenant) if "/" in a.pool]
+
+    def subscriptions(self) -> dict[tuple[str, str], int]:
+        """(tenant, pool) → subscription id, for what this process holds."""
+        return {key: share.subscription_id for key, share in self._shares.items()}
+
+    async def shutdown(self) -> None:
+        """Unsubscribe every idle share (used when the process ends its work)."""
+        await self.retire_idle(0)
