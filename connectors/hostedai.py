@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+from pydantic_settings import BaseSettings, SettingsConfigDict
 from purgatory import AsyncCircuitBreakerFactory
 from purgatory.domain.model import OpenedState
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
@@ -44,9 +45,10 @@ READY = ("subscribed", "active", "running")
 BREAKERS = AsyncCircuitBreakerFactory(exclude=[HostedAIRejected, HostedAIAuthError])
 
 
-@dataclass(frozen=True)
-class Policy:
-    """Timeouts and bounds; tests shrink them."""
+class Policy(BaseSettings):
+    """Timeouts and bounds of the hosted·ai client, from HOMESKILLET_HOSTEDAI_* variables."""
+
+    model_config = SettingsConfigDict(env_prefix="HOMESKILLET_HOSTEDAI_", frozen=True, extra="ignore")
 
     timeout_s: float = 20.0
     subscribe_timeout_s: float = 30.0
@@ -101,9 +103,9 @@ def vgpus_for(tflops: float, vram_gb: float, card_tflops: float, card_vram_gb: f
 
 
 class HostedAIClient:
-    def __init__(self, credentials: HostedAICredentials, policy: Policy = Policy()):
+    def __init__(self, credentials: HostedAICredentials, policy: Policy | None = None):
         self.credentials = credentials
-        self.policy = policy
+        self.policy = policy or Policy()
         self.team_id = credentials.team_id
         self._base = credentials.url.rstrip("/")
 
@@ -160,7 +162,7 @@ class HostedAIClient:
         retry_after = getattr(exc, "retry_after", None)
         if retry_after is not None:
             return min(retry_after, self.policy.retry_after_max_s)
-        return wait_exponential_jitter(initial=self.policy.backoff_initial_s, max=self.policy.backoff_max_s)(state)
+        return wait_exponential_jitter(multiplier=self.policy.backoff_initial_s, max=self.policy.backoff_max_s)(state)
 
     # --- discovery and estimates -----------------------------------------------------------
 

@@ -52,11 +52,11 @@ def ledger_pool(pool_id: str, tenant: str) -> str:
 class HostedAIBackend:
     name = "hostedai"
 
-    def __init__(self, settings: Settings, catalog: Catalog, credentials: Credentials, policy: Policy = Policy()):
+    def __init__(self, settings: Settings, catalog: Catalog, credentials: Credentials, policy: Policy | None = None):
         self._settings = settings
         self._catalog = catalog
         self._credentials = credentials
-        self._policy = policy
+        self._policy = policy or Policy()
         self._shares: dict[tuple[str, str], _Share] = {}
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._synced: set[str] = set()

@@ -13,6 +13,7 @@ configuration. Run it with `homeskillet emulator --port P [--faults …]`.
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import random
 import secrets
@@ -35,6 +36,9 @@ class Faults(BaseModel):
 
     latency_s: float = Field(0.0, ge=0, description="Added to every API call.")
     error_rate: float = Field(0.0, ge=0, le=1, description="HTTP 500 without a business code, action not done.")
+    rate_limit_rate: float = Field(0.0, ge=0, le=1, description="HTTP 429 with Retry-After, action not done.")
+    retry_after_s: float = Field(0.1, ge=0, description="The Retry-After of a 429.")
+    insufficient_pools: list[int] = Field([], description="Pools whose subscribe always answers Insufficient.")
     timeout_rate: float = Field(0.0, ge=0, le=1, description="Subscribe is done, then the answer stalls.")
     timeout_s: float = Field(30.0, ge=0, description="How long a stalled answer stalls.")
     empty_subscribe_rate: float = Field(0.0, ge=0, le=1, description="Subscribe is done, the body is empty.")
@@ -47,13 +51,18 @@ class Faults(BaseModel):
 
     @classmethod
     def parse(cls, text: str) -> Faults:
-        """`error_rate=0.2,latency_s=0.05` → Faults; an unknown key or bad value is an error."""
+        """`error_rate=0.2,latency_s=0.05` (or a JSON object) → Faults; unknown keys are an error."""
+        if text.strip().startswith("{"):
+            return cls.model_validate_json(text)
         values: dict[str, str] = {}
         for part in filter(None, (p.strip() for p in text.split(","))):
             key, sep, value = part.partition("=")
             if not sep:
                 raise ValueError(f"fault {part!r} is not key=value")
-            values[key.strip()] = value.strip()
+            try:
+                values[key.strip()] = json.loads(value)  # numbers, [lists], true/false
+            except ValueError:
+                values[key.strip()] = value.strip()
         unknown = set(values) - set(cls.model_fields)
         if unknown:
             raise ValueError(f"unknown fault(s) {sorted(unknown)}; known: {sorted(cls.model_fields)}")
@@ -136,6 +145,7 @@ class State:
         self.history: list[dict[str, Any]] = []  # ended subscriptions, for team metrics
         self.next_id = 5000
         self.preempted = 0
+        self.calls = 0  # API calls that reached the emulator
 
     def set_faults(self, faults: Faults) -> None:
         self.faults = faults
@@ -243,11 +253,14 @@ def create_app(config: EmulatorConfig | None = None, model_endpoint=None) -> Fas
     async def faults(request: Request, call_next):
         state.sweep()
         if request.url.path.startswith(("/gpuaas", "/pods/expose-service")):
+            state.calls += 1
             f = state.faults
             if f.latency_s:
                 await asyncio.sleep(f.latency_s)
             if f.error_rate and state.rng.random() < f.error_rate:
                 return PlainTextResponse("Internal Server Error", 500)
+            if f.rate_limit_rate and state.rng.random() < f.rate_limit_rate:
+                return PlainTextResponse("Too Many Requests", 429, headers={"Retry-After": f"{f.retry_after_s:g}"})
         return await call_next(request)
 
     def team_of(
@@ -312,7 +325,7 @@ def create_app(config: EmulatorConfig | None = None, model_endpoint=None) -> Fas
             return business(f"Pool {body.pool_id} not found", 404)
         if any(s.team_id == team.id and s.pool_id == pool.id for s in state.subs.values()):
             return _error(409, "Already subscribed")
-        if body.vgpus > state.available(pool):
+        if body.vgpus > state.available(pool) or pool.id in state.faults.insufficient_pools:
             return business("Insufficient resources", INSUFFICIENT)
         state.next_id += 1
         sub = Subscription(id=state.next_id, team_id=team.id, pool_id=pool.id, vgpus=body.vgpus)
@@ -442,7 +455,10 @@ def create_app(config: EmulatorConfig | None = None, model_endpoint=None) -> Fas
     @app.get("/_emulator/state", include_in_schema=False)
     async def emulator_state():
         state.sweep()
-        return {"subscriptions": len(state.subs), "preempted": state.preempted, "faults": state.faults.model_dump()}
+        return {
+            "subscriptions": len(state.subs), "preempted": state.preempted, "calls": state.calls,
+            "faults": state.faults.model_dump(),
+        }  # fmt: skip
 
     return app
 

@@ -90,7 +90,7 @@ def open_ledger(pgdata: Path, lease_s: float) -> Ledger:
         if key not in _opened:
             postgres.ensure_postgres(pgdata)
             ledger = Ledger(postgres.dsn(pgdata, "homeskillet"), lease_s=lease_s)
-            asyncio.run(ledger.sync_pools([]))
+            asyncio.run(ledger.create_schema())
             _opened[key] = ledger
         return _opened[key]
 
@@ -104,17 +104,31 @@ class Ledger:
     async def _connect(self) -> asyncpg.Connection:
         return await asyncpg.connect(self._dsn)
 
-    async def sync_pools(self, pools: list[PoolSpec]) -> None:
-        """Create the tables if needed and add or update these pools."""
+    async def create_schema(self) -> None:
+        """Create the tables if needed (alone in its transaction: DDL takes table locks)."""
         conn = await self._connect()
         try:
             async with conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock(hashtext('homeskillet.schema'))")
                 await conn.execute(SCHEMA)
+        finally:
+            await conn.close()
+
+    async def sync_pools(self, pools: list[PoolSpec]) -> None:
+        """Add or update these pools.
+
+        Lock order, which keeps writers free of deadlocks: pool rows first, in id order (this
+        method and `held` lock them all, `reserve` just its own), then allocation rows.
+        """
+        conn = await self._connect()
+        try:
+            async with conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock(hashtext('homeskillet.pools'))")
+                await conn.execute("SELECT id FROM pools ORDER BY id FOR UPDATE")
                 await conn.executemany(
                     """INSERT INTO pools (id, tier, tflops, vram_gb, price_per_hour) VALUES ($1, $2, $3, $4, $5)
                        ON CONFLICT (id) DO UPDATE SET tier = $2, tflops = $3, vram_gb = $4, price_per_hour = $5""",
-                    [(p.id, p.tier, p.tflops, p.vram_gb, p.price_per_hour) for p in pools],
+                    [(p.id, p.tier, p.tflops, p.vram_gb, p.price_per_hour) for p in sorted(pools, key=lambda p: p.id)],
                 )
         finally:
             await conn.close()
@@ -226,8 +240,7 @@ class Ledger:
         conn = await self._connect()
         try:
             async with conn.transaction():
-                # every writer locks pool rows first, in id order: no deadlocks between writers
-                await conn.execute("SELECT id FROM pools ORDER BY id FOR UPDATE")
+                await conn.execute("SELECT id FROM pools ORDER BY id FOR UPDATE")  # lock order: see sync_pools
                 await self._expire(conn, None)
                 rows = await conn.fetch(
                     f"SELECT {COLUMNS} FROM allocations WHERE state = 'active' AND ($1::text IS NULL OR tenant = $1) "

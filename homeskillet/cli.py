@@ -58,16 +58,27 @@ def run(
     model: Annotated[Optional[list[str]], typer.Option(help="Allowed model (repeatable).")] = None,
     tier: Annotated[Optional[str], typer.Option(help="dedicated or preemptible.")] = None,
     pool: Annotated[Optional[str], typer.Option(help="Run every fragment on this pool.")] = None,
+    backend: Annotated[str, typer.Option(help="local or hostedai.")] = "local",
+    fallback_backend: Annotated[Optional[str], typer.Option(help="Used while the backend's circuit is open.")] = None,
+    on_preemption: Annotated[str, typer.Option(help="same_tier or dedicated.")] = "same_tier",
 ) -> None:
     """Run one request through the fuse_request flow and print the fused answer."""
-    constraints = {"max_tokens": max_tokens, "max_cost_usd": max_cost, "allowed_models": model, "tier": tier, "pool": pool}
+    constraints = {
+        "max_tokens": max_tokens, "max_cost_usd": max_cost, "allowed_models": model, "tier": tier, "pool": pool,
+        "backend": backend, "fallback_backend": fallback_backend, "on_preemption": on_preemption,
+    }  # fmt: skip
     try:
         api_url = use_local_prefect()
         from flows.fusion import fuse_request
+        from tasks import runtime
 
-        state = asyncio.run(
-            fuse_request(prompt=prompt, tenant=tenant, constraints=constraints, return_state=True)  # type: ignore[arg-type]
-        )
+        async def main():
+            try:
+                return await fuse_request(prompt=prompt, tenant=tenant, constraints=constraints, return_state=True)
+            finally:
+                await runtime.shutdown()  # this process ends: give back subscriptions and model servers
+
+        state = asyncio.run(main())
         result = state.result()
     except HomeskilletError as exc:
         _fail(exc)
@@ -154,6 +165,57 @@ def server_status() -> None:
         console.print("postgres: stopped")
     if info is None:
         raise typer.Exit(1)
+
+
+@app.command()
+def emulator(
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 8700,
+    faults: Annotated[str, typer.Option(help="e.g. error_rate=0.2,preempt_rate=0.1,latency_s=0.05")] = "",
+) -> None:
+    """Run the hosted·ai emulator; its OpenAPI document is at /openapi.json."""
+    import uvicorn
+
+    from connectors.hostedai_emulator import Faults, create_app, default_config
+
+    try:
+        config = default_config().model_copy(update={"faults": Faults.parse(faults)})
+    except ValueError as exc:
+        _fail(exc)
+    url = f"http://127.0.0.1:{port}"
+    table = Table(title=f"hosted·ai emulator at {url} (API {url}/openapi.json) · emulator-only keys")
+    for column in ("tenant", "team_id", "api_key"):
+        table.add_column(column)
+    for team in config.teams:
+        table.add_row(team.name, team.id, team.api_key)
+    console.print(table)
+    demo = config.teams[0]
+    console.print(
+        f"export HOMESKILLET_HOSTEDAI_URL={url} HOMESKILLET_HOSTEDAI_TEAM_ID={demo.id} "
+        f"HOMESKILLET_HOSTEDAI_API_KEY={demo.api_key}",
+        highlight=False,
+    )
+    uvicorn.run(create_app(config), host="127.0.0.1", port=port, log_level="warning")
+
+
+@app.command()
+def credentials(
+    tenant: Annotated[str, typer.Option(help="Tenant whose hosted·ai team this is.")],
+    url: Annotated[str, typer.Option(help="hosted·ai API base URL.")],
+    team_id: Annotated[str, typer.Option(help="hosted·ai team id.")],
+    auth_header: Annotated[str, typer.Option(help="x-api-key or bearer.")] = "x-api-key",
+) -> None:
+    """Store a tenant's hosted·ai key as the Prefect Secret block hostedai-<tenant> (key read from a prompt)."""
+    api_key = typer.prompt("hosted·ai API key", hide_input=True)
+    try:
+        use_local_prefect()
+        from homeskillet.schemas import HostedAICredentials
+        from tasks.credentials import block_name, save_hostedai_credentials
+
+        creds = HostedAICredentials(url=url, api_key=api_key, team_id=team_id, auth_header=auth_header)
+        asyncio.run(save_hostedai_credentials(tenant, creds))
+    except HomeskilletError as exc:
+        _fail(exc)
+    console.print(f"saved Secret block {block_name(tenant)!r}")
 
 
 @app.command("bench-overhead")

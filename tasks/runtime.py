@@ -5,7 +5,6 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from connectors.hostedai import Policy
 from connectors.hostedai_backend import HostedAIBackend
 from connectors.local_backend import LocalBackend
 from homeskillet import catalog as cat
@@ -14,14 +13,12 @@ from homeskillet.schemas import Catalog
 from homeskillet.settings import Settings, get_settings
 from tasks.credentials import hostedai_credentials
 
-HOSTEDAI_POLICY = Policy()
-
 
 @lru_cache
 def _load(catalog_path: Path, home: Path) -> tuple[Catalog, LocalBackend, HostedAIBackend]:
     catalog = load_catalog(catalog_path)
     settings = get_settings().model_copy(update={"catalog": catalog_path, "home": home})
-    hosted = HostedAIBackend(settings, catalog, hostedai_credentials, HOSTEDAI_POLICY)
+    hosted = HostedAIBackend(settings, catalog, hostedai_credentials)
     return catalog, LocalBackend(settings, catalog), hosted
 
 

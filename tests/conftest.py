@@ -38,6 +38,17 @@ os.environ.update(
     PREFECT_HOME=str(STATE / "prefect"),
     PREFECT_LOGGING_LEVEL="WARNING",
     PREFECT_SERVER_ANALYTICS_ENABLED="false",
+    # hosted·ai client bounds, shrunk so that fault tests take seconds
+    HOMESKILLET_HOSTEDAI_TIMEOUT_S="3",
+    HOMESKILLET_HOSTEDAI_SUBSCRIBE_TIMEOUT_S="1",
+    HOMESKILLET_HOSTEDAI_ATTEMPTS="4",
+    HOMESKILLET_HOSTEDAI_BACKOFF_INITIAL_S="0.02",
+    HOMESKILLET_HOSTEDAI_BACKOFF_MAX_S="0.2",
+    HOMESKILLET_HOSTEDAI_RECONCILE_S="5",
+    HOMESKILLET_HOSTEDAI_READY_S="15",
+    HOMESKILLET_HOSTEDAI_UNSUBSCRIBE_S="15",
+    HOMESKILLET_HOSTEDAI_POLL_S="0.05",
+    HOMESKILLET_HOSTEDAI_IDLE_S="0",
 )
 os.environ.pop("HOMESKILLET_CATALOG", None)
 
@@ -141,14 +152,17 @@ def test_catalog(echo_server, tmp_path_factory) -> str:
             "api_key_env": "ECHO_API_KEY",
         },
     }
+    hosted = [p for p in packaged["pools"] if p.get("backend") == "hostedai"]
     catalog = {
         "models": [smollm2, echo],
         "pools": [
             {"id": "tiny", "tier": "dedicated", "tflops": 1.0, "vram_gb": 0.5, "price_per_hour": 0.5},
             {"id": "roomy", "tier": "preemptible", "tflops": 8.0, "vram_gb": 4.0, "price_per_hour": 0.4},
             {"id": "micro", "tier": "preemptible", "tflops": 0.1, "vram_gb": 0.1, "price_per_hour": 0.01},
+            *hosted,
         ],
         "tenants": [{"id": "acme"}, {"id": "globex"}],
+        "cards": packaged["cards"],
     }
     path = tmp_path_factory.mktemp("catalog") / "catalog.yaml"
     path.write_text(yaml.safe_dump(catalog))
@@ -164,3 +178,82 @@ async def assert_no_leaks(test_catalog):
     for path in (test_catalog, str(PACKAGED_CATALOG)):
         held = await runtime.backend(path).held()
         assert held == [], f"allocations leaked: {[a.allocation_id for a in held]}"
+
+
+@pytest.fixture(scope="session")
+def emulator(echo_server):
+    """The hosted·ai emulator on a loopback port (real HTTP), in a thread of this process so that
+    tests can change its faults. Pods serve the real SmolLM2 and the echo double."""
+    import asyncio
+    from types import SimpleNamespace
+
+    import uvicorn
+
+    from connectors.hostedai_emulator import create_app, default_config
+    from homeskillet import catalog as cat
+    from tasks import runtime
+
+    echo = f"http://127.0.0.1:{echo_server.server_address[1]}/v1"
+
+    async def endpoint(name: str) -> str:
+        if name == "echo-1":
+            return echo
+        spec = cat.model(runtime.catalog(PACKAGED_CATALOG), name)
+        return await asyncio.to_thread(runtime.backend(PACKAGED_CATALOG).servers.acquire, spec, "emulator")
+
+    config = default_config()
+    app = create_app(config, model_endpoint=endpoint)
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    teams = {t.name: t for t in config.teams}
+    yield SimpleNamespace(url=f"http://127.0.0.1:{port}", state=app.state.emulator, teams=teams, app=app)
+    server.should_exit = True
+    thread.join(10)
+
+
+@pytest.fixture
+def faults(emulator):
+    """Set the emulator's faults for one test; they are cleared afterwards."""
+    from connectors.hostedai_emulator import Faults
+
+    def set_faults(**values):
+        emulator.state.set_faults(Faults(**values))
+
+    yield set_faults
+    emulator.state.set_faults(Faults())
+
+
+@pytest.fixture(scope="session")
+async def hostedai_tenants(emulator):
+    """Each test tenant gets its own team and key, stored as Prefect Secret blocks."""
+    from homeskillet.schemas import HostedAICredentials
+    from tasks.credentials import save_hostedai_credentials
+
+    for name in ("acme", "globex", "demo"):
+        team = emulator.teams[name]
+        await save_hostedai_credentials(
+            name, HostedAICredentials(url=emulator.url, api_key=team.api_key, team_id=team.id)
+        )
+    return emulator
+
+
+@pytest.fixture
+async def no_subscriptions_left(emulator, test_catalog):
+    """After the test: the process gave back its subscriptions and the emulator holds none."""
+    from tasks import runtime
+
+    yield
+    for path in (test_catalog, str(PACKAGED_CATALOG)):
+        await runtime.backend(path, "hostedai").shutdown()
+    emulator.state.set_faults(type(emulator.state.faults)())
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        emulator.state.sweep()
+        if not emulator.state.subs:
+            break
+        time.sleep(0.1)
+    assert emulator.state.subs == {}, f"subscriptions left: {list(emulator.state.subs)}"

@@ -10,8 +10,7 @@ import time
 
 import pytest
 
-from connectors import postgres
-from connectors.ledger import Ledger, new_allocation_id
+from connectors.ledger import Ledger, new_allocation_id, open_ledger
 from homeskillet.errors import AllocationNotFound, CapacityTimeout, NoRoute
 from homeskillet.schemas import PoolSpec
 from homeskillet.settings import get_settings
@@ -20,9 +19,7 @@ from homeskillet.settings import get_settings
 @pytest.fixture
 async def ledger(request):
     """A ledger with one fresh pool of 2 TFLOPS / 1 GB for this test."""
-    pgdata = get_settings().pgdata
-    postgres.ensure_postgres(pgdata)
-    led = Ledger(postgres.dsn(pgdata, "homeskillet"), lease_s=60)
+    led = Ledger((await asyncio.to_thread(open_ledger, get_settings().pgdata, 60.0))._dsn, lease_s=60)
     pool = f"pool-{request.node.name[:40]}"
     await led.sync_pools([PoolSpec(id=pool, tier="dedicated", tflops=2.0, vram_gb=1.0, price_per_hour=1.0)])
     led.pool = pool
@@ -129,3 +126,17 @@ async def test_a_vanished_holder_loses_its_lease_at_once(ledger):
         proc.wait()
     assert await held_in(ledger, ledger.pool) == []
     await reserve(ledger, tflops=2.0, vram_gb=1.0)
+
+
+async def test_pool_sync_reserve_and_listing_at_once_do_not_deadlock(ledger):
+    """Writers take pool rows in id order, so concurrent syncs, reservations and listings finish."""
+    extra = [PoolSpec(id=f"{ledger.pool}-{i}", tier="preemptible", tflops=1, vram_gb=1, price_per_hour=0) for i in range(4)]
+
+    async def churn(i):
+        for _ in range(5):
+            await ledger.sync_pools(list(reversed(extra)) if i % 2 else extra)
+            a = await reserve(ledger, tflops=0.1, vram_gb=0.1, wait_s=5)
+            await ledger.held()
+            await ledger.release(a.allocation_id, "acme")
+
+    await asyncio.wait_for(asyncio.gather(*(churn(i) for i in range(6))), 60)

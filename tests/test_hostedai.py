@@ -1,0 +1,234 @@
+"""The hosted·ai client against the emulator over real HTTP on loopback: every quirk of the API
+notes, the retry rules, the circuit breaker's three states, tenant isolation, secrets."""
+
+import asyncio
+import logging
+
+import httpx
+import pytest
+
+from connectors.hostedai import BREAKERS, HostedAIClient, Policy, items, vgpus_for
+from homeskillet.errors import (
+    AlreadySubscribed,
+    CircuitOpen,
+    HostedAIAuthError,
+    HostedAIRejected,
+    HostedAIUnavailable,
+    InsufficientResources,
+)
+from homeskillet.schemas import HostedAICredentials
+
+pytestmark = pytest.mark.usefixtures("no_subscriptions_left")
+
+
+def client(emulator, tenant="acme", url=None, **policy) -> HostedAIClient:
+    team = emulator.teams[tenant]
+    creds = HostedAICredentials(url=url or emulator.url, api_key=team.api_key, team_id=team.id)
+    return HostedAIClient(creds, Policy(**policy) if policy else None)
+
+
+async def cleanup(c: HostedAIClient) -> None:
+    for sub in await c.subscriptions():
+        await c.unsubscribe(sub.id, sub.pool_id)
+
+
+def subs_of(emulator, tenant):
+    return [s for s in emulator.state.subs.values() if s.team_id == emulator.teams[tenant].id]
+
+
+async def test_discovery_and_estimate(emulator):
+    c = client(emulator)
+    assert [r["gpuaas_id"] for r in await c.regions()] == [7]
+    pools = {p.name: p for p in await c.pools()}
+    assert set(pools) == {"h100-dedicated", "a100-dedicated", "l4-spot", "a10-spot"}
+    assert pools["l4-spot"].available_vgpus == 8 and pools["l4-spot"].price_per_vgpu_hour == pytest.approx(0.12)
+    quote = await c.estimate(pools["l4-spot"].id, vgpus=2, hours=3)
+    assert quote["hourly_cost"] == pytest.approx(0.24) and quote["currency"] == "USD"
+
+
+def test_list_shapes_and_vgpu_sizing():
+    assert items(None) == [] and items([1]) == [1] and items({"items": [2]}) == [2]
+    with pytest.raises(HostedAIUnavailable, match="unknown shape"):
+        items({"rows": []})
+    # 16 TFLOPS + 4 GB on an L4 (121 TFLOPS, 24 GB) shared 4 ways: compute needs 1 slot of 30
+    assert vgpus_for(16, 4, 121, 24, 4) == 1
+    assert vgpus_for(70, 4, 121, 24, 4) == 3  # 70 / 30.25 → 3 slots
+    assert vgpus_for(1, 50, 121, 24, 4) == 3  # memory: 50 / 24 → 3
+
+
+async def test_subscription_life_cycle_reaches_a_real_model(emulator):
+    c = client(emulator)
+    sub_id = await c.subscribe(201, vgpus=1)
+    ready = await c.wait_ready(sub_id)
+    assert ready.status == "active"
+    url = await c.inference_url(sub_id)  # exposes the service first: the pod starts with none
+    assert url.endswith(f"/pods/pod-{sub_id}/v1")
+    from connectors import openai_client
+
+    out = await openai_client.complete(url, "smollm2-135m", messages=[{"role": "user", "content": "Hi"}], max_tokens=8)
+    assert out.text.strip() and out.tokens_out > 0
+    await c.unsubscribe(sub_id, 201)
+    assert subs_of(emulator, "acme") == []
+
+
+async def test_a_second_subscribe_adopts_the_first(emulator):
+    c = client(emulator)
+    first = await c.subscribe(202, vgpus=1)
+    raw = await _raw(emulator, "acme", "POST", "/gpuaas/pool/subscribe", json={"pool_id": 202, "team_id": emulator.teams["acme"].id, "vgpus": 1})
+    assert raw.status_code == 409 and raw.json()["message"] == "Already subscribed"
+    assert await c.subscribe(202, vgpus=1) == first
+    assert len(subs_of(emulator, "acme")) == 1
+    await cleanup(c)
+
+
+async def test_an_empty_subscribe_answer_is_reconciled(emulator, faults):
+    faults(empty_subscribe_rate=1.0, visibility_s=0.3)
+    c = client(emulator)
+    sub_id = await c.subscribe(201, vgpus=1)
+    assert [s.id for s in subs_of(emulator, "acme")] == [sub_id]
+    await cleanup(c)
+
+
+async def test_no_duplicate_subscription_after_a_timed_out_subscribe(emulator, faults):
+    faults(timeout_rate=1.0, timeout_s=2.0, visibility_s=0.5)
+    c = client(emulator, subscribe_timeout_s=0.3, reconcile_s=5, poll_s=0.05)
+    sub_id = await c.subscribe(201, vgpus=1)
+    assert [s.id for s in subs_of(emulator, "acme")] == [sub_id]
+    faults()
+    await cleanup(c)
+
+
+@pytest.mark.parametrize("in_2xx", [0.0, 1.0], ids=["as-500", "inside-200"])
+async def test_insufficient_resources_is_a_business_error_whatever_the_status(emulator, faults, in_2xx):
+    faults(business_in_2xx_rate=in_2xx, insufficient_pools=[101])
+    c = client(emulator)
+    calls = emulator.state.calls
+    with pytest.raises(InsufficientResources, match="Insufficient resources .code 10189007"):
+        await c.subscribe(101, vgpus=1)
+    # not retried: one list to reconcile first, one subscribe
+    assert emulator.state.calls - calls == 2
+
+
+async def test_full_pool_answers_insufficient(emulator):
+    c = client(emulator)
+    with pytest.raises(InsufficientResources):
+        await c.subscribe(202, vgpus=5)  # a10-spot has 4 slots
+
+
+async def test_transient_5xx_are_retried_with_backoff(emulator, faults):
+    faults(error_rate=0.5, seed=7)
+    c = client(emulator, attempts=10, backoff_initial_s=0.01, backoff_max_s=0.05)
+    for _ in range(5):
+        assert len(await c.pools()) == 4
+    faults(error_rate=1.0)
+    calls = emulator.state.calls
+    with pytest.raises(HostedAIUnavailable, match="HTTP 500"):
+        await c.regions()
+    assert emulator.state.calls - calls == c.policy.attempts
+
+
+async def test_429_is_retried_after_the_servers_retry_after(emulator, faults):
+    faults(rate_limit_rate=0.6, retry_after_s=0.05, seed=3)
+    c = client(emulator)
+    assert len(await c.regions()) == 1
+    policy = Policy(retry_after_max_s=1.0)
+    state = type("S", (), {"outcome": type("O", (), {"exception": lambda self: HostedAIUnavailable("x", retry_after=7.0)})()})()
+    assert HostedAIClient(c.credentials, policy)._wait(state) == 1.0  # honoured, but bounded
+
+
+async def test_business_errors_are_not_retried(emulator):
+    c = client(emulator)
+    calls = emulator.state.calls
+    with pytest.raises(HostedAIRejected, match="not found"):
+        await c.estimate(999, vgpus=1, hours=1)
+    assert emulator.state.calls - calls == 1
+
+
+async def test_bad_keys_and_foreign_teams_are_refused_without_showing_the_key(emulator):
+    bad = HostedAIClient(HostedAICredentials(url=emulator.url, api_key="hai-WRONG-secret", team_id="x"))
+    with pytest.raises(HostedAIAuthError) as caught:
+        await bad.regions()
+    assert "hai-WRONG-secret" not in str(caught.value)
+    assert "hai-WRONG-secret" not in repr(bad) and "hai-WRONG-secret" not in repr(bad.credentials)
+    acme = emulator.teams["acme"]
+    foreign = HostedAIClient(HostedAICredentials(url=emulator.url, api_key=acme.api_key, team_id=emulator.teams["globex"].id))
+    with pytest.raises(HostedAIAuthError, match="403"):
+        await foreign.regions()
+
+
+async def test_bearer_header_style_works(emulator):
+    team = emulator.teams["acme"]
+    c = HostedAIClient(HostedAICredentials(url=emulator.url, api_key=team.api_key, team_id=team.id, auth_header="bearer"))
+    assert len(await c.regions()) == 1
+
+
+async def test_a_tenant_cannot_see_use_or_release_another_tenants_subscription(emulator):
+    acme, globex = client(emulator, "acme"), client(emulator, "globex")
+    theirs = await globex.subscribe(201, vgpus=1)
+    await globex.wait_ready(theirs)
+    raw = await _raw(emulator, "acme", "GET", "/gpuaas/pool-subscription", params={"team_id": emulator.teams["acme"].id})
+    assert theirs in [i["id"] for i in raw.json()["items"]]  # the API's list leaks it...
+    assert theirs not in [s.id for s in await acme.subscriptions()]  # ...the client filters it out
+    with pytest.raises(HostedAIRejected, match="not found"):
+        await acme.inference_url(theirs)
+    with pytest.raises(HostedAIRejected, match="not found"):
+        await acme.call("POST", "/gpuaas/pool/unsubscribe", body={"subscription_id": theirs, "team_id": acme.team_id, "pool_id": 201})
+    assert await globex.exists(theirs)
+    await cleanup(globex)
+
+
+async def test_circuit_breaker_opens_fails_fast_half_opens_and_closes(emulator, faults):
+    # its own base URL spelling, so its own breaker
+    url = emulator.url.replace("127.0.0.1", "localhost")
+    c = client(emulator, url=url, attempts=1, breaker_threshold=2, breaker_ttl_s=0.5)
+    faults(error_rate=1.0)
+    for _ in range(2):
+        with pytest.raises(HostedAIUnavailable):
+            await c.regions()
+    assert (await BREAKERS.get_breaker(url)).context.state == "opened"
+    calls = emulator.state.calls
+    with pytest.raises(CircuitOpen, match="circuit open"):
+        await c.regions()
+    assert emulator.state.calls == calls  # failed fast: nothing was sent
+    await asyncio.sleep(0.6)
+    with pytest.raises(HostedAIUnavailable):  # half-open: one probe goes out, fails, re-opens
+        await c.regions()
+    assert emulator.state.calls == calls + 1
+    with pytest.raises(CircuitOpen):
+        await c.regions()
+    faults()
+    await asyncio.sleep(0.6)
+    assert len(await c.regions()) == 1  # the probe succeeds: closed again
+    assert (await BREAKERS.get_breaker(url)).context.state == "closed"
+
+
+async def test_team_metrics_cover_ended_subscriptions(emulator):
+    c = client(emulator)
+    sub_id = await c.subscribe(202, vgpus=1)
+    await c.unsubscribe(sub_id, 202)
+    metrics = await c.team_metrics("2026-01-01", "2026-12-31")
+    assert sub_id in [row["subscription_id"] for row in metrics["items"]]
+
+
+async def test_already_subscribed_maps_from_409(emulator):
+    c = client(emulator)
+    sub_id = await c.subscribe(201, vgpus=1)
+    with pytest.raises(AlreadySubscribed):
+        await c.call("POST", "/gpuaas/pool/subscribe", body={"pool_id": 201, "team_id": c.team_id, "vgpus": 1}, retry=False)
+    await c.unsubscribe(sub_id, 201)
+
+
+async def test_keys_never_reach_logs(emulator, faults, caplog):
+    caplog.set_level(logging.DEBUG)
+    faults(error_rate=0.3, empty_subscribe_rate=1.0, seed=1)
+    c = client(emulator)
+    await c.subscribe(201, vgpus=1)
+    faults()
+    await cleanup(c)
+    assert caplog.records, "the client logged nothing to check"
+    assert emulator.teams["acme"].api_key not in caplog.text
+
+
+async def _raw(emulator, tenant, method, path, **kwargs) -> httpx.Response:
+    async with httpx.AsyncClient(base_url=emulator.url) as http:
+        return await http.request(method, path, headers={"X-API-Key": emulator.teams[tenant].api_key}, **kwargs)
