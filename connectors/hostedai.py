@@ -251,12 +251,23 @@ class HostedAIClient:
         raise HostedAIUnavailable(f"hosted·ai subscribe to pool {pool_id} failed {self.policy.attempts} times")
 
     async def _reconcile(self, pool_id: int) -> SubscriptionItem | None:
-        """Wait for a subscription that may have been made to show in the list."""
+        """After an unclear subscribe: the team's live subscription in the pool once it shows, or
+        None when none shows in time, or when the one that blocked it (un_subscribing) is gone."""
         deadline = time.monotonic() + self.policy.reconcile_s
+        leaving_seen = False
         while True:
-            found = await self.find(pool_id)
-            if found is not None or time.monotonic() >= deadline:
-                return found
+            mine = [s for s in await self.subscriptions() if s.pool_id == pool_id]
+            live = next((s for s in mine if s.status in LIVE), None)
+            if live is not None:
+                return live
+            leaving = any(s.status == "un_subscribing" for s in mine)
+            if leaving_seen and not leaving:
+                return None  # the old one finished leaving: subscribing again can work now
+            if leaving and not leaving_seen:
+                leaving_seen = True
+                deadline = max(deadline, time.monotonic() + self.policy.unsubscribe_s)
+            if time.monotonic() >= deadline:
+                return None
             await asyncio.sleep(self.policy.poll_s)
 
     async def wait_ready(self, subscription_id: int) -> SubscriptionItem:

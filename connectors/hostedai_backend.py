@@ -148,7 +148,10 @@ class HostedAIBackend:
                     continue
                 idle_s = self._settings.hostedai_idle_s
                 if idle_s == 0:
-                    await self._retire(tenant, pool_id)
+                    try:
+                        await self._retire(tenant, pool_id)
+                    except HostedAIError as exc:  # the fragment is done; the share is retried later
+                        log.warning("hosted·ai share of %s in %s stays until the next retire: %s", tenant, pool_id, exc)
                 else:  # look again once it has been idle long enough
                     asyncio.get_running_loop().call_later(idle_s, lambda: asyncio.ensure_future(self.retire_idle()))
         return ended
@@ -189,7 +192,11 @@ class HostedAIBackend:
             if any(a.pool == ledger_pool(pool_id, tenant) for a in await (await self.ledger()).held(tenant)):
                 return 0
             self._shares.pop(key)
-            await self._unsubscribe(share.client, share.subscription_id, share.hosted_pool.id)
+            try:
+                await self._unsubscribe(share.client, share.subscription_id, share.hosted_pool.id)
+            except BaseException:
+                self._shares.setdefault(key, share)  # still ours: a later retire or shutdown tries again
+                raise
             return 1
 
     async def _unsubscribe(self, client: HostedAIClient, subscription_id: int, hosted_pool_id: int) -> None:

@@ -18,7 +18,7 @@ from prefect.transactions import atransaction
 from pydantic import ValidationError
 
 from homeskillet import catalog as cat
-from homeskillet.errors import CircuitOpen, InvalidRequest, Preempted
+from homeskillet.errors import CircuitOpen, HostedAIUnavailable, InvalidRequest, Preempted
 from homeskillet.schemas import (
     Constraints,
     Fragment,
@@ -114,7 +114,7 @@ async def run_fragment(
     budget_usd: float | None = None,
 ) -> FragmentResult:
     """One fragment; re-run elsewhere when its share is preempted, or on the fallback backend
-    while its backend's circuit is open."""
+    when its backend is unavailable (retries spent, or circuit open)."""
     answers = {r.fragment_id: r.text.strip() for r in await asyncio.gather(*upstream)}
     text = fill(fragment, answers)
     limits = request.constraints
@@ -129,11 +129,12 @@ async def run_fragment(
             backend = cat.pool(catalog, choice.pool).backend
             why = f"attempt {attempt} on {choice.pool} was preempted; re-run on {tier}"
             choice = reroute(fragment, catalog, limits, budget_usd, why, tier=tier, backend=backend)
-        except CircuitOpen:
+        except HostedAIUnavailable as exc:  # retries exhausted, or the circuit is open
             fallback = limits.fallback_backend
             if fallback is None or fallback == cat.pool(catalog, choice.pool).backend or attempt == MAX_ATTEMPTS:
                 raise
-            why = f"{cat.pool(catalog, choice.pool).backend} circuit open; fell back to {fallback}"
+            state = "circuit open" if isinstance(exc, CircuitOpen) else "unavailable"
+            why = f"{cat.pool(catalog, choice.pool).backend} {state}; fell back to {fallback}"
             choice = reroute(fragment, catalog, limits, budget_usd, why, backend=fallback)
     raise AssertionError("unreachable")
 

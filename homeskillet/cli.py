@@ -40,6 +40,8 @@ def use_local_prefect() -> str:
     os.environ.setdefault("PREFECT_HOME", str(settings.home / "prefect"))
     # Run logs still reach the Prefect server (the UI shows them); the terminal shows our own output.
     os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "connectors")  # backend logs in the run's log
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
     return url
 
 

@@ -23,7 +23,8 @@ CHARS_PER_TOKEN = 3  # conservative for English (llama tokenizers average ~4)
 PROMPT_OVERHEAD_TOKENS = 48  # chat template and instructions around a fragment
 MAX_FRAGMENTS = 16
 
-_NUMBERED = re.compile(r"(?:^|(?<=\s))(?:Q\s*)?\(?(\d{1,2})[.):]\s+", re.IGNORECASE)
+_NUMBERED_LINES = re.compile(r"^[ \t]*(?:Q\s*)?\(?(\d{1,2})[.):]\s+", re.IGNORECASE | re.MULTILINE)
+_NUMBERED_INLINE = re.compile(r"(?:^|(?<=\s))(?:Q\s*)?\(?(\d{1,2})[.):]\s+", re.IGNORECASE)
 _SUMMARY = re.compile(
     r"^\s*(?:please\s+)?(?:summari[sz]e|give (?:me )?a summary of|tl;?dr)\b(?P<instruction>[^\n:]*)[:\n]\s*(?P<body>.+)$",
     re.IGNORECASE | re.DOTALL,
@@ -95,8 +96,13 @@ def _fragment(fid: str, text: str, task_type: TaskType | None = None, depends_on
 
 
 def _numbered_items(prompt: str) -> list[str] | None:
-    """Items numbered 1, 2, 3 … in order (at least two); None when the prompt is not a numbered list."""
-    marks = [m for m in _NUMBERED.finditer(prompt)]
+    """Items numbered 1, 2, 3 … in order (at least two); None when the prompt is not a numbered list.
+    Numbers at line starts win over numbers inside the text ("1. Say 2.\n2. …")."""
+    return _items_marked_by(_NUMBERED_LINES, prompt) or _items_marked_by(_NUMBERED_INLINE, prompt)
+
+
+def _items_marked_by(pattern: re.Pattern, prompt: str) -> list[str] | None:
+    marks = list(pattern.finditer(prompt))
     expected, picked = 1, []
     for mark in marks:
         if int(mark.group(1)) == expected:

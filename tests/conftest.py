@@ -37,6 +37,8 @@ os.environ.update(
     PREFECT_API_URL=f"http://127.0.0.1:{PORT}/api",
     PREFECT_HOME=str(STATE / "prefect"),
     PREFECT_LOGGING_LEVEL="WARNING",
+    PREFECT_LOGGING_EXTRA_LOGGERS="connectors",
+    PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW="ignore",
     PREFECT_SERVER_ANALYTICS_ENABLED="false",
     # hosted·ai client bounds, shrunk so that fault tests take seconds
     HOMESKILLET_HOSTEDAI_TIMEOUT_S="3",

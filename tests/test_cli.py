@@ -60,3 +60,54 @@ def test_server_status_reports_the_running_server():
     done = cli("server", "status")
     assert done.returncode == 0
     assert "prefect: running" in done.stdout and "postgres: running" in done.stdout
+
+
+@pytest.fixture
+def emulator_process(tmp_path):
+    """`homeskillet emulator` as a user starts it, on a free port."""
+    import socket
+    import time
+
+    import httpx
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = open(tmp_path / "emulator.log", "w")
+    proc = subprocess.Popen([HOMESKILLET, "emulator", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(200):
+        try:
+            httpx.get(f"{url}/openapi.json", timeout=1)
+            break
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    yield url
+    proc.terminate()
+    proc.wait(10)
+
+
+def test_run_on_hostedai_against_a_running_emulator(emulator_process):
+    import httpx
+
+    env = os.environ | {
+        "HOMESKILLET_HOSTEDAI_URL": emulator_process,
+        "HOMESKILLET_HOSTEDAI_TEAM_ID": "00000000-0000-0000-0000-000000000001",
+        "HOMESKILLET_HOSTEDAI_API_KEY": "hai-emulator-demo-key",
+        "HOMESKILLET_HOSTEDAI_TENANT": "demo",
+    }
+    done = subprocess.run(
+        [HOMESKILLET, "run", "--backend", "hostedai", "--json", "--max-tokens", "16", "What is the capital of France?"],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert "paris" in result["answer"].lower()
+    assert result["fragments"][0]["backend"] == "hostedai"
+    assert "hai-emulator-demo-key" not in done.stdout + done.stderr
+    assert httpx.get(f"{emulator_process}/_emulator/state").json()["subscriptions"] == 0
+
+
+def test_emulator_refuses_unknown_faults():
+    done = cli("emulator", "--faults", "meteor_rate=1")
+    assert done.returncode == 2 and "unknown fault" in done.stderr

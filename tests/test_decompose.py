@@ -36,6 +36,11 @@ def test_numbered_items_become_fragments(prompt):
     assert plan.fragments[0].task_type == "math"
 
 
+def test_numbers_inside_items_do_not_split_them():
+    plan = decompose_prompt("1. Say alpha 2.\n2. Say beta 2.", "r", 2048, 64)
+    assert texts(plan) == ["Say alpha 2.", "Say beta 2."]
+
+
 def test_statements_are_kept_as_context_for_each_question():
     plan = decompose_prompt("I fly to Oslo in May. What should I pack? Which museums open on Mondays?", "r", 2048, 64)
     assert texts(plan) == [
