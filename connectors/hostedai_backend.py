@@ -132,7 +132,10 @@ class HostedAIBackend:
                 await client.wait_ready(subscription_id)
                 endpoint = await client.inference_url(subscription_id)
             except BaseException:
-                await self._unsubscribe(client, subscription_id, hosted.id)
+                try:
+                    await self._unsubscribe(client, subscription_id, hosted.id)
+                except HostedAIError:
+                    pass  # logged there; the error that matters is the one below
                 raise
             log.info("tenant %s subscribed to hosted·ai pool %s (%d vGPUs) for %s", tenant, hosted.name, vgpus, pool.id)
             return _Share(client, hosted, subscription_id, endpoint)

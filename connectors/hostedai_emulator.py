@@ -438,7 +438,11 @@ def create_app(config: EmulatorConfig | None = None, model_endpoint=None) -> Fas
         except LookupError as exc:
             return JSONResponse({"error": {"message": str(exc)}}, 404)
         client = httpx.AsyncClient(timeout=httpx.Timeout(300, connect=10))
-        upstream = await client.send(client.build_request("POST", f"{target}/{path}", json=body), stream=True)
+        try:
+            upstream = await client.send(client.build_request("POST", f"{target}/{path}", json=body), stream=True)
+        except httpx.HTTPError as exc:
+            await client.aclose()
+            return JSONResponse({"error": {"message": f"inference server in {pod_name} failed: {exc}"}}, 502)
 
         async def relay():
             try:

@@ -19,7 +19,7 @@ from homeskillet.settings import get_settings
 app = typer.Typer(help="Homeskillet: decompose, route, allocate, infer, release, fuse.", no_args_is_help=True)
 server_app = typer.Typer(help="The local Prefect server on embedded PostgreSQL.", no_args_is_help=True)
 app.add_typer(server_app, name="server")
-console = Console(width=None if sys.stdout.isatty() else 160)  # pipes and logs get the whole table
+console = Console(width=None if sys.stdout.isatty() else 200)  # pipes and logs get the whole table
 errors = Console(stderr=True)
 
 warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
