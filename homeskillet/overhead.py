@@ -39,7 +39,8 @@ async def _direct(plan: Plan, choices: dict, endpoints: dict[str, str], max_toke
 async def run_benchmark(repeats: int = 3, max_tokens: int = 48) -> str:
     catalog = runtime.catalog()
     servers = runtime.backend().servers
-    limits = Constraints(max_tokens=max_tokens)
+    # the dedicated pool holds every fragment of a request at once: no capacity queueing in the figures
+    limits = Constraints(max_tokens=max_tokens, tier="dedicated")
     work = []
     for i, prompt in enumerate(PROMPTS):
         plan = decompose_prompt(prompt, f"bench-{i}", max_context(catalog, limits), max_tokens)

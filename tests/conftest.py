@@ -61,18 +61,23 @@ from homeskillet.settings import PACKAGED_CATALOG  # noqa: E402
 @pytest.fixture(scope="session", autouse=True)
 def local_services():
     """PostgreSQL + Prefect server for the whole session; stopped and removed afterwards."""
-    url = ensure_prefect_server(STATE, PORT)
+    try:
+        url = ensure_prefect_server(STATE, PORT)
+    except BaseException:
+        stop_prefect_server(STATE)  # PostgreSQL may already run
+        raise
     yield url
-    from prefect.logging.handlers import APILogHandler
+    try:
+        from prefect.logging.handlers import APILogHandler
 
-    from tasks import runtime
+        from tasks import runtime
 
-    APILogHandler().flush()  # deliver the run logs while the server still listens
-
-    for path in {runtime.catalog_path(), runtime.catalog_path(PACKAGED_CATALOG)}:
-        runtime.backend(path).servers.stop_all()
-    stop_prefect_server(STATE)
-    shutil.rmtree(STATE, ignore_errors=True)
+        APILogHandler().flush()  # deliver the run logs while the server still listens
+        for path in {runtime.catalog_path(), runtime.catalog_path(PACKAGED_CATALOG)}:
+            runtime.backend(path).servers.stop_all()
+    finally:  # whatever failed above, leave no server behind
+        stop_prefect_server(STATE)
+        shutil.rmtree(STATE, ignore_errors=True)
 
 
 class _EchoHandler(BaseHTTPRequestHandler):
