@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import datetime, timezone
 from typing import Literal
 
-from prefect import flow
+from prefect import flow, get_run_logger
 from prefect.artifacts import acreate_table_artifact
 from prefect.transactions import atransaction
 from pydantic import ValidationError
@@ -27,9 +28,12 @@ from homeskillet.schemas import (
     InferenceRequest,
     ModelChoice,
     Plan,
+    TelemetryRecord,
     Timings,
 )
+from connectors.telemetry import REQUESTS, observe
 from tasks import runtime
+from tasks.telemetry import record_telemetry
 from tasks.decompose import decompose, fill
 from tasks.fusion import fuse
 from tasks.resources import allocate, infer, release
@@ -76,7 +80,18 @@ async def fuse_request(
     limits = request.constraints
     plan = await decompose(request.prompt, request.request_id, max_context(catalog, limits), limits.max_tokens)
     choices = await route(plan, catalog, limits)
-    results = await run_plan(plan, choices, request, catalog_path)
+    records: list[TelemetryRecord] = []
+    try:
+        results = await run_plan(plan, choices, request, catalog_path, records)
+    except BaseException:
+        REQUESTS.labels("error").inc()
+        raise
+    finally:
+        try:
+            await record_telemetry(records)
+        except Exception as exc:  # telemetry must never hide the request's own outcome
+            get_run_logger().warning("telemetry not written: %s", exc)
+    REQUESTS.labels("ok").inc()
     fused = await fuse(plan, results, request.tenant, time.perf_counter() - started)
     await acreate_table_artifact(
         key="fragments",
@@ -88,7 +103,11 @@ async def fuse_request(
 
 
 async def run_plan(
-    plan: Plan, choices: dict[str, ModelChoice], request: InferenceRequest, catalog_path: str
+    plan: Plan,
+    choices: dict[str, ModelChoice],
+    request: InferenceRequest,
+    catalog_path: str,
+    records: list[TelemetryRecord] | None = None,
 ) -> dict[str, FragmentResult]:
     """Run every fragment once its dependencies are done; the first failure cancels the rest."""
     budget = fragment_budget(plan, request.constraints)
@@ -98,7 +117,7 @@ async def run_plan(
             for fragment in plan.fragments:  # topological order: dependencies are already scheduled
                 upstream = [running[dep] for dep in fragment.depends_on]
                 running[fragment.id] = group.create_task(
-                    run_fragment(fragment, upstream, choices[fragment.id], request, catalog_path, budget)
+                    run_fragment(fragment, upstream, choices[fragment.id], request, catalog_path, budget, records)
                 )
     except BaseExceptionGroup as group_error:
         raise _first_cause(group_error) from None
@@ -112,6 +131,7 @@ async def run_fragment(
     request: InferenceRequest,
     catalog_path: str,
     budget_usd: float | None = None,
+    records: list[TelemetryRecord] | None = None,
 ) -> FragmentResult:
     """One fragment; re-run elsewhere when its share is preempted, or on the fallback backend
     when its backend is unavailable (retries spent, or circuit open)."""
@@ -121,7 +141,7 @@ async def run_fragment(
     catalog = runtime.catalog(catalog_path)
     for attempt in range(1, MAX_ATTEMPTS + 1):
         try:
-            return await _attempt(fragment, text, choice, request, catalog_path, attempt)
+            return await _attempt(fragment, text, choice, request, catalog_path, attempt, records)
         except Preempted as exc:
             if attempt == MAX_ATTEMPTS:
                 raise
@@ -140,23 +160,42 @@ async def run_fragment(
 
 
 async def _attempt(
-    fragment: Fragment, text: str, choice: ModelChoice, request: InferenceRequest, catalog_path: str, attempt: int
+    fragment: Fragment,
+    text: str,
+    choice: ModelChoice,
+    request: InferenceRequest,
+    catalog_path: str,
+    attempt: int,
+    records: list[TelemetryRecord] | None,
 ) -> FragmentResult:
     limits = request.constraints
-    wait_s = runtime.settings().capacity_wait_s if limits.capacity_wait_s is None else limits.capacity_wait_s
-    t0 = time.perf_counter()
-    async with atransaction():
-        allocation = await allocate(request.tenant, request.request_id, choice, catalog_path, wait_s)
-        t1 = time.perf_counter()
-        completion = await infer(allocation, text, limits.max_tokens, catalog_path)
-        t2 = time.perf_counter()
-        ended_at = await release(allocation, catalog_path)
-        t3 = time.perf_counter()
     catalog = runtime.catalog(catalog_path)
     pool = cat.pool(catalog, choice.pool)
+    wait_s = runtime.settings().capacity_wait_s if limits.capacity_wait_s is None else limits.capacity_wait_s
+    record = dict(
+        ts=datetime.now(timezone.utc), request_id=request.request_id, tenant=request.tenant, fragment_id=fragment.id,
+        task_type=fragment.task_type, strategy=request.strategy, model=choice.model, backend=pool.backend,
+        pool=pool.id, tier=pool.tier, allocation_id=None, tflops=choice.tflops, vram_gb=choice.vram_gb,
+    )  # fmt: skip
+    t0 = time.perf_counter()
+    try:
+        async with atransaction():
+            allocation = await allocate(request.tenant, request.request_id, choice, catalog_path, wait_s)
+            record["allocation_id"] = allocation.allocation_id
+            record["queue_s"] = max(0.0, (allocation.created_at - record["ts"]).total_seconds())
+            t1 = time.perf_counter()
+            completion = await infer(allocation, text, limits.max_tokens, catalog_path)
+            t2 = time.perf_counter()
+            ended_at = await release(allocation, catalog_path)
+            t3 = time.perf_counter()
+    except BaseException as exc:
+        _keep(records, TelemetryRecord(**record, allocate_s=time.perf_counter() - t0, outcome="error",
+                                       error_class=type(exc).__name__))  # fmt: skip
+        raise
     held_s = (ended_at - allocation.created_at).total_seconds()
     tokens = completion.tokens_in + completion.tokens_out
-    return FragmentResult(
+    timings = Timings(allocate_s=t1 - t0, first_token_s=completion.first_token_s, infer_s=t2 - t1, release_s=t3 - t2)
+    result = FragmentResult(
         fragment_id=fragment.id,
         task_type=fragment.task_type,
         text=completion.text,
@@ -167,11 +206,22 @@ async def _attempt(
         allocation_id=allocation.allocation_id,
         tokens_in=completion.tokens_in,
         tokens_out=completion.tokens_out,
-        timings=Timings(allocate_s=t1 - t0, first_token_s=completion.first_token_s, infer_s=t2 - t1, release_s=t3 - t2),
+        timings=timings,
         cost_usd=fragment_cost(cat.model(catalog, choice.model), pool, held_s, tokens),
         reason=choice.reason,
         attempts=attempt,
     )
+    _keep(records, TelemetryRecord(
+        **record, **timings.model_dump(), tokens_in=result.tokens_in, tokens_out=result.tokens_out,
+        cost_usd=result.cost_usd, outcome="ok",
+    ))  # fmt: skip
+    return result
+
+
+def _keep(records: list[TelemetryRecord] | None, record: TelemetryRecord) -> None:
+    observe(record)
+    if records is not None:
+        records.append(record)
 
 
 def fragment_row(result: FragmentResult) -> dict:

@@ -230,3 +230,31 @@ class Completion(_Frozen):
     first_token_s: float | None = None
     total_s: float
     finish_reason: str | None = None
+
+
+class TelemetryRecord(_Frozen):
+    """One fragment attempt, as the telemetry dataset stores it."""
+
+    ts: datetime
+    request_id: str
+    tenant: str
+    fragment_id: str
+    task_type: TaskType
+    strategy: str
+    model: str
+    backend: Backend
+    pool: str
+    tier: Tier
+    allocation_id: str | None
+    tflops: float
+    vram_gb: float
+    queue_s: float | None = None
+    allocate_s: float | None = None
+    first_token_s: float | None = None
+    infer_s: float | None = None
+    release_s: float | None = None
+    tokens_in: int = 0
+    tokens_out: int = 0
+    cost_usd: float = 0.0
+    outcome: Literal["ok", "error"]
+    error_class: str | None = None

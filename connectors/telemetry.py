@@ -1,0 +1,82 @@
+"""Telemetry: a Parquet dataset of fragment records (partitioned by date) and Prometheus metrics.
+
+Writers never append to a shared file: each write is one new file with a unique name in its
+date partition, so any number of flow runs and processes can write at once. Readers see every
+complete file (a file is written under a temporary name and renamed into place).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+from homeskillet.schemas import TelemetryRecord
+
+SCHEMA = pa.schema(
+    [
+        ("ts", pa.timestamp("us", tz="UTC")),
+        ("request_id", pa.string()), ("tenant", pa.string()), ("fragment_id", pa.string()),
+        ("task_type", pa.string()), ("strategy", pa.string()), ("model", pa.string()),
+        ("backend", pa.string()), ("pool", pa.string()), ("tier", pa.string()), ("allocation_id", pa.string()),
+        ("tflops", pa.float64()), ("vram_gb", pa.float64()),
+        ("queue_s", pa.float64()), ("allocate_s", pa.float64()), ("first_token_s", pa.float64()),
+        ("infer_s", pa.float64()), ("release_s", pa.float64()),
+        ("tokens_in", pa.int64()), ("tokens_out", pa.int64()), ("cost_usd", pa.float64()),
+        ("outcome", pa.string()), ("error_class", pa.string()),
+    ]
+)  # fmt: skip
+
+
+def write_records(root: Path, records: list[TelemetryRecord]) -> list[Path]:
+    """Write the records as one new Parquet file per date partition; return the files."""
+    if not records:
+        return []
+    frame = pd.DataFrame([r.model_dump() for r in records])
+    frame["ts"] = pd.to_datetime(frame["ts"], utc=True)
+    written = []
+    for day, rows in frame.groupby(frame["ts"].dt.strftime("%Y-%m-%d")):
+        folder = root / f"date={day}"
+        folder.mkdir(parents=True, exist_ok=True)
+        final = folder / f"part-{uuid.uuid4().hex}.parquet"
+        partial = folder / f".{final.name}.tmp"
+        pq.write_table(pa.Table.from_pandas(rows.reset_index(drop=True), schema=SCHEMA, preserve_index=False), partial)
+        os.replace(partial, final)
+        written.append(final)
+    return written
+
+
+def read_records(root: Path) -> pd.DataFrame:
+    """Every record so far (empty frame with the columns when there is none)."""
+    files = sorted(root.glob("date=*/part-*.parquet")) if root.exists() else []
+    if not files:
+        return SCHEMA.empty_table().to_pandas()
+    table = ds.dataset([str(f) for f in files], format="parquet", schema=SCHEMA).to_table()
+    return table.to_pandas()
+
+
+# --- Prometheus ---------------------------------------------------------------------------
+
+REQUESTS = Counter("homeskillet_requests_total", "Fused requests", ["outcome"])
+FRAGMENTS = Counter("homeskillet_fragments_total", "Fragment attempts", ["backend", "model", "outcome"])
+LATENCY = Histogram("homeskillet_fragment_seconds", "Fragment allocate+infer+release", ["backend", "model"])
+HELD = Gauge("homeskillet_allocations_held", "Allocations this process holds now", ["backend"])
+BREAKER = Gauge("homeskillet_breaker_open", "1 while a hosted·ai circuit is open", ["url"])
+
+
+def observe(record: TelemetryRecord) -> None:
+    FRAGMENTS.labels(record.backend, record.model, record.outcome).inc()
+    if record.outcome == "ok":
+        total = (record.allocate_s or 0) + (record.infer_s or 0) + (record.release_s or 0)
+        LATENCY.labels(record.backend, record.model).observe(total)
+
+
+def serve_metrics(port: int) -> None:
+    """Expose /metrics on 127.0.0.1:port from this (long-running) process."""
+    start_http_server(port, addr="127.0.0.1")

@@ -1,0 +1,18 @@
+"""The telemetry task: a request's fragment records go to the Parquet dataset."""
+
+from __future__ import annotations
+
+import asyncio
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from connectors.telemetry import write_records
+from homeskillet.schemas import TelemetryRecord
+from tasks import runtime
+
+
+@task(name="record-telemetry", cache_policy=NO_CACHE)
+async def record_telemetry(records: list[TelemetryRecord]) -> int:
+    await asyncio.to_thread(write_records, runtime.settings().telemetry, records)
+    return len(records)

@@ -1,0 +1,65 @@
+"""The telemetry dataset: one record per fragment attempt, safe under concurrent writers."""
+
+import multiprocessing
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from connectors.telemetry import read_records, write_records
+from flows.fusion import fuse_request
+from homeskillet.errors import InferenceError
+from homeskillet.schemas import TelemetryRecord
+from homeskillet.settings import get_settings
+
+
+def record(i: int, day: datetime) -> TelemetryRecord:
+    return TelemetryRecord(
+        ts=day, request_id=f"r{i}", tenant="acme", fragment_id="f1", task_type="chat", strategy="single",
+        model="m", backend="local", pool="p", tier="dedicated", allocation_id=f"alloc-{i}", tflops=1, vram_gb=0.5,
+        infer_s=0.1, tokens_in=3, tokens_out=4, cost_usd=0.001, outcome="ok",
+    )  # fmt: skip
+
+
+def _writer(root, start):
+    now = datetime.now(timezone.utc)
+    for i in range(start, start + 20):
+        write_records(root, [record(i, now), record(i, now - timedelta(days=1))])
+
+
+def test_concurrent_writers_lose_nothing_and_partition_by_date(tmp_path):
+    procs = [multiprocessing.Process(target=_writer, args=(tmp_path, k * 100)) for k in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    frame = read_records(tmp_path)
+    assert len(frame) == 4 * 20 * 2
+    assert len({d.name for d in tmp_path.iterdir()}) == 2  # two date partitions
+    assert not list(tmp_path.glob("**/.*.tmp"))
+
+
+def test_an_empty_dataset_reads_as_an_empty_frame(tmp_path):
+    frame = read_records(tmp_path / "none")
+    assert frame.empty and "allocation_id" in frame.columns
+
+
+@pytest.mark.usefixtures("assert_no_leaks")
+async def test_every_fragment_attempt_is_recorded_success_or_failure(test_catalog, echo_server, monkeypatch):
+    monkeypatch.setenv("ECHO_DELAY_S", "0.05")
+    ok = await fuse_request(
+        prompt="1. Say one.\n2. Say two.", tenant="acme",
+        constraints={"allowed_models": ["echo"], "pool": "roomy"}, catalog_path=test_catalog,
+    )  # fmt: skip
+    with pytest.raises(InferenceError):
+        await fuse_request(
+            prompt="1. Say one #tele2.\n2. FAIL #tele2.", tenant="acme", request_id="telemetry-fail",
+            constraints={"allowed_models": ["echo"], "pool": "roomy"}, catalog_path=test_catalog,
+        )  # fmt: skip
+    frame = read_records(get_settings().telemetry)
+    mine = frame[frame.request_id == ok.request_id]
+    assert sorted(mine.allocation_id) == sorted(f.allocation_id for f in ok.fragments)
+    assert set(mine.outcome) == {"ok"} and (mine.tokens_out > 0).all() and (mine.cost_usd > 0).all()
+    failed = frame[frame.request_id == "telemetry-fail"]
+    assert set(failed.outcome) == {"error"}
+    assert "InferenceError" in set(failed.error_class)
