@@ -141,7 +141,7 @@ async def run_fragment(
     catalog = runtime.catalog(catalog_path)
     for attempt in range(1, MAX_ATTEMPTS + 1):
         try:
-            return await _attempt(fragment, text, choice, request, catalog_path, attempt, records)
+            return await attempt_fragment(fragment, text, choice, request, catalog_path, attempt, records)
         except Preempted as exc:
             if attempt == MAX_ATTEMPTS:
                 raise
@@ -159,15 +159,18 @@ async def run_fragment(
     raise AssertionError("unreachable")
 
 
-async def _attempt(
+async def attempt_fragment(
     fragment: Fragment,
     text: str,
     choice: ModelChoice,
     request: InferenceRequest,
     catalog_path: str,
-    attempt: int,
-    records: list[TelemetryRecord] | None,
+    attempt: int = 1,
+    records: list[TelemetryRecord] | None = None,
+    stream: bool = False,
 ) -> FragmentResult:
+    """allocate → infer → release for one fragment on one choice, inside a transaction whose
+    rollback releases; `stream` measures time to first token (and counts tokens from chunks)."""
     limits = request.constraints
     catalog = runtime.catalog(catalog_path)
     pool = cat.pool(catalog, choice.pool)
@@ -184,7 +187,7 @@ async def _attempt(
             record["allocation_id"] = allocation.allocation_id
             record["queue_s"] = max(0.0, (allocation.created_at - record["ts"]).total_seconds())
             t1 = time.perf_counter()
-            completion = await infer(allocation, text, limits.max_tokens, catalog_path)
+            completion = await infer(allocation, text, limits.max_tokens, catalog_path, stream)
             t2 = time.perf_counter()
             ended_at = await release(allocation, catalog_path)
             t3 = time.perf_counter()

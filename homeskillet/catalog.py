@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -51,3 +52,16 @@ def pool(catalog: Catalog, pool_id: str) -> PoolSpec:
 def check_tenant(catalog: Catalog, tenant: str) -> None:
     if tenant not in {t.id for t in catalog.tenants}:
         raise UnknownTenant(f"unknown tenant {tenant!r}; add it to the catalog's tenants")
+
+
+def with_measured_speeds(catalog: Catalog, latest: Path) -> Catalog:
+    """The catalog with tokens/s that the benchmark flow measured (its latest.json), if any."""
+    try:
+        speeds = json.loads(latest.read_text())["tokens_per_second"]
+    except (OSError, ValueError, KeyError):
+        return catalog
+    models = [
+        m.model_copy(update={"tokens_per_second": float(speeds[m.name])}) if speeds.get(m.name) else m
+        for m in catalog.models
+    ]
+    return catalog.model_copy(update={"models": models})

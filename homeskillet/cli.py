@@ -220,6 +220,50 @@ def credentials(
     console.print(f"saved Secret block {block_name(tenant)!r}")
 
 
+@app.command()
+def benchmark(
+    repetitions: Annotated[int, typer.Option(help="Samples per model and concurrency level.")] = 3,
+    concurrency: Annotated[list[int], typer.Option(help="Concurrency level (repeatable).")] = [1, 2],  # noqa: B006
+    max_tokens: Annotated[int, typer.Option(help="Output tokens per sample.")] = 32,
+) -> None:
+    """Run the benchmark flow here (the scheduled deployment runs the same flow)."""
+    try:
+        use_local_prefect()
+        from flows.benchmark import benchmark as benchmark_flow
+        from tasks import runtime
+
+        async def main():
+            try:
+                return await benchmark_flow(repetitions=repetitions, concurrency=concurrency, max_tokens=max_tokens)
+            finally:
+                await runtime.shutdown()
+
+        out = asyncio.run(main())
+    except HomeskilletError as exc:
+        _fail(exc)
+    table = Table(title="benchmark across model sizes")
+    for column in out["summary"][0]:
+        table.add_column(column)
+    for row in out["summary"]:
+        table.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()))
+    console.print(table)
+    console.print(f"samples {out['parquet']} · chart {out['chart']}")
+
+
+@app.command("cost-report")
+def cost_report(since_days: Annotated[int, typer.Option(help="Telemetry of the last N days.")] = 7) -> None:
+    """Run the cost report flow here and print the report."""
+    try:
+        use_local_prefect()
+        from flows.cost_report import cost_report as cost_flow
+
+        path = asyncio.run(cost_flow(since_days=since_days))
+    except HomeskilletError as exc:
+        _fail(exc)
+    console.print(open(path).read(), markup=False, highlight=False)
+    console.print(f"written to {path}")
+
+
 @app.command("bench-overhead")
 def bench_overhead(
     repeats: Annotated[int, typer.Option(help="Runs of each side.")] = 3,

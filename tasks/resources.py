@@ -65,7 +65,7 @@ def render(model: ModelSpec, text: str) -> dict:
 
 
 @task(name="infer", task_run_name="infer-{allocation.model}", cache_policy=NO_CACHE)
-async def infer(allocation: Allocation, text: str, max_tokens: int, catalog_path: str) -> Completion:
+async def infer(allocation: Allocation, text: str, max_tokens: int, catalog_path: str, stream: bool = False) -> Completion:
     model = cat.model(runtime.catalog(catalog_path), allocation.model)
     serving = model.serving
     api_key = os.environ.get(serving.api_key_env) if serving.kind == "openai" and serving.api_key_env else None
@@ -77,6 +77,7 @@ async def infer(allocation: Allocation, text: str, max_tokens: int, catalog_path
             max_tokens=max_tokens,
             timeout_s=runtime.settings().infer_timeout_s,
             api_key=api_key,
+            stream=stream,
             **render(model, text),
         )
     except InferenceError as exc:

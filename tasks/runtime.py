@@ -8,7 +8,7 @@ from pathlib import Path
 from connectors.hostedai_backend import HostedAIBackend
 from connectors.local_backend import LocalBackend
 from homeskillet import catalog as cat
-from homeskillet.catalog import load_catalog
+from homeskillet.catalog import load_catalog, with_measured_speeds
 from homeskillet.schemas import Catalog
 from homeskillet.settings import Settings, get_settings
 from tasks.credentials import hostedai_credentials
@@ -16,7 +16,7 @@ from tasks.credentials import hostedai_credentials
 
 @lru_cache
 def _load(catalog_path: Path, home: Path) -> tuple[Catalog, LocalBackend, HostedAIBackend]:
-    catalog = load_catalog(catalog_path)
+    catalog = with_measured_speeds(load_catalog(catalog_path), home / "benchmarks" / "latest.json")
     settings = get_settings().model_copy(update={"catalog": catalog_path, "home": home})
     hosted = HostedAIBackend(settings, catalog, hostedai_credentials)
     return catalog, LocalBackend(settings, catalog), hosted

@@ -1,0 +1,86 @@
+"""`benchmark`: the scheduled performance benchmark across model sizes.
+
+Each sample is a real fragment through the production path (allocate → streamed infer →
+release), so allocation overhead is measured, not assumed. Results go to Parquet, a table
+artifact, a PNG chart, and `latest.json`, whose tokens/s the router uses for its estimates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import datetime, timezone
+
+from prefect import flow
+from prefect.artifacts import acreate_markdown_artifact, acreate_progress_artifact, acreate_table_artifact, aupdate_progress_artifact
+
+from flows.fusion import attempt_fragment, make_request
+from homeskillet import catalog as cat
+from homeskillet.schemas import Fragment, LlamaCppServing
+from tasks import runtime
+from tasks.benchmarking import PROMPTS, chart, sample, summarise_benchmark
+from tasks.decompose import estimate_tokens
+from tasks.routing import candidates, route_fragment
+from tasks.telemetry import record_telemetry
+
+
+@flow(name="benchmark")
+async def benchmark(
+    models: list[str] | None = None,
+    repetitions: int = 3,
+    concurrency: list[int] = [1, 2],  # noqa: B006 (Prefect parameters are copied per run)
+    max_tokens: int = 32,
+    tier: str = "dedicated",
+    tenant: str = "demo",
+    catalog_path: str | None = None,
+) -> dict:
+    """Time to first token, latency p50/p95, tokens/s, allocation overhead and $/1k tokens for
+    every model (default: every locally served one) at each concurrency level."""
+    import pandas as pd
+
+    catalog_path = str(runtime.catalog_path(catalog_path))
+    catalog = runtime.catalog(catalog_path)
+    names = models or [m.name for m in catalog.models if isinstance(m.serving, LlamaCppServing)]
+    specs = [cat.model(catalog, n) for n in names]
+    total = len(specs) * sum(concurrency) * repetitions
+    progress = await acreate_progress_artifact(progress=0.0, description="benchmark samples done")
+    done, rows, records = 0, [], []
+    for spec in specs:
+        request = make_request("benchmark", tenant, constraints={"max_tokens": max_tokens, "tier": tier,
+                                                                 "allowed_models": [spec.name]})  # fmt: skip
+        model_list, pools = candidates(catalog, request.constraints)
+        warm = Fragment(id="warm-up", text=PROMPTS[0], task_type="chat", est_prompt_tokens=estimate_tokens(PROMPTS[0]))
+        await attempt_fragment(  # not measured: starts the model server
+            warm, warm.text, route_fragment(warm, model_list, pools, max_tokens, None), request, catalog_path
+        )
+        for level in concurrency:
+            for rep in range(repetitions):
+                fragments = [
+                    Fragment(id=f"b{i}", text=PROMPTS[i % len(PROMPTS)], task_type="chat",
+                             est_prompt_tokens=estimate_tokens(PROMPTS[i % len(PROMPTS)]))
+                    for i in range(level)
+                ]  # fmt: skip
+                results = await asyncio.gather(*(
+                    attempt_fragment(f, f.text, route_fragment(f, model_list, pools, max_tokens, None), request,
+                                     catalog_path, records=records, stream=True)
+                    for f in fragments
+                ))  # fmt: skip
+                rows += [sample(r, spec.parameters_m, level, rep) for r in results]
+                done += level
+                await aupdate_progress_artifact(progress, progress=100.0 * done / total)
+    await record_telemetry(records)  # benchmark fragments are real GPU time: the cost report sees them
+    samples = pd.DataFrame(rows)
+    summary = await summarise_benchmark(samples)
+    folder = runtime.settings().home / "benchmarks"
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}"
+    parquet = folder / f"benchmark-{stamp}.parquet"
+    samples.to_parquet(parquet, index=False)
+    png = await asyncio.to_thread(chart, summary, folder / f"benchmark-{stamp}.png")
+    speeds = {r.model: round(float(r.tokens_per_s), 2) for r in summary[summary.concurrency == 1].itertuples()}
+    (folder / "latest.json").write_text(json.dumps({"tokens_per_second": speeds, "measured": stamp}, indent=2))
+    await acreate_table_artifact(key="benchmark", table=summary.to_dict("records"), description=f"{len(samples)} samples")
+    await acreate_markdown_artifact(
+        key="benchmark-files", markdown=f"Samples: `{parquet}`\n\nChart: `{png}`\n\nRouter speeds: {speeds}"
+    )
+    return {"parquet": str(parquet), "chart": str(png), "summary": summary.to_dict("records")}
