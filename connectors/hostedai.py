@@ -24,6 +24,7 @@ from purgatory import AsyncCircuitBreakerFactory
 from purgatory.domain.model import OpenedState
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
+from connectors.telemetry import BREAKER
 from homeskillet.errors import (
     AlreadySubscribed,
     CircuitOpen,
@@ -150,8 +151,11 @@ class HostedAIClient:
                     reraise=True,
                 ):
                     with attempt:
-                        return await self._once(method, path, params, body, timeout or policy.timeout_s)
+                        data = await self._once(method, path, params, body, timeout or policy.timeout_s)
+                        BREAKER.labels(self._base).set(0)
+                        return data
         except OpenedState:
+            BREAKER.labels(self._base).set(1)
             raise CircuitOpen(
                 f"hosted·ai at {self._base} is failing: circuit open after {policy.breaker_threshold} failed "
                 f"calls in a row; calls fail fast for up to {policy.breaker_ttl_s:g}s"

@@ -24,7 +24,7 @@ from tasks.routing import candidates, route_fragment
 from tasks.telemetry import record_telemetry
 
 
-@flow(name="benchmark")
+@flow(name="benchmark", persist_result=True, result_serializer="json")
 async def benchmark(
     models: list[str] | None = None,
     repetitions: int = 3,
@@ -35,7 +35,17 @@ async def benchmark(
     catalog_path: str | None = None,
 ) -> dict:
     """Time to first token, latency p50/p95, tokens/s, allocation overhead and $/1k tokens for
-    every model (default: every locally served one) at each concurrency level."""
+    every model at each concurrency level.
+
+    Args:
+        models: Catalog models to measure (default: every locally served one).
+        repetitions: Samples per model and concurrency level.
+        concurrency: Fragments in flight at once, one level per entry.
+        max_tokens: Output tokens per sample.
+        tier: Pool tier to allocate on.
+        tenant: Tenant the benchmark's allocations belong to.
+        catalog_path: Another catalog file.
+    """
     import pandas as pd
 
     catalog_path = str(runtime.catalog_path(catalog_path))

@@ -13,10 +13,15 @@ from tasks import runtime
 from tasks.cost_analysis import analyse_costs
 
 
-@flow(name="cost-report")
+@flow(name="cost-report", persist_result=True, result_serializer="json")
 async def cost_report(since_days: int = 7, catalog_path: str | None = None) -> str:
     """Cost per tenant, model, pool and tier; idle and over-provisioned cost; dedicated vs
-    preemptible; recommendations. Returns the report file's path."""
+    preemptible; recommendations. Returns the report file's path.
+
+    Args:
+        since_days: Telemetry of the last N days.
+        catalog_path: Another catalog file.
+    """
     settings = runtime.settings()
     frame = await asyncio.to_thread(read_records, settings.telemetry)
     if not frame.empty:

@@ -31,7 +31,7 @@ from homeskillet.schemas import (
     TelemetryRecord,
     Timings,
 )
-from connectors.telemetry import REQUESTS, observe
+from connectors.telemetry import HELD, REQUESTS, observe
 from tasks import runtime
 from tasks.telemetry import record_telemetry
 from tasks.decompose import decompose, fill
@@ -62,7 +62,13 @@ def make_request(
         raise InvalidRequest(f"invalid request: {problems}") from None
 
 
-@flow(name="fuse-request", flow_run_name="fuse-{tenant}", validate_parameters=False)
+@flow(
+    name="fuse-request",
+    flow_run_name="fuse-{tenant}",
+    validate_parameters=False,  # make_request validates, with messages that name each problem
+    persist_result=True,  # runs started from deployments hand their result back through the API
+    result_serializer="json",
+)
 async def fuse_request(
     prompt: str,
     tenant: str = "demo",
@@ -71,7 +77,17 @@ async def fuse_request(
     request_id: str | None = None,
     catalog_path: str | None = None,
 ) -> FusionResult:
-    """Answer one inference request: split it, run each fragment on its own GPU share, fuse."""
+    """Answer one inference request: split it, run each fragment on its own GPU share, fuse.
+
+    Args:
+        prompt: The request; numbered items and several questions become separate fragments.
+        tenant: The tenant it belongs to (a catalog tenant); its allocations are its own.
+        strategy: How fragments are routed and fused.
+        constraints: max_tokens, max_cost_usd, allowed_models, tier, pool, backend ("local" or
+            "hostedai"), fallback_backend, on_preemption, capacity_wait_s.
+        request_id: An id of your own for the request (default: a new one).
+        catalog_path: Another catalog file (default: HOMESKILLET_CATALOG or the packaged one).
+    """
     started = time.perf_counter()
     request = make_request(prompt, tenant, strategy, constraints, request_id)
     catalog_path = str(runtime.catalog_path(catalog_path))
@@ -181,9 +197,12 @@ async def attempt_fragment(
         pool=pool.id, tier=pool.tier, allocation_id=None, tflops=choice.tflops, vram_gb=choice.vram_gb,
     )  # fmt: skip
     t0 = time.perf_counter()
+    held = HELD.labels(pool.backend)
+    allocation = None
     try:
         async with atransaction():
             allocation = await allocate(request.tenant, request.request_id, choice, catalog_path, wait_s)
+            held.inc()
             record["allocation_id"] = allocation.allocation_id
             record["queue_s"] = max(0.0, (allocation.created_at - record["ts"]).total_seconds())
             t1 = time.perf_counter()
@@ -195,6 +214,9 @@ async def attempt_fragment(
         _keep(records, TelemetryRecord(**record, allocate_s=time.perf_counter() - t0, outcome="error",
                                        error_class=type(exc).__name__))  # fmt: skip
         raise
+    finally:
+        if allocation is not None:
+            held.dec()  # released by the release task or, on failure, by the rollback hook
     held_s = (ended_at - allocation.created_at).total_seconds()
     tokens = completion.tokens_in + completion.tokens_out
     timings = Timings(allocate_s=t1 - t0, first_token_s=completion.first_token_s, infer_s=t2 - t1, release_s=t3 - t2)

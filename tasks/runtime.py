@@ -7,6 +7,7 @@ from pathlib import Path
 
 from connectors.hostedai_backend import HostedAIBackend
 from connectors.local_backend import LocalBackend
+from connectors.telemetry import serve_metrics
 from homeskillet import catalog as cat
 from homeskillet.catalog import load_catalog, with_measured_speeds
 from homeskillet.schemas import Catalog
@@ -16,6 +17,7 @@ from tasks.credentials import hostedai_credentials
 
 @lru_cache
 def _load(catalog_path: Path, home: Path) -> tuple[Catalog, LocalBackend, HostedAIBackend]:
+    _serve_metrics_once()
     catalog = with_measured_speeds(load_catalog(catalog_path), home / "benchmarks" / "latest.json")
     settings = get_settings().model_copy(update={"catalog": catalog_path, "home": home})
     hosted = HostedAIBackend(settings, catalog, hostedai_credentials)
@@ -47,6 +49,14 @@ async def shutdown(catalog_path: str | Path | None = None) -> None:
     _, local, hosted = _load(*_key(catalog_path))
     await hosted.shutdown()
     await local.shutdown()
+
+
+@lru_cache
+def _serve_metrics_once() -> None:
+    """Prometheus /metrics for this process, when HOMESKILLET_METRICS_PORT is set (workers, servers)."""
+    port = get_settings().metrics_port
+    if port:
+        serve_metrics(port)
 
 
 def settings() -> Settings:

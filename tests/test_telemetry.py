@@ -63,3 +63,31 @@ async def test_every_fragment_attempt_is_recorded_success_or_failure(test_catalo
     failed = frame[frame.request_id == "telemetry-fail"]
     assert set(failed.outcome) == {"error"}
     assert "InferenceError" in set(failed.error_class)
+
+
+@pytest.mark.usefixtures("assert_no_leaks")
+async def test_prometheus_metrics_count_fragments(test_catalog, monkeypatch):
+    import socket
+
+    import httpx
+
+    from connectors.telemetry import serve_metrics
+
+    monkeypatch.setenv("ECHO_DELAY_S", "0.05")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    serve_metrics(port)
+
+    def fragments_ok() -> float:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+        lines = [l for l in text.splitlines() if l.startswith("homeskillet_fragments_total") and 'model="echo"' in l
+                 and 'outcome="ok"' in l]  # fmt: skip
+        return sum(float(l.rsplit(" ", 1)[1]) for l in lines)
+
+    before = fragments_ok()
+    await fuse_request(prompt="1. Say one.\n2. Say two.", tenant="acme",
+                       constraints={"allowed_models": ["echo"], "pool": "roomy"}, catalog_path=test_catalog)  # fmt: skip
+    assert fragments_ok() == before + 2
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+    assert 'homeskillet_allocations_held{backend="local"} 0.0' in text

@@ -1,0 +1,120 @@
+"""End to end with real processes, as Prefect users run it: a process work pool, `prefect deploy`,
+a worker, and runs started through the REST API and through run_deployment."""
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.deployments import run_deployment
+
+from connectors.telemetry import read_records
+from homeskillet.settings import get_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+API = os.environ["PREFECT_API_URL"]
+pytestmark = pytest.mark.usefixtures("assert_no_leaks")
+
+
+def prefect(*args: str, **env: str) -> subprocess.CompletedProcess:
+    done = subprocess.run(
+        [str(BIN / "prefect"), "--no-prompt", *args], capture_output=True, text=True, timeout=300,
+        env=os.environ | env, cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done
+
+
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory):
+    prefect("work-pool", "create", "homeskillet-process", "--type", "process", "--overwrite")
+    prefect("deploy", "-n", "fuse-request", "-n", "benchmark", "-n", "cost-report", HOMESKILLET_CHECKOUT=str(ROOT))
+    log = open(tmp_path_factory.mktemp("worker") / "worker.log", "w")
+    proc = subprocess.Popen(
+        [str(BIN / "prefect"), "worker", "start", "--pool", "homeskillet-process", "--limit", "2"],
+        stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
+        env=os.environ | {"PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "2"},
+    )  # fmt: skip
+    yield proc
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(30)
+
+
+async def start_via_rest(name: str, parameters: dict) -> str:
+    async with httpx.AsyncClient(base_url=API, timeout=30) as api:
+        deployment = (await api.get(f"/deployments/name/{name}")).raise_for_status().json()
+        run = await api.post(f"/deployments/{deployment['id']}/create_flow_run", json={"parameters": parameters})
+        return run.raise_for_status().json()["id"]
+
+
+async def wait_done(flow_run_id: str, timeout_s: float = 300) -> dict:
+    deadline = time.monotonic() + timeout_s
+    async with httpx.AsyncClient(base_url=API, timeout=30) as api:
+        while time.monotonic() < deadline:
+            run = (await api.get(f"/flow_runs/{flow_run_id}")).raise_for_status().json()
+            if run["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+                return run
+            await asyncio.sleep(1)
+    raise AssertionError(f"flow run {flow_run_id} not finished after {timeout_s}s")
+
+
+async def result_of(flow_run_id: str):
+    async with get_client() as client:
+        run = await client.read_flow_run(flow_run_id)
+    return await run.state.aresult()
+
+
+async def artifacts_of(flow_run_id: str) -> list[dict]:
+    async with httpx.AsyncClient(base_url=API) as api:
+        body = {"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": 50}
+        return (await api.post("/artifacts/filter", json=body)).raise_for_status().json()
+
+
+async def test_fuse_request_started_through_the_rest_api(worker):
+    run_id = await start_via_rest(
+        "fuse-request/fuse-request",
+        {"prompt": "1. Who wrote Hamlet?\n2. Name a planet.", "tenant": "acme", "constraints": {"max_tokens": 16}},
+    )
+    run = await wait_done(run_id)
+    assert run["state"]["type"] == "COMPLETED", run["state"]
+    result = await result_of(run_id)
+    assert len(result.fragments) == 2 and result.answer.startswith("1. Who wrote Hamlet?")
+    assert {a["key"] for a in await artifacts_of(run_id)} >= {"fragments"}
+    records = read_records(get_settings().telemetry)
+    assert sorted(records[records.request_id == result.request_id].allocation_id) == sorted(
+        f.allocation_id for f in result.fragments
+    )
+
+
+async def test_fuse_request_started_with_run_deployment(worker):
+    flow_run = await run_deployment(
+        "fuse-request/fuse-request",
+        parameters={"prompt": "What is the capital of France?", "tenant": "globex", "constraints": {"max_tokens": 8}},
+        timeout=300,
+    )
+    assert flow_run.state.is_completed(), flow_run.state
+    result = await flow_run.state.aresult()
+    assert "paris" in result.answer.lower()
+
+
+async def test_benchmark_and_cost_report_deployments(worker):
+    bench_id = await start_via_rest(
+        "benchmark/benchmark", {"models": ["smollm2-135m"], "repetitions": 1, "concurrency": [1], "max_tokens": 8}
+    )
+    assert (await wait_done(bench_id))["state"]["type"] == "COMPLETED"
+    bench = await result_of(bench_id)
+    assert Path(bench["chart"]).exists() and Path(bench["parquet"]).exists()
+    assert {"benchmark", "benchmark-files"} <= {a["key"] for a in await artifacts_of(bench_id)}
+
+    report_id = await start_via_rest("cost-report/cost-report", {"since_days": 1})
+    assert (await wait_done(report_id))["state"]["type"] == "COMPLETED"
+    path = await result_of(report_id)
+    assert "smollm2-135m" in Path(path).read_text()
+    assert "cost-report" in {a["key"] for a in await artifacts_of(report_id)}
