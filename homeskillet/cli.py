@@ -264,6 +264,30 @@ def cost_report(since_days: Annotated[int, typer.Option(help="Telemetry of the l
     console.print(f"written to {path}")
 
 
+@app.command("train-classifier")
+def train_classifier(
+    routerbench: Annotated[str, typer.Option(help="Folder of RouterBench CSVs.")] = "../shared/data/routerbench",
+    out: Annotated[Optional[str], typer.Option(help="Weights file to write.")] = None,
+    folds: Annotated[int, typer.Option(help="Folds of the cross-validation printed first.")] = 5,
+) -> None:
+    """Train the request classifier on the seed examples and RouterBench prompts; print k-fold accuracy."""
+    from pathlib import Path
+
+    from tasks.classifier import WEIGHTS, cross_validate, train, training_examples
+
+    texts, labels = training_examples(Path(routerbench))
+    scores = cross_validate(texts, labels, folds)
+    table = Table(title=f"{folds}-fold cross-validated accuracy on {len(texts)} examples")
+    table.add_column("label")
+    table.add_column("accuracy")
+    for label, score in scores.items():
+        table.add_row(label, f"{score:.3f}")
+    console.print(table)
+    path = Path(out) if out else WEIGHTS
+    train(texts, labels).save(path)
+    console.print(f"weights written to {path} ({path.stat().st_size // 1024} KiB)")
+
+
 @app.command("bench-overhead")
 def bench_overhead(
     repeats: Annotated[int, typer.Option(help="Runs of each side.")] = 3,
