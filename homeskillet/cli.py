@@ -288,6 +288,55 @@ def train_classifier(
     console.print(f"weights written to {path} ({path.stat().st_size // 1024} KiB)")
 
 
+@app.command("eval-routing")
+def eval_routing(
+    files: Annotated[list[str], typer.Argument(help="RouterBench-format CSV files.")],
+    strategy: Annotated[str, typer.Option(help="single, cascade, ensemble or moa.")] = "cascade",
+    as_json: Annotated[bool, typer.Option("--json", help="End with one JSON line of the figures.")] = False,
+    folds: Annotated[int, typer.Option(help="Cross-validation folds.")] = 5,
+    model: Annotated[Optional[list[str]], typer.Option(help="Allowed model (repeatable).")] = None,
+) -> None:
+    """Replay every record through a routing strategy (k-fold), against every single model and the oracle."""
+    from pathlib import Path
+
+    from connectors import replay
+    from tasks.policy import evaluate, oracle, single_models
+
+    try:
+        loaded = {Path(f).stem: replay.load(Path(f)) for f in files}  # all inputs checked before any output
+        figures = {}
+        for name, records in loaded.items():
+            score, _ = evaluate(records, strategy, folds, model)
+            singles = single_models(records)
+            best = max(singles, key=lambda m: (singles[m].accuracy, -singles[m].cost))
+            figures[name] = (len(records), score, singles, best, oracle(records))
+    except HomeskilletError as exc:
+        _fail(exc)
+    for name, (n, score, singles, best, orc) in figures.items():
+        table = Table(title=f"{name}: {n} records, strategy {strategy}, {folds}-fold")
+        for column in ("router", "accuracy", "cost_usd"):
+            table.add_column(column)
+        table.add_row(f"[bold]{strategy}[/]", f"{score.accuracy:.3f}", f"{score.cost:.4f}")
+        table.add_row("oracle", f"{orc.accuracy:.3f}", f"{orc.cost:.4f}")
+        for m, single in sorted(singles.items(), key=lambda kv: -kv[1].accuracy):
+            table.add_row(m + (" (best single)" if m == best else ""), f"{single.accuracy:.3f}", f"{single.cost:.4f}")
+        console.print(table)
+    total = sum(n for n, *_ in figures.values())
+    overall_acc = sum(n * s.accuracy for n, s, *_ in figures.values()) / total
+    overall_cost = sum(s.cost for _, s, *_ in figures.values())
+    console.print(f"overall: accuracy {overall_acc:.3f}, cost ${overall_cost:.4f}")
+    if as_json:
+        print(json.dumps({
+            "files": {
+                name: {"accuracy": s.accuracy, "cost": s.cost,
+                       "best_single": {"model": b, "accuracy": singles[b].accuracy, "cost": singles[b].cost},
+                       "oracle": {"accuracy": o.accuracy, "cost": o.cost}}
+                for name, (_, s, singles, b, o) in figures.items()
+            },
+            "overall": {"accuracy": overall_acc, "cost": overall_cost},
+        }))  # fmt: skip
+
+
 @app.command("bench-overhead")
 def bench_overhead(
     repeats: Annotated[int, typer.Option(help="Runs of each side.")] = 3,

@@ -1,0 +1,125 @@
+"""The replay provider: RouterBench's recorded answers of 11 real LLMs, served as models.
+
+A known prompt asked of a recorded model gets that model's recorded response and recorded cost,
+so routing and fusion run offline over real model behaviour. `ReplayProvider` is the lookup;
+`create_app` serves it as an OpenAI-compatible endpoint (`/v1/chat/completions`, with the
+recorded cost in `usage.cost_usd`).
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+
+from homeskillet.errors import InvalidRequest
+
+META = {"Unnamed: 0", "sample_id", "prompt", "eval_name", "oracle_model_to_route_to"}
+
+
+@dataclass(frozen=True)
+class Record:
+    task: str  # the file's stem, e.g. arc_challenge_train
+    sample_id: str
+    prompt: str
+    responses: dict[str, str]
+    correct: dict[str, bool]
+    cost: dict[str, float]
+
+
+def _text(cell: object) -> str:
+    """Responses and prompts are stored as Python-list strings; take the first element."""
+    if not isinstance(cell, str):
+        return ""
+    try:
+        value = ast.literal_eval(cell)
+    except (ValueError, SyntaxError):
+        return cell
+    if isinstance(value, list):
+        return str(value[0]) if value else ""
+    return str(value)
+
+
+def load(path: Path) -> list[Record]:
+    """A RouterBench-format CSV: for each model M, columns M, M|model_response, M|total_cost."""
+    try:
+        frame = pd.read_csv(path)
+    except (OSError, ValueError, pd.errors.ParserError) as exc:
+        raise InvalidRequest(f"{path}: not a readable CSV ({exc})") from None
+    models = [c for c in frame.columns if c not in META and "|" not in c]
+    missing = ["prompt", "sample_id"] if not {"prompt", "sample_id"} <= set(frame.columns) else []
+    missing += [f"{m}|{k}" for m in models for k in ("model_response", "total_cost") if f"{m}|{k}" not in frame.columns]
+    if missing or not models:
+        raise InvalidRequest(
+            f"{path}: not in RouterBench format (needs prompt, sample_id and per model M the columns M, "
+            f"M|model_response, M|total_cost); missing {missing[:5] or 'any model columns'}"
+        )
+    task = Path(path).stem
+    return [
+        Record(
+            task=task,
+            sample_id=str(row["sample_id"]),
+            prompt=_text(row["prompt"]),
+            responses={m: _text(row[f"{m}|model_response"]) for m in models},
+            correct={m: bool(row[m] == 1) for m in models},
+            cost={m: float(row[f"{m}|total_cost"]) for m in models},
+        )
+        for _, row in frame.iterrows()
+    ]
+
+
+def prompt_key(prompt: str) -> str:
+    return hashlib.sha256(prompt.strip().encode()).hexdigest()
+
+
+class ReplayProvider:
+    """Answers a recorded prompt with a recorded model's response and cost."""
+
+    def __init__(self, records: list[Record]):
+        self._by_prompt = {prompt_key(r.prompt): r for r in records}
+        self.models = sorted({m for r in records for m in r.responses})
+
+    def answer(self, model: str, prompt: str) -> tuple[str, float]:
+        record = self._by_prompt.get(prompt_key(prompt))
+        if record is None:
+            raise LookupError("prompt not in the recordings")
+        if model not in record.responses:
+            raise LookupError(f"model {model!r} has no recording; recorded: {', '.join(self.models)}")
+        return record.responses[model], record.cost[model]
+
+
+class _Chat(BaseModel):
+    model: str
+    messages: list[dict]
+    max_tokens: int | None = None
+    stream: bool = False
+
+
+def create_app(provider: ReplayProvider) -> FastAPI:
+    app = FastAPI(title="RouterBench replay provider")
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": m, "object": "model"} for m in provider.models]}
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: _Chat):
+        prompt = str(body.messages[-1].get("content", "")) if body.messages else ""
+        try:
+            text, cost = provider.answer(body.model, prompt)
+        except LookupError as exc:
+            return JSONResponse({"error": {"message": str(exc)}}, 404)
+        return {
+            "object": "chat.completion",
+            "model": body.model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": len(prompt.split()), "completion_tokens": len(text.split()), "cost_usd": cost},
+        }
+
+    return app
