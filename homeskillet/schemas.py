@@ -11,7 +11,10 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 Tier = Literal["dedicated", "preemptible"]
 Backend = Literal["local", "hostedai"]
 PromptStyle = Literal["chat", "completion"]
-TaskType = Literal["factual_qa", "chat", "math", "summarize", "reduce"]
+# what the request classifier tells apart, plus "reduce" (the combining step of a map-reduce plan)
+TaskType = Literal[
+    "multiple_choice", "factual_qa", "math", "code", "summarize", "translate", "chat", "extract", "reduce"
+]
 AllocationState = Literal["active", "released", "expired"]
 
 

@@ -16,7 +16,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-LABELS = ("multiple_choice", "math", "code", "summarize", "translate", "chat", "extract")
+LABELS = ("multiple_choice", "factual_qa", "math", "code", "summarize", "translate", "chat", "extract")
 DIM = 4096
 WEIGHTS = Path(__file__).resolve().parents[1] / "homeskillet" / "classifier.json"
 _TOKEN = re.compile(r"[a-z0-9]+|[^\sa-z0-9]")
@@ -85,7 +85,7 @@ class Classifier:
         return cls(labels, dim, tuple(float(b) for b in data["bias"]), rows)
 
 
-def train(texts: list[str], labels: list[str], *, epochs: int = 300, lr: float = 0.5, l2: float = 1e-4) -> Classifier:
+def train(texts: list[str], labels: list[str], *, epochs: int = 800, lr: float = 2.0, l2: float = 1e-5) -> Classifier:
     """Softmax regression by full-batch gradient descent, classes weighted by inverse frequency;
     deterministic for the same data."""
     import numpy as np

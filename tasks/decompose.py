@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import math
 import re
+from functools import lru_cache
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from homeskillet.errors import InvalidRequest
 from homeskillet.schemas import Fragment, Plan, TaskType
+from tasks.classifier import Classifier
 
 CHARS_PER_TOKEN = 3  # conservative for English (llama tokenizers average ~4)
 PROMPT_OVERHEAD_TOKENS = 48  # chat template and instructions around a fragment
@@ -35,25 +37,23 @@ _IMPERATIVE = re.compile(
     r"compute|calculate|solve|define|suggest|summari[sz]e|compare)\b",
     re.IGNORECASE,
 )
-_MATH = re.compile(
-    r"\d\s*[-+*/×x^]\s*\d|\b(?:calculate|compute|solve|how many|sum of|product of|square root)\b", re.IGNORECASE
-)
-_FACT = re.compile(r"^(?:and\s+|also,?\s+)?(?:who|what|when|where|which|how (?:tall|old|far|big|long))\b", re.IGNORECASE)
 
 
 def estimate_tokens(text: str) -> int:
     return max(1, math.ceil(len(text) / CHARS_PER_TOKEN))
 
 
+@lru_cache
+def _classifier() -> Classifier:
+    return Classifier.load()
+
+
 def classify(text: str) -> TaskType:
-    """Rule-based task type of one fragment's text."""
+    """The task type of one fragment's text: the request classifier's label ("Summarize …:" is
+    always summarize, since the plan's map-reduce depends on it)."""
     if _SUMMARY.match(text):
         return "summarize"
-    if _MATH.search(text):
-        return "math"
-    if _FACT.match(text) and text.rstrip().endswith("?") and len(text.split()) <= 25:
-        return "factual_qa"
-    return "chat"
+    return _classifier().predict(text)[0]  # type: ignore[return-value]
 
 
 def decompose_prompt(prompt: str, request_id: str, max_context: int, max_tokens: int) -> Plan:

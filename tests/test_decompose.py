@@ -102,6 +102,7 @@ def test_output_budget_must_leave_room_for_a_prompt():
         ("What is 17 * 23?", "math"),
         ("Who discovered penicillin?", "factual_qa"),
         ("Write a limerick about cats.", "chat"),
+        ("Translate good night into German.", "translate"),
         ("Summarize: a b c", "summarize"),
     ],
 )
