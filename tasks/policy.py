@@ -7,8 +7,10 @@ evaluation command and, later, the live flow use the same code.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from connectors.replay import Record, ReplayProvider
@@ -19,9 +21,13 @@ CHEAP = 0.2  # a "cheap" model costs at most this share of the best model's mean
 
 
 def normalise(task: str, text: str) -> str:
-    """The task's answer normalisation: a choice letter for multiple choice, the code for code."""
+    """The task's answer normalisation: a choice letter for multiple choice, the last number for
+    math, the code block (or the text) with whitespace collapsed for anything else."""
     text = (text or "").strip()
-    if task.startswith(("arc", "winogra")):
+    if task.startswith("math"):
+        numbers = re.findall(r"-?\d+(?:\.\d+)?", text.replace(",", ""))
+        return numbers[-1] if numbers else ""
+    if task.startswith(("arc", "winogra", "multiple_choice")):
         letters = "AB12" if task.startswith("winogra") else "ABCD"
         match = re.search(rf"(?<![A-Za-z0-9])([{letters}])(?![A-Za-z0-9])", text)
         if not match:
@@ -66,68 +72,77 @@ def fit(records: list[Record]) -> Stats:
 
 @dataclass
 class Decision:
-    answer: str
+    answer: str  # the chosen model's own text
     models: list[str] = field(default_factory=list)
-    cost: float = 0.0
-    confidence: float = 1.0
+    confidence: float | None = None
     why: str = ""
 
 
-class _Caller:
-    """Calls recorded models for one record, paying as it goes."""
-
-    def __init__(self, provider: ReplayProvider, record: Record):
-        self.provider, self.record, self.decision = provider, record, Decision("")
-
-    def ask(self, model: str) -> str:
-        text, cost = self.provider.answer(model, self.record.prompt)
-        self.decision.models.append(model)
-        self.decision.cost += cost
-        return normalise(self.record.task, text)
+# ask(model, prompt) → that model's raw answer; prompt None means the fragment's own prompt. The
+# caller pays: replayed answers their recorded cost, live ones their GPU share.
+Ask = Callable[[str, "str | None"], Awaitable[str]]
 
 
-def decide(strategy: str, record: Record, stats: Stats, provider: ReplayProvider, allowed: list[str]) -> Decision:
-    task = record.task
-    caller = _Caller(provider, record)
+def closed_task(task: str) -> bool:
+    """Tasks whose answers can be compared, so that agreement and votes mean something."""
+    return task.startswith(("arc", "winogra", "multiple_choice", "math"))
+
+
+async def decide(
+    strategy: str, task: str, prompt: str, stats: Stats, allowed: list[str], ask: Ask
+) -> Decision:
+    """One fragment under a strategy; the same code replays RouterBench and runs live fragments."""
+    if strategy not in STRATEGIES:
+        raise InvalidRequest(f"unknown strategy {strategy!r}; known: {', '.join(STRATEGIES)}")
     best = stats.best(task, allowed)
     cheap = stats.cheap(task, allowed)
-    closed = not task.startswith("mbpp")
+    closed = closed_task(task)
+    decision = Decision("")
+
+    async def call(model: str, text: str | None = None) -> tuple[str, str]:
+        raw = await ask(model, text)
+        decision.models.append(model)
+        return raw, normalise(task, raw)
+
     if strategy == "single":
         # the cheapest model within 90 % of the best model's quality
         good = [m for m in allowed if stats.quality[task][m] >= 0.9 * stats.quality[task][best]]
         model = min(good, key=lambda m: stats.cost[task][m])
-        caller.decision.answer = caller.ask(model)
-        caller.decision.why = f"{model}: quality {stats.quality[task][model]:.3f} at the lowest cost"
+        decision.answer, _ = await call(model)
+        decision.why = f"{model}: quality {stats.quality[task][model]:.3f} at the lowest cost"
     elif strategy == "cascade":
-        probes = cheap[:2] if closed else cheap[:1]
-        answers = [caller.ask(m) for m in probes]
-        agree = closed and len(answers) == 2 and answers[0] and answers[0] == answers[1]
-        caller.decision.confidence = 1.0 if agree else 0.0
+        probes = [m for m in cheap if m != best][: 2 if closed else 1]
+        answers = [await call(m) for m in probes]
+        agree = closed and len(answers) == 2 and answers[0][1] != "" and answers[0][1] == answers[1][1]
+        decision.confidence = 1.0 if agree else 0.0
         if agree:
-            caller.decision.answer = answers[0]
-            caller.decision.why = f"{' and '.join(probes)} agree"
+            decision.answer = answers[0][0]
+            decision.why = f"{' and '.join(probes)} agree"
         else:
-            caller.decision.answer = caller.ask(best)
-            caller.decision.why = (f"escalated to {best}: " + ("probes disagree or gave no valid answer" if closed
-                                   else "open answer, no agreement signal"))  # fmt: skip
-    elif strategy in ("ensemble", "moa"):
-        members = cheap[:3] or [best]
-        answers = {m: caller.ask(m) for m in members}
-        if strategy == "moa":  # proposers, then the aggregator has the last word
-            caller.decision.answer = caller.ask(best)
-            caller.decision.why = f"aggregator {best} after proposers {', '.join(members)}"
-        elif closed:
-            votes = Counter(a for a in answers.values() if a)
-            top = votes.most_common(1)[0] if votes else ("", 0)
-            caller.decision.answer = top[0] or answers[members[0]]
-            caller.decision.confidence = top[1] / len(members)
-            caller.decision.why = f"vote {top[1]}/{len(members)} of {', '.join(members)}"
+            decision.answer, _ = await call(best)
+            reason = "probes disagree or gave no valid answer" if closed else "open answer: no agreement signal"
+            decision.why = f"escalated to {best}: {reason}"
+    elif strategy == "ensemble":
+        members = [m for m in cheap if m != best][:3] or [best]
+        answers = {m: await call(m) for m in members}
+        if closed:
+            votes = Counter(norm for _, norm in answers.values() if norm)
+            winner, count = votes.most_common(1)[0] if votes else ("", 0)
+            decision.answer = next((raw for raw, norm in answers.values() if norm == winner), answers[members[0]][0])
+            decision.confidence = count / len(members)
+            decision.why = f"vote {count}/{len(members)} of {', '.join(members)}"
         else:
-            caller.decision.answer = answers[members[0]]  # open answers: the strongest member's
-            caller.decision.why = f"open answer of the strongest member {members[0]}"
-    else:
-        raise InvalidRequest(f"unknown strategy {strategy!r}; known: {', '.join(STRATEGIES)}")
-    return caller.decision
+            decision.answer = answers[members[0]][0]
+            decision.why = f"open answer of the strongest member {members[0]}"
+    else:  # moa: proposers, then an aggregator that sees their answers
+        proposers = [m for m in cheap if m != best][:3] or [best]
+        proposals = [await call(m) for m in proposers]
+        listing = "\n".join(f"{i}. {raw.strip()}" for i, (raw, _) in enumerate(proposals, start=1))
+        aggregate = (f"{prompt}\n\nCandidate answers from other models:\n{listing}\n\n"
+                     "Using them, give the single best answer.")  # fmt: skip
+        decision.answer, _ = await call(best, aggregate)
+        decision.why = f"aggregator {best} over proposers {', '.join(proposers)}"
+    return decision
 
 
 @dataclass(frozen=True)
@@ -139,7 +154,11 @@ class Score:
 def evaluate(
     records: list[Record], strategy: str, folds: int = 5, allowed: list[str] | None = None
 ) -> tuple[Score, list[Decision]]:
-    """k-fold: fit on k-1 folds, decide on the held-out fold; accuracy and total cost over all."""
+    """k-fold: fit on k-1 folds, decide on the held-out fold; accuracy and total cost over all.
+
+    Replay cannot show an aggregator the proposals (its recorded answer saw only the prompt), so
+    `moa` here pays the proposers and returns the aggregator's recorded answer.
+    """
     if strategy not in STRATEGIES:
         raise InvalidRequest(f"unknown strategy {strategy!r}; known: {', '.join(STRATEGIES)}")
     models = sorted(records[0].responses)
@@ -148,14 +167,27 @@ def evaluate(
     if unknown:
         raise NoRoute(f"model(s) {unknown} have no recordings; recorded: {', '.join(models)}")
     provider = ReplayProvider(records)
-    decisions: list[Decision | None] = [None] * len(records)
-    for k in range(folds):
-        train = [r for i, r in enumerate(records) if i % folds != k]
-        stats = fit(train)
-        for i in range(k, len(records), folds):
-            decisions[i] = decide(strategy, records[i], stats, provider, allowed)
-    correct = sum(is_correct(r, d.answer) for r, d in zip(records, decisions))
-    return Score(correct / len(records), sum(d.cost for d in decisions)), decisions
+    decisions: list[Decision] = [Decision("")] * len(records)
+    total_cost = 0.0
+
+    async def run() -> None:
+        nonlocal total_cost
+        for k in range(folds):
+            stats = fit([r for i, r in enumerate(records) if i % folds != k])
+            for i in range(k, len(records), folds):
+                record = records[i]
+
+                async def ask(model: str, _prompt: str | None = None, record: Record = record) -> str:
+                    nonlocal total_cost
+                    text, cost = provider.answer(model, record.prompt)
+                    total_cost += cost
+                    return text
+
+                decisions[i] = await decide(strategy, record.task, record.prompt, stats, allowed, ask)
+
+    asyncio.run(run())
+    correct = sum(is_correct(r, normalise(r.task, d.answer)) for r, d in zip(records, decisions))
+    return Score(correct / len(records), total_cost), decisions
 
 
 def single_models(records: list[Record]) -> dict[str, Score]:
