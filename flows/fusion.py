@@ -37,9 +37,11 @@ from tasks.telemetry import record_telemetry
 from tasks.decompose import decompose, fill
 from tasks.fusion import fuse
 from tasks.resources import allocate, infer, release
-from tasks.routing import fragment_budget, fragment_cost, max_context, reroute, route
+from tasks.policy import decide
+from tasks.routing import candidates, fragment_budget, fragment_cost, live_stats, max_context, reroute, route, route_fragment
 
-MAX_ATTEMPTS = 3
+MAX_ATTEMPTS = 3  # per model call: the first try and two re-runs after preemption or fallback
+MAX_CALLS = {"single": 1, "cascade": 3, "ensemble": 3, "moa": 4}  # model calls a strategy may make
 
 
 def make_request(
@@ -72,7 +74,7 @@ def make_request(
 async def fuse_request(
     prompt: str,
     tenant: str = "demo",
-    strategy: Literal["single"] = "single",
+    strategy: Literal["single", "cascade", "ensemble", "moa"] = "single",
     constraints: Constraints | None = None,
     request_id: str | None = None,
     catalog_path: str | None = None,
@@ -82,7 +84,9 @@ async def fuse_request(
     Args:
         prompt: The request; numbered items and several questions become separate fragments.
         tenant: The tenant it belongs to (a catalog tenant); its allocations are its own.
-        strategy: How fragments are routed and fused.
+        strategy: single (cheapest model near the best quality), cascade (cheap models first,
+            escalate when they disagree or the answer is open), ensemble (vote of cheap models),
+            moa (proposers, then an aggregator that sees their answers).
         constraints: max_tokens, max_cost_usd, allowed_models, tier, pool, backend ("local" or
             "hostedai"), fallback_backend, on_preemption, capacity_wait_s.
         request_id: An id of your own for the request (default: a new one).
@@ -149,16 +153,56 @@ async def run_fragment(
     budget_usd: float | None = None,
     records: list[TelemetryRecord] | None = None,
 ) -> FragmentResult:
-    """One fragment; re-run elsewhere when its share is preempted, or on the fallback backend
-    when its backend is unavailable (retries spent, or circuit open)."""
+    """One fragment under the request's strategy: the policy decides which models to ask (each
+    call its own allocation) and whose answer stands; provenance keeps every call."""
     answers = {r.fragment_id: r.text.strip() for r in await asyncio.gather(*upstream)}
     text = fill(fragment, answers)
     limits = request.constraints
     catalog = runtime.catalog(catalog_path)
+    stats = live_stats(fragment, catalog, limits)
+    per_call = None if budget_usd is None else budget_usd / MAX_CALLS[request.strategy]
+    calls: list[FragmentResult] = []
+
+    async def ask(model: str, prompt: str | None = None) -> str:
+        only = limits.model_copy(update={"allowed_models": [model]})
+        model_choice = route_fragment(fragment, *candidates(catalog, only), limits.max_tokens, per_call)
+        result = await run_model(fragment, prompt or text, model_choice, request, only, catalog_path, per_call, records)
+        calls.append(result)
+        return result.text
+
+    decision = await decide(request.strategy, fragment.task_type, text, stats, list(stats.quality[fragment.task_type]), ask)
+    chosen = next(c for c in reversed(calls) if c.text == decision.answer)
+    return chosen.model_copy(
+        update={
+            "tokens_in": sum(c.tokens_in for c in calls),
+            "tokens_out": sum(c.tokens_out for c in calls),
+            "cost_usd": sum(c.cost_usd for c in calls),
+            "strategy": request.strategy,
+            "models_called": decision.models,
+            "allocation_ids": [c.allocation_id for c in calls],
+            "confidence": decision.confidence,
+            "reason": f"{decision.why}; {chosen.reason}",
+        }
+    )
+
+
+async def run_model(
+    fragment: Fragment,
+    text: str,
+    choice: ModelChoice,
+    request: InferenceRequest,
+    limits: Constraints,
+    catalog_path: str,
+    budget_usd: float | None = None,
+    records: list[TelemetryRecord] | None = None,
+) -> FragmentResult:
+    """One model's answer to a fragment; re-run elsewhere when its share is preempted, or on the
+    fallback backend when its backend is unavailable (retries spent, or circuit open)."""
+    catalog = runtime.catalog(catalog_path)
     for attempt in range(1, MAX_ATTEMPTS + 1):
         try:
             return await attempt_fragment(fragment, text, choice, request, catalog_path, attempt, records)
-        except Preempted as exc:
+        except Preempted:
             if attempt == MAX_ATTEMPTS:
                 raise
             tier = "dedicated" if limits.on_preemption == "dedicated" else choice.tier
@@ -263,6 +307,9 @@ def fragment_row(result: FragmentResult) -> dict:
         "tokens_in": result.tokens_in,
         "tokens_out": result.tokens_out,
         "attempts": result.attempts,
+        "strategy": result.strategy,
+        "models_called": ",".join(result.models_called),
+        "confidence": result.confidence,
         "cost_usd": round(result.cost_usd, 8),
     }
 

@@ -63,6 +63,7 @@ def run(
     backend: Annotated[str, typer.Option(help="local or hostedai.")] = "local",
     fallback_backend: Annotated[Optional[str], typer.Option(help="Used while the backend's circuit is open.")] = None,
     on_preemption: Annotated[str, typer.Option(help="same_tier or dedicated.")] = "same_tier",
+    strategy: Annotated[str, typer.Option(help="single, cascade, ensemble or moa.")] = "single",
 ) -> None:
     """Run one request through the fuse_request flow and print the fused answer."""
     constraints = {
@@ -76,7 +77,9 @@ def run(
 
         async def main():
             try:
-                return await fuse_request(prompt=prompt, tenant=tenant, constraints=constraints, return_state=True)
+                return await fuse_request(
+                    prompt=prompt, tenant=tenant, strategy=strategy, constraints=constraints, return_state=True
+                )
             finally:
                 await runtime.shutdown()  # this process ends: give back subscriptions and model servers
 

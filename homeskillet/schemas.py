@@ -42,7 +42,7 @@ class Constraints(_Frozen):
 class InferenceRequest(_Frozen):
     tenant: str = Field(min_length=1)
     prompt: str
-    strategy: Literal["single"] = "single"
+    strategy: Literal["single", "cascade", "ensemble", "moa"] = "single"
     constraints: Constraints = Constraints()
     request_id: str = Field(default_factory=lambda: uuid.uuid4().hex[:12])
 
@@ -212,6 +212,10 @@ class FragmentResult(_Frozen):
     cost_usd: float
     reason: str
     attempts: int = 1
+    strategy: str = "single"
+    models_called: list[str] = []
+    allocation_ids: list[str] = []
+    confidence: float | None = None
 
 
 class FusionResult(_Frozen):

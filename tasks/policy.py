@@ -48,14 +48,16 @@ def is_correct(record: Record, answer: str) -> bool:
 class Stats:
     quality: dict[str, dict[str, float]]  # task → model → accuracy
     cost: dict[str, dict[str, float]]  # task → model → mean cost per query
+    cheap_share: float = CHEAP  # "cheap" means at most this share of the best model's cost
 
     def best(self, task: str, models: list[str]) -> str:
         return max(models, key=lambda m: (self.quality[task][m], -self.cost[task][m]))
 
     def cheap(self, task: str, models: list[str]) -> list[str]:
-        """Models costing at most CHEAP of the best model, best quality first."""
-        limit = self.cost[task][self.best(task, models)] * CHEAP
-        cheap = [m for m in models if self.cost[task][m] <= limit]
+        """Models costing at most cheap_share of the best model, best quality first."""
+        best = self.best(task, models)
+        limit = self.cost[task][best] * self.cheap_share
+        cheap = [m for m in models if m != best and self.cost[task][m] <= limit]
         return sorted(cheap, key=lambda m: (-self.quality[task][m], self.cost[task][m]))
 
 
@@ -111,7 +113,7 @@ async def decide(
         decision.answer, _ = await call(model)
         decision.why = f"{model}: quality {stats.quality[task][model]:.3f} at the lowest cost"
     elif strategy == "cascade":
-        probes = [m for m in cheap if m != best][: 2 if closed else 1]
+        probes = cheap[: 2 if closed else 1]
         answers = [await call(m) for m in probes]
         agree = closed and len(answers) == 2 and answers[0][1] != "" and answers[0][1] == answers[1][1]
         decision.confidence = 1.0 if agree else 0.0
@@ -123,7 +125,7 @@ async def decide(
             reason = "probes disagree or gave no valid answer" if closed else "open answer: no agreement signal"
             decision.why = f"escalated to {best}: {reason}"
     elif strategy == "ensemble":
-        members = [m for m in cheap if m != best][:3] or [best]
+        members = cheap[:3] or [best]
         answers = {m: await call(m) for m in members}
         if closed:
             votes = Counter(norm for _, norm in answers.values() if norm)
@@ -135,7 +137,7 @@ async def decide(
             decision.answer = answers[members[0]][0]
             decision.why = f"open answer of the strongest member {members[0]}"
     else:  # moa: proposers, then an aggregator that sees their answers
-        proposers = [m for m in cheap if m != best][:3] or [best]
+        proposers = cheap[:3] or [best]
         proposals = [await call(m) for m in proposers]
         listing = "\n".join(f"{i}. {raw.strip()}" for i, (raw, _) in enumerate(proposals, start=1))
         aggregate = (f"{prompt}\n\nCandidate answers from other models:\n{listing}\n\n"

@@ -127,3 +127,24 @@ def reroute(
 @task(name="route", cache_policy=NO_CACHE)
 async def route(plan: Plan, catalog: Catalog, constraints: Constraints) -> dict[str, ModelChoice]:
     return route_plan(plan, catalog, constraints)
+
+
+def live_stats(fragment: Fragment, catalog: Catalog, constraints: Constraints):
+    """Quality (the catalog's suitability) and expected cost (cheapest pool that fits) of every
+    allowed model for this fragment, in the form the routing policy learns from recordings."""
+    from tasks.policy import Stats
+
+    models, pools = candidates(catalog, constraints)
+    quality, cost = {}, {}
+    for model in models:
+        if fragment.est_prompt_tokens + constraints.max_tokens > model.context_length:
+            continue
+        fitting = [p for p in pools if fits(model, p)]
+        if fitting:
+            quality[model.name] = model.task_types.get(fragment.task_type, 0.0)
+            cost[model.name] = min(estimate_cost(model, p, fragment.est_prompt_tokens, constraints.max_tokens)
+                                   for p in fitting)  # fmt: skip
+    if not quality:
+        raise NoRoute(f"fragment {fragment.id} ({fragment.est_prompt_tokens} tokens) fits no allowed model's context")
+    # a catalog's models differ in price far less than API models do: any cheaper model is "cheap"
+    return Stats({fragment.task_type: quality}, {fragment.task_type: cost}, cheap_share=0.999)

@@ -159,13 +159,15 @@ def test_catalog(echo_server, tmp_path_factory) -> str:
             "api_key_env": "ECHO_API_KEY",
         },
     }
+    echo_lite = {**echo, "name": "echo-lite", "tflops": 0.1, "vram_gb": 0.05,
+                 "task_types": {"chat": 0.05, "factual_qa": 0.05, "math": 0.2, "summarize": 0.05, "reduce": 0.05}}
     hosted = [p for p in packaged["pools"] if p.get("backend") == "hostedai"]
     catalog = {
-        "models": [smollm2, echo],
+        "models": [smollm2, echo, echo_lite],
         "pools": [
             {"id": "tiny", "tier": "dedicated", "tflops": 1.0, "vram_gb": 0.5, "price_per_hour": 0.5},
             {"id": "roomy", "tier": "preemptible", "tflops": 8.0, "vram_gb": 4.0, "price_per_hour": 0.4},
-            {"id": "micro", "tier": "preemptible", "tflops": 0.1, "vram_gb": 0.1, "price_per_hour": 0.01},
+            {"id": "micro", "tier": "preemptible", "tflops": 0.05, "vram_gb": 0.02, "price_per_hour": 0.01},
             *hosted,
         ],
         "tenants": [{"id": "acme"}, {"id": "globex"}],

@@ -1,0 +1,48 @@
+"""Routing strategies in the live flow: each model call has its own allocation, provenance keeps
+them all, and the answer is the one the policy chose."""
+
+import pytest
+
+from flows.fusion import fuse_request
+
+pytestmark = pytest.mark.usefixtures("assert_no_leaks")
+
+
+async def run(test_catalog, prompt, strategy, **constraints):
+    return await fuse_request(prompt=prompt, tenant="acme", strategy=strategy, catalog_path=test_catalog,
+                              constraints={"pool": "roomy", "max_tokens": 24, **constraints})  # fmt: skip
+
+
+async def test_cascade_accepts_when_two_cheap_models_agree(test_catalog, monkeypatch):
+    monkeypatch.setenv("ECHO_DELAY_S", "0")
+    result = await run(test_catalog, "What is 2 + 2?", "cascade")
+    (fragment,) = result.fragments
+    assert fragment.task_type == "math"
+    assert fragment.models_called == ["echo-lite", "echo"]  # best quality first among the cheap ones
+    assert fragment.confidence == 1.0 and "agree" in fragment.reason
+    assert len(set(fragment.allocation_ids)) == 2 and fragment.strategy == "cascade"
+
+
+async def test_cascade_escalates_open_answers_to_the_best_model(test_catalog, monkeypatch):
+    monkeypatch.setenv("ECHO_DELAY_S", "0")
+    result = await run(test_catalog, "Write a haiku about the sea.", "cascade")
+    (fragment,) = result.fragments
+    assert fragment.models_called[-1] == "smollm2-135m" and fragment.model == "smollm2-135m"
+    assert fragment.confidence == 0.0 and "escalated to smollm2-135m" in fragment.reason
+    assert not fragment.text.startswith("echo:")
+    assert fragment.cost_usd > 0 and len(fragment.allocation_ids) == 2
+
+
+async def test_ensemble_votes_and_moa_aggregates(test_catalog, monkeypatch):
+    monkeypatch.setenv("ECHO_DELAY_S", "0")
+    voted = (await run(test_catalog, "What is 2 + 2?", "ensemble")).fragments[0]
+    assert voted.confidence == 1.0 and voted.models_called == ["echo-lite", "echo"]
+    mixed = (await run(test_catalog, "Write a haiku about the sea.", "moa")).fragments[0]
+    assert mixed.models_called[-1] == "smollm2-135m" and "aggregator smollm2-135m" in mixed.reason
+
+
+async def test_unknown_strategy_is_refused(test_catalog):
+    from homeskillet.errors import InvalidRequest
+
+    with pytest.raises(InvalidRequest, match="strategy"):
+        await run(test_catalog, "Hi?", "magic")
