@@ -99,10 +99,10 @@ async def fuse_request(
     cat.check_tenant(catalog, request.tenant)
     limits = request.constraints
     plan = await decompose(request.prompt, request.request_id, max_context(catalog, limits), limits.max_tokens)
-    choices = await route(plan, catalog, limits)
+    await route(plan, catalog, limits)  # every fragment has a model within the constraints, before any allocation
     records: list[TelemetryRecord] = []
     try:
-        results = await run_plan(plan, choices, request, catalog_path, records)
+        results = await run_plan(plan, request, catalog_path, records)
     except BaseException:
         REQUESTS.labels("error").inc()
         raise
@@ -124,7 +124,6 @@ async def fuse_request(
 
 async def run_plan(
     plan: Plan,
-    choices: dict[str, ModelChoice],
     request: InferenceRequest,
     catalog_path: str,
     records: list[TelemetryRecord] | None = None,
@@ -137,7 +136,7 @@ async def run_plan(
             for fragment in plan.fragments:  # topological order: dependencies are already scheduled
                 upstream = [running[dep] for dep in fragment.depends_on]
                 running[fragment.id] = group.create_task(
-                    run_fragment(fragment, upstream, choices[fragment.id], request, catalog_path, budget, records)
+                    run_fragment(fragment, upstream, request, catalog_path, budget, records)
                 )
     except BaseExceptionGroup as group_error:
         raise _first_cause(group_error) from None
@@ -147,7 +146,6 @@ async def run_plan(
 async def run_fragment(
     fragment: Fragment,
     upstream: list[asyncio.Task[FragmentResult]],
-    choice: ModelChoice,
     request: InferenceRequest,
     catalog_path: str,
     budget_usd: float | None = None,
