@@ -27,7 +27,8 @@ def _writer(root, start):
 
 
 def test_concurrent_writers_lose_nothing_and_partition_by_date(tmp_path):
-    procs = [multiprocessing.Process(target=_writer, args=(tmp_path, k * 100)) for k in range(4)]
+    spawn = multiprocessing.get_context("spawn")  # no fork of a process that runs threads
+    procs = [spawn.Process(target=_writer, args=(tmp_path, k * 100)) for k in range(4)]
     for p in procs:
         p.start()
     for p in procs:
