@@ -46,7 +46,13 @@ class _Share:
 
 
 def ledger_pool(pool_id: str, tenant: str) -> str:
+    """The ledger pool of one tenant's share of a catalog pool."""
     return f"{pool_id}/{tenant}"
+
+
+def catalog_pool_of(ledger_pool_id: str) -> str:
+    """The catalog pool behind a ledger pool (itself for a local pool)."""
+    return ledger_pool_id.split("/", 1)[0]
 
 
 class HostedAIBackend:
@@ -60,13 +66,16 @@ class HostedAIBackend:
         self._shares: dict[tuple[str, str], _Share] = {}
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._synced: set[str] = set()
+        self._ledger: Ledger | None = None
 
     @staticmethod
     def new_allocation_id() -> str:
         return new_allocation_id()
 
     async def ledger(self) -> Ledger:
-        return await asyncio.to_thread(open_ledger, self._settings.pgdata, self._settings.lease_s)
+        if self._ledger is None:  # opened once: no thread hop per ledger call
+            self._ledger = await asyncio.to_thread(open_ledger, self._settings.pgdata, self._settings.lease_s)
+        return self._ledger
 
     def _pool(self, pool_id: str) -> PoolSpec:
         pool = next((p for p in self._catalog.pools if p.id == pool_id and p.backend == "hostedai"), None)
@@ -162,7 +171,7 @@ class HostedAIBackend:
     async def verify(self, allocation: Allocation) -> bool:
         """Whether the allocation's subscription still exists; a vanished one is forgotten, so the
         next allocation subscribes anew."""
-        pool_id = allocation.pool.rsplit("/", 1)[0]
+        pool_id = catalog_pool_of(allocation.pool)
         share = self._shares.get((allocation.tenant, pool_id))
         if share is None:
             return False

@@ -18,7 +18,7 @@ class LocalBackend:
     def __init__(self, settings: Settings, catalog: Catalog):
         self._settings = settings
         self._catalog = catalog
-        self._pools_synced = False
+        self._ledger: Ledger | None = None
         self.servers = ModelServers(
             cache_dir=settings.home / "models",
             log_dir=settings.home / "logs",
@@ -28,11 +28,11 @@ class LocalBackend:
 
     async def ledger(self) -> Ledger:
         """The shared ledger, with the catalog's local pools in it (synced once)."""
-        ledger = await asyncio.to_thread(open_ledger, self._settings.pgdata, self._settings.lease_s)
-        if not self._pools_synced:
+        if self._ledger is None:  # opened and synced once: no thread hop per ledger call
+            ledger = await asyncio.to_thread(open_ledger, self._settings.pgdata, self._settings.lease_s)
             await ledger.sync_pools([p for p in self._catalog.pools if p.backend == "local"])
-            self._pools_synced = True
-        return ledger
+            self._ledger = ledger
+        return self._ledger
 
     @staticmethod
     def new_allocation_id() -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from connectors.hostedai_backend import HostedAIBackend
+from connectors.hostedai_backend import HostedAIBackend, catalog_pool_of
 from connectors.local_backend import LocalBackend
 from connectors.telemetry import serve_metrics
 from homeskillet import catalog as cat
@@ -40,7 +40,7 @@ def backend(catalog_path: str | Path | None = None, name: str = "local") -> Loca
 
 def backend_for_pool(catalog_path: str | Path | None, pool_id: str) -> LocalBackend | HostedAIBackend:
     """The backend that serves a catalog pool (or a hosted·ai ledger pool `<pool>/<tenant>`)."""
-    pool = cat.pool(catalog(catalog_path), pool_id.split("/", 1)[0])
+    pool = cat.pool(catalog(catalog_path), catalog_pool_of(pool_id))
     return backend(catalog_path, pool.backend)
 
 
