@@ -92,7 +92,7 @@ class HostedAIBackend:
         if share_pool not in self._synced:
             await ledger.sync_pools([spec.model_copy(update={"id": share_pool})])
             self._synced.add(share_pool)
-        allocation = await ledger.reserve(
+        await ledger.reserve(
             allocation_id=allocation_id, tenant=tenant, request_id=request_id, pool=share_pool,
             model=model.name, tflops=model.tflops, vram_gb=model.vram_gb, wait_s=wait_s,
         )  # fmt: skip
