@@ -75,6 +75,7 @@ def _parse(data: dict, chat: bool, url: str, total_s: float) -> Completion:
         tokens_out=int(usage.get("completion_tokens", 0)),
         total_s=total_s,
         finish_reason=choice.get("finish_reason"),
+        cost_usd=_cost(usage),
     )
 
 
@@ -110,4 +111,14 @@ async def _read_stream(response: httpx.Response, chat: bool, url: str, started: 
         first_token_s=first,
         total_s=time.perf_counter() - started,
         finish_reason=finish,
+        cost_usd=_cost(usage),
     )
+
+
+def _cost(usage: dict) -> float | None:
+    """The price the provider reports for the call (`usage.cost_usd`, or OpenRouter's `usage.cost`)."""
+    value = usage.get("cost_usd", usage.get("cost"))
+    try:
+        return None if value is None else max(0.0, float(value))
+    except (TypeError, ValueError):
+        return None

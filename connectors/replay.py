@@ -4,6 +4,10 @@ A known prompt asked of a recorded model gets that model's recorded response and
 so routing and fusion run offline over real model behaviour. `ReplayProvider` is the lookup;
 `create_app` serves it as an OpenAI-compatible endpoint (`/v1/chat/completions`, with the
 recorded cost in `usage.cost_usd`).
+
+A record's task type comes from its `eval_name` (ARC and Winogrande are multiple choice, MBPP is
+code); an eval this module does not know is labelled by the request classifier, as a live
+fragment would be.
 """
 
 from __future__ import annotations
@@ -21,11 +25,17 @@ from pydantic import BaseModel
 from homeskillet.errors import InvalidRequest
 
 META = {"Unnamed: 0", "sample_id", "prompt", "eval_name", "oracle_model_to_route_to"}
+EVAL_TASK_TYPES = {
+    "arc-challenge": "multiple_choice", "winogrande": "multiple_choice", "mmlu": "multiple_choice",
+    "hellaswag": "multiple_choice", "mbpp": "code", "grade-school-math": "math", "gsm8k": "math",
+    "mt-bench": "chat",
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
 class Record:
-    task: str  # the file's stem, e.g. arc_challenge_train
+    task: str  # the task type, e.g. multiple_choice (the live flow's label for such a fragment)
+    source: str  # the file's stem, e.g. arc_challenge_train
     sample_id: str
     prompt: str
     responses: dict[str, str]
@@ -60,10 +70,11 @@ def load(path: Path) -> list[Record]:
             f"{path}: not in RouterBench format (needs prompt, sample_id and per model M the columns M, "
             f"M|model_response, M|total_cost); missing {missing[:5] or 'any model columns'}"
         )
-    task = Path(path).stem
+    source = Path(path).stem
     return [
         Record(
-            task=task,
+            task=task_type(row.get("eval_name"), _text(row["prompt"])),
+            source=source,
             sample_id=str(row["sample_id"]),
             prompt=_text(row["prompt"]),
             responses={m: _text(row[f"{m}|model_response"]) for m in models},
@@ -74,21 +85,51 @@ def load(path: Path) -> list[Record]:
     ]
 
 
+def task_type(eval_name: object, prompt: str) -> str:
+    known = EVAL_TASK_TYPES.get(str(eval_name).strip().lower())
+    if known:
+        return known
+    from tasks.decompose import classify
+
+    return classify(prompt.strip().split("\n\n")[-1])
+
+
 def prompt_key(prompt: str) -> str:
     return hashlib.sha256(prompt.strip().encode()).hexdigest()
 
 
+HEAD = 200  # characters of a prompt that index it for prefix lookups
+
+
 class ReplayProvider:
-    """Answers a recorded prompt with a recorded model's response and cost."""
+    """Answers a recorded prompt with a recorded model's response and cost.
+
+    A prompt that extends a recorded one (an aggregator's prompt: the question, then the
+    candidate answers) gets the answer recorded for that question: the recordings hold no
+    answer that saw the candidates.
+    """
 
     def __init__(self, records: list[Record]):
         self._by_prompt = {prompt_key(r.prompt): r for r in records}
+        self._by_head: dict[str, list[Record]] = {}
+        for r in records:
+            self._by_head.setdefault(r.prompt.strip()[:HEAD], []).append(r)
+        self._short = sorted({len(r.prompt.strip()) for r in records if len(r.prompt.strip()) < HEAD})
         self.models = sorted({m for r in records for m in r.responses})
 
-    def answer(self, model: str, prompt: str) -> tuple[str, float]:
-        record = self._by_prompt.get(prompt_key(prompt))
-        if record is None:
+    def record(self, prompt: str) -> Record:
+        found = self._by_prompt.get(prompt_key(prompt))
+        if found is not None:
+            return found
+        text = prompt.strip()
+        heads = [text[:HEAD], *(text[:n] for n in self._short)]
+        extended = [r for h in heads for r in self._by_head.get(h, []) if text.startswith(r.prompt.strip())]
+        if not extended:
             raise LookupError("prompt not in the recordings")
+        return max(extended, key=lambda r: len(r.prompt))
+
+    def answer(self, model: str, prompt: str) -> tuple[str, float]:
+        record = self.record(prompt)
         if model not in record.responses:
             raise LookupError(f"model {model!r} has no recording; recorded: {', '.join(self.models)}")
         return record.responses[model], record.cost[model]

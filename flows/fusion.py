@@ -78,6 +78,7 @@ async def fuse_request(
     constraints: Constraints | None = None,
     request_id: str | None = None,
     catalog_path: str | None = None,
+    routing_stats: str | None = None,
 ) -> FusionResult:
     """Answer one inference request: split it, run each fragment on its own GPU share, fuse.
 
@@ -88,9 +89,12 @@ async def fuse_request(
             escalate when they disagree or the answer is open), ensemble (vote of cheap models),
             moa (proposers, then an aggregator that sees their answers).
         constraints: max_tokens, max_cost_usd, allowed_models, tier, pool, backend ("local" or
-            "hostedai"), fallback_backend, on_preemption, capacity_wait_s.
+            "hostedai"), fallback_backend, on_preemption, capacity_wait_s, split (False keeps the
+            prompt as one fragment), task_type (skip the classifier).
         request_id: An id of your own for the request (default: a new one).
         catalog_path: Another catalog file (default: HOMESKILLET_CATALOG or the packaged one).
+        routing_stats: A file of learned quality and cost per task type and model
+            (`homeskillet learn-routing`); default: the catalog's suitabilities and estimates.
     """
     started = time.perf_counter()
     request = make_request(prompt, tenant, strategy, constraints, request_id)
@@ -98,11 +102,14 @@ async def fuse_request(
     catalog = runtime.catalog(catalog_path)
     cat.check_tenant(catalog, request.tenant)
     limits = request.constraints
-    plan = await decompose(request.prompt, request.request_id, max_context(catalog, limits), limits.max_tokens)
+    if routing_stats is not None:
+        runtime.routing_stats(routing_stats)  # a bad file fails the request before anything is allocated
+    plan = await decompose(request.prompt, request.request_id, max_context(catalog, limits), limits.max_tokens,
+                           limits.split, limits.task_type)  # fmt: skip
     await route(plan, catalog, limits)  # every fragment has a model within the constraints, before any allocation
     records: list[TelemetryRecord] = []
     try:
-        results = await run_plan(plan, request, catalog_path, records)
+        results = await run_plan(plan, request, catalog_path, records, routing_stats)
     except BaseException:
         REQUESTS.labels("error").inc()
         raise
@@ -127,6 +134,7 @@ async def run_plan(
     request: InferenceRequest,
     catalog_path: str,
     records: list[TelemetryRecord] | None = None,
+    routing_stats: str | None = None,
 ) -> dict[str, FragmentResult]:
     """Run every fragment once its dependencies are done; the first failure cancels the rest."""
     budget = fragment_budget(plan, request.constraints)
@@ -136,7 +144,7 @@ async def run_plan(
             for fragment in plan.fragments:  # topological order: dependencies are already scheduled
                 upstream = [running[dep] for dep in fragment.depends_on]
                 running[fragment.id] = group.create_task(
-                    run_fragment(fragment, upstream, request, catalog_path, budget, records)
+                    run_fragment(fragment, upstream, request, catalog_path, budget, records, routing_stats)
                 )
     except BaseExceptionGroup as group_error:
         raise _first_cause(group_error) from None
@@ -150,6 +158,7 @@ async def run_fragment(
     catalog_path: str,
     budget_usd: float | None = None,
     records: list[TelemetryRecord] | None = None,
+    routing_stats: str | None = None,
 ) -> FragmentResult:
     """One fragment under the request's strategy: the policy decides which models to ask (each
     call its own allocation) and whose answer stands; provenance keeps every call."""
@@ -158,6 +167,8 @@ async def run_fragment(
     limits = request.constraints
     catalog = runtime.catalog(catalog_path)
     stats = live_stats(fragment, catalog, limits)
+    if routing_stats is not None:  # learned figures, for the allowed models that have them
+        stats = runtime.routing_stats(routing_stats).only(fragment.task_type, list(stats.quality[fragment.task_type]))
     per_call = None if budget_usd is None else budget_usd / MAX_CALLS[request.strategy]
     calls: list[FragmentResult] = []
 
@@ -274,7 +285,7 @@ async def attempt_fragment(
         tokens_in=completion.tokens_in,
         tokens_out=completion.tokens_out,
         timings=timings,
-        cost_usd=fragment_cost(cat.model(catalog, choice.model), pool, held_s, tokens),
+        cost_usd=fragment_cost(cat.model(catalog, choice.model), pool, held_s, tokens, completion.cost_usd),
         reason=choice.reason,
         attempts=attempt,
     )

@@ -296,27 +296,41 @@ def eval_routing(
     files: Annotated[list[str], typer.Argument(help="RouterBench-format CSV files.")],
     strategy: Annotated[str, typer.Option(help="single, cascade, ensemble or moa.")] = "cascade",
     as_json: Annotated[bool, typer.Option("--json", help="End with one JSON line of the figures.")] = False,
-    folds: Annotated[int, typer.Option(help="Cross-validation folds.")] = 5,
+    folds: Annotated[int, typer.Option(min=2, help="Cross-validation folds.")] = 5,
     model: Annotated[Optional[list[str]], typer.Option(help="Allowed model (repeatable).")] = None,
+    through_flow: Annotated[
+        bool, typer.Option("--through-flow", help="Run every record as a fuse_request flow run (local Prefect server).")
+    ] = False,
+    limit: Annotated[Optional[int], typer.Option(min=1, help="Decide only the first N records of each file.")] = None,
 ) -> None:
     """Replay every record through a routing strategy (k-fold), against every single model and the oracle."""
     from pathlib import Path
 
     from connectors import replay
-    from tasks.policy import evaluate, oracle, single_models
+    from tasks.policy import check_strategy, evaluate, oracle, single_models
 
     try:
+        check_strategy(strategy)
         loaded = {Path(f).stem: replay.load(Path(f)) for f in files}  # all inputs checked before any output
+        if through_flow:
+            use_local_prefect()
+            from flows.eval_routing import evaluate_through_flow
         figures = {}
         for name, records in loaded.items():
-            score, _ = evaluate(records, strategy, folds, model)
-            singles = single_models(records)
+            if through_flow:
+                workdir = get_settings().home / "eval-routing" / name
+                score, _ = asyncio.run(evaluate_through_flow(records, strategy, workdir, folds, model, limit))
+            else:
+                score, _ = evaluate(records, strategy, folds, model, limit)
+            decided = records[:limit]
+            singles = single_models(decided)
             best = max(singles, key=lambda m: (singles[m].accuracy, -singles[m].cost))
-            figures[name] = (len(records), score, singles, best, oracle(records))
+            figures[name] = (len(decided), score, singles, best, oracle(decided))
     except HomeskilletError as exc:
         _fail(exc)
+    how = "through fuse_request" if through_flow else "in process"
     for name, (n, score, singles, best, orc) in figures.items():
-        table = Table(title=f"{name}: {n} records, strategy {strategy}, {folds}-fold")
+        table = Table(title=f"{name}: {n} records, strategy {strategy}, {folds}-fold, {how}")
         for column in ("router", "accuracy", "cost_usd"):
             table.add_column(column)
         table.add_row(f"[bold]{strategy}[/]", f"{score.accuracy:.3f}", f"{score.cost:.4f}")

@@ -37,6 +37,10 @@ class Constraints(_Frozen):
     on_preemption: Literal["same_tier", "dedicated"] = Field(
         "same_tier", description="Where a preempted fragment is re-run."
     )
+    split: bool = Field(True, description="False keeps the prompt as one fragment (e.g. a few-shot prompt).")
+    task_type: TaskType | None = Field(
+        None, description="The task type of the request's fragments, when the caller knows it; None: classified."
+    )
 
 
 class InferenceRequest(_Frozen):
@@ -237,6 +241,7 @@ class Completion(_Frozen):
     first_token_s: float | None = None
     total_s: float
     finish_reason: str | None = None
+    cost_usd: float | None = Field(None, description="What the provider says the call cost, if it says.")
 
 
 class TelemetryRecord(_Frozen):

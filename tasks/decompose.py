@@ -6,6 +6,9 @@
 - "Summarize …: <long text>" that does not fit one model's context is chunked (map) and the
   chunk summaries are combined by a final fragment that depends on all of them (reduce);
 - anything else is one fragment. A fragment that fits no allowed model is an error.
+
+A request may ask not to be split (`split=False`: a few-shot prompt is one question) and may
+declare its task type instead of leaving it to the classifier.
 """
 
 from __future__ import annotations
@@ -56,18 +59,25 @@ def classify(text: str) -> TaskType:
     return _classifier().predict(text)[0]  # type: ignore[return-value]
 
 
-def decompose_prompt(prompt: str, request_id: str, max_context: int, max_tokens: int) -> Plan:
+def decompose_prompt(
+    prompt: str,
+    request_id: str,
+    max_context: int,
+    max_tokens: int,
+    split: bool = True,
+    task_type: TaskType | None = None,
+) -> Plan:
     """The plan for a prompt, given the largest context among allowed models and the output budget."""
     budget = max_context - max_tokens - PROMPT_OVERHEAD_TOKENS
     if budget <= 0:
         raise InvalidRequest(f"max_tokens {max_tokens} leaves no room for a prompt in a {max_context}-token context")
     summary = _SUMMARY.match(prompt)
-    if summary and estimate_tokens(prompt) > budget:
+    if split and summary and estimate_tokens(prompt) > budget:
         return _map_reduce(summary.group("body"), request_id, budget, max_context, max_tokens)
-    parts = _numbered_items(prompt) or _asks(prompt) or [prompt]
+    parts = (_numbered_items(prompt) or _asks(prompt) or [prompt]) if split else [prompt]
     if len(parts) > MAX_FRAGMENTS:
         raise InvalidRequest(f"prompt has {len(parts)} parts; at most {MAX_FRAGMENTS} fragments per request")
-    fragments = [_fragment(f"f{i}", text) for i, text in enumerate(parts, start=1)]
+    fragments = [_fragment(f"f{i}", text, task_type) for i, text in enumerate(parts, start=1)]
     for fragment in fragments:
         if fragment.est_prompt_tokens > budget:
             where = "prompt" if len(fragments) == 1 else f"part {fragment.id}"
@@ -176,5 +186,7 @@ def _chunk(text: str, max_chars: int) -> list[str]:
 
 
 @task(name="decompose", cache_policy=NO_CACHE)
-async def decompose(prompt: str, request_id: str, max_context: int, max_tokens: int) -> Plan:
-    return decompose_prompt(prompt, request_id, max_context, max_tokens)
+async def decompose(
+    prompt: str, request_id: str, max_context: int, max_tokens: int, split: bool = True, task_type: TaskType | None = None
+) -> Plan:
+    return decompose_prompt(prompt, request_id, max_context, max_tokens, split, task_type)

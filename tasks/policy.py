@@ -8,10 +8,12 @@ evaluation command and, later, the live flow use the same code.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from connectors.replay import Record, ReplayProvider
 from homeskillet.errors import InvalidRequest, NoRoute
@@ -21,18 +23,18 @@ CHEAP = 0.2  # a "cheap" model costs at most this share of the best model's mean
 
 
 def normalise(task: str, text: str) -> str:
-    """The task's answer normalisation: a choice letter for multiple choice, the last number for
-    math, the code block (or the text) with whitespace collapsed for anything else."""
+    """The task type's answer normalisation: the choice letter for multiple choice (options 1-4
+    count as A-D), the last number for math, the code block (or the text) with whitespace
+    collapsed for anything else."""
     text = (text or "").strip()
-    if task.startswith("math"):
+    if task == "math":
         numbers = re.findall(r"-?\d+(?:\.\d+)?", text.replace(",", ""))
         return numbers[-1] if numbers else ""
-    if task.startswith(("arc", "winogra", "multiple_choice")):
-        letters = "AB12" if task.startswith("winogra") else "ABCD"
-        match = re.search(rf"(?<![A-Za-z0-9])([{letters}])(?![A-Za-z0-9])", text)
+    if task == "multiple_choice":
+        match = re.search(r"(?<![A-Za-z0-9])([ABCD1234])(?![A-Za-z0-9])", text)
         if not match:
             return ""
-        return {"1": "A", "2": "B"}.get(match.group(1), match.group(1))
+        return {"1": "A", "2": "B", "3": "C", "4": "D"}.get(match.group(1), match.group(1))
     block = re.search(r"```(?:python)?\s*(.*?)```", text, re.DOTALL)
     return " ".join((block.group(1) if block else text).split())
 
@@ -59,6 +61,29 @@ class Stats:
         limit = self.cost[task][best] * self.cheap_share
         cheap = [m for m in models if m != best and self.cost[task][m] <= limit]
         return sorted(cheap, key=lambda m: (-self.quality[task][m], self.cost[task][m]))
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(asdict(self), indent=1))
+
+    @classmethod
+    def load(cls, path: Path) -> Stats:
+        """Stats written by `save`; a clear error for a file that is not one."""
+        try:
+            data = json.loads(Path(path).read_text())
+            return cls(data["quality"], data["cost"], float(data.get("cheap_share", CHEAP)))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise InvalidRequest(f"{path}: not a routing-stats file ({type(exc).__name__}: {exc})") from None
+
+    def only(self, task: str, models: list[str]) -> Stats:
+        """These stats restricted to one task and the given models (those it has figures for)."""
+        if task not in self.quality:
+            raise NoRoute(f"the routing stats have no figures for task type {task!r}; they cover "
+                          f"{', '.join(sorted(self.quality))}")  # fmt: skip
+        known = [m for m in models if m in self.quality[task] and m in self.cost[task]]
+        if not known:
+            raise NoRoute(f"no allowed model has routing figures for {task!r}: allowed {', '.join(models)}")
+        return Stats({task: {m: self.quality[task][m] for m in known}}, {task: {m: self.cost[task][m] for m in known}},
+                     self.cheap_share)  # fmt: skip
 
 
 def fit(records: list[Record]) -> Stats:
@@ -87,15 +112,14 @@ Ask = Callable[[str, "str | None"], Awaitable[str]]
 
 def closed_task(task: str) -> bool:
     """Tasks whose answers can be compared, so that agreement and votes mean something."""
-    return task.startswith(("arc", "winogra", "multiple_choice", "math"))
+    return task in ("multiple_choice", "math")
 
 
 async def decide(
     strategy: str, task: str, prompt: str, stats: Stats, allowed: list[str], ask: Ask
 ) -> Decision:
     """One fragment under a strategy; the same code replays RouterBench and runs live fragments."""
-    if strategy not in STRATEGIES:
-        raise InvalidRequest(f"unknown strategy {strategy!r}; known: {', '.join(STRATEGIES)}")
+    check_strategy(strategy)
     best = stats.best(task, allowed)
     cheap = stats.cheap(task, allowed)
     closed = closed_task(task)
@@ -153,30 +177,50 @@ class Score:
     cost: float
 
 
+def fold_of(index: int, folds: int) -> int:
+    """Record i is held out in fold i mod k (files are in no meaningful order)."""
+    return index % folds
+
+
+def check_strategy(strategy: str) -> None:
+    if strategy not in STRATEGIES:
+        raise InvalidRequest(f"unknown strategy {strategy!r}; known: {', '.join(STRATEGIES)}")
+
+
+def check_models(records: list[Record], allowed: list[str] | None) -> list[str]:
+    models = sorted(records[0].responses)
+    unknown = [m for m in allowed or [] if m not in models]
+    if unknown:
+        raise NoRoute(f"model(s) {unknown} have no recordings; recorded: {', '.join(models)}")
+    return list(allowed or models)
+
+
+def score(records: list[Record], answers: list[str], cost: float) -> Score:
+    correct = sum(is_correct(r, normalise(r.task, a)) for r, a in zip(records, answers))
+    return Score(correct / len(records), cost)
+
+
 def evaluate(
-    records: list[Record], strategy: str, folds: int = 5, allowed: list[str] | None = None
+    records: list[Record], strategy: str, folds: int = 5, allowed: list[str] | None = None, limit: int | None = None
 ) -> tuple[Score, list[Decision]]:
-    """k-fold: fit on k-1 folds, decide on the held-out fold; accuracy and total cost over all.
+    """k-fold: fit on k-1 folds, decide on the held-out fold; accuracy and total cost over the
+    first `limit` records (all by default), each decided by the stats of the folds without it.
 
     Replay cannot show an aggregator the proposals (its recorded answer saw only the prompt), so
     `moa` here pays the proposers and returns the aggregator's recorded answer.
     """
-    if strategy not in STRATEGIES:
-        raise InvalidRequest(f"unknown strategy {strategy!r}; known: {', '.join(STRATEGIES)}")
-    models = sorted(records[0].responses)
-    allowed = allowed or models
-    unknown = [m for m in allowed if m not in models]
-    if unknown:
-        raise NoRoute(f"model(s) {unknown} have no recordings; recorded: {', '.join(models)}")
+    check_strategy(strategy)
+    allowed = check_models(records, allowed)
     provider = ReplayProvider(records)
-    decisions: list[Decision] = [Decision("")] * len(records)
+    n = len(records) if limit is None else min(limit, len(records))
+    decisions: list[Decision] = [Decision("")] * n
     total_cost = 0.0
 
     async def run() -> None:
         nonlocal total_cost
         for k in range(folds):
-            stats = fit([r for i, r in enumerate(records) if i % folds != k])
-            for i in range(k, len(records), folds):
+            stats = fit([r for i, r in enumerate(records) if fold_of(i, folds) != k])
+            for i in range(k, n, folds):
                 record = records[i]
 
                 async def ask(model: str, _prompt: str | None = None, record: Record = record) -> str:
@@ -188,14 +232,12 @@ def evaluate(
                 decisions[i] = await decide(strategy, record.task, record.prompt, stats, allowed, ask)
 
     asyncio.run(run())
-    correct = sum(is_correct(r, normalise(r.task, d.answer)) for r, d in zip(records, decisions))
-    return Score(correct / len(records), total_cost), decisions
+    return score(records[:n], [d.answer for d in decisions], total_cost), decisions
 
 
 def single_models(records: list[Record]) -> dict[str, Score]:
     return {
-        m: Score(sum(is_correct(r, normalise(r.task, r.responses[m])) for r in records) / len(records),
-                 sum(r.cost[m] for r in records))  # fmt: skip
+        m: score(records, [r.responses[m] for r in records], sum(r.cost[m] for r in records))
         for m in sorted(records[0].responses)
     }
 

@@ -22,9 +22,13 @@ def fits(model: ModelSpec, pool: PoolSpec) -> bool:
     return model.tflops <= pool.tflops + EPS and model.vram_gb <= pool.vram_gb + EPS
 
 
-def fragment_cost(model: ModelSpec, pool: PoolSpec, held_s: float, tokens: int) -> float:
-    """What a fragment cost: its slice for the time it was held, plus per-token price if any."""
-    return slice_rate(model, pool) * held_s / 3600 + model.cost_per_1k_tokens * tokens / 1000
+def fragment_cost(
+    model: ModelSpec, pool: PoolSpec, held_s: float, tokens: int, reported_usd: float | None = None
+) -> float:
+    """What a fragment cost: its slice for the time it was held, plus the provider's reported
+    price for the call or, when it reports none, the catalog's per-token price."""
+    usage = model.cost_per_1k_tokens * tokens / 1000 if reported_usd is None else reported_usd
+    return slice_rate(model, pool) * held_s / 3600 + usage
 
 
 def estimate_cost(model: ModelSpec, pool: PoolSpec, prompt_tokens: int, max_tokens: int) -> float:

@@ -10,9 +10,11 @@ from connectors.local_backend import LocalBackend
 from connectors.telemetry import serve_metrics
 from homeskillet import catalog as cat
 from homeskillet.catalog import load_catalog, with_measured_speeds
+from homeskillet.errors import InvalidRequest
 from homeskillet.schemas import Catalog
 from homeskillet.settings import Settings, get_settings
 from tasks.credentials import hostedai_credentials
+from tasks.policy import Stats
 
 
 @lru_cache
@@ -61,6 +63,21 @@ def _serve_metrics_once() -> None:
 
 def settings() -> Settings:
     return get_settings()
+
+
+def routing_stats(path: str | Path) -> Stats:
+    """Learned routing figures (`homeskillet learn-routing`), loaded once per file version."""
+    path = Path(path).resolve()
+    try:
+        version = path.stat().st_mtime_ns
+    except OSError as exc:
+        raise InvalidRequest(f"routing stats {path}: {exc.strerror}") from None
+    return _routing_stats(path, version)
+
+
+@lru_cache(maxsize=16)
+def _routing_stats(path: Path, version: int) -> Stats:
+    return Stats.load(path)
 
 
 def _key(catalog_path: str | Path | None) -> tuple[Path, Path]:

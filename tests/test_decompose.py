@@ -113,3 +113,14 @@ def test_classify(text, kind):
 def test_estimate_tokens_is_conservative():
     assert estimate_tokens("abcdef") == 2
     assert estimate_tokens("") == 1
+
+
+def test_a_request_may_keep_its_prompt_whole_and_declare_its_task_type():
+    few_shot = "Which is a gas?\nA) ice\nB) steam\nAnswer: B\n\nWhich is a metal?\nA) iron\nB) wood\nAnswer:"
+    assert len(decompose_prompt(few_shot, "r", 2048, 64).fragments) == 2  # split by default: two questions
+    (whole,) = decompose_prompt(few_shot, "r", 2048, 64, split=False, task_type="multiple_choice").fragments
+    assert whole.text == few_shot and whole.task_type == "multiple_choice"
+    (declared,) = decompose_prompt("Tell me about the sea.", "r", 2048, 64, task_type="code").fragments
+    assert declared.task_type == "code"
+    with pytest.raises(InvalidRequest, match="beyond every allowed model's context"):
+        decompose_prompt("Summarize: " + "word " * 3000, "r", 2048, 64, split=False)  # no map-reduce either

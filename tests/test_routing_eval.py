@@ -6,13 +6,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import asyncio
+
 import httpx
 import pandas as pd
 import pytest
 
 from connectors.replay import ReplayProvider, create_app, load
 from homeskillet.errors import InvalidRequest, NoRoute
-from tasks.policy import evaluate, is_correct, normalise, oracle, single_models
+from tasks.policy import Stats, evaluate, fit, is_correct, normalise, oracle, single_models
 
 ROUTERBENCH = Path(__file__).resolve().parents[2] / "shared" / "data" / "routerbench"
 HOMESKILLET = str(Path(sys.executable).with_name("homeskillet"))
@@ -22,7 +24,7 @@ def write_bench(path: Path, rows: list[dict]) -> Path:
     """A RouterBench-format file: models cheap-a, cheap-b (cost 1) and big (cost 10)."""
     table = []
     for i, r in enumerate(rows):
-        row = {"sample_id": f"s{i}", "prompt": str([f"Q{i}?\nA) x\nB) y\nAnswer:"]), "eval_name": "arc"}
+        row = {"sample_id": f"s{i}", "prompt": str([f"Q{i}?\nA) x\nB) y\nAnswer:"]), "eval_name": "arc-challenge"}
         for model, cost in (("cheap-a", 1.0), ("cheap-b", 1.0), ("big", 10.0)):
             answer = r[model]
             row[model] = 1.0 if answer == r["gold"] else 0.0
@@ -33,10 +35,20 @@ def write_bench(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def test_normalisation_per_task():
-    assert normalise("arc_challenge_train", "The answer is C.") == "C"
-    assert normalise("winograde_train", "2") == "B"
-    assert normalise("mbpp_train", "Sure:\n```python\ndef f():\n    return 1\n```") == "def f(): return 1"
+def test_normalisation_per_task_type():
+    assert normalise("multiple_choice", "The answer is C.") == "C"
+    assert normalise("multiple_choice", "2") == "B"  # Winogrande's options 1/2 are A/B
+    assert normalise("multiple_choice", "I cannot tell") == ""
+    assert normalise("math", "12 apples, so 1,234.5 in all") == "1234.5"
+    assert normalise("code", "Sure:\n```python\ndef f():\n    return 1\n```") == "def f(): return 1"
+
+
+@pytest.mark.skipif(not ROUTERBENCH.exists(), reason="the shared RouterBench files are not beside the checkout")
+def test_records_take_their_task_type_from_the_eval_name():
+    arc = load(ROUTERBENCH / "arc_challenge_train.csv")[:3]
+    mbpp = load(ROUTERBENCH / "mbpp_train.csv")[:3]
+    assert {r.task for r in arc} == {"multiple_choice"} and {r.task for r in mbpp} == {"code"}
+    assert {r.source for r in arc} == {"arc_challenge_train"}
 
 
 def test_cascade_accepts_agreement_and_escalates_disagreement(tmp_path):
@@ -83,6 +95,62 @@ async def test_replay_provider_serves_recorded_answers_over_the_openai_api(tmp_p
         assert answer["choices"][0]["message"]["content"] == "B" and answer["usage"]["cost_usd"] == 1.0
         unknown = await client.post("/v1/chat/completions", json={**body, "messages": [{"role": "user", "content": "?"}]})
         assert unknown.status_code == 404
+
+
+def test_an_aggregator_prompt_gets_the_answer_recorded_for_its_question(tmp_path):
+    records = load(write_bench(tmp_path / "arc_challenge_train.csv", [
+        dict(gold="A", **{"cheap-a": "B", "cheap-b": "A", "big": "A"}),
+        dict(gold="B", **{"cheap-a": "B", "cheap-b": "A", "big": "C"}),
+    ] * 6))  # fmt: skip
+    provider = ReplayProvider(records)
+    question = records[11].prompt  # "Q11?…", whose text extends no other record's ("Q1?…" is not its prefix)
+    aggregate = f"{question}\n\nCandidate answers from other models:\n1. B\n\nUsing them, give the single best answer."
+    assert provider.answer("big", aggregate) == ("C", 10.0)
+    with pytest.raises(LookupError, match="not in the recordings"):
+        provider.answer("big", "Q99?\nA) x")
+
+
+def test_routing_stats_round_trip_and_bad_files(tmp_path):
+    records = load(write_bench(tmp_path / "arc_challenge_train.csv", [dict(gold="A", **{"cheap-a": "A", "cheap-b": "B", "big": "A"})] * 5))
+    stats = fit(records)
+    stats.save(tmp_path / "stats.json")
+    assert Stats.load(tmp_path / "stats.json") == stats
+    assert stats.quality["multiple_choice"] == {"big": 1.0, "cheap-a": 1.0, "cheap-b": 0.0}
+    narrowed = stats.only("multiple_choice", ["big", "smollm2-135m"])
+    assert narrowed.quality == {"multiple_choice": {"big": 1.0}}
+    with pytest.raises(NoRoute, match="no figures for task type 'code'"):
+        stats.only("code", ["big"])
+    with pytest.raises(NoRoute, match="no allowed model has routing figures"):
+        stats.only("multiple_choice", ["smollm2-135m"])
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    with pytest.raises(InvalidRequest, match="not a routing-stats file"):
+        Stats.load(tmp_path / "bad.json")
+
+
+THROUGH_FLOW_ROWS = (
+    [dict(gold="A", **{"cheap-a": "A", "cheap-b": "A", "big": "A"})] * 3  # agree, right
+    + [dict(gold="B", **{"cheap-a": "A", "cheap-b": "C", "big": "B"})]  # disagree: big is right
+    + [dict(gold="B", **{"cheap-a": "A", "cheap-b": "A", "big": "B"})]  # agree, both wrong
+)
+
+
+@pytest.mark.parametrize("strategy", ["cascade", "moa"])
+async def test_through_flow_gives_the_in_process_figures(tmp_path, strategy, assert_no_leaks):
+    """Each record as a real fuse_request run (replay provider on loopback, recorded costs reported
+    in usage): the same decisions, accuracy and cost as the in-process evaluation."""
+    from flows.eval_routing import evaluate_through_flow
+
+    records = load(write_bench(tmp_path / "arc_challenge_train.csv", list(THROUGH_FLOW_ROWS) * 3))
+    expected, decisions = await asyncio.to_thread(evaluate, records, strategy, 3, None, 10)
+    score, fused = await evaluate_through_flow(records, strategy, tmp_path / "work", folds=3, limit=10)
+    assert len(fused) == 10
+    assert score.accuracy == expected.accuracy and score.cost == pytest.approx(expected.cost)
+    for decision, result in zip(decisions, fused):
+        (fragment,) = result.fragments
+        assert fragment.models_called == decision.models and fragment.strategy == strategy
+        assert len(set(fragment.allocation_ids)) == len(decision.models)  # one GPU share per call
+    if strategy == "cascade":
+        assert 0 < expected.accuracy < 1 and any("escalated" in f.fragments[0].reason for f in fused)
 
 
 @pytest.mark.skipif(not ROUTERBENCH.exists(), reason="the shared RouterBench files are not beside the checkout")

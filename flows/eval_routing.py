@@ -1,0 +1,111 @@
+"""Routing evaluation through the flow itself: RouterBench records as real `fuse_request` runs.
+
+The replay provider serves the recorded answers over real HTTP on loopback; a replay catalog
+names the 11 recorded models as OpenAI-compatible models behind it, on a zero-price pool, so
+that what a request costs is what the provider reports: the recorded cost of each call. Each
+fold's routing figures are learned from the other folds and handed to the flow as a
+routing-stats file. A record is one request: its few-shot prompt is kept as one fragment and
+its task type is declared, as an API caller that knows its task would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import yaml
+
+from connectors.replay import Record, ReplayProvider, create_app
+from flows.fusion import fuse_request
+from homeskillet.schemas import FusionResult
+from tasks.policy import Score, check_models, check_strategy, fit, fold_of, score
+
+POOL = "replay"
+TENANT = "demo"
+
+
+def replay_catalog(models: list[str], base_url: str) -> dict:
+    """A catalog whose models are the recorded ones, served by the replay provider at base_url."""
+    return {
+        "models": [
+            {"name": m, "family": f"{m} (RouterBench recordings)", "parameters_m": 1, "context_length": 200_000,
+             "prompt_style": "chat", "tflops": 0, "vram_gb": 0, "tokens_per_second": 1000, "task_types": {},
+             "serving": {"kind": "openai", "base_url": base_url, "model": m}}  # fmt: skip
+            for m in models
+        ],
+        "pools": [{"id": POOL, "tier": "dedicated", "tflops": 1000, "vram_gb": 1000, "price_per_hour": 0}],
+        "tenants": [{"id": TENANT, "description": "routing evaluation"}],
+    }
+
+
+@contextmanager
+def serve_replay(records: list[Record]) -> Iterator[str]:
+    """The replay provider on a free loopback port, in a thread of this process; yields its /v1 URL."""
+    import uvicorn
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(ReplayProvider(records)), host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, name="replay-provider", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"the replay provider did not start on 127.0.0.1:{port}")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+async def evaluate_through_flow(
+    records: list[Record],
+    strategy: str,
+    workdir: Path,
+    folds: int = 5,
+    allowed: list[str] | None = None,
+    limit: int | None = None,
+    concurrency: int = 4,
+) -> tuple[Score, list[FusionResult]]:
+    """Like `tasks.policy.evaluate`, but every decided record is a `fuse_request` run; accuracy
+    from the fused answers, cost from what the flow says each request cost."""
+    check_strategy(strategy)
+    allowed = check_models(records, allowed)
+    n = len(records) if limit is None else min(limit, len(records))
+    workdir.mkdir(parents=True, exist_ok=True)
+    results: list[FusionResult | None] = [None] * n
+    gate = asyncio.Semaphore(concurrency)
+    with serve_replay(records) as base_url:
+        catalog = workdir / "replay-catalog.yaml"
+        catalog.write_text(yaml.safe_dump(replay_catalog(sorted(records[0].responses), base_url)))
+        stats_files = {}
+        for k in range(folds):
+            stats_files[k] = workdir / f"routing-stats-fold{k}.json"
+            fit([r for i, r in enumerate(records) if fold_of(i, folds) != k]).save(stats_files[k])
+
+        async def one(i: int) -> None:
+            record = records[i]
+            async with gate:
+                results[i] = await fuse_request(
+                    record.prompt,
+                    tenant=TENANT,
+                    strategy=strategy,
+                    constraints={"split": False, "task_type": record.task, "allowed_models": allowed,
+                                 "max_tokens": 1024},  # fmt: skip
+                    catalog_path=str(catalog),
+                    routing_stats=str(stats_files[fold_of(i, folds)]),
+                )
+
+        await asyncio.gather(*(one(i) for i in range(n)))
+    done = [r for r in results if r is not None]
+    return score(records[:n], [r.answer for r in done], sum(r.cost_usd for r in done)), done
