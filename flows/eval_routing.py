@@ -23,7 +23,7 @@ import yaml
 from connectors.replay import Record, ReplayProvider, create_app
 from flows.fusion import fuse_request
 from homeskillet.schemas import FusionResult
-from tasks.policy import Score, check_models, check_strategy, fit, fold_of, score
+from tasks.policy import BUDGET, Score, check_models, check_strategy, fit, fold_of, score
 
 POOL = "replay"
 TENANT = "demo"
@@ -75,6 +75,7 @@ async def evaluate_through_flow(
     folds: int = 5,
     allowed: list[str] | None = None,
     limit: int | None = None,
+    budget_share: float = BUDGET,
     concurrency: int = 4,
 ) -> tuple[Score, list[FusionResult]]:
     """Like `tasks.policy.evaluate`, but every decided record is a `fuse_request` run; accuracy
@@ -91,7 +92,7 @@ async def evaluate_through_flow(
         stats_files = {}
         for k in range(folds):
             stats_files[k] = workdir / f"routing-stats-fold{k}.json"
-            fit([r for i, r in enumerate(records) if fold_of(i, folds) != k]).save(stats_files[k])
+            fit([r for i, r in enumerate(records) if fold_of(i, folds) != k], budget_share, allowed).save(stats_files[k])
 
         async def one(i: int) -> None:
             record = records[i]

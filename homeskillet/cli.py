@@ -302,6 +302,9 @@ def eval_routing(
         bool, typer.Option("--through-flow", help="Run every record as a fuse_request flow run (local Prefect server).")
     ] = False,
     limit: Annotated[Optional[int], typer.Option(min=1, help="Decide only the first N records of each file.")] = None,
+    budget_share: Annotated[
+        float, typer.Option(min=0.0, help="A learned cascade may cost this share of the best model's mean cost.")
+    ] = 0.25,
 ) -> None:
     """Replay every record through a routing strategy (k-fold), against every single model and the oracle."""
     from pathlib import Path
@@ -319,9 +322,11 @@ def eval_routing(
         for name, records in loaded.items():
             if through_flow:
                 workdir = get_settings().home / "eval-routing" / name
-                score, _ = asyncio.run(evaluate_through_flow(records, strategy, workdir, folds, model, limit))
+                score, _ = asyncio.run(
+                    evaluate_through_flow(records, strategy, workdir, folds, model, limit, budget_share)
+                )
             else:
-                score, _ = evaluate(records, strategy, folds, model, limit)
+                score, _ = evaluate(records, strategy, folds, model, limit, budget_share)
             decided = records[:limit]
             singles = single_models(decided)
             best = max(singles, key=lambda m: (singles[m].accuracy, -singles[m].cost))

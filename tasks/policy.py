@@ -16,10 +16,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from connectors.replay import Record, ReplayProvider
+from tasks.cascade import CascadePlan, Outcomes, default_plan, is_valid, learn_plan
 from homeskillet.errors import InvalidRequest, NoRoute
 
 STRATEGIES = ("single", "cascade", "ensemble", "moa")
 CHEAP = 0.2  # a "cheap" model costs at most this share of the best model's mean cost
+BUDGET = 0.25  # a learned cascade may cost at most this share of the best model's mean cost
 
 
 def normalise(task: str, text: str) -> str:
@@ -51,6 +53,7 @@ class Stats:
     quality: dict[str, dict[str, float]]  # task → model → accuracy
     cost: dict[str, dict[str, float]]  # task → model → mean cost per query
     cheap_share: float = CHEAP  # "cheap" means at most this share of the best model's cost
+    plans: dict[str, CascadePlan] = field(default_factory=dict)  # task → learned cascade
 
     def best(self, task: str, models: list[str]) -> str:
         return max(models, key=lambda m: (self.quality[task][m], -self.cost[task][m]))
@@ -70,8 +73,9 @@ class Stats:
         """Stats written by `save`; a clear error for a file that is not one."""
         try:
             data = json.loads(Path(path).read_text())
-            return cls(data["quality"], data["cost"], float(data.get("cheap_share", CHEAP)))
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+            plans = {task: CascadePlan(**plan) for task, plan in (data.get("plans") or {}).items()}
+            return cls(data["quality"], data["cost"], float(data.get("cheap_share", CHEAP)), plans)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise InvalidRequest(f"{path}: not a routing-stats file ({type(exc).__name__}: {exc})") from None
 
     def only(self, task: str, models: list[str]) -> Stats:
@@ -82,19 +86,35 @@ class Stats:
         known = [m for m in models if m in self.quality[task] and m in self.cost[task]]
         if not known:
             raise NoRoute(f"no allowed model has routing figures for {task!r}: allowed {', '.join(models)}")
+        plan = self.plans.get(task)
+        plans = {task: plan} if plan and set(plan.probes + [plan.escalate]) <= set(known) else {}
         return Stats({task: {m: self.quality[task][m] for m in known}}, {task: {m: self.cost[task][m] for m in known}},
-                     self.cheap_share)  # fmt: skip
+                     self.cheap_share, plans)  # fmt: skip
 
 
-def fit(records: list[Record]) -> Stats:
+def fit(records: list[Record], budget_share: float = BUDGET, allowed: list[str] | None = None) -> Stats:
+    """Quality and mean cost per task type and model, and per task type the cascade plan that is
+    most accurate on these records within budget_share of the best model's mean cost."""
     quality: dict[str, dict[str, float]] = {}
     cost: dict[str, dict[str, float]] = {}
+    plans: dict[str, CascadePlan] = {}
     for task in {r.task for r in records}:
         mine = [r for r in records if r.task == task]
-        models = mine[0].responses.keys()
+        models = [m for m in mine[0].responses if allowed is None or m in allowed]
         quality[task] = {m: sum(r.correct[m] for r in mine) / len(mine) for m in models}
         cost[task] = {m: sum(r.cost[m] for r in mine) / len(mine) for m in models}
-    return Stats(quality, cost)
+        answers = {m: [normalise(task, r.responses[m]) for r in mine] for m in models}
+        outcomes = Outcomes(
+            answers=answers,
+            valid={m: [is_valid(task, a, r.responses[m]) for a, r in zip(answers[m], mine)] for m in models},
+            correct={m: [is_correct(r, a) for a, r in zip(answers[m], mine)] for m in models},
+            cost={m: [r.cost[m] for r in mine] for m in models},
+        )
+        best = max(models, key=lambda m: (quality[task][m], -cost[task][m]))
+        plan = learn_plan(task, outcomes, quality[task], budget_share * cost[task][best])
+        if plan is not None:
+            plans[task] = plan
+    return Stats(quality, cost, plans=plans)
 
 
 @dataclass
@@ -137,17 +157,14 @@ async def decide(
         decision.answer, _ = await call(model)
         decision.why = f"{model}: quality {stats.quality[task][model]:.3f} at the lowest cost"
     elif strategy == "cascade":
-        probes = cheap[: 2 if closed else 1]
-        answers = [await call(m) for m in probes]
-        agree = closed and len(answers) == 2 and answers[0][1] != "" and answers[0][1] == answers[1][1]
-        decision.confidence = 1.0 if agree else 0.0
-        if agree:
-            decision.answer = answers[0][0]
-            decision.why = f"{' and '.join(probes)} agree"
-        else:
+        learned = stats.plans.get(task)
+        plan = learned if learned and set(learned.probes + [learned.escalate]) <= set(allowed) else None
+        plan = plan or default_plan(task, cheap, best)
+        if plan is None:
             decision.answer, _ = await call(best)
-            reason = "probes disagree or gave no valid answer" if closed else "open answer: no agreement signal"
-            decision.why = f"escalated to {best}: {reason}"
+            decision.why = f"asked {best} at once: no two cheap models to compare, or no signal for {task} answers"
+        else:
+            await cascade(plan, task, call, decision, learned=plan is learned)
     elif strategy == "ensemble":
         members = cheap[:3] or [best]
         answers = {m: await call(m) for m in members}
@@ -169,6 +186,39 @@ async def decide(
         decision.answer, _ = await call(best, aggregate)
         decision.why = f"aggregator {best} over proposers {', '.join(proposers)}"
     return decision
+
+
+async def cascade(
+    plan: CascadePlan, task: str, call: Callable[[str], Awaitable[tuple[str, str]]], decision: Decision, learned: bool
+) -> None:
+    """Ask the plan's probes until it can decide; accept a probe's answer or escalate."""
+    raws: list[str] = []
+    answers: list[str] = []
+    valid: list[bool] = []
+    verdict, chosen = "ask", None
+    for probe in plan.probes:
+        raw, answer = await call(probe)
+        raws.append(raw)
+        answers.append(answer)
+        valid.append(is_valid(task, answer, raw))
+        verdict, chosen = plan.step(answers, valid)
+        if verdict != "ask":
+            break
+    source = "learned" if learned else "default"
+    if verdict == "accept":
+        decision.answer = raws[chosen]
+        if plan.signal == "agreement":
+            agreeing = answers.count(answers[chosen])
+            decision.confidence = agreeing / len(answers)
+            decision.why = f"{source} cascade: {agreeing} of {len(answers)} probes agree on {answers[chosen]!r}"
+        else:
+            decision.confidence = 1.0
+            decision.why = f"{source} cascade: {plan.probes[chosen]} gave valid {task}"
+        return
+    decision.confidence = 0.0
+    decision.answer, _ = await call(plan.escalate)
+    reason = "the probes do not agree" if plan.signal == "agreement" else f"no probe gave valid {task}"
+    decision.why = f"{source} cascade escalated to {plan.escalate}: {reason} ({plan.describe()})"
 
 
 @dataclass(frozen=True)
@@ -201,7 +251,12 @@ def score(records: list[Record], answers: list[str], cost: float) -> Score:
 
 
 def evaluate(
-    records: list[Record], strategy: str, folds: int = 5, allowed: list[str] | None = None, limit: int | None = None
+    records: list[Record],
+    strategy: str,
+    folds: int = 5,
+    allowed: list[str] | None = None,
+    limit: int | None = None,
+    budget_share: float = BUDGET,
 ) -> tuple[Score, list[Decision]]:
     """k-fold: fit on k-1 folds, decide on the held-out fold; accuracy and total cost over the
     first `limit` records (all by default), each decided by the stats of the folds without it.
@@ -219,7 +274,7 @@ def evaluate(
     async def run() -> None:
         nonlocal total_cost
         for k in range(folds):
-            stats = fit([r for i, r in enumerate(records) if fold_of(i, folds) != k])
+            stats = fit([r for i, r in enumerate(records) if fold_of(i, folds) != k], budget_share, allowed)
             for i in range(k, n, folds):
                 record = records[i]
 

@@ -58,13 +58,35 @@ def test_cascade_accepts_agreement_and_escalates_disagreement(tmp_path):
     ]
     records = load(write_bench(tmp_path / "arc_challenge_train.csv", rows * 5))
     assert len({r.prompt for r in records}) == 20
-    score, decisions = evaluate(records, "cascade", folds=5)
+    # the plan "both cheap models agree, else big" costs 4.5 a record on average: half of big's 10
+    score, decisions = evaluate(records, "cascade", folds=5, budget_share=0.5)
     assert score.accuracy == 1.0
     assert score.cost == pytest.approx(15 * 2 + 5 * 12)  # agreements pay 2, escalations 12
     escalated = [d for d in decisions if "escalated" in d.why]
     assert len(escalated) == 5 and all(d.models[-1] == "big" and d.confidence == 0 for d in escalated)
+    assert all(d.confidence == 1.0 and "learned cascade: 2 of 2 probes agree" in d.why for d in decisions if d not in escalated)
+    # within a quarter of big's cost the most accurate plan left is one cheap model on its own
+    cheap, decisions = evaluate(records, "cascade", folds=5, budget_share=0.25)
+    assert (cheap.accuracy, cheap.cost) == (0.75, 20.0) and all(len(d.models) == 1 for d in decisions)
     assert oracle(records).cost == pytest.approx(15 * 1 + 5 * 10)  # the cheapest right model each time
     assert single_models(records)["big"].accuracy == 1.0
+
+
+def test_a_code_cascade_escalates_answers_that_are_not_valid_code(tmp_path):
+    from tasks.cascade import CascadePlan, is_valid
+
+    assert is_valid("code", "", "Here:\n```python\ndef f(x):\n    return x\n```")
+    assert not is_valid("code", "", "```python\ndef f(x) return x\n```")  # does not parse
+    assert not is_valid("code", "", "```python\nprint(1)\n```")  # defines no function
+    plan = CascadePlan(["cheap-a", "cheap-b"], 1, "validity", "big")
+    assert plan.step(["x"], [False]) == ("ask", None)
+    assert plan.step(["x", "y"], [False, True]) == ("accept", 1)
+    assert plan.step(["x", "y"], [False, False]) == ("escalate", None)
+    vote = CascadePlan(["a", "b", "c"], 2, "agreement", "big")
+    assert vote.step(["A", "A"], [True, True]) == ("accept", 0)  # stops early: the third is not asked
+    assert vote.step(["A", "B"], [True, True]) == ("ask", None)
+    assert vote.step(["A", "B", "C"], [True] * 3) == ("escalate", None)
+    assert vote.step(["", ""], [False, False]) == ("escalate", None)  # no answers: 2 votes are out of reach
 
 
 def test_an_answer_no_correct_model_gave_is_wrong(tmp_path):
@@ -141,8 +163,8 @@ async def test_through_flow_gives_the_in_process_figures(tmp_path, strategy, ass
     from flows.eval_routing import evaluate_through_flow
 
     records = load(write_bench(tmp_path / "arc_challenge_train.csv", list(THROUGH_FLOW_ROWS) * 3))
-    expected, decisions = await asyncio.to_thread(evaluate, records, strategy, 3, None, 10)
-    score, fused = await evaluate_through_flow(records, strategy, tmp_path / "work", folds=3, limit=10)
+    expected, decisions = await asyncio.to_thread(evaluate, records, strategy, 3, None, 10, 0.5)
+    score, fused = await evaluate_through_flow(records, strategy, tmp_path / "work", folds=3, limit=10, budget_share=0.5)
     assert len(fused) == 10
     assert score.accuracy == expected.accuracy and score.cost == pytest.approx(expected.cost)
     for decision, result in zip(decisions, fused):

@@ -23,14 +23,25 @@ async def test_cascade_accepts_when_two_cheap_models_agree(test_catalog, monkeyp
     assert len(set(fragment.allocation_ids)) == 2 and fragment.strategy == "cascade"
 
 
-async def test_cascade_escalates_open_answers_to_the_best_model(test_catalog, monkeypatch):
+async def test_cascade_sends_free_text_straight_to_the_best_model(test_catalog, monkeypatch):
+    """A haiku gives no signal a probe could be judged by: no probe is paid for."""
     monkeypatch.setenv("ECHO_DELAY_S", "0")
     result = await run(test_catalog, "Write a haiku about the sea.", "cascade")
     (fragment,) = result.fragments
-    assert fragment.models_called[-1] == "smollm2-135m" and fragment.model == "smollm2-135m"
-    assert fragment.confidence == 0.0 and "escalated to smollm2-135m" in fragment.reason
+    assert fragment.models_called == ["smollm2-135m"] and fragment.model == "smollm2-135m"
+    assert fragment.confidence is None and "asked smollm2-135m at once" in fragment.reason
     assert not fragment.text.startswith("echo:")
-    assert fragment.cost_usd > 0 and len(fragment.allocation_ids) == 2
+    assert fragment.cost_usd > 0 and len(fragment.allocation_ids) == 1
+
+
+async def test_cascade_escalates_code_that_is_not_valid(test_catalog, monkeypatch):
+    """The echo models answer with the prompt, which is no Python function: escalated."""
+    monkeypatch.setenv("ECHO_DELAY_S", "0")
+    result = await run(test_catalog, "Write a Python function that reverses a string.", "cascade",
+                       task_type="code")  # fmt: skip
+    (fragment,) = result.fragments
+    assert fragment.models_called[0] != "smollm2-135m" and fragment.models_called[-1] == "smollm2-135m"
+    assert fragment.confidence == 0.0 and "no probe gave valid code" in fragment.reason
 
 
 async def test_ensemble_votes_and_moa_aggregates(test_catalog, monkeypatch):
