@@ -3,6 +3,8 @@
 Each sample is a real fragment through the production path (allocate → streamed infer →
 release), so allocation overhead is measured, not assumed. Results go to Parquet, a table
 artifact, a PNG chart, and `latest.json`, whose tokens/s the router uses for its estimates.
+Each model also answers labelled questions (`tasks/quality.py`); its share of right answers
+per task type goes to `latest.json` too, and the router uses it as the model's quality there.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from tasks import runtime
 from tasks.benchmarking import PROMPTS, chart, sample, summarise_benchmark
 from tasks.decompose import estimate_tokens
 from tasks.routing import candidates, route_fragment
+from tasks.quality import accuracy, is_right, load_set
 from tasks.telemetry import record_telemetry
 
 
@@ -33,6 +36,7 @@ async def benchmark(
     tier: str = "dedicated",
     tenant: str = "demo",
     catalog_path: str | None = None,
+    quality_questions: int = 50,
 ) -> dict:
     """Time to first token, latency p50/p95, tokens/s, allocation overhead and $/1k tokens for
     every model at each concurrency level.
@@ -45,6 +49,7 @@ async def benchmark(
         tier: Pool tier to allocate on.
         tenant: Tenant the benchmark's allocations belong to.
         catalog_path: Another catalog file.
+        quality_questions: Labelled questions each model answers to measure its quality (0: none).
     """
     import pandas as pd
 
@@ -52,9 +57,10 @@ async def benchmark(
     catalog = runtime.catalog(catalog_path)
     names = models or [m.name for m in catalog.models if isinstance(m.serving, LlamaCppServing)]
     specs = [cat.model(catalog, n) for n in names]
-    total = len(specs) * sum(concurrency) * repetitions
+    labelled = load_set()[:quality_questions] if quality_questions > 0 else []
+    total = len(specs) * (sum(concurrency) * repetitions + len(labelled))
     progress = await acreate_progress_artifact(progress=0.0, description="benchmark samples done")
-    done, rows, records = 0, [], []
+    done, rows, records, answers = 0, [], [], []
     for spec in specs:
         request = make_request("benchmark", tenant, constraints={"max_tokens": max_tokens, "tier": tier,
                                                                  "allowed_models": [spec.name]})  # fmt: skip
@@ -78,6 +84,16 @@ async def benchmark(
                 rows += [sample(r, spec.parameters_m, level, rep) for r in results]
                 done += level
                 await aupdate_progress_artifact(progress, progress=100.0 * done / total)
+        for item in labelled:  # short answers: a choice letter is all that is scored
+            fragment = Fragment(id=f"q-{item['id']}"[:64], text=item["question"], task_type=item["task_type"],
+                                est_prompt_tokens=estimate_tokens(item["question"]))  # fmt: skip
+            short = request.model_copy(update={"constraints": request.constraints.model_copy(update={"max_tokens": 4})})
+            result = await attempt_fragment(fragment, fragment.text, route_fragment(fragment, model_list, pools, 4, None),
+                                            short, catalog_path, records=records)  # fmt: skip
+            answers.append({"model": spec.name, "task_type": item["task_type"], "question": item["id"],
+                            "answer": result.text, "right": is_right(item["task_type"], result.text, item["gold"])})  # fmt: skip
+            done += 1
+            await aupdate_progress_artifact(progress, progress=100.0 * done / total)
     await record_telemetry(records)  # benchmark fragments are real GPU time: the cost report sees them
     samples = pd.DataFrame(rows)
     summary = await summarise_benchmark(samples)
@@ -88,9 +104,21 @@ async def benchmark(
     samples.to_parquet(parquet, index=False)
     png = await asyncio.to_thread(chart, summary, folder / f"benchmark-{stamp}.png")
     speeds = {r.model: round(float(r.tokens_per_s), 2) for r in summary[summary.concurrency == 1].itertuples()}
-    (folder / "latest.json").write_text(json.dumps({"tokens_per_second": speeds, "measured": stamp}, indent=2))
+    quality = accuracy(answers)
+    if answers:
+        pd.DataFrame(answers).to_parquet(folder / f"quality-{stamp}.parquet", index=False)
+    (folder / "latest.json").write_text(json.dumps(
+        {"tokens_per_second": speeds, "quality": quality, "quality_questions": len(labelled), "measured": stamp},
+        indent=2,
+    ))  # fmt: skip
     await acreate_table_artifact(key="benchmark", table=summary.to_dict("records"), description=f"{len(samples)} samples")
+    if quality:
+        await acreate_table_artifact(
+            key="benchmark-quality",
+            table=[{"model": m, **figures} for m, figures in quality.items()],
+            description=f"share of right answers to {len(labelled)} labelled questions, per task type",
+        )
     await acreate_markdown_artifact(
         key="benchmark-files", markdown=f"Samples: `{parquet}`\n\nChart: `{png}`\n\nRouter speeds: {speeds}"
     )
-    return {"parquet": str(parquet), "chart": str(png), "summary": summary.to_dict("records")}
+    return {"parquet": str(parquet), "chart": str(png), "summary": summary.to_dict("records"), "quality": quality}

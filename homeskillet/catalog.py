@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 from collections import Counter
 from pathlib import Path
+from typing import get_args
 
 import yaml
 from pydantic import ValidationError
 
 from homeskillet.errors import InvalidRequest, UnknownModel, UnknownPool, UnknownTenant
-from homeskillet.schemas import Catalog, ModelSpec, PoolSpec
+from homeskillet.schemas import Catalog, ModelSpec, PoolSpec, TaskType
+
+TASK_TYPES = set(get_args(TaskType))
 
 
 def load_catalog(path: Path) -> Catalog:
@@ -54,14 +57,23 @@ def check_tenant(catalog: Catalog, tenant: str) -> None:
         raise UnknownTenant(f"unknown tenant {tenant!r}; add it to the catalog's tenants")
 
 
-def with_measured_speeds(catalog: Catalog, latest: Path) -> Catalog:
-    """The catalog with tokens/s that the benchmark flow measured (its latest.json), if any."""
+def with_measurements(catalog: Catalog, latest: Path) -> Catalog:
+    """The catalog with what the benchmark flow measured (its latest.json), if anything: tokens/s,
+    and quality per task type, which replaces the typed-in prior for those task types."""
     try:
-        speeds = json.loads(latest.read_text())["tokens_per_second"]
-    except (OSError, ValueError, KeyError):
+        measured = json.loads(latest.read_text())
+    except (OSError, ValueError):
         return catalog
-    models = [
-        m.model_copy(update={"tokens_per_second": float(speeds[m.name])}) if speeds.get(m.name) else m
-        for m in catalog.models
-    ]
+    speeds = measured.get("tokens_per_second") or {}
+    quality = measured.get("quality") or {}
+    models = []
+    for m in catalog.models:
+        update: dict = {}
+        if speeds.get(m.name):
+            update["tokens_per_second"] = float(speeds[m.name])
+        scores = {t: float(v) for t, v in (quality.get(m.name) or {}).items() if t in TASK_TYPES}
+        if scores:
+            update["task_types"] = {**m.task_types, **scores}
+            update["measured_task_types"] = sorted(scores)
+        models.append(m.model_copy(update=update))
     return catalog.model_copy(update={"models": models})

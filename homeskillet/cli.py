@@ -64,11 +64,17 @@ def run(
     fallback_backend: Annotated[Optional[str], typer.Option(help="Used while the backend's circuit is open.")] = None,
     on_preemption: Annotated[str, typer.Option(help="same_tier or dedicated.")] = "same_tier",
     strategy: Annotated[str, typer.Option(help="single, cascade, ensemble or moa.")] = "single",
+    split: Annotated[bool, typer.Option(help="--no-split keeps the prompt as one fragment.")] = True,
+    task_type: Annotated[Optional[str], typer.Option(help="Declare the task type instead of classifying.")] = None,
+    routing_stats: Annotated[
+        Optional[str], typer.Option(help="Learned routing figures (homeskillet learn-routing) to route by.")
+    ] = None,
 ) -> None:
     """Run one request through the fuse_request flow and print the fused answer."""
     constraints = {
         "max_tokens": max_tokens, "max_cost_usd": max_cost, "allowed_models": model, "tier": tier, "pool": pool,
-        "backend": backend, "fallback_backend": fallback_backend, "on_preemption": on_preemption,
+        "backend": backend, "fallback_backend": fallback_backend, "on_preemption": on_preemption, "split": split,
+        "task_type": task_type,
     }  # fmt: skip
     try:
         api_url = use_local_prefect()
@@ -78,8 +84,9 @@ def run(
         async def main():
             try:
                 return await fuse_request(
-                    prompt=prompt, tenant=tenant, strategy=strategy, constraints=constraints, return_state=True
-                )
+                    prompt=prompt, tenant=tenant, strategy=strategy, constraints=constraints,
+                    routing_stats=routing_stats, return_state=True,
+                )  # fmt: skip
             finally:
                 await runtime.shutdown()  # this process ends: give back subscriptions and model servers
 
@@ -357,6 +364,38 @@ def eval_routing(
             },
             "overall": {"accuracy": overall_acc, "cost": overall_cost},
         }))  # fmt: skip
+
+
+@app.command("learn-routing")
+def learn_routing(
+    files: Annotated[list[str], typer.Argument(help="RouterBench-format CSV files.")],
+    out: Annotated[str, typer.Option("--out", "-o", help="Where to write the routing-stats JSON.")],
+    budget_share: Annotated[
+        float, typer.Option(min=0.0, help="A learned cascade may cost this share of the best model's mean cost.")
+    ] = 0.25,
+) -> None:
+    """Learn quality and cost per task type and model, and each task type's cascade, from records."""
+    from pathlib import Path
+
+    from connectors import replay
+    from tasks.policy import fit
+
+    try:
+        records = [r for f in files for r in replay.load(Path(f))]
+        stats = fit(records, budget_share)
+    except HomeskilletError as exc:
+        _fail(exc)
+    stats.save(Path(out))
+    for task, quality in stats.quality.items():
+        table = Table(title=f"{task}: {sum(r.task == task for r in records)} records")
+        for column in ("model", "quality", "mean_cost_usd"):
+            table.add_column(column)
+        for m, q in sorted(quality.items(), key=lambda kv: -kv[1]):
+            table.add_row(m, f"{q:.3f}", f"{stats.cost[task][m]:.6f}")
+        console.print(table)
+        if task in stats.plans:
+            console.print(f"cascade for {task}: {stats.plans[task].describe()}")
+    console.print(f"routing stats written to {out}")
 
 
 @app.command("bench-overhead")

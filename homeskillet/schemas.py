@@ -121,7 +121,10 @@ class ModelSpec(_Frozen):
     vram_gb: float = Field(ge=0)
     tokens_per_second: float = Field(gt=0, description="Measured decode throughput, for estimates.")
     cost_per_1k_tokens: float = Field(0.0, ge=0, description="Per-token price (remote APIs); 0 for self-hosted.")
-    task_types: dict[TaskType, float] = Field(description="Suitability 0..1 per task type.")
+    task_types: dict[TaskType, float] = Field(description="Quality 0..1 per task type: a prior, or measured.")
+    measured_task_types: list[TaskType] = Field(
+        default_factory=list, description="Task types whose quality the benchmark measured (set by the loader)."
+    )
     serving: Annotated[LlamaCppServing | OpenAIServing, Field(discriminator="kind")]
 
 

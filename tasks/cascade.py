@@ -53,7 +53,12 @@ class CascadePlan:
         return "ask", None
 
     def describe(self) -> str:
-        rule = f"{self.need} of {len(self.probes)} agree" if self.signal == "agreement" else "first valid answer"
+        if self.signal == "validity":
+            rule = "first valid answer"
+        elif len(self.probes) == 1:
+            rule = "its answer, if it gives one"
+        else:
+            rule = f"{self.need} of {len(self.probes)} agree"
         return f"probes {', '.join(self.probes)} ({rule}), else {self.escalate}"
 
 

@@ -74,16 +74,16 @@ def max_context(catalog: Catalog, constraints: Constraints) -> int:
 def route_fragment(
     fragment: Fragment, models: list[ModelSpec], pools: list[PoolSpec], max_tokens: int, budget_usd: float | None
 ) -> ModelChoice:
-    """Best suitability for the fragment's task type; ties go to the cheaper option."""
+    """Best quality for the fragment's task type; ties go to the cheaper option."""
     options = []
     for model in models:
         if fragment.est_prompt_tokens + max_tokens > model.context_length:
             continue
-        suitability = model.task_types.get(fragment.task_type, 0.0)
+        quality = model.task_types.get(fragment.task_type, 0.0)
         for pool in pools:
             if fits(model, pool):
                 cost = estimate_cost(model, pool, fragment.est_prompt_tokens, max_tokens)
-                options.append((suitability, cost, model, pool))
+                options.append((quality, cost, model, pool))
     if not options:
         raise NoRoute(f"fragment {fragment.id} ({fragment.est_prompt_tokens} tokens) fits no allowed model's context")
     affordable = [o for o in options if budget_usd is None or o[1] <= budget_usd + EPS]
@@ -93,7 +93,7 @@ def route_fragment(
             f"no model fits max_cost: fragment {fragment.id} may spend ${budget_usd:.8f}, the cheapest option "
             f"({cheapest[2].name} on {cheapest[3].id}) is estimated at ${cheapest[1]:.8f}"
         )
-    suitability, cost, model, pool = max(affordable, key=lambda o: (round(o[0], 6), -o[1]))
+    quality, cost, model, pool = max(affordable, key=lambda o: (round(o[0], 6), -o[1]))
     return ModelChoice(
         fragment_id=fragment.id,
         model=model.name,
@@ -102,7 +102,9 @@ def route_fragment(
         tflops=model.tflops,
         vram_gb=model.vram_gb,
         est_cost_usd=cost,
-        reason=f"{fragment.task_type}: suitability {suitability:g}, est ${cost:.8f} on {pool.tier} pool {pool.id}",
+        reason=f"{fragment.task_type}: quality {quality:g} "
+        f"({'measured' if fragment.task_type in model.measured_task_types else 'catalog prior'}), "
+        f"est ${cost:.8f} on {pool.tier} pool {pool.id}",
     )
 
 
@@ -134,8 +136,9 @@ async def route(plan: Plan, catalog: Catalog, constraints: Constraints) -> dict[
 
 
 def live_stats(fragment: Fragment, catalog: Catalog, constraints: Constraints):
-    """Quality (the catalog's suitability) and expected cost (cheapest pool that fits) of every
-    allowed model for this fragment, in the form the routing policy learns from recordings."""
+    """Quality (measured by the benchmark, else the catalog's prior) and expected cost (cheapest
+    pool that fits) of every allowed model for this fragment, in the form the routing policy
+    learns from recordings."""
     from tasks.policy import Stats
 
     models, pools = candidates(catalog, constraints)

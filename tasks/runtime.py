@@ -9,7 +9,7 @@ from connectors.hostedai_backend import HostedAIBackend, catalog_pool_of
 from connectors.local_backend import LocalBackend
 from connectors.telemetry import serve_metrics
 from homeskillet import catalog as cat
-from homeskillet.catalog import load_catalog, with_measured_speeds
+from homeskillet.catalog import load_catalog, with_measurements
 from homeskillet.errors import InvalidRequest
 from homeskillet.schemas import Catalog
 from homeskillet.settings import Settings, get_settings
@@ -20,7 +20,7 @@ from tasks.policy import Stats
 @lru_cache
 def _load(catalog_path: Path, home: Path) -> tuple[Catalog, LocalBackend, HostedAIBackend]:
     _serve_metrics_once()
-    catalog = with_measured_speeds(load_catalog(catalog_path), home / "benchmarks" / "latest.json")
+    catalog = with_measurements(load_catalog(catalog_path), home / "benchmarks" / "latest.json")
     settings = get_settings().model_copy(update={"catalog": catalog_path, "home": home})
     hosted = HostedAIBackend(settings, catalog, hostedai_credentials)
     return catalog, LocalBackend(settings, catalog), hosted

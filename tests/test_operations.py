@@ -9,7 +9,7 @@ import pytest
 
 from flows.benchmark import benchmark
 from flows.cost_report import cost_report
-from homeskillet.catalog import load_catalog, with_measured_speeds
+from homeskillet.catalog import load_catalog, with_measurements
 from homeskillet.settings import PACKAGED_CATALOG
 from tasks.benchmarking import summarise
 from tasks.cost_analysis import analyse
@@ -65,7 +65,8 @@ def test_benchmark_summary_percentiles():
 
 @pytest.mark.usefixtures("assert_no_leaks")
 async def test_benchmark_then_cost_report_on_real_models(tmp_path):
-    out = await benchmark(models=["smollm2-135m", "gemma3-270m"], repetitions=1, concurrency=[1, 2], max_tokens=8)
+    out = await benchmark(models=["smollm2-135m", "gemma3-270m"], repetitions=1, concurrency=[1, 2], max_tokens=8,
+                          quality_questions=4)  # fmt: skip
     samples = pd.read_parquet(out["parquet"])
     assert len(samples) == 2 * (1 + 2) and set(samples.model) == {"smollm2-135m", "gemma3-270m"}
     # a base model may stop at once (its first token is a stop string): then there is no first token
@@ -74,9 +75,17 @@ async def test_benchmark_then_cost_report_on_real_models(tmp_path):
     assert Path(out["chart"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     latest = json.loads((Path(out["parquet"]).parent / "latest.json").read_text())
     assert set(latest["tokens_per_second"]) == {"smollm2-135m", "gemma3-270m"}
-    measured = with_measured_speeds(CATALOG, Path(out["parquet"]).parent / "latest.json")
+    measured = with_measurements(CATALOG, Path(out["parquet"]).parent / "latest.json")
     smol = next(m for m in measured.models if m.name == "smollm2-135m")
     assert smol.tokens_per_second == latest["tokens_per_second"]["smollm2-135m"]  # the router's estimate now
+    # quality: 4 labelled multiple-choice questions per model, scored; the router's quality now
+    assert latest["quality_questions"] == 4 and set(latest["quality"]) == {"smollm2-135m", "gemma3-270m"}
+    answered = pd.read_parquet(Path(out["parquet"]).parent / f"quality-{latest['measured']}.parquet")
+    assert len(answered) == 8 and set(answered.task_type) == {"multiple_choice"}
+    share = answered[answered.model == "smollm2-135m"].right.mean()
+    assert latest["quality"]["smollm2-135m"]["multiple_choice"] == pytest.approx(share, abs=1e-4)
+    assert smol.task_types["multiple_choice"] == pytest.approx(share, abs=1e-4)
+    assert smol.measured_task_types == ["multiple_choice"] and smol.task_types["chat"] == 0.7  # a prior stays
 
     path = await cost_report()
     text = Path(path).read_text()

@@ -22,7 +22,7 @@ def test_each_task_type_goes_to_its_most_suitable_model_on_the_cheapest_pool():
     assert choices["f0"].model == "gemma3-270m"
     assert choices["f1"].model == "smollm2-135m"
     assert {c.pool for c in choices.values()} == {"local-preemptible"}  # cheaper per slice
-    assert "suitability" in choices["f0"].reason
+    assert "quality" in choices["f0"].reason and "catalog prior" in choices["f0"].reason
 
 
 def test_tier_constraint_selects_dedicated_pools():

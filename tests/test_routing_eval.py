@@ -189,3 +189,33 @@ def test_eval_routing_command_prints_figures_and_ends_with_json():
     bad = subprocess.run([HOMESKILLET, "eval-routing", files[0], "--strategy", "magic", "--json"],
                          capture_output=True, text=True, timeout=120)  # fmt: skip
     assert bad.returncode == 2 and "unknown strategy" in bad.stderr and bad.stdout.strip() == ""
+
+
+@pytest.mark.skipif(not ROUTERBENCH.exists(), reason="the shared RouterBench files are not beside the checkout")
+def test_eval_routing_through_flow_matches_in_process_on_real_records():
+    arc = str(ROUTERBENCH / "arc_challenge_train.csv")
+    figures = []
+    for extra in ([], ["--through-flow"]):
+        done = subprocess.run([HOMESKILLET, "eval-routing", arc, "--strategy", "cascade", "--limit", "6", "--json", *extra],
+                              capture_output=True, text=True, timeout=300, env=os.environ.copy())  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        figures.append(json.loads(done.stdout.strip().splitlines()[-1])["files"]["arc_challenge_train"])
+    in_process, through_flow = figures
+    assert through_flow["accuracy"] == in_process["accuracy"]
+    assert through_flow["cost"] == pytest.approx(in_process["cost"]) and in_process["cost"] > 0
+
+
+@pytest.mark.skipif(not ROUTERBENCH.exists(), reason="the shared RouterBench files are not beside the checkout")
+def test_learn_routing_writes_stats_the_flow_can_use(tmp_path):
+    out = tmp_path / "stats.json"
+    done = subprocess.run([HOMESKILLET, "learn-routing", str(ROUTERBENCH / "mbpp_train.csv"), "-o", str(out)],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    stats = Stats.load(out)
+    assert max(stats.quality["code"], key=stats.quality["code"].get) == "gpt-4-1106-preview"
+    plan = stats.plans["code"]
+    assert plan.signal == "validity" and plan.escalate == "gpt-4-1106-preview"
+    assert sum(stats.cost["code"][m] for m in plan.probes) <= 0.25 * stats.cost["code"]["gpt-4-1106-preview"]
+    bad = subprocess.run([HOMESKILLET, "learn-routing", str(tmp_path / "missing.csv"), "-o", str(out)],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert bad.returncode == 2 and "missing.csv" in bad.stderr

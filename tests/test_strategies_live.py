@@ -57,3 +57,32 @@ async def test_unknown_strategy_is_refused(test_catalog):
 
     with pytest.raises(InvalidRequest, match="strategy"):
         await run(test_catalog, "Hi?", "magic")
+
+
+async def test_learned_routing_stats_decide_instead_of_the_catalog(test_catalog, tmp_path, monkeypatch):
+    """A routing-stats file (learned figures) overrides the catalog's priors; one that does not
+    cover the fragment's task type is a clear error, with nothing left allocated."""
+    from homeskillet.errors import NoRoute
+    from tasks.cascade import CascadePlan
+    from tasks.policy import Stats
+
+    monkeypatch.setenv("ECHO_DELAY_S", "0")
+    costs = {"echo-lite": 0.001, "echo": 0.002, "smollm2-135m": 0.01}
+    learned = Stats({"math": {"echo-lite": 0.2, "echo": 0.9, "smollm2-135m": 0.5}}, {"math": costs},
+                    plans={"math": CascadePlan(["echo"], 1, "agreement", "smollm2-135m")})  # fmt: skip
+    learned.save(tmp_path / "stats.json")
+    single = (await run(test_catalog, "What is 2 + 2?", "single")).fragments[0]
+    assert single.models_called == ["smollm2-135m"]  # the catalog's priors: smollm2 is the best at math
+    routed = await fuse_request(prompt="What is 2 + 2?", tenant="acme", strategy="single", catalog_path=test_catalog,
+                                constraints={"pool": "roomy", "max_tokens": 24},
+                                routing_stats=str(tmp_path / "stats.json"))  # fmt: skip
+    assert routed.fragments[0].models_called == ["echo"]  # learned: echo is far better at math
+    cascaded = await fuse_request(prompt="What is 2 + 2?", tenant="acme", strategy="cascade", catalog_path=test_catalog,
+                                  constraints={"pool": "roomy", "max_tokens": 24},
+                                  routing_stats=str(tmp_path / "stats.json"))  # fmt: skip
+    (fragment,) = cascaded.fragments
+    assert fragment.models_called == ["echo"] and "learned cascade" in fragment.reason
+    with pytest.raises(NoRoute, match="no figures for task type 'chat'"):
+        await fuse_request(prompt="Write a haiku about the sea.", tenant="acme", strategy="single",
+                           catalog_path=test_catalog, constraints={"pool": "roomy", "max_tokens": 24},
+                           routing_stats=str(tmp_path / "stats.json"))  # fmt: skip
