@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from connectors.replay import Record, ReplayProvider
-from tasks.cascade import CascadePlan, Outcomes, default_plan, is_valid, learn_plan
+from tasks.cascade import CascadePlan, Outcomes, default_plan, is_valid, learn_plan, signal_for
 from homeskillet.errors import InvalidRequest, NoRoute
 
 STRATEGIES = ("single", "cascade", "ensemble", "moa")
@@ -130,11 +130,6 @@ class Decision:
 Ask = Callable[[str, "str | None"], Awaitable[str]]
 
 
-def closed_task(task: str) -> bool:
-    """Tasks whose answers can be compared, so that agreement and votes mean something."""
-    return task in ("multiple_choice", "math")
-
-
 async def decide(
     strategy: str, task: str, prompt: str, stats: Stats, allowed: list[str], ask: Ask
 ) -> Decision:
@@ -142,7 +137,7 @@ async def decide(
     check_strategy(strategy)
     best = stats.best(task, allowed)
     cheap = stats.cheap(task, allowed)
-    closed = closed_task(task)
+    closed = signal_for(task) == "agreement"  # answers that can be compared, so votes mean something
     decision = Decision("")
 
     async def call(model: str, text: str | None = None) -> tuple[str, str]:
