@@ -235,6 +235,7 @@ def benchmark(
     repetitions: Annotated[int, typer.Option(help="Samples per model and concurrency level.")] = 3,
     concurrency: Annotated[list[int], typer.Option(help="Concurrency level (repeatable).")] = [1, 2],  # noqa: B006
     max_tokens: Annotated[int, typer.Option(help="Output tokens per sample.")] = 32,
+    quality_questions: Annotated[int, typer.Option(min=0, help="Labelled questions per model (0: none).")] = 50,
 ) -> None:
     """Run the benchmark flow here (the scheduled deployment runs the same flow)."""
     try:
@@ -244,7 +245,8 @@ def benchmark(
 
         async def main():
             try:
-                return await benchmark_flow(repetitions=repetitions, concurrency=concurrency, max_tokens=max_tokens)
+                return await benchmark_flow(repetitions=repetitions, concurrency=concurrency, max_tokens=max_tokens,
+                                            quality_questions=quality_questions)  # fmt: skip
             finally:
                 await runtime.shutdown()
 
@@ -257,6 +259,9 @@ def benchmark(
     for row in out["summary"]:
         table.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()))
     console.print(table)
+    for model, figures in out["quality"].items():
+        shares = ", ".join(f"{task} {share:.2f}" for task, share in figures.items())
+        console.print(f"quality of {model} (share right, now the router's figure): {shares}")
     console.print(f"samples {out['parquet']} · chart {out['chart']}")
 
 

@@ -61,7 +61,8 @@ def render(model: ModelSpec, text: str) -> dict:
     """The request body fields for the model's prompt style."""
     if model.prompt_style == "chat":
         return {"messages": [{"role": "user", "content": text}]}
-    return {"prompt": f"Question: {text}\nAnswer:", "stop": model.stop or None}
+    cue = "" if text.rstrip().endswith("Answer:") else "\nAnswer:"  # a few-shot prompt brings its own
+    return {"prompt": f"Question: {text.rstrip()}{cue}", "stop": model.stop or None}
 
 
 @task(name="infer", task_run_name="infer-{allocation.model}", cache_policy=NO_CACHE)

@@ -102,3 +102,21 @@ def test_a_model_server_exits_with_the_process_that_started_it():
     while psutil.pid_exists(child) and psutil.Process(child).status() != psutil.STATUS_ZOMBIE:
         assert time.monotonic() < deadline, "model server outlived its parent"
         time.sleep(0.2)
+
+
+def test_completion_prompts_end_with_one_answer_cue():
+    from tasks.resources import render
+
+    gemma = cat.model(runtime.catalog(), "gemma3-270m")
+    assert render(gemma, "What is 2 + 2?")["prompt"] == "Question: What is 2 + 2?\nAnswer:"
+    few_shot = "Which is a gas?\nA) ice\nB) steam\nAnswer:"  # brings its own cue: no second one
+    assert render(gemma, few_shot + "\n")["prompt"] == f"Question: {few_shot}"
+    assert render(SMOL, few_shot) == {"messages": [{"role": "user", "content": few_shot}]}
+
+
+def test_a_cost_the_provider_reports_is_kept():
+    body = {"choices": [{"message": {"content": "B"}, "finish_reason": "stop"}], "usage": {"prompt_tokens": 3}}
+    assert openai_client._parse(body, True, "u", 0.1).cost_usd is None
+    assert openai_client._parse({**body, "usage": {"cost_usd": 0.0021}}, True, "u", 0.1).cost_usd == 0.0021
+    assert openai_client._parse({**body, "usage": {"cost": "0.5"}}, True, "u", 0.1).cost_usd == 0.5  # OpenRouter
+    assert openai_client._parse({**body, "usage": {"cost_usd": "n/a"}}, True, "u", 0.1).cost_usd is None
