@@ -94,7 +94,8 @@ async def fuse_request(
         request_id: An id of your own for the request (default: a new one).
         catalog_path: Another catalog file (default: HOMESKILLET_CATALOG or the packaged one).
         routing_stats: A file of learned quality and cost per task type and model
-            (`homeskillet learn-routing`); default: the catalog's suitabilities and estimates.
+            (`homeskillet learn-routing`); default: the catalog's quality (measured, else its
+            prior) and cost estimates.
     """
     started = time.perf_counter()
     request = make_request(prompt, tenant, strategy, constraints, request_id)

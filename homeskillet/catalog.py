@@ -64,6 +64,8 @@ def with_measurements(catalog: Catalog, latest: Path) -> Catalog:
         measured = json.loads(latest.read_text())
     except (OSError, ValueError):
         return catalog
+    if not isinstance(measured, dict):
+        return catalog
     speeds = measured.get("tokens_per_second") or {}
     quality = measured.get("quality") or {}
     models = []

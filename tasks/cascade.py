@@ -52,6 +52,9 @@ class CascadePlan:
             return "escalate", None
         return "ask", None
 
+    def models(self) -> set[str]:
+        return {*self.probes, self.escalate}
+
     def describe(self) -> str:
         if self.signal == "validity":
             rule = "first valid answer"
@@ -132,10 +135,12 @@ def default_plan(task: str, cheap: list[str], best: str) -> CascadePlan | None:
     return None
 
 
-def learn_plan(task: str, data: Outcomes, quality: dict[str, float], budget_usd: float) -> CascadePlan | None:
-    """The most accurate plan whose mean cost is within budget_usd (the cheaper one on ties);
-    None when no model is cheap enough to probe or the task's answers give no signal."""
-    escalate = max(quality, key=lambda m: (quality[m], -sum(data.cost[m])))
+def learn_plan(
+    task: str, data: Outcomes, quality: dict[str, float], escalate: str, budget_usd: float
+) -> CascadePlan | None:
+    """The most accurate plan that escalates to `escalate` and whose mean cost is within
+    budget_usd (the cheaper one on ties); None when no model is cheap enough to probe or the
+    task's answers give no signal."""
     mean_cost = {m: sum(c) / len(c) for m, c in data.cost.items()}
     cheap = sorted((m for m in quality if m != escalate and mean_cost[m] <= budget_usd), key=lambda m: -quality[m])
     best: tuple[float, float, CascadePlan] | None = None

@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from connectors.replay import Record, ReplayProvider
-from tasks.cascade import CascadePlan, Outcomes, default_plan, is_valid, learn_plan, signal_for
 from homeskillet.errors import InvalidRequest, NoRoute
+from tasks.cascade import CascadePlan, Outcomes, default_plan, is_valid, learn_plan, signal_for
 
 STRATEGIES = ("single", "cascade", "ensemble", "moa")
 CHEAP = 0.2  # a "cheap" model costs at most this share of the best model's mean cost
@@ -87,7 +87,7 @@ class Stats:
         if not known:
             raise NoRoute(f"no allowed model has routing figures for {task!r}: allowed {', '.join(models)}")
         plan = self.plans.get(task)
-        plans = {task: plan} if plan and set(plan.probes + [plan.escalate]) <= set(known) else {}
+        plans = {task: plan} if plan and plan.models() <= set(known) else {}
         return Stats({task: {m: self.quality[task][m] for m in known}}, {task: {m: self.cost[task][m] for m in known}},
                      self.cheap_share, plans)  # fmt: skip
 
@@ -95,9 +95,8 @@ class Stats:
 def fit(records: list[Record], budget_share: float = BUDGET, allowed: list[str] | None = None) -> Stats:
     """Quality and mean cost per task type and model, and per task type the cascade plan that is
     most accurate on these records within budget_share of the best model's mean cost."""
-    quality: dict[str, dict[str, float]] = {}
-    cost: dict[str, dict[str, float]] = {}
-    plans: dict[str, CascadePlan] = {}
+    stats = Stats({}, {})
+    quality, cost, plans = stats.quality, stats.cost, stats.plans
     for task in {r.task for r in records}:
         mine = [r for r in records if r.task == task]
         models = [m for m in mine[0].responses if allowed is None or m in allowed]
@@ -110,11 +109,11 @@ def fit(records: list[Record], budget_share: float = BUDGET, allowed: list[str] 
             correct={m: [is_correct(r, a) for a, r in zip(answers[m], mine)] for m in models},
             cost={m: [r.cost[m] for r in mine] for m in models},
         )
-        best = max(models, key=lambda m: (quality[task][m], -cost[task][m]))
-        plan = learn_plan(task, outcomes, quality[task], budget_share * cost[task][best])
+        best = stats.best(task, models)
+        plan = learn_plan(task, outcomes, quality[task], best, budget_share * cost[task][best])
         if plan is not None:
             plans[task] = plan
-    return Stats(quality, cost, plans=plans)
+    return stats
 
 
 @dataclass
@@ -153,7 +152,7 @@ async def decide(
         decision.why = f"{model}: quality {stats.quality[task][model]:.3f} at the lowest cost"
     elif strategy == "cascade":
         learned = stats.plans.get(task)
-        plan = learned if learned and set(learned.probes + [learned.escalate]) <= set(allowed) else None
+        plan = learned if learned and learned.models() <= set(allowed) else None
         plan = plan or default_plan(task, cheap, best)
         if plan is None:
             decision.answer, _ = await call(best)
