@@ -27,6 +27,9 @@ from tasks.quality import accuracy, is_right, load_set
 from tasks.telemetry import record_telemetry
 
 
+ANSWER_TOKENS = 4  # a labelled question's answer is a choice letter: nothing more is scored
+
+
 @flow(name="benchmark", persist_result=True, result_serializer="json")
 async def benchmark(
     models: list[str] | None = None,
@@ -84,12 +87,13 @@ async def benchmark(
                 rows += [sample(r, spec.parameters_m, level, rep) for r in results]
                 done += level
                 await aupdate_progress_artifact(progress, progress=100.0 * done / total)
-        for item in labelled:  # short answers: a choice letter is all that is scored
+        short = make_request("benchmark", tenant, constraints={"max_tokens": ANSWER_TOKENS, "tier": tier,
+                                                               "allowed_models": [spec.name]})  # fmt: skip
+        for item in labelled:
             fragment = Fragment(id=f"q-{item['id']}"[:64], text=item["question"], task_type=item["task_type"],
                                 est_prompt_tokens=estimate_tokens(item["question"]))  # fmt: skip
-            short = request.model_copy(update={"constraints": request.constraints.model_copy(update={"max_tokens": 4})})
-            result = await attempt_fragment(fragment, fragment.text, route_fragment(fragment, model_list, pools, 4, None),
-                                            short, catalog_path, records=records)  # fmt: skip
+            choice = route_fragment(fragment, model_list, pools, ANSWER_TOKENS, None)
+            result = await attempt_fragment(fragment, fragment.text, choice, short, catalog_path, records=records)
             answers.append({"model": spec.name, "task_type": item["task_type"], "question": item["id"],
                             "answer": result.text, "right": is_right(item["task_type"], result.text, item["gold"])})  # fmt: skip
             done += 1
