@@ -23,11 +23,11 @@ from tasks import runtime
 from tasks.benchmarking import PROMPTS, chart, sample, summarise_benchmark
 from tasks.decompose import estimate_tokens
 from tasks.routing import candidates, route_fragment
-from tasks.quality import accuracy, is_right, load_set
+from tasks.quality import accuracy, is_right, load_set, per_task_type
 from tasks.telemetry import record_telemetry
 
 
-ANSWER_TOKENS = 4  # a labelled question's answer is a choice letter: nothing more is scored
+ANSWER_TOKENS = 12  # a labelled question's answer is a letter, a number or a few words
 
 
 @flow(name="benchmark", persist_result=True, result_serializer="json")
@@ -39,7 +39,7 @@ async def benchmark(
     tier: str = "dedicated",
     tenant: str = "demo",
     catalog_path: str | None = None,
-    quality_questions: int = 50,
+    quality_questions: int = 25,
 ) -> dict:
     """Time to first token, latency p50/p95, tokens/s, allocation overhead and $/1k tokens for
     every model at each concurrency level.
@@ -52,7 +52,8 @@ async def benchmark(
         tier: Pool tier to allocate on.
         tenant: Tenant the benchmark's allocations belong to.
         catalog_path: Another catalog file.
-        quality_questions: Labelled questions each model answers to measure its quality (0: none).
+        quality_questions: Labelled questions per task type each model answers to measure its
+            quality (0: none).
     """
     import pandas as pd
 
@@ -60,7 +61,7 @@ async def benchmark(
     catalog = runtime.catalog(catalog_path)
     names = models or [m.name for m in catalog.models if isinstance(m.serving, LlamaCppServing)]
     specs = [cat.model(catalog, n) for n in names]
-    labelled = load_set()[:quality_questions] if quality_questions > 0 else []
+    labelled = per_task_type(load_set(), quality_questions)
     total = len(specs) * (sum(concurrency) * repetitions + len(labelled))
     progress = await acreate_progress_artifact(progress=0.0, description="benchmark samples done")
     done, rows, records, answers = 0, [], [], []
@@ -95,7 +96,7 @@ async def benchmark(
             choice = route_fragment(fragment, model_list, pools, ANSWER_TOKENS, None)
             result = await attempt_fragment(fragment, fragment.text, choice, short, catalog_path, records=records)
             answers.append({"model": spec.name, "task_type": item["task_type"], "question": item["id"],
-                            "answer": result.text, "right": is_right(item["task_type"], result.text, item["gold"])})  # fmt: skip
+                            "answer": result.text, "right": is_right(item, result.text)})  # fmt: skip
             done += 1
             await aupdate_progress_artifact(progress, progress=100.0 * done / total)
     await record_telemetry(records)  # benchmark fragments are real GPU time: the cost report sees them

@@ -235,7 +235,9 @@ def benchmark(
     repetitions: Annotated[int, typer.Option(help="Samples per model and concurrency level.")] = 3,
     concurrency: Annotated[list[int], typer.Option(help="Concurrency level (repeatable).")] = [1, 2],  # noqa: B006
     max_tokens: Annotated[int, typer.Option(help="Output tokens per sample.")] = 32,
-    quality_questions: Annotated[int, typer.Option(min=0, help="Labelled questions per model (0: none).")] = 50,
+    quality_questions: Annotated[
+        int, typer.Option(min=0, help="Labelled questions per task type and model (0: none).")
+    ] = 25,
 ) -> None:
     """Run the benchmark flow here (the scheduled deployment runs the same flow)."""
     try:

@@ -78,15 +78,37 @@ async def test_benchmark_then_cost_report_on_real_models(tmp_path):
     measured = with_measurements(CATALOG, Path(out["parquet"]).parent / "latest.json")
     smol = next(m for m in measured.models if m.name == "smollm2-135m")
     assert smol.tokens_per_second == latest["tokens_per_second"]["smollm2-135m"]  # the router's estimate now
-    # quality: 4 labelled multiple-choice questions per model, scored; the router's quality now
-    assert latest["quality_questions"] == 4 and set(latest["quality"]) == {"smollm2-135m", "gemma3-270m"}
+    # quality: 4 labelled questions per task type and model, scored; the router's quality now
+    assert latest["quality_questions"] == 12 and set(latest["quality"]) == {"smollm2-135m", "gemma3-270m"}
     answered = pd.read_parquet(Path(out["parquet"]).parent / f"quality-{latest['measured']}.parquet")
-    assert len(answered) == 8 and set(answered.task_type) == {"multiple_choice"}
-    share = answered[answered.model == "smollm2-135m"].right.mean()
-    assert latest["quality"]["smollm2-135m"]["multiple_choice"] == pytest.approx(share, abs=1e-4)
-    assert smol.task_types["multiple_choice"] == pytest.approx(share, abs=1e-4)
-    assert smol.measured_task_types == ["multiple_choice"] and smol.task_types["chat"] == 0.7  # a prior stays
+    assert len(answered) == 24 and set(answered.task_type) == {"multiple_choice", "math", "factual_qa"}
+    smol_math = answered[(answered.model == "smollm2-135m") & (answered.task_type == "math")].right.mean()
+    assert latest["quality"]["smollm2-135m"]["math"] == pytest.approx(smol_math, abs=1e-4)
+    assert smol.task_types["math"] == pytest.approx(smol_math, abs=1e-4)
+    assert smol.measured_task_types == ["factual_qa", "math", "multiple_choice"]
+    assert smol.task_types["chat"] == 0.7  # a task type nobody measured keeps its prior
 
     path = await cost_report()
     text = Path(path).read_text()
     assert "## By model" in text and "smollm2-135m" in text and "gemma3-270m" in text
+
+
+def test_labelled_answers_are_scored_by_task_type():
+    import operator
+    import re
+
+    from tasks.quality import is_right, load_set, per_task_type
+
+    items = load_set()
+    chosen = per_task_type(items, 2)
+    assert [i["task_type"] for i in chosen].count("math") == 2 and len(chosen) == 6
+    choice = {"task_type": "multiple_choice", "accept": ["B"]}
+    assert is_right(choice, "B) steam") and not is_right(choice, "A") and not is_right(choice, "")
+    math = {"task_type": "math", "accept": ["282"]}
+    assert is_right(math, "94 times 3 is 282.") and not is_right(math, "It is 28.")
+    fact = {"task_type": "factual_qa", "accept": ["Au"]}
+    assert is_right(fact, "The symbol is Au.") and not is_right(fact, "because gold")  # a word, not a substring
+    ops = {"plus": operator.add, "minus": operator.sub, "times": operator.mul}
+    for item in (i for i in items if i["task_type"] == "math"):  # the generated results are right
+        a, op, b = re.fullmatch(r"What is (\d+) (\w+) (\d+)\?", item["question"]).groups()
+        assert item["accept"] == [str(ops[op](int(a), int(b)))]
