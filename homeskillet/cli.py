@@ -324,7 +324,7 @@ def eval_routing(
     from pathlib import Path
 
     from connectors import replay
-    from tasks.policy import check_strategy, evaluate, oracle, single_models
+    from tasks.policy import check_strategy, combine, evaluate, oracle, single_models
 
     try:
         check_strategy(strategy)
@@ -349,18 +349,17 @@ def eval_routing(
         _fail(exc)
     how = "through fuse_request" if through_flow else "in process"
     for name, (n, score, singles, best, orc) in figures.items():
-        table = Table(title=f"{name}: {n} records, strategy {strategy}, {folds}-fold, {how}")
-        for column in ("router", "accuracy", "cost_usd"):
-            table.add_column(column)
-        table.add_row(f"[bold]{strategy}[/]", f"{score.accuracy:.3f}", f"{score.cost:.4f}")
-        table.add_row("oracle", f"{orc.accuracy:.3f}", f"{orc.cost:.4f}")
-        for m, single in sorted(singles.items(), key=lambda kv: -kv[1].accuracy):
-            table.add_row(m + (" (best single)" if m == best else ""), f"{single.accuracy:.3f}", f"{single.cost:.4f}")
-        console.print(table)
-    total = sum(n for n, *_ in figures.values())
-    overall_acc = sum(n * s.accuracy for n, s, *_ in figures.values()) / total
-    overall_cost = sum(s.cost for _, s, *_ in figures.values())
-    console.print(f"overall: accuracy {overall_acc:.3f}, cost ${overall_cost:.4f}")
+        console.print(_routing_table(f"{name}: {n} records, strategy {strategy}, {folds}-fold, {how}",
+                                     strategy, score, orc, singles, best))  # fmt: skip
+    parts = list(figures.values())
+    overall = combine([(n, s) for n, s, *_ in parts])
+    if len(parts) > 1:
+        shared = set.intersection(*(set(singles) for _, _, singles, _, _ in parts))
+        singles = {m: combine([(n, singles[m]) for n, _, singles, _, _ in parts]) for m in shared}
+        best = max(singles, key=lambda m: (singles[m].accuracy, -singles[m].cost))
+        console.print(_routing_table(f"overall: {sum(n for n, *_ in parts)} records", strategy, overall,
+                                     combine([(n, o) for n, *_, o in parts]), singles, best))  # fmt: skip
+    console.print(f"overall: accuracy {overall.accuracy:.3f}, cost ${overall.cost:.4f}")
     if as_json:
         print(json.dumps({
             "files": {
@@ -369,8 +368,20 @@ def eval_routing(
                        "oracle": {"accuracy": o.accuracy, "cost": o.cost}}
                 for name, (_, s, singles, b, o) in figures.items()
             },
-            "overall": {"accuracy": overall_acc, "cost": overall_cost},
+            "overall": {"accuracy": overall.accuracy, "cost": overall.cost},
         }))  # fmt: skip
+
+
+def _routing_table(title: str, strategy: str, score, orc, singles: dict, best: str) -> Table:
+    """A strategy's accuracy and cost beside the oracle's and every single model's."""
+    table = Table(title=title)
+    for column in ("router", "accuracy", "cost_usd"):
+        table.add_column(column)
+    table.add_row(f"[bold]{strategy}[/]", f"{score.accuracy:.3f}", f"{score.cost:.4f}")
+    table.add_row("oracle", f"{orc.accuracy:.3f}", f"{orc.cost:.4f}")
+    for m, single in sorted(singles.items(), key=lambda kv: -kv[1].accuracy):
+        table.add_row(m + (" (best single)" if m == best else ""), f"{single.accuracy:.3f}", f"{single.cost:.4f}")
+    return table
 
 
 @app.command("learn-routing")

@@ -284,6 +284,12 @@ def evaluate(
     return score(records[:n], [d.answer for d in decisions], total_cost), decisions
 
 
+def combine(parts: list[tuple[int, Score]]) -> Score:
+    """Scores of several files as one: accuracy weighted by their records, costs added."""
+    total = sum(n for n, _ in parts)
+    return Score(sum(n * s.accuracy for n, s in parts) / total, sum(s.cost for _, s in parts))
+
+
 def single_models(records: list[Record]) -> dict[str, Score]:
     return {
         m: score(records, [r.responses[m] for r in records], sum(r.cost[m] for r in records))

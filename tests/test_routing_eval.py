@@ -186,6 +186,9 @@ def test_eval_routing_command_prints_figures_and_ends_with_json():
     assert arc["best_single"]["model"] == "gpt-4-1106-preview"
     assert arc["oracle"]["accuracy"] >= arc["accuracy"] and arc["cost"] < arc["best_single"]["cost"]
     assert set(figures["overall"]) == {"accuracy", "cost"}
+    mbpp = figures["files"]["mbpp_train"]
+    assert figures["overall"]["cost"] == pytest.approx(arc["cost"] + mbpp["cost"])
+    assert "overall: 1338 records" in done.stdout  # the oracle and every single model over both files too
     bad = subprocess.run([HOMESKILLET, "eval-routing", files[0], "--strategy", "magic", "--json"],
                          capture_output=True, text=True, timeout=120)  # fmt: skip
     assert bad.returncode == 2 and "unknown strategy" in bad.stderr and bad.stdout.strip() == ""
