@@ -95,6 +95,8 @@ class Stats:
 def fit(records: list[Record], budget_share: float = BUDGET, allowed: list[str] | None = None) -> Stats:
     """Quality and mean cost per task type and model, and per task type the cascade plan that is
     most accurate on these records within budget_share of the best model's mean cost."""
+    if budget_share <= 0:
+        raise InvalidRequest(f"budget share must be above 0 (a share of the best model's cost), not {budget_share}")
     stats = Stats({}, {})
     quality, cost, plans = stats.quality, stats.cost, stats.plans
     for task in {r.task for r in records}:

@@ -105,6 +105,8 @@ def test_bad_inputs_are_named(tmp_path):
         evaluate(records, "magic")
     with pytest.raises(NoRoute, match="have no recordings"):
         evaluate(records, "single", allowed=["gpt-9"])
+    with pytest.raises(InvalidRequest, match="budget share must be above 0"):
+        evaluate(records, "cascade", budget_share=0)
 
 
 async def test_replay_provider_serves_recorded_answers_over_the_openai_api(tmp_path):
