@@ -23,7 +23,7 @@ import yaml
 from connectors.replay import Record, ReplayProvider, create_app
 from flows.fusion import fuse_request
 from homeskillet.schemas import FusionResult
-from tasks.policy import BUDGET, Score, check_models, check_strategy, fit, fold_of, score
+from tasks.policy import BUDGET, Score, check_models, check_strategy, fold_fits, fold_of, score
 
 POOL = "replay"
 TENANT = "demo"
@@ -82,22 +82,19 @@ async def evaluate_through_flow(
     from the fused answers, cost from what the flow says each request cost."""
     check_strategy(strategy)
     allowed = check_models(records, allowed)
-    n = len(records) if limit is None else min(limit, len(records))
     workdir.mkdir(parents=True, exist_ok=True)
-    results: list[FusionResult | None] = [None] * n
     gate = asyncio.Semaphore(concurrency)
     with serve_replay(records) as base_url:
         catalog = workdir / "replay-catalog.yaml"
         catalog.write_text(yaml.safe_dump(replay_catalog(sorted(records[0].responses), base_url)))
-        stats_files = {}
-        for k in range(folds):
-            stats_files[k] = workdir / f"routing-stats-fold{k}.json"
-            fit([r for i, r in enumerate(records) if fold_of(i, folds) != k], budget_share, allowed).save(stats_files[k])
+        stats_files = [workdir / f"routing-stats-fold{k}.json" for k in range(folds)]
+        for stats, path in zip(fold_fits(records, folds, budget_share, allowed), stats_files):
+            stats.save(path)
 
-        async def one(i: int) -> None:
+        async def one(i: int) -> FusionResult:
             record = records[i]
             async with gate:
-                results[i] = await fuse_request(
+                return await fuse_request(
                     record.prompt,
                     tenant=TENANT,
                     strategy=strategy,
@@ -107,6 +104,5 @@ async def evaluate_through_flow(
                     routing_stats=str(stats_files[fold_of(i, folds)]),
                 )
 
-        await asyncio.gather(*(one(i) for i in range(n)))
-    done = [r for r in results if r is not None]
-    return score(records[:n], [r.answer for r in done], sum(r.cost_usd for r in done)), done
+        done = await asyncio.gather(*(one(i) for i in range(len(records[:limit]))))
+    return score(records[:limit], [r.answer for r in done], sum(r.cost_usd for r in done)), list(done)

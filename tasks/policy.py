@@ -228,6 +228,12 @@ def fold_of(index: int, folds: int) -> int:
     return index % folds
 
 
+def fold_fits(records: list[Record], folds: int, budget_share: float, allowed: list[str]) -> list[Stats]:
+    """For each fold k, the stats fitted on the records of the other folds."""
+    return [fit([r for i, r in enumerate(records) if fold_of(i, folds) != k], budget_share, allowed)
+            for k in range(folds)]  # fmt: skip
+
+
 def check_strategy(strategy: str) -> None:
     if strategy not in STRATEGIES:
         raise InvalidRequest(f"unknown strategy {strategy!r}; known: {', '.join(STRATEGIES)}")
@@ -263,14 +269,13 @@ def evaluate(
     check_strategy(strategy)
     allowed = check_models(records, allowed)
     provider = ReplayProvider(records)
-    n = len(records) if limit is None else min(limit, len(records))
+    n = len(records[:limit])
     decisions: list[Decision] = [Decision("")] * n
     total_cost = 0.0
 
     async def run() -> None:
         nonlocal total_cost
-        for k in range(folds):
-            stats = fit([r for i, r in enumerate(records) if fold_of(i, folds) != k], budget_share, allowed)
+        for k, stats in enumerate(fold_fits(records, folds, budget_share, allowed)):
             for i in range(k, n, folds):
                 record = records[i]
 
