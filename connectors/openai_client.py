@@ -35,6 +35,8 @@ async def complete(
     url = f"{endpoint.rstrip('/')}/{'chat/completions' if chat else 'completions'}"
     body: dict = {"model": model, "max_tokens": max_tokens, "temperature": temperature, "stream": stream}
     body.update({"messages": messages} if chat else {"prompt": prompt})
+    if stream:
+        body["stream_options"] = {"include_usage": True}  # OpenAI's way to get usage in a stream
     if stop:
         body["stop"] = stop
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}

@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import sys
+import time
 import warnings
 from typing import Annotated, Optional
 
@@ -17,7 +18,7 @@ from homeskillet.errors import HomeskilletError
 from homeskillet.settings import get_settings
 
 app = typer.Typer(help="Homeskillet: decompose, route, allocate, infer, release, fuse.", no_args_is_help=True)
-server_app = typer.Typer(help="The local Prefect server on embedded PostgreSQL.", no_args_is_help=True)
+server_app = typer.Typer(help="The local services: Prefect server, PostgreSQL, model servers.", no_args_is_help=True)
 app.add_typer(server_app, name="server")
 console = Console(width=None if sys.stdout.isatty() else 200)  # pipes and logs get the whole table
 errors = Console(stderr=True)
@@ -155,28 +156,75 @@ def server_start() -> None:
 
 @server_app.command("stop")
 def server_stop() -> None:
-    """Stop the Prefect server and PostgreSQL."""
+    """Stop the model servers, the Prefect server and PostgreSQL."""
+    from connectors.model_server import ModelServers
     from connectors.prefect_server import stop_prefect_server
 
-    stopped = stop_prefect_server(get_settings().home)
+    settings = get_settings()
+    models = ModelServers(settings.home, settings.model_idle_s).stop_all()
+    console.print(f"model servers stopped: {', '.join(models)}" if models else "no model server was running")
+    stopped = stop_prefect_server(settings.home)
     console.print("stopped" if stopped else "no Prefect server was running (PostgreSQL stopped if it ran)")
 
 
 @server_app.command("status")
-def server_status() -> None:
-    """Say whether the Prefect server and PostgreSQL run."""
+def server_status(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the status as JSON.")] = False,
+) -> None:
+    """The Prefect server, PostgreSQL and each model server; exit 1 when the Prefect server is down."""
     from connectors import postgres
+    from connectors.model_server import ModelServers
     from connectors.prefect_server import running_server
 
     settings = get_settings()
     info = running_server(settings.home)
-    console.print(f"prefect: {'running, pid %d, %s' % (info.pid, info.api_url) if info else 'stopped'}")
     try:
-        console.print(f"postgres: running, socket {postgres.socket_dir(settings.pgdata)}")
+        pg_socket: str | None = str(postgres.socket_dir(settings.pgdata))
     except HomeskilletError:
-        console.print("postgres: stopped")
+        pg_socket = None
+    servers = ModelServers(settings.home, settings.model_idle_s)
+    models = [
+        {"model": r.model, "pid": r.server_pid, "supervisor_pid": r.pid, "port": r.port, "endpoint": r.endpoint,
+         "slots": r.slots, "up_s": round(time.time() - r.since, 1), "idle_s": round(servers.idle_seconds(r), 1),
+         "stops_when_idle_s": r.idle_s}
+        for r in servers.running()
+    ]  # fmt: skip
+    status = {
+        "prefect": {"pid": info.pid, "api_url": info.api_url} if info else None,
+        "postgres": {"socket": pg_socket} if pg_socket else None,
+        "model_servers": models,
+    }
+    if as_json:
+        print(json.dumps(status))
+    else:
+        console.print(f"prefect: {'running, pid %d, %s' % (info.pid, info.api_url) if info else 'stopped'}")
+        console.print(f"postgres: {'running, socket ' + pg_socket if pg_socket else 'stopped'}")
+        if not models:
+            console.print("model servers: none running")
+        for m in models:
+            console.print(
+                f"model server {m['model']}: pid {m['pid']}, {m['endpoint']}, {m['slots']} slots, "
+                f"up {m['up_s']:.0f}s, idle {m['idle_s']:.0f}s (stops at {m['stops_when_idle_s']:g}s)"
+            )
     if info is None:
         raise typer.Exit(1)
+
+
+@server_app.command("check")
+def server_check() -> None:
+    """The set-up's smoke check: one multi-token chat completion on a fresh llama-server."""
+    from connectors.model_server import check_build, gguf_path, llama_server_binary
+    from homeskillet.catalog import load_catalog
+
+    settings = get_settings()
+    try:
+        binary = llama_server_binary(settings.llama_server)
+        spec = next(m for m in load_catalog(settings.catalog).models if m.serving.kind == "llama_cpp")
+        answer = check_build(binary, gguf_path(spec.serving, settings.home / "models"))
+    except HomeskilletError as exc:
+        errors.print(f"[bold red]llama-server smoke check failed:[/] {exc}", highlight=False)
+        raise typer.Exit(1)
+    console.print(f"llama-server smoke check passed ({binary}, {spec.name}): {answer.strip()!r}")
 
 
 @app.command()

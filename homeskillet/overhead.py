@@ -38,7 +38,7 @@ async def _direct(plan: Plan, choices: dict, endpoints: dict[str, str], max_toke
 
 async def run_benchmark(repeats: int = 3, max_tokens: int = 48) -> str:
     catalog = runtime.catalog()
-    servers = runtime.backend().servers
+    local = runtime.backend()
     # the dedicated pool holds every fragment of a request at once: no capacity queueing in the figures
     limits = Constraints(max_tokens=max_tokens, tier="dedicated")
     work = []
@@ -46,21 +46,18 @@ async def run_benchmark(repeats: int = 3, max_tokens: int = 48) -> str:
         plan = decompose_prompt(prompt, f"bench-{i}", max_context(catalog, limits), max_tokens)
         work.append((prompt, plan, route_plan(plan, catalog, limits)))
     models = {c.model for _, _, choices in work for c in choices.values()}
-    endpoints = {m: await asyncio.to_thread(servers.acquire, cat.model(catalog, m), "bench") for m in models}
-    try:
-        flow_s = direct_s = 0.0
-        for round_ in range(repeats + 1):  # round 0 warms both paths and is not counted
-            for prompt, plan, choices in work:
-                t0 = time.perf_counter()
-                await fuse_request(prompt=prompt, tenant="demo", constraints=limits)
-                t1 = time.perf_counter()
-                await _direct(plan, choices, endpoints, max_tokens)
-                t2 = time.perf_counter()
-                if round_:
-                    flow_s += t1 - t0
-                    direct_s += t2 - t1
-    finally:
-        servers.done("bench")
+    endpoints = {m: await asyncio.to_thread(local.model_endpoint, cat.model(catalog, m)) for m in models}
+    flow_s = direct_s = 0.0
+    for round_ in range(repeats + 1):  # round 0 warms both paths and is not counted
+        for prompt, plan, choices in work:
+            t0 = time.perf_counter()
+            await fuse_request(prompt=prompt, tenant="demo", constraints=limits)
+            t1 = time.perf_counter()
+            await _direct(plan, choices, endpoints, max_tokens)
+            t2 = time.perf_counter()
+            if round_:
+                flow_s += t1 - t0
+                direct_s += t2 - t1
     fragments = sum(len(plan.fragments) for _, plan, _ in work) * repeats
     lines = [
         f"{repeats} rounds x {len(PROMPTS)} requests = {fragments} fragments, max_tokens {max_tokens}",
@@ -75,19 +72,13 @@ async def run_benchmark(repeats: int = 3, max_tokens: int = 48) -> str:
 
 async def _decode_speed(model, repeats: int, tokens: int = 64) -> str:
     """Tokens/s of one model alone: streamed completions of a fixed length, one at a time."""
-    servers = runtime.backend().servers
-    endpoint = await asyncio.to_thread(servers.acquire, model, "bench-speed")
-    try:
-        decoded = seconds = first = 0.0
-        for _ in range(repeats):
-            out = await openai_client.complete(
-                endpoint, model.name, prompt="Once upon a time", max_tokens=tokens, stream=True
-            )
-            decoded += out.tokens_out - 1
-            seconds += out.total_s - out.first_token_s
-            first += out.first_token_s
-    finally:
-        servers.done("bench-speed")
+    endpoint = await asyncio.to_thread(runtime.backend().model_endpoint, model)
+    decoded = seconds = first = 0.0
+    for _ in range(repeats):
+        out = await openai_client.complete(endpoint, model.name, prompt="Once upon a time", max_tokens=tokens, stream=True)
+        decoded += out.tokens_out - 1
+        seconds += out.total_s - out.first_token_s
+        first += out.first_token_s
     return (
         f"{model.name}: {decoded / seconds:.1f} tokens/s decoding alone "
         f"({repeats} x {tokens}-token completions, first token after {first / repeats * 1000:.0f} ms)"

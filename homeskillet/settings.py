@@ -22,6 +22,7 @@ class Settings(BaseSettings):
     infer_timeout_s: float = Field(300.0, gt=0, description="Client timeout of one inference call.")
     model_idle_s: float = Field(300.0, gt=0, description="Stop a local model server idle this long.")
     model_threads: int | None = Field(None, description="CPU threads per local model server.")
+    llama_server: Path | None = Field(None, description="llama-server executable (default: the one the set-up built).")
     hostedai_url: str | None = Field(None, description="hosted·ai API base URL (single-tenant set-up).")
     hostedai_api_key: SecretStr | None = Field(None, description="hosted·ai API key (single-tenant set-up).")
     hostedai_team_id: str | None = Field(None, description="hosted·ai team of that key.")

@@ -73,8 +73,7 @@ def local_services():
         from tasks import runtime
 
         APILogHandler().flush()  # deliver the run logs while the server still listens
-        for path in {runtime.catalog_path(), runtime.catalog_path(PACKAGED_CATALOG)}:
-            runtime.backend(path).servers.stop_all()
+        runtime.backend(PACKAGED_CATALOG).servers.stop_all()  # the machine-wide ones of the test home
     finally:  # whatever failed above, leave no server behind
         stop_prefect_server(STATE)
         shutil.rmtree(STATE, ignore_errors=True)
@@ -208,7 +207,7 @@ def emulator(echo_server):
         if name == "echo-1":
             return echo
         spec = cat.model(runtime.catalog(PACKAGED_CATALOG), name)
-        return await asyncio.to_thread(runtime.backend(PACKAGED_CATALOG).servers.acquire, spec, "emulator")
+        return await asyncio.to_thread(runtime.backend(PACKAGED_CATALOG).model_endpoint, spec)
 
     config = default_config()
     app = create_app(config, model_endpoint=endpoint)

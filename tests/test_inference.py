@@ -1,31 +1,21 @@
 """The inference client and the local model servers, with the real SmolLM2 on llama.cpp."""
 
-import os
-import signal
-import subprocess
-import sys
-import textwrap
-import time
+import asyncio
 
-import psutil
 import pytest
 
 from connectors import openai_client
-from connectors.model_server import ModelServers
 from homeskillet import catalog as cat
 from homeskillet.errors import InferenceError
-from homeskillet.settings import get_settings
 from tasks import runtime
+from tasks.resources import render
 
 SMOL = cat.model(runtime.catalog(), "smollm2-135m")
 
 
 @pytest.fixture(scope="module")
 def smol_endpoint():
-    servers = runtime.backend().servers
-    endpoint = servers.acquire(SMOL, "test-inference")
-    yield endpoint
-    servers.done("test-inference")
+    return runtime.backend().model_endpoint(SMOL)
 
 
 async def test_chat_completion_reports_text_and_usage(smol_endpoint):
@@ -49,6 +39,38 @@ async def test_same_answer_streaming_or_not(smol_endpoint):
     plain = await openai_client.complete(smol_endpoint, SMOL.name, **kwargs)
     streamed = await openai_client.complete(smol_endpoint, SMOL.name, stream=True, **kwargs)
     assert plain.text == streamed.text
+    assert streamed.tokens_out == plain.tokens_out and streamed.tokens_in == plain.tokens_in
+
+
+async def test_an_answer_does_not_depend_on_what_the_server_served_before(smol_endpoint):
+    """At temperature 0 the same prompt gets the same answer, after other prompts, streamed or
+    not, and when it shares the server with concurrent requests (continuous batching)."""
+
+    async def ask(text, stream=False):
+        messages = [{"role": "user", "content": text}]
+        out = await openai_client.complete(smol_endpoint, SMOL.name, messages=messages, max_tokens=24, stream=stream)
+        return out.text
+
+    first = await ask("Name a color.")
+    others = [await ask(p) for p in ("What is the capital of France?", "Write a haiku about the sea.")]
+    assert await ask("Name a color.") == first
+    assert await ask("Name a color.", stream=True) == first
+    prompts = ["Name a color.", "What is the capital of France?", "Write a haiku about the sea."] * 3
+    concurrent = await asyncio.gather(*(ask(p) for p in prompts))
+    assert concurrent == [first, *others] * 3
+
+
+async def test_a_completion_prompt_is_answered_the_same_after_others():
+    gemma = cat.model(runtime.catalog(), "gemma3-270m")
+    endpoint = runtime.backend().model_endpoint(gemma)
+
+    async def ask(question):
+        out = await openai_client.complete(endpoint, gemma.name, max_tokens=16, **render(gemma, question))
+        return out.text
+
+    first = await ask("What is the capital of France?")
+    await ask("Who wrote Romeo and Juliet?")
+    assert await ask("What is the capital of France?") == first
 
 
 async def test_http_errors_and_dead_endpoints_are_inference_errors(echo_server):
@@ -66,47 +88,7 @@ async def test_api_key_is_sent_as_bearer(echo_server, monkeypatch):
     assert echo_server.seen[-1]["auth"] == "Bearer sk-test"
 
 
-def test_idle_model_servers_stop_and_busy_ones_do_not(tmp_path):
-    servers = ModelServers(get_settings().home / "models", tmp_path, idle_s=1.0)
-    servers.acquire(SMOL, "a")
-    time.sleep(3.0)
-    assert SMOL.name in servers.running()  # in use: kept
-    servers.done("a")
-    deadline = time.monotonic() + 15
-    while SMOL.name in servers.running() and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert SMOL.name not in servers.running()
-    servers.stop_all()
-
-
-def test_a_model_server_exits_with_the_process_that_started_it():
-    script = textwrap.dedent(
-        """
-        import os
-        from connectors.model_server import ModelServers
-        from tasks import runtime
-        from homeskillet import catalog as cat
-        from pathlib import Path
-        servers = ModelServers(Path(os.environ["HOMESKILLET_HOME"]) / "models", Path(os.environ["HOMESKILLET_HOME"]), 300)
-        servers.acquire(cat.model(runtime.catalog(), "smollm2-135m"), "x")
-        print([s.proc.pid for s in servers._servers.values()][0], flush=True)
-        import time; time.sleep(600)
-        """
-    )
-    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=os.getcwd())
-    child = int(parent.stdout.readline())
-    assert psutil.pid_exists(child)
-    parent.send_signal(signal.SIGKILL)  # no atexit, no cleanup
-    parent.wait()
-    deadline = time.monotonic() + 10
-    while psutil.pid_exists(child) and psutil.Process(child).status() != psutil.STATUS_ZOMBIE:
-        assert time.monotonic() < deadline, "model server outlived its parent"
-        time.sleep(0.2)
-
-
 def test_completion_prompts_end_with_one_answer_cue():
-    from tasks.resources import render
-
     gemma = cat.model(runtime.catalog(), "gemma3-270m")
     assert render(gemma, "What is 2 + 2?")["prompt"] == "Question: What is 2 + 2?\nAnswer:"
     few_shot = "Which is a gas?\nA) ice\nB) steam\nAnswer:"  # brings its own cue: no second one

@@ -1,0 +1,138 @@
+"""Model servers are machine-wide services: shared by every process, replaced when they die,
+stopped when idle or by `homeskillet server stop`. Real llama-server processes with SmolLM2,
+under a state folder of their own so that the session's servers are not touched."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import httpx
+import psutil
+import pytest
+
+from connectors.model_server import ModelServers, read_record
+from homeskillet import catalog as cat
+from homeskillet.catalog import load_catalog
+from homeskillet.settings import PACKAGED_CATALOG
+
+SMOL = cat.model(load_catalog(PACKAGED_CATALOG), "smollm2-135m")
+ASK = textwrap.dedent(
+    """
+    import json, sys
+    from pathlib import Path
+    from connectors.model_server import ModelServers
+    from homeskillet import catalog as cat
+    from homeskillet.catalog import load_catalog
+    from homeskillet.settings import PACKAGED_CATALOG
+    servers = ModelServers(Path(sys.argv[1]), idle_s=300)
+    endpoint = servers.endpoint(cat.model(load_catalog(PACKAGED_CATALOG), "smollm2-135m"), slots=2)
+    print(json.dumps({"endpoint": endpoint, "pids": [r.server_pid for r in servers.running()]}), flush=True)
+    """
+)
+
+
+@pytest.fixture
+def servers(tmp_path):
+    servers = ModelServers(tmp_path, idle_s=300)
+    yield servers
+    servers.stop_all()
+    assert servers.running() == []
+
+
+def ask_in_another_process(home) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", ASK, str(home)], stdout=subprocess.PIPE, text=True, cwd=os.getcwd())
+
+
+def chat(endpoint: str, text: str = "Say hello.", **extra) -> dict:
+    body = {"messages": [{"role": "user", "content": text}], "max_tokens": 8, "temperature": 0, **extra}
+    response = httpx.post(f"{endpoint}/chat/completions", json=body, timeout=120)
+    response.raise_for_status()
+    return response.json()
+
+
+def wait_for(condition, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.2)
+
+
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_a_server_outlives_the_process_that_started_it_and_serves_the_next(servers, tmp_path):
+    starter = ask_in_another_process(tmp_path)
+    started = json.loads(starter.stdout.readline())
+    assert starter.wait(30) == 0  # the process that started it has exited
+    (record,) = servers.running()
+    assert record.server_pid == started["pids"][0] and record.model == SMOL.name and record.slots == 2
+    assert servers.endpoint(SMOL, slots=2) == started["endpoint"]  # reused, not restarted
+    assert chat(started["endpoint"])["usage"]["completion_tokens"] > 1
+    assert [r.server_pid for r in servers.running()] == started["pids"]
+
+
+def test_two_processes_asking_for_a_cold_model_at_once_start_one_server(servers, tmp_path):
+    askers = [ask_in_another_process(tmp_path) for _ in range(2)]
+    answers = [json.loads(p.stdout.readline()) for p in askers]
+    assert [p.wait(30) for p in askers] == [0, 0]
+    assert answers[0]["endpoint"] == answers[1]["endpoint"]
+    assert len(servers.running()) == 1
+    assert len([p for p in psutil.process_iter(["name"]) if p.info["name"] == "llama-server"
+                and p.pid == servers.running()[0].server_pid]) == 1  # fmt: skip
+
+
+def test_a_server_that_died_is_noticed_and_replaced(servers):
+    endpoint = servers.endpoint(SMOL, slots=2)
+    (first,) = servers.running()
+    os.kill(first.server_pid, signal.SIGKILL)  # llama-server crashes
+    wait_for(lambda: gone(first.pid), 10, "its supervisor noticed and exited")
+    assert read_record(servers.dir / f"{first.key}.json") is None  # the record went with it
+    replacement = servers.endpoint(SMOL, slots=2)
+    (second,) = servers.running()
+    assert second.server_pid != first.server_pid and replacement != endpoint
+    assert chat(replacement)["usage"]["completion_tokens"] > 1
+
+    os.kill(second.pid, signal.SIGKILL)  # the supervisor dies: its llama-server goes with it
+    wait_for(lambda: gone(second.server_pid), 10, "llama-server died with its supervisor")
+    assert servers.running() == []
+    servers.endpoint(SMOL, slots=2)
+    assert servers.running()[0].server_pid not in (first.server_pid, second.server_pid)
+
+
+def test_an_idle_server_stops_and_a_busy_one_does_not(tmp_path):
+    servers = ModelServers(tmp_path, idle_s=2.0)
+    try:
+        endpoint = servers.endpoint(SMOL)
+        (record,) = servers.running()
+        # one request that decodes for longer than the idle time: the server must not stop under it
+        started = time.monotonic()
+        out = chat(endpoint, "Count from one to one hundred.", max_tokens=300, ignore_eos=True)
+        assert out["usage"]["completion_tokens"] == 300 and time.monotonic() - started > 2.0
+        assert servers.running() == [record]
+        wait_for(lambda: servers.running() == [], 15, "the idle server stopped")
+        wait_for(lambda: gone(record.server_pid) and gone(record.pid), 10, "its processes exited")
+    finally:
+        servers.stop_all()
+
+
+def test_server_status_lists_model_servers_and_server_stop_stops_them(servers, tmp_path):
+    servers.endpoint(SMOL, slots=2)
+    (record,) = servers.running()
+    env = {**os.environ, "HOMESKILLET_HOME": str(tmp_path)}
+    cli = [sys.executable, "-m", "homeskillet.cli"]
+    status = subprocess.run([*cli, "server", "status", "--json"], env=env, capture_output=True, text=True)
+    assert status.returncode == 1  # no Prefect server in this state folder
+    (listed,) = json.loads(status.stdout)["model_servers"]
+    assert listed["model"] == SMOL.name and listed["pid"] == record.server_pid and listed["port"] == record.port
+    assert listed["idle_s"] >= 0 and listed["slots"] == 2
+    stop = subprocess.run([*cli, "server", "stop"], env=env, capture_output=True, text=True)
+    assert stop.returncode == 0 and SMOL.name in stop.stdout
+    assert servers.running() == [] and gone(record.server_pid) and gone(record.pid)
