@@ -67,7 +67,36 @@ async def run_benchmark(repeats: int = 3, max_tokens: int = 48) -> str:
     ]
     for name in sorted(models):
         lines.append(await _decode_speed(cat.model(catalog, name), repeats))
+        lines.append(await _throughput(cat.model(catalog, name)))
     return "\n".join(lines)
+
+
+STORY_PROMPTS = [f"Write a short story about {topic}." for topic in (
+    "a lighthouse keeper", "a lost cat", "a rainy market", "an old clock",
+    "a mountain village", "a paper boat", "a night train", "a garden robot",
+)]  # fmt: skip
+
+
+async def _throughput(model, tokens: int = 64) -> str:
+    """Tokens/s of one model's server for the same 8 requests one after another and all at once
+    (llama-server batches concurrent sequences into one decode step)."""
+    endpoint = await asyncio.to_thread(runtime.backend().model_endpoint, model)
+
+    async def one(text: str) -> int:
+        out = await openai_client.complete(endpoint, model.name, max_tokens=tokens, **render(model, text))
+        return out.tokens_out
+
+    started = time.perf_counter()
+    sequential = [await one(p) for p in STORY_PROMPTS]
+    sequential_s = time.perf_counter() - started
+    started = time.perf_counter()
+    concurrent = await asyncio.gather(*(one(p) for p in STORY_PROMPTS))
+    concurrent_s = time.perf_counter() - started
+    seq_rate, conc_rate = sum(sequential) / sequential_s, sum(concurrent) / concurrent_s
+    return (
+        f"{model.name}: {len(STORY_PROMPTS)} x {tokens}-token requests: {seq_rate:.1f} tokens/s one after another, "
+        f"{conc_rate:.1f} tokens/s all at once ({conc_rate / seq_rate:.2f}x)"
+    )
 
 
 async def _decode_speed(model, repeats: int, tokens: int = 64) -> str:

@@ -26,6 +26,21 @@ def test_run_prints_the_fusion_result_as_json():
     assert result["answer"]
 
 
+def test_model_servers_outlive_a_run_and_serve_the_next():
+    """A run's model servers stay up after its process exits; the next run uses the same ones."""
+    question = ("What is the capital of France?", "--json", "--max-tokens", "8", "--model", "smollm2-135m")
+    first = cli("run", *question)
+    assert first.returncode == 0, first.stderr
+    status = json.loads(cli("server", "status", "--json").stdout)
+    (smol,) = [m for m in status["model_servers"] if m["model"] == "smollm2-135m"]
+    second = cli("run", *question)
+    assert second.returncode == 0, second.stderr
+    (again,) = [m for m in json.loads(cli("server", "status", "--json").stdout)["model_servers"]
+                if m["model"] == "smollm2-135m"]  # fmt: skip
+    assert again["pid"] == smol["pid"] and again["port"] == smol["port"]
+    assert json.loads(first.stdout)["answer"] == json.loads(second.stdout)["answer"]  # same answer, same server
+
+
 def test_run_prints_answer_and_fragment_table():
     done = cli("run", "1. Who wrote Hamlet?\n2. Name a planet.", "--tenant", "acme", "--max-tokens", "24")
     assert done.returncode == 0, done.stderr
