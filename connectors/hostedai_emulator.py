@@ -469,14 +469,15 @@ def create_app(config: EmulatorConfig | None = None, model_endpoint=None) -> Fas
 
 def _local_models():
     """Pods serve the local catalog's models through the machine's llama.cpp servers."""
-    from connectors.model_server import ModelServers, slots_for
+    from connectors.model_server import ModelServers, slots_for, threads_for
     from homeskillet.catalog import load_catalog
     from homeskillet.schemas import LlamaCppServing
     from homeskillet.settings import get_settings
 
     settings = get_settings()
     catalog = load_catalog(settings.catalog)
-    servers = ModelServers(settings.home, settings.model_idle_s, settings.model_threads, settings.llama_server)
+    threads = settings.model_threads or threads_for(catalog.models)
+    servers = ModelServers(settings.home, settings.model_idle_s, threads, settings.llama_server)
     local_pools = [p for p in catalog.pools if p.backend == "local"]
 
     async def endpoint(name: str) -> str:

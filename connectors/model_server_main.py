@@ -28,6 +28,7 @@ import psutil
 from filelock import FileLock
 
 from connectors.model_server import ServerConfig
+from connectors.processes import healthy
 
 PR_SET_PDEATHSIG = 1
 
@@ -77,7 +78,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
 
-    while activity(base) is None or httpx.get(f"{base}/health", timeout=2.0).status_code != 200:
+    while not healthy(f"{base}/health"):
         if server.poll() is not None:
             print(f"supervisor: llama-server exited with code {server.returncode} at start-up", flush=True)
             sys.exit(1)

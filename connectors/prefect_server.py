@@ -10,18 +10,16 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
-import psutil
 from filelock import FileLock
 
 from connectors import postgres
+from connectors.processes import created, healthy, tail, terminate
 from homeskillet.errors import ServiceError
 
 PIDFILE = "prefect-server.json"
@@ -42,10 +40,10 @@ def ensure_prefect_server(home: Path, port: int, timeout_s: float = 120.0) -> st
     home.mkdir(parents=True, exist_ok=True)
     with FileLock(home / "prefect-server.lock"):
         info = running_server(home)
-        if info is not None and _healthy(info.api_url):
+        if info is not None and healthy(f"{info.api_url}/health"):
             return info.api_url
         if info is not None:  # alive but unhealthy: replace it
-            _terminate(info.pid)
+            terminate(info.pid, group=True)
         sock = postgres.ensure_postgres(home / "pgdata")
         log_path = home / "prefect-server.log"
         env = {
@@ -67,19 +65,19 @@ def ensure_prefect_server(home: Path, port: int, timeout_s: float = 120.0) -> st
                 start_new_session=True,  # outlives this command; stopped by stop_prefect_server
             )
         info = ServerInfo(pid=proc.pid, port=port)
-        (home / PIDFILE).write_text(json.dumps({"pid": proc.pid, "port": port, "created": _created(proc.pid)}))
+        (home / PIDFILE).write_text(json.dumps({"pid": proc.pid, "port": port, "created": created(proc.pid)}))
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 raise ServiceError(
                     f"Prefect server exited with code {proc.returncode} at start-up (port {port} in use?); "
-                    f"last log lines:\n{_tail(log_path)}"
+                    f"last log lines:\n{tail(log_path)}"
                 )
-            if _healthy(info.api_url):
+            if healthy(f"{info.api_url}/health"):
                 return info.api_url
             time.sleep(0.5)
-        _terminate(proc.pid)
-        raise ServiceError(f"Prefect server not healthy after {timeout_s:.0f}s; last log lines:\n{_tail(log_path)}")
+        terminate(proc.pid, group=True)
+        raise ServiceError(f"Prefect server not healthy after {timeout_s:.0f}s; last log lines:\n{tail(log_path)}")
 
 
 def running_server(home: Path) -> ServerInfo | None:
@@ -88,7 +86,7 @@ def running_server(home: Path) -> ServerInfo | None:
         data = json.loads((home / PIDFILE).read_text())
     except (OSError, ValueError):
         return None
-    if _created(data["pid"]) != data.get("created"):
+    if created(data["pid"]) != data.get("created"):
         return None  # gone, or the pid was reused by another process
     return ServerInfo(pid=data["pid"], port=data["port"])
 
@@ -98,58 +96,7 @@ def stop_prefect_server(home: Path) -> bool:
     with FileLock(home / "prefect-server.lock"):
         info = running_server(home)
         if info is not None:
-            _terminate(info.pid)
+            terminate(info.pid, group=True)
         (home / PIDFILE).unlink(missing_ok=True)
         postgres.stop_postgres(home / "pgdata")
     return info is not None
-
-
-def _healthy(api_url: str) -> bool:
-    try:
-        return httpx.get(f"{api_url}/health", timeout=2.0).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
-def _created(pid: int) -> float | None:
-    try:
-        return psutil.Process(pid).create_time()
-    except psutil.Error:
-        return None
-
-
-def _terminate(pid: int, grace_s: float = 15.0) -> None:
-    """SIGTERM the process group, then SIGKILL what is left after the grace period."""
-    try:
-        pgid = os.getpgid(pid)
-        os.killpg(pgid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline:
-        _reap(pid)
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.2)
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    _reap(pid)
-
-
-def _reap(pid: int) -> None:
-    """Collect the exit status when the process is our own child, so it leaves no zombie."""
-    try:
-        os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
-
-
-def _tail(path: Path, lines: int = 20) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"

@@ -14,9 +14,10 @@ import httpx
 import psutil
 import pytest
 
-from connectors.model_server import ModelServers, read_record
+from connectors.model_server import ModelServers, read_record, slots_for, threads_for
 from homeskillet import catalog as cat
 from homeskillet.catalog import load_catalog
+from homeskillet.schemas import OpenAIServing
 from homeskillet.settings import PACKAGED_CATALOG
 
 SMOL = cat.model(load_catalog(PACKAGED_CATALOG), "smollm2-135m")
@@ -136,3 +137,17 @@ def test_server_status_lists_model_servers_and_server_stop_stops_them(servers, t
     stop = subprocess.run([*cli, "server", "stop"], env=env, capture_output=True, text=True)
     assert stop.returncode == 0 and SMOL.name in stop.stdout
     assert servers.running() == [] and gone(record.server_pid) and gone(record.pid)
+
+
+def test_threads_are_shared_out_among_local_models_and_slots_follow_pool_capacity():
+    catalog = load_catalog(PACKAGED_CATALOG)
+    assert threads_for(catalog.models, cores=2) == 1  # SmolLM2 and Gemma decode at once without spinning over each other
+    assert threads_for(catalog.models, cores=16) == 8
+    remote = catalog.models[0].model_copy(update={"serving": OpenAIServing(base_url="http://x/v1", model="m")})
+    assert threads_for([catalog.models[1], remote], cores=4) == 4  # remote models use no local cores
+    local_pools = [p for p in catalog.pools if p.backend == "local"]
+    # dedicated 8 TFLOPS / 4 GB and preemptible 4 / 2 hold 8 + 4 SmolLM2 slices (1 / 0.5) and 4 + 2 Gemma ones (2 / 0.75)
+    assert slots_for(SMOL, local_pools) == 12
+    assert slots_for(cat.model(catalog, "gemma3-270m"), local_pools) == 6
+    tiny = local_pools[0].model_copy(update={"tflops": 0.5})
+    assert slots_for(SMOL, [tiny]) == 1

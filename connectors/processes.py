@@ -1,0 +1,76 @@
+"""Helpers for the long-lived local services (Prefect server, model servers): process identity,
+health, ports, logs and stopping."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+
+
+def created(pid: int) -> float | None:
+    """The start time of a live process (not a zombie), which tells it from a later one with its pid."""
+    try:
+        process = psutil.Process(pid)
+        return None if process.status() == psutil.STATUS_ZOMBIE else process.create_time()
+    except psutil.Error:
+        return None
+
+
+def healthy(url: str) -> bool:
+    """Whether GET url answers 200 within 2 s."""
+    try:
+        return httpx.get(url, timeout=2.0).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def terminate(pid: int, grace_s: float = 15.0, group: bool = False) -> None:
+    """SIGTERM the process (or its whole process group), then SIGKILL after the grace period.
+    Reaps it when it is our own child, so it leaves no zombie."""
+    try:
+        target = os.getpgid(pid) if group else pid
+        kill = os.killpg if group else os.kill
+        kill(target, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        _reap(pid)
+        try:
+            kill(target, 0)
+        except ProcessLookupError:
+            return
+        if not group and created(pid) is None:
+            return  # a zombie that is not ours to reap
+        time.sleep(0.1)
+    try:
+        kill(target, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    _reap(pid)
+
+
+def _reap(pid: int) -> None:
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
