@@ -71,20 +71,19 @@ async def run_benchmark(repeats: int = 3, max_tokens: int = 48) -> str:
     return "\n".join(lines)
 
 
-STORY_PROMPTS = [f"Write a short story about {topic}." for topic in (
+STORY_PROMPTS = [f"Once upon a time, {topic}" for topic in (
     "a lighthouse keeper", "a lost cat", "a rainy market", "an old clock",
     "a mountain village", "a paper boat", "a night train", "a garden robot",
 )]  # fmt: skip
 
 
 async def _throughput(model, tokens: int = 64) -> str:
-    """Tokens/s of one model's server for the same 8 requests one after another and all at once
-    (llama-server batches concurrent sequences into one decode step)."""
+    """Tokens/s of one model's server for the same 8 plain completions one after another and all
+    at once (llama-server batches concurrent sequences into one decode step)."""
     endpoint = await asyncio.to_thread(runtime.backend().model_endpoint, model)
 
     async def one(text: str) -> int:
-        out = await openai_client.complete(endpoint, model.name, max_tokens=tokens, **render(model, text))
-        return out.tokens_out
+        return (await openai_client.complete(endpoint, model.name, prompt=text, max_tokens=tokens)).tokens_out
 
     started = time.perf_counter()
     sequential = [await one(p) for p in STORY_PROMPTS]
