@@ -480,5 +480,34 @@ def bench_overhead(
     console.print(report)
 
 
+@app.command()
+def classify(
+    texts: Annotated[Optional[list[str]], typer.Argument(help="Texts to classify; none: one per line of stdin.")] = None,
+    engine: Annotated[str, typer.Option(help="wasm (edge/classifier.wasm via wasmtime, as the flow) or python (the reference).")] = "wasm",
+    as_json: Annotated[bool, typer.Option("--json", help='One {"label", "probabilities"} object per line, numbers exact.')] = False,
+) -> None:
+    """Classify requests by task type: one line per input (label and its probability, or JSON)."""
+    if engine not in ("wasm", "python"):
+        _fail(ValueError(f"--engine must be wasm or python, not {engine!r}"))
+    from tasks.edge_classifier import to_json
+
+    if engine == "wasm":
+        from tasks.edge_classifier import wasm_classifier
+
+        model = wasm_classifier()
+    else:
+        from tasks.classifier import Classifier
+
+        model = Classifier.load()
+    # arguments and stdin lines go to the classifier as the bytes they are (invalid UTF-8 included)
+    inputs = (os.fsencode(t) for t in texts) if texts else (line.rstrip(b"\n") for line in sys.stdin.buffer)
+    out = sys.stdout
+    for data in inputs:
+        probs = model.probabilities(data)
+        label = max(probs, key=probs.get)
+        out.write((to_json(label, probs) if as_json else f"{label}\t{probs[label]!r}") + "\n")
+        out.flush()
+
+
 if __name__ == "__main__":
     app()

@@ -1,9 +1,12 @@
 """The request classifier: a linear model over hashed character and word n-grams.
 
-Inference is plain Python (no numpy, no network): featurise → dot products → softmax, so it can
-be compiled for the edge later. The featurisation is deterministic: lower-case, FNV-1a 32-bit
-hashes into `dim` buckets, sublinear counts, L2 norm. Training (numpy) is `train`, run by
-`homeskillet train-classifier`, which writes the weights file `homeskillet/classifier.json`.
+One classifier, two implementations of the same rules: the WebAssembly kernel `edge/classifier.c`
+(built into `edge/classifier.wasm`, used by the flow through wasmtime and at the edge) and this pure
+Python reference (tests, training). The rules are byte-level and are defined in the kernel's header
+comment; this module follows them step by step in float32 (each + - * / sqrt of the kernel is a
+double operation here rounded to float32, which gives the same bits), so both give bit-identical
+probabilities. Training (numpy) is `train`, run by `homeskillet train-classifier`, which writes the
+weights file `homeskillet/classifier.json` and rebuilds the `.wasm` (tasks/edge_build.py).
 """
 
 from __future__ import annotations
@@ -14,35 +17,103 @@ import math
 import re
 import struct
 from dataclasses import dataclass
+from decimal import Context, Decimal
+from functools import lru_cache
 from pathlib import Path
 
 LABELS = ("multiple_choice", "factual_qa", "math", "code", "summarize", "translate", "chat", "extract")
 DIM = 4096
 WEIGHTS = Path(__file__).resolve().parents[1] / "homeskillet" / "classifier.json"
-_TOKEN = re.compile(r"[a-z0-9]+|[^\sa-z0-9]")
+MAX_INPUT = 65_536  # bytes of UTF-8 looked at; the rest of a longer input is ignored
+MAX_TEXT = 1_500  # bytes of normalised text the grams come from
+LOG_TABLE_SIZE = 8_192  # > the most grams one text can give (about 7,500)
+_TOKEN = re.compile(rb"[a-z0-9\x80-\xff]+|[^ a-z0-9\x80-\xff]")
+_F32 = struct.Struct("<f")
+_FNV_PRIME, _MASK = 0x01000193, 0xFFFFFFFF
 
 
-def _fnv1a(text: str) -> int:
-    h = 0x811C9DC5
-    for byte in text.encode("utf-8"):
-        h = ((h ^ byte) * 0x01000193) & 0xFFFFFFFF
+def f32(value: float) -> float:
+    """`value` rounded to the nearest float32 (as a Python float)."""
+    return _F32.unpack(_F32.pack(value))[0]
+
+
+def _fnv1a(text: str | bytes, h: int = 0x811C9DC5) -> int:
+    for byte in text.encode("utf-8") if isinstance(text, str) else text:
+        h = ((h ^ byte) * _FNV_PRIME) & _MASK
     return h
 
 
-def features(text: str, dim: int = DIM) -> dict[int, float]:
-    """Sparse feature vector: word unigrams and bigrams, character 3-5-grams (first 1,500 chars)."""
-    text = " ".join(text.lower().split())[:1500]
-    words = _TOKEN.findall(text)
-    grams = [f"w:{w}" for w in words] + [f"b:{a} {b}" for a, b in zip(words, words[1:])]
-    padded = f" {text} "
-    grams += [f"c:{padded[i:i + n]}" for n in (3, 4, 5) for i in range(len(padded) - n + 1)]
-    counts: dict[int, float] = {}
-    for gram in grams:
-        index = _fnv1a(gram) % dim
-        counts[index] = counts.get(index, 0.0) + 1.0
-    vector = {i: 1.0 + math.log(c) for i, c in counts.items()}
-    norm = math.sqrt(sum(v * v for v in vector.values())) or 1.0
-    return {i: v / norm for i, v in vector.items()}
+@lru_cache
+def log_table() -> tuple[float, ...]:
+    """float32(1 + ln n) for n < LOG_TABLE_SIZE (entry 0 unused), from exact decimal arithmetic so
+    the table is the same on every machine; the kernel ships these bits."""
+    ctx = Context(prec=40)
+    return (0.0,) + tuple(f32(float(ctx.add(1, Decimal(n).ln(ctx)))) for n in range(1, LOG_TABLE_SIZE))
+
+
+def encode(text: str | bytes) -> bytes:
+    """The bytes the kernel sees: UTF-8 (lone surrogates as U+FFFD, as JavaScript's TextEncoder
+    does), or bytes as they are; at most MAX_INPUT of them."""
+    if isinstance(text, (bytes, bytearray, memoryview)):
+        return bytes(text[:MAX_INPUT])
+    text = text[: MAX_INPUT + 1]  # every character is >= 1 byte; +1 keeps a cut surrogate pair out
+    try:
+        data = text.encode("utf-8")
+    except UnicodeEncodeError:
+        data = text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace").encode("utf-8")
+    return data[:MAX_INPUT]
+
+
+def normalise(data: bytes) -> bytes:
+    """ASCII lower-case, ASCII whitespace runs to one space, none at the ends, first MAX_TEXT bytes."""
+    return b" ".join(data[:MAX_INPUT].lower().split())[:MAX_TEXT]
+
+
+def features(text: str | bytes, dim: int = DIM) -> dict[int, float]:
+    """Sparse feature vector, buckets ascending: word unigrams and bigrams, character 3-5-grams of
+    the normalised text; float32 values 1 + ln(count), L2-normalised."""
+    t = normalise(encode(text))
+    tokens = _TOKEN.findall(t)
+    counts: dict[int, int] = {}
+    hw, hb, hc = _fnv1a(b"w:"), _fnv1a(b"b:"), _fnv1a(b"c:")
+    hashes = [_fnv1a(tok, hw) for tok in tokens]
+    hashes += [_fnv1a(b + b" " + c, hb) for b, c in zip(tokens, tokens[1:])]
+    p = b" " + t + b" "
+    size = len(p)
+    for i in range(size - 2):
+        h = hc
+        for byte in p[i : i + 3]:
+            h = ((h ^ byte) * _FNV_PRIME) & _MASK
+        hashes.append(h)
+        if i + 4 <= size:
+            h = ((h ^ p[i + 3]) * _FNV_PRIME) & _MASK
+            hashes.append(h)
+        if i + 5 <= size:
+            h = ((h ^ p[i + 4]) * _FNV_PRIME) & _MASK
+            hashes.append(h)
+    for h in hashes:
+        index = h % dim
+        counts[index] = counts.get(index, 0) + 1
+    table = log_table()
+    vector = [(i, table[min(c, LOG_TABLE_SIZE - 1)]) for i, c in sorted(counts.items())]
+    sumsq = 0.0
+    for _, v in vector:
+        sumsq = f32(sumsq + f32(v * v))
+    norm = f32(math.sqrt(sumsq))
+    return {i: f32(v / norm) for i, v in vector}
+
+
+def _exp_neg(d: float) -> float:
+    """exp(d) for d <= 0 in double precision from + - * / only: the kernel's exp_neg, step by step."""
+    if not d >= -104.0:
+        return 0.0
+    k = int(-d * 1.4426950408889634 + 0.5)
+    r = d + float(k) * 0.693147180369123816490
+    r = r + float(k) * 1.90821492927058770002e-10
+    p = 1.0
+    for n in range(12, 0, -1):
+        p = 1.0 + p * r / float(n)
+    return p * math.ldexp(1.0, -k)
 
 
 @dataclass(frozen=True)
@@ -52,28 +123,43 @@ class Classifier:
     bias: tuple[float, ...]
     weights: tuple[tuple[float, ...], ...]  # one row per label
 
-    def probabilities(self, text: str) -> dict[str, float]:
-        x = features(text, self.dim)
-        scores = [b + sum(row[i] * v for i, v in x.items()) for b, row in zip(self.bias, self.weights)]
+    def probabilities(self, text: str | bytes) -> dict[str, float]:
+        """The kernel's probabilities, bit for bit (float32 values as Python floats)."""
+        x = list(features(text, self.dim).items())
+        scores = []
+        for b, row in zip(self.bias, self.weights):
+            s = b
+            for i, v in x:
+                s = f32(s + f32(row[i] * v))
+            scores.append(s)
         top = max(scores)
-        exps = [math.exp(s - top) for s in scores]
-        total = sum(exps)
-        return {label: e / total for label, e in zip(self.labels, exps)}
+        exps = [f32(_exp_neg(f32(s - top))) for s in scores]
+        total = 0.0
+        for e in exps:
+            total = f32(total + e)
+        return {label: f32(e / total) for label, e in zip(self.labels, exps)}
 
-    def predict(self, text: str) -> tuple[str, float]:
+    def predict(self, text: str | bytes) -> tuple[str, float]:
         probs = self.probabilities(text)
         label = max(probs, key=probs.get)
         return label, probs[label]
 
-    def save(self, path: Path) -> None:
+    def save(self, path: Path, *, build_edge: bool | None = None) -> None:
+        """Write the weights (raw float16 weights, raw float32 biases; never decimal text). Saving
+        the committed weights file also rebuilds edge/classifier.wasm (build_edge=None)."""
         rows = b"".join(struct.pack(f"<{self.dim}e", *row) for row in self.weights)
+        bias = struct.pack(f"<{len(self.bias)}f", *self.bias)
         path.write_text(
             json.dumps(
-                {"labels": list(self.labels), "dim": self.dim, "bias": [round(b, 6) for b in self.bias],
+                {"labels": list(self.labels), "dim": self.dim, "bias_f32_b64": base64.b64encode(bias).decode(),
                  "weights_f16_b64": base64.b64encode(rows).decode()},  # fmt: skip
                 indent=1,
             )
         )
+        if build_edge or (build_edge is None and Path(path).resolve() == WEIGHTS):
+            from tasks.edge_build import build
+
+            build(self)
 
     @classmethod
     def load(cls, path: Path = WEIGHTS) -> Classifier:
@@ -82,7 +168,17 @@ class Classifier:
         raw = base64.b64decode(data["weights_f16_b64"])
         values = struct.unpack(f"<{dim * len(labels)}e", raw)
         rows = tuple(tuple(values[k * dim : (k + 1) * dim]) for k in range(len(labels)))
-        return cls(labels, dim, tuple(float(b) for b in data["bias"]), rows)
+        if "bias_f32_b64" in data:
+            bias = struct.unpack(f"<{len(labels)}f", base64.b64decode(data["bias_f32_b64"]))
+        else:  # the older format: decimal text
+            bias = tuple(f32(float(b)) for b in data["bias"])
+        return cls(labels, dim, tuple(bias), rows)
+
+
+@lru_cache(maxsize=8192)
+def _training_features(text: str) -> dict[int, float]:
+    """features(text), kept across the folds of cross_validate (callers only read it)."""
+    return features(text)
 
 
 def train(texts: list[str], labels: list[str], *, epochs: int = 800, lr: float = 2.0, l2: float = 1e-5) -> Classifier:
@@ -94,7 +190,7 @@ def train(texts: list[str], labels: list[str], *, epochs: int = 800, lr: float =
     y = np.array([names.index(label) for label in labels])
     x = np.zeros((len(texts), DIM))
     for row, text in enumerate(texts):
-        for i, v in features(text).items():
+        for i, v in _training_features(text).items():
             x[row, i] = v
     counts = np.bincount(y, minlength=len(names))
     sample_weight = (len(y) / (len(names) * counts))[y]
@@ -109,7 +205,10 @@ def train(texts: list[str], labels: list[str], *, epochs: int = 800, lr: float =
         grad = (probs - onehot) * sample_weight[:, None] / sample_weight.sum()
         w -= lr * (grad.T @ x + l2 * w)
         b -= lr * grad.sum(axis=0)
-    return Classifier(names, DIM, tuple(float(v) for v in b), tuple(tuple(float(v) for v in row) for row in w))
+    # rounded as stored (float16 weights, float32 biases), so the model is the one that ships
+    return Classifier(
+        names, DIM, tuple(f32(float(v)) for v in b), tuple(tuple(float(v) for v in row.astype(np.float16)) for row in w)
+    )
 
 
 SEED = Path(__file__).resolve().parents[1] / "homeskillet" / "data" / "task_seed.yaml"
