@@ -27,7 +27,7 @@ import httpx
 import psutil
 from filelock import FileLock
 
-from connectors.model_server import ServerConfig
+from connectors.model_server import SERVER_ENV, ServerConfig
 from connectors.processes import healthy
 
 PR_SET_PDEATHSIG = 1
@@ -64,7 +64,8 @@ def main() -> None:
     config = ServerConfig(**json.loads(args.config))
     base = f"http://127.0.0.1:{args.port}"
     print(f"supervisor {os.getpid()}: starting {' '.join(config.command(args.port))}", flush=True)
-    server = subprocess.Popen(config.command(args.port), stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+    env = {**SERVER_ENV, **os.environ}  # an operator's own GOMP_SPINCOUNT wins
+    server = subprocess.Popen(config.command(args.port), stdin=subprocess.DEVNULL, env=env, preexec_fn=_die_with_parent)
 
     def stop(*_):
         server.terminate()
