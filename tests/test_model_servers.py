@@ -4,6 +4,8 @@ under a state folder of their own so that the session's servers are not touched.
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,11 +16,11 @@ import httpx
 import psutil
 import pytest
 
-from connectors.model_server import ModelServers, read_record, slots_for, threads_for
+from connectors.model_server import ModelServers, llama_server_binary, read_record, slots_for, threads_for
 from homeskillet import catalog as cat
 from homeskillet.catalog import load_catalog
 from homeskillet.schemas import OpenAIServing
-from homeskillet.settings import PACKAGED_CATALOG
+from homeskillet.settings import PACKAGED_CATALOG, get_settings
 
 SMOL = cat.model(load_catalog(PACKAGED_CATALOG), "smollm2-135m")
 ASK = textwrap.dedent(
@@ -151,3 +153,15 @@ def test_threads_are_shared_out_among_local_models_and_slots_follow_pool_capacit
     assert slots_for(cat.model(catalog, "gemma3-270m"), local_pools) == 6
     tiny = local_pools[0].model_copy(update={"tflops": 0.5})
     assert slots_for(SMOL, [tiny]) == 1
+
+
+@pytest.mark.skipif(shutil.which("objdump") is None, reason="objdump (binutils) is not installed")
+def test_the_llama_server_build_uses_no_instruction_beyond_avx2():
+    """The set-up's build runs on any x86-64 CPU with AVX2: no AMX (crashed on CPUs with it), no
+    AVX-512 (illegal instruction on CPUs without it), whatever CPU built it."""
+    binary = llama_server_binary(get_settings().llama_server)
+    listing = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(binary)], capture_output=True, text=True)
+    assert listing.returncode == 0, listing.stderr
+    beyond = re.findall(r"\b(?:ldtilecfg|tdpb\w+|tileloadd\w*|tilestored)\b|%zmm\d+|\{%k[1-7]\}", listing.stdout)
+    assert beyond == [], sorted(set(beyond))[:10]
+    assert "%ymm" in listing.stdout  # and it does use AVX2
