@@ -32,7 +32,7 @@ from homeskillet.schemas import (
     Timings,
 )
 from connectors.telemetry import HELD, REQUESTS, observe
-from tasks import runtime
+from tasks import progress, runtime
 from tasks.telemetry import record_telemetry
 from tasks.decompose import decompose, fill
 from tasks.fusion import fuse
@@ -257,6 +257,8 @@ async def attempt_fragment(
         async with atransaction():
             allocation = await allocate(request.tenant, request.request_id, choice, catalog_path, wait_s)
             held.inc()
+            progress.emit(request.request_id, "allocated", fragment_id=fragment.id, model=allocation.model,
+                          pool=allocation.pool, allocation_id=allocation.allocation_id)  # fmt: skip
             record["allocation_id"] = allocation.allocation_id
             record["queue_s"] = max(0.0, (allocation.created_at - record["ts"]).total_seconds())
             t1 = time.perf_counter()
@@ -264,6 +266,9 @@ async def attempt_fragment(
             t2 = time.perf_counter()
             ended_at = await release(allocation, catalog_path)
             t3 = time.perf_counter()
+            progress.emit(request.request_id, "completed", fragment_id=fragment.id, model=allocation.model,
+                          pool=allocation.pool, allocation_id=allocation.allocation_id,
+                          tokens_out=completion.tokens_out)  # fmt: skip
     except BaseException as exc:
         _keep(records, TelemetryRecord(**record, allocate_s=time.perf_counter() - t0, outcome="error",
                                        error_class=type(exc).__name__))  # fmt: skip

@@ -509,5 +509,109 @@ def classify(
         out.flush()
 
 
+
+mcp_app = typer.Typer(help="The MCP server: Streamable HTTP at /mcp, WebSocket at /ws.", no_args_is_help=True)
+app.add_typer(mcp_app, name="mcp")
+tokens_app = typer.Typer(help="API tokens of the MCP server, one tenant each (stored hashed).", no_args_is_help=True)
+app.add_typer(tokens_app, name="tokens")
+
+
+@mcp_app.command("serve")
+def mcp_serve(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8765,
+    catalog: Annotated[Optional[str], typer.Option(help="Catalog file (default: HOMESKILLET_CATALOG or packaged).")] = None,
+    max_concurrent: Annotated[int, typer.Option(help="Concurrent fuse calls per tenant.")] = 2,
+) -> None:
+    """Serve MCP (tools fuse, plan, classify, allocations) to clients holding a token."""
+    api_url = use_local_prefect()
+    import uvicorn
+
+    from homeskillet.mcp_server import create_app
+
+    errors.print(f"MCP on http://{host}:{port}/mcp and ws://{host}:{port}/ws · Prefect {api_url}", highlight=False)
+    uvicorn.run(
+        create_app(catalog, host=host, max_concurrent=max_concurrent), host=host, port=port, log_level="warning",
+        ws_max_size=4 << 20,  # the app answers frames over 1 MiB with a JSON-RPC error; this is the hard stop
+    )  # fmt: skip
+
+
+def _token_store():
+    from connectors.tokens import TokenStore
+
+    return TokenStore.open(get_settings().pgdata)
+
+
+@tokens_app.command("create")
+def tokens_create(
+    tenant: Annotated[str, typer.Option(help="The catalog tenant the token acts as.")],
+    as_json: Annotated[bool, typer.Option("--json", help='Print {"tenant", "token"}.')] = False,
+) -> None:
+    """Create a token for a tenant; it is printed once and only its hash is stored."""
+    from homeskillet import catalog as cat
+    from tasks import runtime
+
+    try:
+        cat.check_tenant(runtime.catalog(), tenant)
+
+        async def main():
+            return await (await _token_store()).create(tenant)
+
+        token_id, token = asyncio.run(main())
+    except HomeskilletError as exc:
+        _fail(exc)
+    if as_json:
+        print(json.dumps({"tenant": tenant, "token": token, "token_id": token_id}))
+        return
+    print(token)
+    errors.print(f"token {token_id} for tenant {tenant}; shown once, store it now", highlight=False)
+
+
+@tokens_app.command("list")
+def tokens_list(
+    tenant: Annotated[Optional[str], typer.Option(help="Only this tenant's tokens.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
+) -> None:
+    """List tokens (id, tenant, created, revoked); never the tokens themselves."""
+    from connectors.tokens import created_iso
+
+    async def main():
+        return await (await _token_store()).list(tenant)
+
+    try:
+        rows = [
+            {"token_id": r["token_id"], "tenant": r["tenant"], "created_at": created_iso(r["created_at"]),
+             "revoked_at": created_iso(r["revoked_at"])}  # fmt: skip
+            for r in asyncio.run(main())
+        ]
+    except HomeskilletError as exc:
+        _fail(exc)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table(title=f"{len(rows)} token(s)")
+    for column in ("token_id", "tenant", "created_at", "revoked_at"):
+        table.add_column(column)
+    for r in rows:
+        table.add_row(r["token_id"], r["tenant"], r["created_at"], r["revoked_at"] or "")
+    console.print(table)
+
+
+@tokens_app.command("revoke")
+def tokens_revoke(token: Annotated[str, typer.Argument(help="The token id (tok-…) or the token itself.")]) -> None:
+    """Revoke a token: the server refuses it from the next connection or request on."""
+
+    async def main():
+        return await (await _token_store()).revoke(token)
+
+    try:
+        revoked = asyncio.run(main())
+    except HomeskilletError as exc:
+        _fail(exc)
+    if not revoked:
+        _fail(ValueError("no live token matches"))
+    errors.print("revoked", highlight=False)
+
+
 if __name__ == "__main__":
     app()

@@ -1,0 +1,338 @@
+"""The MCP server: Streamable HTTP at /mcp and WebSocket at /ws, one tenant per bearer token.
+
+Tools: fuse (a real fuse_request flow run, progress per fragment), plan, classify, allocations.
+Resources: homeskillet://catalog, homeskillet://requests/{request_id} (the caller's own only).
+Every call is the token's tenant: the auth middleware resolves the token before any work and
+puts the tenant in the connection's ASGI state; no tool takes a tenant argument.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import uuid
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import mcp_types as types
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.exceptions import ResourceNotFoundError, ToolError
+from mcp.shared.exceptions import MCPError
+from starlette.responses import JSONResponse
+from starlette.routing import WebSocketRoute
+from starlette.websockets import WebSocket
+
+from connectors.tokens import TokenStore
+from connectors.ws_transport import DEFAULT_MAX_MESSAGE_BYTES, SUBPROTOCOL, token_from_subprotocols, websocket_server
+from homeskillet.errors import HomeskilletError
+from homeskillet.settings import get_settings
+
+log = logging.getLogger(__name__)
+
+TOO_MANY_REQUESTS = -32029  # implementation-defined server error: the tenant's concurrency cap
+TENANT_KEY = "homeskillet_tenant"
+
+
+class _Server(MCPServer):
+    """MCPServer whose unknown tools are a JSON-RPC error (the SDK answers them as a tool result)."""
+
+    async def call_tool(self, name: str, arguments: dict[str, Any], context: Any = None):
+        if self._tool_manager.get_tool(name) is None:
+            raise MCPError(code=types.METHOD_NOT_FOUND, message=f"unknown tool {name!r}", data={"tool": name})
+        return await super().call_tool(name, arguments, context)
+
+
+class Limits:
+    """A cap on each tenant's concurrent fuse calls: beyond it, an error at once (no queue)."""
+
+    def __init__(self, per_tenant: int):
+        self.per_tenant = per_tenant
+        self.running: dict[str, int] = {}
+
+    @asynccontextmanager
+    async def slot(self, tenant: str):
+        if self.running.get(tenant, 0) >= self.per_tenant:
+            raise MCPError(
+                code=TOO_MANY_REQUESTS,
+                message=f"tenant {tenant!r} already runs {self.per_tenant} request(s), its limit; retry when one ends",
+                data={"tenant": tenant, "limit": self.per_tenant},
+            )
+        self.running[tenant] = self.running.get(tenant, 0) + 1
+        try:
+            yield
+        finally:
+            self.running[tenant] -= 1
+
+
+def tenant_of(ctx: Context) -> str:
+    """The tenant bound to this connection by the auth middleware (HTTP request or WebSocket)."""
+    scope = getattr(ctx.request_context.request, "scope", None) or {}  # a Starlette Request or WebSocket
+    tenant = (scope.get("state") or {}).get(TENANT_KEY)
+    if not tenant:
+        raise MCPError(code=types.INVALID_REQUEST, message="no tenant bound to this connection")
+    return tenant
+
+
+def _structured(data: dict) -> types.CallToolResult:
+    """A tool result as structured content, with the same JSON as text for older clients."""
+    return types.CallToolResult(content=[types.TextContent(type="text", text=json.dumps(data))], structured_content=data)
+
+
+def _progress_message(event: dict) -> str:
+    return (
+        f"{event['fragment_id']} {event['event']}: model {event['model']}, pool {event['pool']}, "
+        f"allocation_id {event['allocation_id']}"
+    )
+
+
+def build_mcp(catalog_path: str | None, store_ref: dict, limits: Limits) -> _Server:
+    from tasks import runtime
+
+    mcp = _Server(
+        name="homeskillet",
+        instructions="Homeskillet: decompose a request, run each part on its own GPU share, fuse the answers.",
+        log_level="WARNING",
+    )
+
+    def constraints_of(constraints: dict | None):
+        from homeskillet.schemas import Constraints
+        from pydantic import ValidationError
+
+        try:
+            return Constraints.model_validate(constraints or {})
+        except ValidationError as exc:
+            raise ToolError(f"invalid constraints: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}") from None
+
+    @mcp.tool()
+    async def fuse(
+        prompt: str, ctx: Context, strategy: str = "single", constraints: dict[str, Any] | None = None
+    ) -> types.CallToolResult:
+        """Run one request through the fuse_request flow (decompose, allocate a GPU share per
+        fragment, infer, release, fuse). Progress: one notification per fragment allocated and
+        completed. constraints: max_tokens, max_cost_usd, allowed_models, tier, pool, split, task_type."""
+        import prefect
+
+        from flows.fusion import fuse_request
+        from tasks import progress
+
+        tenant = tenant_of(ctx)
+        async with limits.slot(tenant):
+            request_id = "mcp-" + uuid.uuid4().hex[:16]
+            events: asyncio.Queue[dict] = asyncio.Queue()
+            with prefect.tags(f"tenant:{tenant}", "mcp"):
+                # its own asyncio task, out of the SDK's cancel scope: on cancellation the flow's
+                # rollback hooks must still be able to await the release of each allocation
+                run = asyncio.create_task(
+                    fuse_request(
+                        prompt=prompt, tenant=tenant, strategy=strategy, constraints=constraints,
+                        request_id=request_id, catalog_path=catalog_path,
+                    )  # fmt: skip
+                )
+            count, getter = 0, None
+            with progress.listening(request_id, events.put_nowait):
+                try:
+                    await ctx.report_progress(0, None, f"request {request_id} started")
+                    while True:
+                        getter = asyncio.ensure_future(events.get())
+                        done, _ = await asyncio.wait({run, getter}, return_when=asyncio.FIRST_COMPLETED)
+                        if getter not in done:
+                            getter.cancel()
+                            break
+                        count += 1
+                        await ctx.report_progress(count, None, _progress_message(getter.result()))
+                    while not events.empty():
+                        count += 1
+                        await ctx.report_progress(count, None, _progress_message(events.get_nowait()))
+                except BaseException:
+                    if getter is not None:
+                        getter.cancel()
+                    run.cancel()
+                    with anyio.CancelScope(shield=True):
+                        await asyncio.wait({run})
+                        await _release_leftovers(tenant, request_id)
+                    raise
+            try:
+                result = run.result()
+            except BaseException as exc:
+                await _release_leftovers(tenant, request_id)
+                if isinstance(exc, HomeskilletError):
+                    raise ToolError(f"{type(exc).__name__}: {exc}") from None
+                raise
+            data = result.model_dump(mode="json")
+            await store_ref["store"].save_result(tenant, result.request_id, data)
+            return types.CallToolResult(
+                content=[types.TextContent(type="text", text=result.answer)], structured_content=data
+            )
+
+    async def _release_leftovers(tenant: str, request_id: str) -> None:
+        """Backstop after a failed or cancelled run: release what the request still holds (its
+        rollback hooks normally have; a cancellation racing a reservation must not leak one)."""
+        backend = runtime.backend(catalog_path)
+        try:
+            for allocation in await backend.held(tenant):
+                if allocation.request_id == request_id:
+                    log.warning("releasing %s left by request %s", allocation.allocation_id, request_id)
+                    await runtime.backend_for_pool(catalog_path, allocation.pool).release(allocation.allocation_id, tenant)
+        except Exception:
+            log.exception("could not check request %s for leftover allocations", request_id)
+
+    @mcp.tool()
+    async def plan(
+        prompt: str, ctx: Context, strategy: str = "single", constraints: dict[str, Any] | None = None
+    ) -> types.CallToolResult:
+        """The fragments, their task types, chosen models and pools, and the cost estimate;
+        nothing is allocated."""
+        from homeskillet import catalog as cat
+        from tasks.decompose import decompose_prompt
+        from tasks.routing import max_context, route_plan
+
+        tenant = tenant_of(ctx)
+        limits_ = constraints_of(constraints)
+        catalog = runtime.catalog(catalog_path)
+        try:
+            cat.check_tenant(catalog, tenant)
+            if not prompt.strip():
+                raise ToolError("invalid request: prompt is empty")
+            the_plan = decompose_prompt(prompt, "plan-" + uuid.uuid4().hex[:8], max_context(catalog, limits_),
+                                        limits_.max_tokens, limits_.split, limits_.task_type)  # fmt: skip
+            choices = route_plan(the_plan, catalog, limits_)
+        except HomeskilletError as exc:
+            raise ToolError(f"{type(exc).__name__}: {exc}") from None
+        fragments = [
+            {
+                "id": f.id, "text": f.text, "task_type": f.task_type, "depends_on": f.depends_on,
+                "model": choices[f.id].model, "pool": choices[f.id].pool, "tier": choices[f.id].tier,
+                "est_cost_usd": choices[f.id].est_cost_usd, "reason": choices[f.id].reason,
+            }  # fmt: skip
+            for f in the_plan.fragments
+        ]
+        return _structured(
+            {
+                "strategy": strategy,
+                "fusion": the_plan.fusion,
+                "fragments": fragments,
+                "est_cost_usd": sum(f["est_cost_usd"] for f in fragments),
+            }
+        )
+
+    @mcp.tool()
+    async def classify(prompt: str) -> types.CallToolResult:
+        """The request classifier's task type for a text, and every label's probability."""
+        from tasks.decompose import _classifier
+
+        probs = _classifier().probabilities(prompt.encode())
+        return _structured({"label": max(probs, key=probs.get), "probabilities": probs})
+
+    @mcp.tool()
+    async def allocations(ctx: Context) -> types.CallToolResult:
+        """The GPU shares your tenant holds now."""
+        tenant = tenant_of(ctx)
+        held = await runtime.backend(catalog_path).held(tenant)
+        return _structured({"tenant": tenant, "allocations": [a.model_dump(mode="json") for a in held]})
+
+    @mcp.resource("homeskillet://catalog", mime_type="application/json")
+    def catalog_resource() -> str:
+        """Models, pools (tier, capacity, price per hour) and tenants."""
+        catalog = runtime.catalog(catalog_path)
+        return json.dumps(
+            {
+                "models": [m.model_dump(mode="json") for m in catalog.models],
+                "pools": [p.model_dump(mode="json") for p in catalog.pools],
+                "tenants": [t.id for t in catalog.tenants],
+            }
+        )
+
+    @mcp.resource("homeskillet://requests/{request_id}", mime_type="application/json")
+    async def request_resource(request_id: str, ctx: Context) -> str:
+        """A finished request's fusion result (your tenant's only)."""
+        data = await store_ref["store"].result(tenant_of(ctx), request_id)
+        if data is None:
+            raise ResourceNotFoundError(f"no request {request_id!r}")
+        return json.dumps(data)
+
+    return mcp
+
+
+class BearerAuth:
+    """ASGI middleware: resolve the bearer token to its tenant before anything else runs."""
+
+    def __init__(self, app, store_ref: dict):
+        self.app = app
+        self.store_ref = store_ref
+        self.sessions: dict[str, str] = {}  # Streamable HTTP session id → tenant
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        token = None
+        auth = headers.get("authorization", "")
+        if auth.lower().startswith("bearer "):
+            token = auth[7:].strip()
+        if token is None and scope["type"] == "websocket":
+            protocols = [p.strip() for p in headers.get("sec-websocket-protocol", "").split(",") if p.strip()]
+            token = token_from_subprotocols(protocols)
+        tenant = await self.store_ref["store"].tenant_of(token) if token else None
+        if tenant is None:
+            why = "missing bearer token" if not token else "invalid or revoked token"
+            if scope["type"] == "websocket":
+                await receive()  # websocket.connect
+                await send({"type": "websocket.close", "code": 1008, "reason": why})  # refused: HTTP 403
+                return
+            response = JSONResponse(
+                {"error": "unauthorized", "error_description": why}, status_code=401,
+                headers={"WWW-Authenticate": 'Bearer realm="homeskillet"'},
+            )  # fmt: skip
+            return await response(scope, receive, send)
+        scope.setdefault("state", {})[TENANT_KEY] = tenant
+        if scope["type"] == "websocket":
+            return await self.app(scope, receive, send)
+        # an HTTP session belongs to the tenant that opened it: another token cannot ride on its id
+        session = headers.get("mcp-session-id")
+        if session is not None and self.sessions.get(session, tenant) != tenant:
+            response = JSONResponse({"error": "session not found"}, status_code=404)
+            return await response(scope, receive, send)
+
+        async def send_and_bind(message):
+            if message["type"] == "http.response.start":
+                for key, value in message.get("headers", []):
+                    if key.lower() == b"mcp-session-id":
+                        self.sessions.setdefault(value.decode("latin-1"), tenant)
+            await send(message)
+
+        return await self.app(scope, receive, send_and_bind)
+
+
+def create_app(
+    catalog_path: str | None = None,
+    store: TokenStore | None = None,
+    host: str = "127.0.0.1",
+    max_concurrent: int | None = None,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+):
+    """The ASGI app. `store`: an opened TokenStore (default: opened on first request)."""
+    limits = Limits(max_concurrent or int(os.environ.get("HOMESKILLET_MCP_MAX_CONCURRENT", "2")))
+    store_ref: dict[str, Any] = {"store": store}
+    mcp = build_mcp(catalog_path, store_ref, limits)
+    app = mcp.streamable_http_app(streamable_http_path="/mcp", host=host, max_request_body_size=max_message_bytes)
+    lowlevel = mcp._lowlevel_server
+
+    async def ws_endpoint(websocket: WebSocket) -> None:
+        await websocket.accept(subprotocol=SUBPROTOCOL)
+        async with websocket_server(websocket, max_message_bytes) as (read, write):
+            await lowlevel.run(read, write, lowlevel.create_initialization_options())
+
+    app.router.routes.append(WebSocketRoute("/ws", ws_endpoint))
+    auth = BearerAuth(app, store_ref)
+
+    async def asgi(scope, receive, send):
+        if store_ref["store"] is None:
+            store_ref["store"] = await TokenStore.open(get_settings().pgdata)
+        await auth(scope, receive, send)
+
+    asgi.mcp = mcp  # type: ignore[attr-defined]
+    asgi.limits = limits  # type: ignore[attr-defined]
+    return asgi
