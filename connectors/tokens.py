@@ -55,13 +55,7 @@ class TokenStore:
         """Start (or reuse) PostgreSQL and create the tables if needed."""
         await asyncio.to_thread(postgres.ensure_postgres, pgdata)
         store = cls(postgres.dsn(pgdata, "homeskillet"))
-        conn = await asyncpg.connect(store._dsn)
-        try:
-            async with conn.transaction():
-                await conn.execute("SELECT pg_advisory_xact_lock(hashtext('homeskillet.tokens'))")
-                await conn.execute(SCHEMA)
-        finally:
-            await conn.close()
+        await postgres.apply_schema(store._dsn, "homeskillet.tokens", SCHEMA)
         return store
 
     async def _connect(self) -> asyncpg.Connection:

@@ -12,6 +12,7 @@ import sys
 import statistics
 import threading
 import time
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
@@ -318,11 +319,31 @@ async def test_figures_classify_round_trip_and_fuse_overhead(server, tokens, tes
         print("\nMCP figures:", json.dumps({k: round(v, 3) for k, v in figures.items()}))
 
 
+@asynccontextmanager
+async def mcp_serve(port: int, log_path: Path):
+    """`homeskillet mcp serve` as its own process (output to a file, never an unread pipe), once it listens."""
+    with open(log_path, "wb") as log:
+        serve = subprocess.Popen([HOMESKILLET, "mcp", "serve", "--port", str(port)], env=os.environ.copy(),
+                                 stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        for _ in range(300):
+            assert serve.poll() is None, log_path.read_text()[-2000:]
+            try:
+                socket.create_connection(("127.0.0.1", port), 0.2).close()
+                break
+            except OSError:
+                await asyncio.sleep(0.1)
+        yield serve
+    finally:
+        serve.terminate()
+        serve.wait(20)
+
+
 def _cli(*args: str, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([HOMESKILLET, *args], capture_output=True, text=True, timeout=120, env=os.environ.copy(), **kw)
 
 
-async def test_the_command_line_serves_mcp_and_manages_tokens(assert_no_leaks):
+async def test_the_command_line_serves_mcp_and_manages_tokens(assert_no_leaks, tmp_path):
     """Done-when of issue 11: `homeskillet mcp serve`, a token per tenant from `tokens create`, a
     WebSocket client runs a three-part question on the real local models."""
     made = [json.loads(_cli("tokens", "create", "--tenant", t, "--json").stdout) for t in ("demo", "globex")]
@@ -338,15 +359,7 @@ async def test_the_command_line_serves_mcp_and_manages_tokens(assert_no_leaks):
     await fuse_request(prompt=THREE_PARTS, tenant="demo", constraints={"max_tokens": 16})
     direct = time.perf_counter() - t0
     port = _free_port()
-    serve = subprocess.Popen([HOMESKILLET, "mcp", "serve", "--port", str(port)], env=os.environ.copy(),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
-    try:
-        for _ in range(300):
-            try:
-                socket.create_connection(("127.0.0.1", port), 0.2).close()
-                break
-            except OSError:
-                await asyncio.sleep(0.1)
+    async with mcp_serve(port, tmp_path / "serve-1.log"):
         progress: list[str] = []
 
         async def on_progress(value, total, message):
@@ -375,26 +388,12 @@ async def test_the_command_line_serves_mcp_and_manages_tokens(assert_no_leaks):
         with pytest.raises(websockets.exceptions.InvalidStatus):
             async with ws_client(addr, made[1]["token"]):
                 pass
-    finally:
-        serve.terminate()
-        serve.wait(20)
     t0 = time.perf_counter()
     await fuse_request(prompt=THREE_PARTS, tenant="demo", constraints={"max_tokens": 16})
     print(f"\nreal models, three parts, max_tokens 16: fuse_request directly {direct:.2f}s (before), "
           f"over MCP/WebSocket {over_mcp[0]:.2f}s (first) {over_mcp[1]:.2f}s (second), directly {time.perf_counter() - t0:.2f}s (after)")
     # a restart loses no finished result
-    serve = subprocess.Popen([HOMESKILLET, "mcp", "serve", "--port", str(port)], env=os.environ.copy(),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
-    try:
-        for _ in range(300):
-            try:
-                socket.create_connection(("127.0.0.1", port), 0.2).close()
-                break
-            except OSError:
-                await asyncio.sleep(0.1)
+    async with mcp_serve(port, tmp_path / "serve-2.log"):
         async with http_client(f"127.0.0.1:{port}", made[0]["token"]) as client:
             again = await client.read_resource(f"homeskillet://requests/{fused['request_id']}")
             assert json.loads(again.contents[0].text) == fused
-    finally:
-        serve.terminate()
-        serve.wait(20)
