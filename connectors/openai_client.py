@@ -72,6 +72,8 @@ def _client() -> httpx.AsyncClient:
     loop = asyncio.get_running_loop()
     client = _clients.get(loop)
     if client is None:
+        for closed in [other for other in _clients if other.is_closed()]:
+            del _clients[closed]  # its loop is gone, and its connections with it
         limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
         client = _clients[loop] = httpx.AsyncClient(limits=limits)
     return client

@@ -140,3 +140,26 @@ async def test_pool_sync_reserve_and_listing_at_once_do_not_deadlock(ledger):
             await ledger.release(a.allocation_id, "acme")
 
     await asyncio.wait_for(asyncio.gather(*(churn(i) for i in range(6))), 60)
+
+
+def test_one_ledger_serves_several_event_loops_one_after_another(ledger):
+    """Connections are pooled per event loop; a later loop (a second asyncio.run in the same
+    process, as CLI helpers and threads do) gets its own pool instead of the dead loop's."""
+    from threading import Thread
+
+    seen = []
+
+    def run_in_a_new_loop():
+        async def reserve_and_release():
+            allocation = await reserve(ledger, tflops=1.0, vram_gb=0.5)
+            await ledger.release(allocation.allocation_id, "acme")
+            return allocation.allocation_id
+
+        seen.append(asyncio.run(reserve_and_release()))
+
+    for _ in range(3):
+        thread = Thread(target=run_in_a_new_loop)
+        thread.start()
+        thread.join(30)
+    assert len(set(seen)) == 3
+    assert len(ledger._pools) <= 2  # the closed loops' pools were dropped (the fixture's loop may hold one)
