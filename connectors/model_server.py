@@ -28,7 +28,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 import httpx
@@ -38,12 +38,13 @@ from connectors.processes import created, free_port, healthy, tail, terminate
 from homeskillet.errors import ServiceError
 from homeskillet.schemas import LlamaCppServing, ModelSpec, PoolSpec
 
-# Every request starts from an empty sequence: llama-server's prompt cache (`--cache-prompt`,
-# on by default) and its RAM cache of idle slots (`--cache-ram`) would reuse the KV entries of an
-# earlier request's common prefix and re-decode only the rest (at least the last token, alone),
-# which changes the numerics of the first generated token: the same prompt at temperature 0
-# answered differently once the server had served anything (issue 9). Per-slot KV buffers
-# (`--no-kv-unified`) keep one sequence's attention independent of the others'.
+# Every request starts from an empty sequence, so an answer at temperature 0 depends on its prompt
+# alone, not on what the server served before: no prompt cache (`--cache-prompt`, on by default),
+# no RAM cache of idle slots (`--cache-ram`), KV buffers per slot (`--no-kv-unified`). Issue 9's
+# changing answers came from llama-cpp-python's prefix reuse; llama-server's own reuse gave the same
+# answers in our checks, but re-decoding only a prompt's tail is a different computation, and a
+# 34-token prompt costs ~90 ms more without it. (Requests batched at the same moment can still
+# change Gemma's answers: see the README.)
 SERVER_FLAGS = ["--no-cache-prompt", "--cache-ram", "0", "--no-kv-unified", "--metrics", "--no-webui"]
 # ggml's worker threads (OpenMP) spin while they wait; libgomp's default spin (300,000 rounds)
 # lets two servers batching at once steal each other's cores. A short spin, then sleep: on 2 cores,
@@ -97,8 +98,8 @@ def llama_server_binary(configured: Path | None = None) -> Path:
     """The llama-server executable: the configured one, the one beside this Python (the set-up
     installs it into the virtual environment), or the one on PATH."""
     candidates = [configured] if configured else [Path(sys.executable).parent / "llama-server"]
-    found = shutil.which("llama-server")
-    candidates += [Path(found)] if found and not configured else []
+    if not configured and (found := shutil.which("llama-server")):
+        candidates.append(Path(found))
     for path in candidates:
         if path.is_file() and os.access(path, os.X_OK):
             return path
@@ -202,8 +203,13 @@ class ModelServers:
             slots=slots,
             threads=self._threads,
             threads_batch=max(self._threads, os.cpu_count() or 1),
-            binary=str(llama_server_binary(self._binary)),
+            binary=str(self.binary),
         )
+
+    @cached_property
+    def binary(self) -> Path:
+        """The llama-server executable, looked up once (when a model server is first needed)."""
+        return llama_server_binary(self._binary)
 
     def endpoint(self, spec: ModelSpec, slots: int = 1, start_timeout_s: float = 120.0) -> str:
         """The OpenAI-compatible endpoint of the model's server, started if none runs. Blocking."""
