@@ -221,9 +221,9 @@ def build_mcp(catalog_path: str | None, store_ref: dict, limits: Limits) -> _Ser
     @mcp.tool()
     async def classify(prompt: str) -> types.CallToolResult:
         """The request classifier's task type for a text, and every label's probability."""
-        from tasks.decompose import _classifier
+        from tasks.decompose import request_classifier
 
-        probs = _classifier().probabilities(prompt.encode())
+        probs = request_classifier().probabilities(prompt.encode())
         return _structured({"label": max(probs, key=probs.get), "probabilities": probs})
 
     @mcp.tool()

@@ -50,7 +50,7 @@ def estimate_tokens(text: str) -> int:
 
 
 @lru_cache
-def _classifier() -> WasmClassifier | Classifier:
+def request_classifier() -> WasmClassifier | Classifier:
     """The request classifier: edge/classifier.wasm through wasmtime, the binary the edge runs.
     Where the .wasm is not shipped (an image without edge/), the Python reference, which gives
     the same probabilities bit for bit, only ~50x slower."""
@@ -66,7 +66,7 @@ def classify(text: str) -> TaskType:
     always summarize, since the plan's map-reduce depends on it)."""
     if _SUMMARY.match(text):
         return "summarize"
-    return _classifier().predict(text)[0]  # type: ignore[return-value]
+    return request_classifier().predict(text)[0]  # type: ignore[return-value]
 
 
 def decompose_prompt(

@@ -268,7 +268,7 @@ console.log(JSON.stringify(out));
 def test_the_flow_classifies_through_the_wasm(wasm, reference):
     from tasks import decompose
 
-    assert isinstance(decompose._classifier(), WasmClassifier)
+    assert isinstance(decompose.request_classifier(), WasmClassifier)
     text = "Translate 'where is the station' into Spanish."
     assert decompose.classify(text) == wasm.predict(text)[0] == reference.predict(text)[0] == "translate"
 
@@ -280,12 +280,12 @@ def test_without_the_wasm_the_flow_falls_back_to_the_reference(monkeypatch, wasm
         raise FileNotFoundError("edge/classifier.wasm")
 
     monkeypatch.setattr(decompose, "wasm_classifier", missing)
-    decompose._classifier.cache_clear()
+    decompose.request_classifier.cache_clear()
     try:
-        assert isinstance(decompose._classifier(), Classifier)
+        assert isinstance(decompose.request_classifier(), Classifier)
         text = "Write a SQL query that lists customers by city."
-        assert decompose._classifier().probabilities(text) == wasm.probabilities(text)
+        assert decompose.request_classifier().probabilities(text) == wasm.probabilities(text)
     finally:
-        decompose._classifier.cache_clear()
+        decompose.request_classifier.cache_clear()
     monkeypatch.undo()
-    assert decompose._classifier() is edge_classifier.wasm_classifier()
+    assert decompose.request_classifier() is edge_classifier.wasm_classifier()
