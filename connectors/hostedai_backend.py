@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from connectors.hostedai import HostedAIClient, HostedPool, Policy, vgpus_for
-from connectors.ledger import Ledger, new_allocation_id, open_ledger
+from connectors.backend import lease
+from connectors.ledger import Ledger, open_ledger
 from homeskillet.errors import (
     HostedAIError,
     HostedAIRejected,
@@ -68,10 +69,6 @@ class HostedAIBackend:
         self._synced: set[str] = set()
         self._ledger: Ledger | None = None
 
-    @staticmethod
-    def new_allocation_id() -> str:
-        return new_allocation_id()
-
     async def ledger(self) -> Ledger:
         if self._ledger is None:  # opened once: no thread hop per ledger call
             self._ledger = await asyncio.to_thread(open_ledger, self._settings.pgdata, self._settings.lease_s)
@@ -92,16 +89,14 @@ class HostedAIBackend:
         if share_pool not in self._synced:
             await ledger.sync_pools([spec.model_copy(update={"id": share_pool})])
             self._synced.add(share_pool)
-        await ledger.reserve(
-            allocation_id=allocation_id, tenant=tenant, request_id=request_id, pool=share_pool,
-            model=model.name, tflops=model.tflops, vram_gb=model.vram_gb, wait_s=wait_s,
+
+        async def endpoint() -> str:
+            return (await self._share(tenant, spec, allocation_id)).endpoint
+
+        return await lease(
+            ledger, self, allocation_id=allocation_id, tenant=tenant, request_id=request_id, pool=share_pool,
+            model=model, wait_s=wait_s, endpoint=endpoint,
         )  # fmt: skip
-        try:
-            share = await self._share(tenant, spec, allocation_id)
-            return await ledger.set_endpoint(allocation_id, share.endpoint)
-        except BaseException:
-            await self.release(allocation_id, tenant)
-            raise
 
     async def _share(self, tenant: str, pool: PoolSpec, user: str) -> _Share:
         key = (tenant, pool.id)
@@ -219,7 +214,10 @@ class HostedAIBackend:
             raise
 
     async def held(self, tenant: str | None = None) -> list[Allocation]:
-        return [a for a in await (await self.ledger()).held(tenant) if "/" in a.pool]
+        return await (await self.ledger()).held(tenant, self.name)
+
+    async def warm_up(self, model: ModelSpec) -> None:
+        """Nothing ahead of time: a subscription is made for a tenant on its first allocation."""
 
     def subscriptions(self) -> dict[tuple[str, str], int]:
         """(tenant, pool) → subscription id, for what this process holds."""

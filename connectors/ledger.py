@@ -52,11 +52,13 @@ CREATE TABLE IF NOT EXISTS allocations (
     state text NOT NULL DEFAULT 'active',
     ended_at timestamptz
 );
+ALTER TABLE allocations ADD COLUMN IF NOT EXISTS backend text NOT NULL DEFAULT 'local';
 CREATE INDEX IF NOT EXISTS allocations_active_pool ON allocations (pool) WHERE state = 'active';
 """
 
 COLUMNS = (
-    "allocation_id, tenant, request_id, pool, model, tflops, vram_gb, endpoint, created_at, lease_expires_at, state"
+    "allocation_id, tenant, request_id, backend, pool, model, tflops, vram_gb, endpoint, created_at, "
+    "lease_expires_at, state"
 )
 
 
@@ -156,9 +158,10 @@ class Ledger:
         tflops: float,
         vram_gb: float,
         wait_s: float,
+        backend: str = "local",
     ) -> Allocation:
         """Reserve a slice of the pool under the given id (from new_allocation_id), waiting up to
-        wait_s for room; raise CapacityTimeout after."""
+        wait_s for room; raise CapacityTimeout after. `backend` names who serves it."""
         deadline = time.monotonic() + wait_s
         delay = 0.05
         while True:
@@ -183,8 +186,8 @@ class Ledger:
                         record = await conn.fetchrow(
                             f"""INSERT INTO allocations
                                 (allocation_id, tenant, request_id, pool, model, tflops, vram_gb, holder,
-                                 lease_expires_at)
-                                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now() + make_interval(secs => $9))
+                                 lease_expires_at, backend)
+                                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now() + make_interval(secs => $9), $10)
                                 RETURNING {COLUMNS}""",
                             allocation_id,
                             tenant,
@@ -195,6 +198,7 @@ class Ledger:
                             vram_gb,
                             self._holder,
                             self._lease_s,
+                            backend,
                         )
                         return Allocation(**dict(record))
             if time.monotonic() >= deadline:
@@ -238,16 +242,18 @@ class Ledger:
             raise AllocationNotFound(f"tenant {tenant!r} holds no allocation {allocation_id!r}")
         return ended
 
-    async def held(self, tenant: str | None = None) -> list[Allocation]:
-        """Active allocations (all tenants, or one), after ending those whose lease is over."""
+    async def held(self, tenant: str | None = None, backend: str | None = None) -> list[Allocation]:
+        """Active allocations (all tenants or one, all backends or one), after ending those whose
+        lease is over."""
         async with self._connect() as conn:
             async with conn.transaction():
                 await conn.execute("SELECT id FROM pools ORDER BY id FOR UPDATE")  # lock order: see sync_pools
                 await self._expire(conn, None)
                 rows = await conn.fetch(
                     f"SELECT {COLUMNS} FROM allocations WHERE state = 'active' AND ($1::text IS NULL OR tenant = $1) "
-                    "ORDER BY created_at",
+                    "AND ($2::text IS NULL OR backend = $2) ORDER BY created_at",
                     tenant,
+                    backend,
                 )
         return [Allocation(**dict(r)) for r in rows]
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 from datetime import datetime
 
-from connectors.ledger import Ledger, new_allocation_id, open_ledger
+from connectors.backend import lease
+from connectors.ledger import Ledger, open_ledger
 from connectors.model_server import ModelServers, slots_for, threads_for
 from homeskillet.schemas import Allocation, Catalog, LlamaCppServing, ModelSpec
 from homeskillet.settings import Settings
@@ -35,36 +36,20 @@ class LocalBackend:
             self._ledger = ledger
         return self._ledger
 
-    @staticmethod
-    def new_allocation_id() -> str:
-        return new_allocation_id()
-
     async def allocate(
         self, *, allocation_id: str, tenant: str, request_id: str, pool: str, model: ModelSpec, wait_s: float
     ) -> Allocation:
-        """Reserve the model's slice of the pool under allocation_id (from new_allocation_id, so
-        that a caller interrupted at any point can still release it) and hand back an
-        OpenAI-compatible endpoint for it."""
-        ledger = await self.ledger()
-        allocation = await ledger.reserve(
-            allocation_id=allocation_id,
-            tenant=tenant,
-            request_id=request_id,
-            pool=pool,
-            model=model.name,
-            tflops=model.tflops,
-            vram_gb=model.vram_gb,
-            wait_s=wait_s,
-        )
-        try:
+        """The model's slice of a local pool, and the endpoint of the model's server on loopback."""
+
+        async def endpoint() -> str:
             if isinstance(model.serving, LlamaCppServing):
-                endpoint = await asyncio.to_thread(self.model_endpoint, model)
-            else:
-                endpoint = model.serving.base_url
-            return await ledger.set_endpoint(allocation.allocation_id, endpoint)
-        except BaseException:
-            await self.release(allocation_id, tenant)
-            raise
+                return await asyncio.to_thread(self.model_endpoint, model)
+            return model.serving.base_url
+
+        return await lease(
+            await self.ledger(), self, allocation_id=allocation_id, tenant=tenant, request_id=request_id,
+            pool=pool, model=model, wait_s=wait_s, endpoint=endpoint,
+        )  # fmt: skip
 
     async def release(self, allocation_id: str, tenant: str) -> datetime:
         """End the tenant's allocation (idempotent for its owner); return when it ended."""
@@ -76,7 +61,12 @@ class LocalBackend:
         return self.servers.endpoint(model, slots_for(model, self._local_pools))
 
     async def held(self, tenant: str | None = None) -> list[Allocation]:
-        return await (await self.ledger()).held(tenant)
+        return await (await self.ledger()).held(tenant, self.name)
+
+    async def warm_up(self, model: ModelSpec) -> None:
+        """Start the model's server if none runs (it stays up while used, machine-wide)."""
+        if isinstance(model.serving, LlamaCppServing):
+            await asyncio.to_thread(self.model_endpoint, model)
 
     async def verify(self, allocation: Allocation) -> bool:
         """Whether the allocation's capacity still exists: local pools are never reclaimed."""

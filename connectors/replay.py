@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,8 +57,10 @@ def _text(cell: object) -> str:
     return str(value)
 
 
-def load(path: Path) -> list[Record]:
-    """A RouterBench-format CSV: for each model M, columns M, M|model_response, M|total_cost."""
+def load(path: Path, classify: Callable[[str], str] | None = None) -> list[Record]:
+    """A RouterBench-format CSV: for each model M, columns M, M|model_response, M|total_cost.
+    A record's task type comes from its eval name, else from `classify` (the request classifier)
+    on its question; without one, an unknown eval name is an error."""
     try:
         frame = pd.read_csv(path)
     except (OSError, ValueError, pd.errors.ParserError) as exc:
@@ -73,7 +76,7 @@ def load(path: Path) -> list[Record]:
     source = Path(path).stem
     return [
         Record(
-            task=task_type(row.get("eval_name"), _text(row["prompt"])),
+            task=task_type(row.get("eval_name"), _text(row["prompt"]), classify, path),
             source=source,
             sample_id=str(row["sample_id"]),
             prompt=_text(row["prompt"]),
@@ -85,12 +88,13 @@ def load(path: Path) -> list[Record]:
     ]
 
 
-def task_type(eval_name: object, prompt: str) -> str:
+def task_type(eval_name: object, prompt: str, classify: Callable[[str], str] | None, path: Path) -> str:
     known = EVAL_TASK_TYPES.get(str(eval_name).strip().lower())
     if known:
         return known
-    from tasks.decompose import classify
-
+    if classify is None:
+        raise InvalidRequest(f"{path}: eval_name {eval_name!r} has no known task type "
+                             f"(known: {', '.join(sorted(EVAL_TASK_TYPES))}) and no classifier was given")  # fmt: skip
     return classify(prompt.strip().split("\n\n")[-1])
 
 

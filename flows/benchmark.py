@@ -13,13 +13,14 @@ import asyncio
 import json
 from datetime import datetime, timezone
 
-from prefect import flow
+from prefect import flow, get_run_logger
 from prefect.artifacts import acreate_markdown_artifact, acreate_progress_artifact, acreate_table_artifact, aupdate_progress_artifact
 
 from flows.fusion import attempt_fragment, make_request
 from homeskillet import catalog as cat
 from homeskillet.schemas import Fragment, LlamaCppServing
 from tasks import runtime
+from tasks.context import RunContext
 from tasks.benchmarking import PROMPTS, chart, sample, summarise_benchmark
 from tasks.decompose import estimate_tokens
 from tasks.routing import candidates, route_fragment
@@ -57,8 +58,9 @@ async def benchmark(
     """
     import pandas as pd
 
-    catalog_path = str(runtime.catalog_path(catalog_path))
-    catalog = runtime.catalog(catalog_path)
+    services = runtime.services(catalog_path)
+    catalog = services.catalog
+    log = get_run_logger()
     names = models or [m.name for m in catalog.models if isinstance(m.serving, LlamaCppServing)]
     specs = [cat.model(catalog, n) for n in names]
     labelled = per_task_type(load_set(), quality_questions)
@@ -68,10 +70,12 @@ async def benchmark(
     for spec in specs:
         request = make_request("benchmark", tenant, constraints={"max_tokens": max_tokens, "tier": tier,
                                                                  "allowed_models": [spec.name]})  # fmt: skip
+        ctx = RunContext(request, services, catalog, log, records=records)
         model_list, pools = candidates(catalog, request.constraints)
         warm = Fragment(id="warm-up", text=PROMPTS[0], task_type="chat", est_prompt_tokens=estimate_tokens(PROMPTS[0]))
         await attempt_fragment(  # not measured: starts the model server
-            warm, warm.text, route_fragment(warm, model_list, pools, max_tokens, None), request, catalog_path
+            warm, warm.text, route_fragment(warm, model_list, pools, max_tokens, None),
+            RunContext(request, services, catalog, log),  # its record is not kept
         )
         for level in concurrency:
             for rep in range(repetitions):
@@ -81,8 +85,8 @@ async def benchmark(
                     for i in range(level)
                 ]  # fmt: skip
                 results = await asyncio.gather(*(
-                    attempt_fragment(f, f.text, route_fragment(f, model_list, pools, max_tokens, None), request,
-                                     catalog_path, records=records, stream=True)
+                    attempt_fragment(f, f.text, route_fragment(f, model_list, pools, max_tokens, None), ctx,
+                                     stream=True)
                     for f in fragments
                 ))  # fmt: skip
                 rows += [sample(r, spec.parameters_m, level, rep) for r in results]
@@ -90,19 +94,20 @@ async def benchmark(
                 await aupdate_progress_artifact(progress, progress=100.0 * done / total)
         short = make_request("benchmark", tenant, constraints={"max_tokens": ANSWER_TOKENS, "tier": tier,
                                                                "allowed_models": [spec.name]})  # fmt: skip
+        short_ctx = RunContext(short, services, catalog, log, records=records)
         for item in labelled:
             fragment = Fragment(id=f"q-{item['id']}"[:64], text=item["question"], task_type=item["task_type"],
                                 est_prompt_tokens=estimate_tokens(item["question"]))  # fmt: skip
             choice = route_fragment(fragment, model_list, pools, ANSWER_TOKENS, None)
-            result = await attempt_fragment(fragment, fragment.text, choice, short, catalog_path, records=records)
+            result = await attempt_fragment(fragment, fragment.text, choice, short_ctx)
             answers.append({"model": spec.name, "task_type": item["task_type"], "question": item["id"],
                             "answer": result.text, "right": is_right(item, result.text)})  # fmt: skip
             done += 1
             await aupdate_progress_artifact(progress, progress=100.0 * done / total)
-    await record_telemetry(records)  # benchmark fragments are real GPU time: the cost report sees them
+    await record_telemetry(services, records)  # benchmark fragments are real GPU time: the cost report sees them
     samples = pd.DataFrame(rows)
     summary = await summarise_benchmark(samples)
-    folder = runtime.settings().home / "benchmarks"
+    folder = services.settings.home / "benchmarks"
     folder.mkdir(parents=True, exist_ok=True)
     stamp = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}"
     parquet = folder / f"benchmark-{stamp}.parquet"

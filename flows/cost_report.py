@@ -22,12 +22,13 @@ async def cost_report(since_days: int = 7, catalog_path: str | None = None) -> s
         since_days: Telemetry of the last N days.
         catalog_path: Another catalog file.
     """
-    settings = runtime.settings()
+    services = runtime.services(catalog_path)
+    settings = services.settings
     frame = await asyncio.to_thread(read_records, settings.telemetry)
     if not frame.empty:
         cutoff = datetime.now(timezone.utc) - timedelta(days=since_days)
         frame = frame[frame.ts >= cutoff]
-    report = await analyse_costs(frame, runtime.catalog(catalog_path))
+    report = await analyse_costs(frame, services.catalog)
     folder = settings.home / "reports"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"cost-report-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}.md"

@@ -23,7 +23,8 @@ import yaml
 from connectors.replay import Record, ReplayProvider, create_app
 from flows.fusion import fuse_request
 from homeskillet.schemas import FusionResult
-from tasks.policy import BUDGET, Score, check_models, check_strategy, fold_fits, fold_of, score
+from tasks.evaluation import BUDGET, Score, check_models, fold_fits, fold_of, score
+from tasks.strategies import check_strategy
 
 POOL = "replay"
 TENANT = "demo"
@@ -78,7 +79,7 @@ async def evaluate_through_flow(
     budget_share: float = BUDGET,
     concurrency: int = 4,
 ) -> tuple[Score, list[FusionResult]]:
-    """Like `tasks.policy.evaluate`, but every decided record is a `fuse_request` run; accuracy
+    """Like `tasks.evaluation.evaluate`, but every decided record is a `fuse_request` run; accuracy
     from the fused answers, cost from what the flow says each request cost."""
     check_strategy(strategy)
     allowed = check_models(records, allowed)

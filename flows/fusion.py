@@ -1,4 +1,5 @@
-"""`fuse_request`: decompose → route → (allocate → infer → release) per fragment → fuse.
+"""`fuse_request`: decompose → per fragment, route (`tasks.routing.route`) → (allocate → infer →
+release) per model call → fuse.
 
 Fragments whose dependencies are done run concurrently. Each fragment's allocate → infer →
 release runs inside a Prefect transaction: if anything fails or is cancelled before release,
@@ -18,8 +19,9 @@ from prefect.artifacts import acreate_table_artifact
 from prefect.transactions import atransaction
 from pydantic import ValidationError
 
+from connectors.telemetry import HELD, REQUESTS, observe
 from homeskillet import catalog as cat
-from homeskillet.errors import CircuitOpen, HostedAIUnavailable, InvalidRequest, Preempted
+from homeskillet.errors import InvalidRequest
 from homeskillet.schemas import (
     Constraints,
     Fragment,
@@ -31,17 +33,13 @@ from homeskillet.schemas import (
     TelemetryRecord,
     Timings,
 )
-from connectors.telemetry import HELD, REQUESTS, observe
 from tasks import progress, runtime
-from tasks.telemetry import record_telemetry
+from tasks.context import RunContext
 from tasks.decompose import decompose, fill
 from tasks.fusion import fuse
 from tasks.resources import allocate, infer, release
-from tasks.policy import decide
-from tasks.routing import candidates, fragment_budget, fragment_cost, live_stats, max_context, reroute, route, route_fragment
-
-MAX_ATTEMPTS = 3  # per model call: the first try and two re-runs after preemption or fallback
-MAX_CALLS = {"single": 1, "cascade": 3, "ensemble": 3, "moa": 4}  # model calls a strategy may make
+from tasks.routing import fragment_budget, fragment_cost, max_context, preview, route
+from tasks.telemetry import record_telemetry
 
 
 def make_request(
@@ -74,7 +72,7 @@ def make_request(
 async def fuse_request(
     prompt: str,
     tenant: str = "demo",
-    strategy: Literal["single", "cascade", "ensemble", "moa"] = "single",
+    strategy: Literal["single", "cascade", "ensemble", "moa", "auto"] = "single",
     constraints: Constraints | None = None,
     request_id: str | None = None,
     catalog_path: str | None = None,
@@ -87,7 +85,8 @@ async def fuse_request(
         tenant: The tenant it belongs to (a catalog tenant); its allocations are its own.
         strategy: single (cheapest model near the best quality), cascade (cheap models first,
             escalate when they disagree or the answer is open), ensemble (vote of cheap models),
-            moa (proposers, then an aggregator that sees their answers).
+            moa (proposers, then an aggregator that sees their answers), auto (per fragment: a
+            cascade where the figures learned one or answers are closed, else single).
         constraints: max_tokens, max_cost_usd, allowed_models, tier, pool, backend ("local" or
             "hostedai"), fallback_backend, on_preemption, capacity_wait_s, split (False keeps the
             prompt as one fragment), task_type (skip the classifier).
@@ -99,26 +98,25 @@ async def fuse_request(
     """
     started = time.perf_counter()
     request = make_request(prompt, tenant, strategy, constraints, request_id)
-    catalog_path = str(runtime.catalog_path(catalog_path))
-    catalog = runtime.catalog(catalog_path)
+    services = runtime.services(catalog_path)
+    catalog = services.catalog
     cat.check_tenant(catalog, request.tenant)
     limits = request.constraints
-    if routing_stats is not None:
-        runtime.routing_stats(routing_stats)  # a bad file fails the request before anything is allocated
+    learned = runtime.routing_stats(routing_stats) if routing_stats is not None else None  # a bad file fails here
     plan = await decompose(request.prompt, request.request_id, max_context(catalog, limits), limits.max_tokens,
                            limits.split, limits.task_type)  # fmt: skip
-    await route(plan, catalog, limits)  # every fragment has a model within the constraints, before any allocation
-    records: list[TelemetryRecord] = []
+    ctx = RunContext(request, services, catalog, get_run_logger(), fragment_budget(plan, limits), learned)
+    preview(plan, ctx)  # every fragment has a model within the constraints, before anything is allocated
     try:
-        results = await run_plan(plan, request, catalog_path, records, routing_stats)
+        results = await run_plan(plan, ctx)
     except BaseException:
         REQUESTS.labels("error").inc()
         raise
     finally:
         try:
-            await record_telemetry(records)
+            await record_telemetry(ctx.services, ctx.records)
         except Exception as exc:  # telemetry must never hide the request's own outcome
-            get_run_logger().warning("telemetry not written: %s", exc)
+            ctx.log.warning("telemetry not written: %s", exc)
     REQUESTS.labels("ok").inc()
     fused = await fuse(plan, results, request.tenant, time.perf_counter() - started)
     await acreate_table_artifact(
@@ -130,121 +128,37 @@ async def fuse_request(
     return fused
 
 
-async def run_plan(
-    plan: Plan,
-    request: InferenceRequest,
-    catalog_path: str,
-    records: list[TelemetryRecord] | None = None,
-    routing_stats: str | None = None,
-) -> dict[str, FragmentResult]:
+async def run_plan(plan: Plan, ctx: RunContext) -> dict[str, FragmentResult]:
     """Run every fragment once its dependencies are done; the first failure cancels the rest."""
-    budget = fragment_budget(plan, request.constraints)
     running: dict[str, asyncio.Task[FragmentResult]] = {}
     try:
         async with asyncio.TaskGroup() as group:
             for fragment in plan.fragments:  # topological order: dependencies are already scheduled
                 upstream = [running[dep] for dep in fragment.depends_on]
-                running[fragment.id] = group.create_task(
-                    run_fragment(fragment, upstream, request, catalog_path, budget, records, routing_stats)
-                )
+                running[fragment.id] = group.create_task(run_fragment(fragment, upstream, ctx))
     except BaseExceptionGroup as group_error:
         raise _first_cause(group_error) from None
     return {fid: task.result() for fid, task in running.items()}
 
 
-async def run_fragment(
-    fragment: Fragment,
-    upstream: list[asyncio.Task[FragmentResult]],
-    request: InferenceRequest,
-    catalog_path: str,
-    budget_usd: float | None = None,
-    records: list[TelemetryRecord] | None = None,
-    routing_stats: str | None = None,
-) -> FragmentResult:
-    """One fragment under the request's strategy: the policy decides which models to ask (each
-    call its own allocation) and whose answer stands; provenance keeps every call."""
+async def run_fragment(fragment: Fragment, upstream: list[asyncio.Task[FragmentResult]], ctx: RunContext) -> FragmentResult:
+    """One fragment, once the answers it depends on are in: routed by `tasks.routing.route`, each
+    model call on its own allocation."""
     answers = {r.fragment_id: r.text.strip() for r in await asyncio.gather(*upstream)}
-    text = fill(fragment, answers)
-    limits = request.constraints
-    catalog = runtime.catalog(catalog_path)
-    stats = live_stats(fragment, catalog, limits)
-    if routing_stats is not None:  # learned figures, for the allowed models that have them
-        stats = runtime.routing_stats(routing_stats).only(fragment.task_type, list(stats.quality[fragment.task_type]))
-    per_call = None if budget_usd is None else budget_usd / MAX_CALLS[request.strategy]
-    calls: list[FragmentResult] = []
 
-    async def ask(model: str, prompt: str | None = None) -> str:
-        only = limits.model_copy(update={"allowed_models": [model]})
-        model_choice = route_fragment(fragment, *candidates(catalog, only), limits.max_tokens, per_call)
-        result = await run_model(fragment, prompt or text, model_choice, request, only, catalog_path, per_call, records)
-        calls.append(result)
-        return result.text
+    async def attempt(choice: ModelChoice, text: str, number: int) -> FragmentResult:
+        return await attempt_fragment(fragment, text, choice, ctx, number)
 
-    decision = await decide(request.strategy, fragment.task_type, text, stats, list(stats.quality[fragment.task_type]), ask)
-    chosen = next(c for c in reversed(calls) if c.text == decision.answer)
-    return chosen.model_copy(
-        update={
-            "tokens_in": sum(c.tokens_in for c in calls),
-            "tokens_out": sum(c.tokens_out for c in calls),
-            "cost_usd": sum(c.cost_usd for c in calls),
-            "strategy": request.strategy,
-            "models_called": decision.models,
-            "allocation_ids": [c.allocation_id for c in calls],
-            "confidence": decision.confidence,
-            "reason": f"{decision.why}; {chosen.reason}",
-        }
-    )
-
-
-async def run_model(
-    fragment: Fragment,
-    text: str,
-    choice: ModelChoice,
-    request: InferenceRequest,
-    limits: Constraints,
-    catalog_path: str,
-    budget_usd: float | None = None,
-    records: list[TelemetryRecord] | None = None,
-) -> FragmentResult:
-    """One model's answer to a fragment; re-run elsewhere when its share is preempted, or on the
-    fallback backend when its backend is unavailable (retries spent, or circuit open)."""
-    catalog = runtime.catalog(catalog_path)
-    for attempt in range(1, MAX_ATTEMPTS + 1):
-        try:
-            return await attempt_fragment(fragment, text, choice, request, catalog_path, attempt, records)
-        except Preempted:
-            if attempt == MAX_ATTEMPTS:
-                raise
-            tier = "dedicated" if limits.on_preemption == "dedicated" else choice.tier
-            backend = cat.pool(catalog, choice.pool).backend
-            why = f"attempt {attempt} on {choice.pool} was preempted; re-run on {tier}"
-            choice = reroute(fragment, catalog, limits, budget_usd, why, tier=tier, backend=backend)
-        except HostedAIUnavailable as exc:  # retries exhausted, or the circuit is open
-            fallback = limits.fallback_backend
-            if fallback is None or fallback == cat.pool(catalog, choice.pool).backend or attempt == MAX_ATTEMPTS:
-                raise
-            state = "circuit open" if isinstance(exc, CircuitOpen) else "unavailable"
-            why = f"{cat.pool(catalog, choice.pool).backend} {state}; fell back to {fallback}"
-            choice = reroute(fragment, catalog, limits, budget_usd, why, backend=fallback)
-    raise AssertionError("unreachable")
+    return await route(fragment, fill(fragment, answers), ctx, attempt)
 
 
 async def attempt_fragment(
-    fragment: Fragment,
-    text: str,
-    choice: ModelChoice,
-    request: InferenceRequest,
-    catalog_path: str,
-    attempt: int = 1,
-    records: list[TelemetryRecord] | None = None,
-    stream: bool = False,
+    fragment: Fragment, text: str, choice: ModelChoice, ctx: RunContext, attempt: int = 1, stream: bool = False
 ) -> FragmentResult:
     """allocate → infer → release for one fragment on one choice, inside a transaction whose
     rollback releases; `stream` measures time to first token (and counts tokens from chunks)."""
-    limits = request.constraints
-    catalog = runtime.catalog(catalog_path)
-    pool = cat.pool(catalog, choice.pool)
-    wait_s = runtime.settings().capacity_wait_s if limits.capacity_wait_s is None else limits.capacity_wait_s
+    request, services = ctx.request, ctx.services
+    pool = cat.pool(ctx.catalog, choice.pool)
     record = dict(
         ts=datetime.now(timezone.utc), request_id=request.request_id, tenant=request.tenant, fragment_id=fragment.id,
         task_type=fragment.task_type, strategy=request.strategy, model=choice.model, backend=pool.backend,
@@ -255,23 +169,27 @@ async def attempt_fragment(
     allocation = None
     try:
         async with atransaction():
-            allocation = await allocate(request.tenant, request.request_id, choice, catalog_path, wait_s)
+            allocation = await allocate(services, request.tenant, request.request_id, choice, ctx.wait_s)
             held.inc()
+            ctx.log.info("fragment %s: allocated %s on %s (%g TFLOPS, %g GB)", fragment.id, allocation.allocation_id,
+                         allocation.pool, allocation.tflops, allocation.vram_gb)  # fmt: skip
             progress.emit(request.request_id, "allocated", fragment_id=fragment.id, model=allocation.model,
                           pool=allocation.pool, allocation_id=allocation.allocation_id)  # fmt: skip
             record["allocation_id"] = allocation.allocation_id
             record["queue_s"] = max(0.0, (allocation.created_at - record["ts"]).total_seconds())
             t1 = time.perf_counter()
-            completion = await infer(allocation, text, limits.max_tokens, catalog_path, stream)
+            completion = await infer(services, allocation, text, request.constraints.max_tokens, stream)
             t2 = time.perf_counter()
-            ended_at = await release(allocation, catalog_path)
+            ended_at = await release(services, allocation)
             t3 = time.perf_counter()
+            ctx.log.info("fragment %s: released %s after %.2fs", fragment.id, allocation.allocation_id,
+                         (ended_at - allocation.created_at).total_seconds())  # fmt: skip
             progress.emit(request.request_id, "completed", fragment_id=fragment.id, model=allocation.model,
                           pool=allocation.pool, allocation_id=allocation.allocation_id,
                           tokens_out=completion.tokens_out)  # fmt: skip
     except BaseException as exc:
-        _keep(records, TelemetryRecord(**record, allocate_s=time.perf_counter() - t0, outcome="error",
-                                       error_class=type(exc).__name__))  # fmt: skip
+        _keep(ctx.records, TelemetryRecord(**record, allocate_s=time.perf_counter() - t0, outcome="error",
+                                           error_class=type(exc).__name__))  # fmt: skip
         raise
     finally:
         if allocation is not None:
@@ -291,21 +209,20 @@ async def attempt_fragment(
         tokens_in=completion.tokens_in,
         tokens_out=completion.tokens_out,
         timings=timings,
-        cost_usd=fragment_cost(cat.model(catalog, choice.model), pool, held_s, tokens, completion.cost_usd),
+        cost_usd=fragment_cost(cat.model(ctx.catalog, choice.model), pool, held_s, tokens, completion.cost_usd),
         reason=choice.reason,
         attempts=attempt,
     )
-    _keep(records, TelemetryRecord(
+    _keep(ctx.records, TelemetryRecord(
         **record, **timings.model_dump(), tokens_in=result.tokens_in, tokens_out=result.tokens_out,
         cost_usd=result.cost_usd, outcome="ok",
     ))  # fmt: skip
     return result
 
 
-def _keep(records: list[TelemetryRecord] | None, record: TelemetryRecord) -> None:
+def _keep(records: list[TelemetryRecord], record: TelemetryRecord) -> None:
     observe(record)
-    if records is not None:
-        records.append(record)
+    records.append(record)
 
 
 def fragment_row(result: FragmentResult) -> dict:

@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from homeskillet.errors import HomeskilletError
+from homeskillet.errors import HomeskilletError, InvalidRequest
 from homeskillet.settings import get_settings
 
 app = typer.Typer(help="Homeskillet: decompose, route, allocate, infer, release, fuse.", no_args_is_help=True)
@@ -47,8 +47,11 @@ def use_local_prefect() -> str:
 
 
 def _fail(exc: Exception) -> None:
+    """One line on stderr; exit 1 when a well-formed request could not be served (no route, no
+    capacity, a service down), 2 when the input itself was wrong."""
     errors.print(f"[bold red]error:[/] {exc}", highlight=False)
-    raise typer.Exit(2)
+    served = isinstance(exc, HomeskilletError) and not isinstance(exc, InvalidRequest)
+    raise typer.Exit(1 if served else 2)
 
 
 @app.command()
@@ -64,7 +67,7 @@ def run(
     backend: Annotated[str, typer.Option(help="local or hostedai.")] = "local",
     fallback_backend: Annotated[Optional[str], typer.Option(help="Used while the backend's circuit is open.")] = None,
     on_preemption: Annotated[str, typer.Option(help="same_tier or dedicated.")] = "same_tier",
-    strategy: Annotated[str, typer.Option(help="single, cascade, ensemble or moa.")] = "single",
+    strategy: Annotated[str, typer.Option(help="single, cascade, ensemble, moa or auto.")] = "single",
     split: Annotated[bool, typer.Option(help="--no-split keeps the prompt as one fragment.")] = True,
     task_type: Annotated[Optional[str], typer.Option(help="Declare the task type instead of classifying.")] = None,
     routing_stats: Annotated[
@@ -123,18 +126,18 @@ def allocations(
     from tasks import runtime
 
     try:
-        held = asyncio.run(runtime.backend().held(tenant))
+        held = asyncio.run(runtime.services().held(tenant))
     except HomeskilletError as exc:
         _fail(exc)
     if as_json:
         print(json.dumps([a.model_dump(mode="json") for a in held], indent=2))
         return
     table = Table(title=f"{len(held)} allocation(s) held")
-    for column in ("allocation_id", "tenant", "pool", "model", "tflops", "vram_gb", "endpoint", "lease_expires_at"):
+    for column in ("allocation_id", "tenant", "backend", "pool", "model", "tflops", "vram_gb", "endpoint", "lease_expires_at"):
         table.add_column(column, overflow="fold")
     for a in held:
         table.add_row(
-            a.allocation_id, a.tenant, a.pool, a.model, f"{a.tflops:g}", f"{a.vram_gb:g}", a.endpoint,
+            a.allocation_id, a.tenant, a.backend, a.pool, a.model, f"{a.tflops:g}", f"{a.vram_gb:g}", a.endpoint,
             a.lease_expires_at.isoformat(timespec="seconds"),
         )  # fmt: skip
     console.print(table)
@@ -356,7 +359,7 @@ def train_classifier(
 @app.command("eval-routing")
 def eval_routing(
     files: Annotated[list[str], typer.Argument(help="RouterBench-format CSV files.")],
-    strategy: Annotated[str, typer.Option(help="single, cascade, ensemble or moa.")] = "cascade",
+    strategy: Annotated[str, typer.Option(help="single, cascade, ensemble, moa or auto.")] = "cascade",
     as_json: Annotated[bool, typer.Option("--json", help="End with one JSON line of the figures.")] = False,
     folds: Annotated[int, typer.Option(min=2, help="Cross-validation folds.")] = 5,
     model: Annotated[Optional[list[str]], typer.Option(help="Allowed model (repeatable).")] = None,
@@ -372,11 +375,13 @@ def eval_routing(
     from pathlib import Path
 
     from connectors import replay
-    from tasks.policy import check_strategy, combine, evaluate, oracle, single_models
+    from tasks.decompose import classify as task_of
+    from tasks.evaluation import combine, evaluate, oracle, single_models
+    from tasks.strategies import check_strategy
 
     try:
         check_strategy(strategy)
-        loaded = {Path(f).stem: replay.load(Path(f)) for f in files}  # all inputs checked before any output
+        loaded = {Path(f).stem: replay.load(Path(f), task_of) for f in files}  # all inputs checked before any output
         if through_flow:
             use_local_prefect()
             from flows.eval_routing import evaluate_through_flow
@@ -444,10 +449,11 @@ def learn_routing(
     from pathlib import Path
 
     from connectors import replay
-    from tasks.policy import fit
+    from tasks.decompose import classify as task_of
+    from tasks.evaluation import fit
 
     try:
-        records = [r for f in files for r in replay.load(Path(f))]
+        records = [r for f in files for r in replay.load(Path(f), task_of)]
         stats = fit(records, budget_share)
     except HomeskilletError as exc:
         _fail(exc)
@@ -466,18 +472,23 @@ def learn_routing(
 
 @app.command("bench-overhead")
 def bench_overhead(
-    repeats: Annotated[int, typer.Option(help="Runs of each side.")] = 3,
-    max_tokens: Annotated[int, typer.Option(help="Output tokens per fragment.")] = 48,
+    repeats: Annotated[int, typer.Option(min=1, help="Runs of each side.")] = 3,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Output tokens per fragment.")] = 48,
+    concurrency: Annotated[int, typer.Option(min=1, help="Single-fragment requests at once, in the second part.")] = 8,
+    as_json: Annotated[bool, typer.Option("--json", help="End with one JSON line of the headline figures.")] = False,
 ) -> None:
-    """Orchestration overhead: the same fragments through fuse_request and as direct llama.cpp calls."""
+    """Orchestration overhead: the same fragments through fuse_request and as direct llama.cpp calls,
+    one request at a time and CONCURRENCY at once."""
     try:
         use_local_prefect()
-        from homeskillet.overhead import run_benchmark
+        from homeskillet.overhead import report, run_benchmark, summary_line
 
-        report = asyncio.run(run_benchmark(repeats=repeats, max_tokens=max_tokens))
+        figures = asyncio.run(run_benchmark(repeats=repeats, max_tokens=max_tokens, concurrency=concurrency))
     except HomeskilletError as exc:
         _fail(exc)
-    console.print(report)
+    console.print(report(figures), highlight=False, markup=False)
+    if as_json:
+        print(summary_line(figures))
 
 
 @app.command()

@@ -21,8 +21,9 @@ class UnknownPool(InvalidRequest):
     pass
 
 
-class NoRoute(InvalidRequest):
-    """No model and pool satisfy the request's constraints."""
+class NoRoute(HomeskilletError):
+    """No model and pool satisfy the request's constraints with the catalog as it is (not bad
+    input as such: another catalog, budget or constraint could serve it)."""
 
 
 class CapacityTimeout(HomeskilletError):

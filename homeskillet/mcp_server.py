@@ -170,12 +170,12 @@ def build_mcp(catalog_path: str | None, store_ref: dict, limits: Limits) -> _Ser
     async def _release_leftovers(tenant: str, request_id: str) -> None:
         """Backstop after a failed or cancelled run: release what the request still holds (its
         rollback hooks normally have; a cancellation racing a reservation must not leak one)."""
-        backend = runtime.backend(catalog_path)
+        services = runtime.services(catalog_path)
         try:
-            for allocation in await backend.held(tenant):
+            for allocation in await services.held(tenant):
                 if allocation.request_id == request_id:
                     log.warning("releasing %s left by request %s", allocation.allocation_id, request_id)
-                    await runtime.backend_for_pool(catalog_path, allocation.pool).release(allocation.allocation_id, tenant)
+                    await services.backend_of(allocation).release(allocation.allocation_id, tenant)
         except Exception:
             log.exception("could not check request %s for leftover allocations", request_id)
 
@@ -185,20 +185,23 @@ def build_mcp(catalog_path: str | None, store_ref: dict, limits: Limits) -> _Ser
     ) -> types.CallToolResult:
         """The fragments, their task types, chosen models and pools, and the cost estimate;
         nothing is allocated."""
+        from flows.fusion import make_request
         from homeskillet import catalog as cat
+        from tasks.context import RunContext
         from tasks.decompose import decompose_prompt
-        from tasks.routing import max_context, route_plan
+        from tasks.routing import fragment_budget, max_context, preview
 
         tenant = tenant_of(ctx)
         limits_ = constraints_of(constraints)
-        catalog = runtime.catalog(catalog_path)
+        services = runtime.services(catalog_path)
+        catalog = services.catalog
         try:
             cat.check_tenant(catalog, tenant)
-            if not prompt.strip():
-                raise ToolError("invalid request: prompt is empty")
-            the_plan = decompose_prompt(prompt, "plan-" + uuid.uuid4().hex[:8], max_context(catalog, limits_),
+            request = make_request(prompt, tenant, strategy, limits_, "plan-" + uuid.uuid4().hex[:8])
+            the_plan = decompose_prompt(request.prompt, request.request_id, max_context(catalog, limits_),
                                         limits_.max_tokens, limits_.split, limits_.task_type)  # fmt: skip
-            choices = route_plan(the_plan, catalog, limits_)
+            run = RunContext(request, services, catalog, log, fragment_budget(the_plan, limits_))
+            choices = preview(the_plan, run)
         except HomeskilletError as exc:
             raise ToolError(f"{type(exc).__name__}: {exc}") from None
         fragments = [
@@ -230,7 +233,7 @@ def build_mcp(catalog_path: str | None, store_ref: dict, limits: Limits) -> _Ser
     async def allocations(ctx: Context) -> types.CallToolResult:
         """The GPU shares your tenant holds now."""
         tenant = tenant_of(ctx)
-        held = await runtime.backend(catalog_path).held(tenant)
+        held = await runtime.services(catalog_path).held(tenant)
         return _structured({"tenant": tenant, "allocations": [a.model_dump(mode="json") for a in held]})
 
     @mcp.resource("homeskillet://catalog", mime_type="application/json")

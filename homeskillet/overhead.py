@@ -1,74 +1,158 @@
 """Orchestration overhead: the same fragments through `fuse_request` and as direct llama.cpp calls.
 
-Both sides use the same plans, the same routing, the same warm model servers and the same
-concurrency (a plan's independent fragments run at once), so the difference is what the flow
-adds: Prefect task runs, the ledger's allocate and release, artifacts.
+Both sides use the same plans, the same models and pools (`tasks.routing.preview`, what the flow's
+router picks), the same warm model servers and the same concurrency, so the difference is what
+the flow adds: Prefect flow and task runs, the ledger's allocate and release, telemetry, artifacts.
+
+1. Concurrency 1: multi-fragment requests one after another (a plan's independent fragments run
+   at once on both sides): the wall-time ratio and the overhead per fragment.
+2. Concurrency C: C single-fragment requests at once against C direct calls at once: tokens/s
+   through the flow over tokens/s direct.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
+import statistics
 import time
 
 from connectors import openai_client
-from flows.fusion import fuse_request
+from flows.fusion import fuse_request, make_request
 from homeskillet import catalog as cat
-from homeskillet.schemas import Constraints, Plan
+from homeskillet.schemas import Constraints, Fragment, Plan
 from tasks import runtime
+from tasks.context import RunContext
 from tasks.decompose import decompose_prompt
 from tasks.resources import render
-from tasks.routing import max_context, route_plan
+from tasks.routing import max_context, preview
 
 PROMPTS = [
     "What is the capital of France? Who wrote Romeo and Juliet? Write a haiku about the sea.",
     "1. What is the capital of Japan?\n2. Name three primary colors.\n3. Write one sentence about autumn.",
 ]
+log = logging.getLogger(__name__)
 
 
-async def _direct(plan: Plan, choices: dict, endpoints: dict[str, str], max_tokens: int) -> None:
-    catalog = runtime.catalog()
+class _Direct:
+    """The flow's routing for a plan, and direct calls to the same warm servers."""
 
-    async def one(fragment):
-        model = cat.model(catalog, choices[fragment.id].model)
-        await openai_client.complete(endpoints[model.name], model.name, max_tokens=max_tokens, **render(model, fragment.text))
+    def __init__(self, limits: Constraints):
+        self.services = runtime.services()
+        self.limits = limits
+        self.endpoints: dict[str, str] = {}
 
-    assert all(not f.depends_on for f in plan.fragments), "the benchmark prompts have independent fragments"
-    await asyncio.gather(*(one(f) for f in plan.fragments))
+    async def plan(self, prompt: str, request_id: str) -> tuple[Plan, dict]:
+        catalog = self.services.catalog
+        request = make_request(prompt, "demo", constraints=self.limits, request_id=request_id)
+        plan = decompose_prompt(request.prompt, request_id, max_context(catalog, self.limits), self.limits.max_tokens,
+                                self.limits.split, self.limits.task_type)  # fmt: skip
+        choices = preview(plan, RunContext(request, self.services, catalog, log))
+        for choice in choices.values():
+            if choice.model not in self.endpoints:
+                model = cat.model(catalog, choice.model)
+                await self.services.local.warm_up(model)
+                self.endpoints[model.name] = await asyncio.to_thread(self.services.local.model_endpoint, model)
+        return plan, choices
+
+    async def call(self, fragment: Fragment, model_name: str) -> int:
+        model = cat.model(self.services.catalog, model_name)
+        out = await openai_client.complete(self.endpoints[model.name], model.name, max_tokens=self.limits.max_tokens,
+                                           **render(model, fragment.text))  # fmt: skip
+        return out.tokens_out
 
 
-async def run_benchmark(repeats: int = 3, max_tokens: int = 48) -> str:
-    catalog = runtime.catalog()
-    local = runtime.backend()
-    # the dedicated pool holds every fragment of a request at once: no capacity queueing in the figures
+async def run_benchmark(repeats: int = 3, max_tokens: int = 48, concurrency: int = 8) -> dict:
+    """The figures, as a dict (`report` prints them)."""
+    # the dedicated pool holds a request's fragments at once: no capacity queueing in the figures
     limits = Constraints(max_tokens=max_tokens, tier="dedicated")
-    work = []
-    for i, prompt in enumerate(PROMPTS):
-        plan = decompose_prompt(prompt, f"bench-{i}", max_context(catalog, limits), max_tokens)
-        work.append((prompt, plan, route_plan(plan, catalog, limits)))
-    models = {c.model for _, _, choices in work for c in choices.values()}
-    endpoints = {m: await asyncio.to_thread(local.model_endpoint, cat.model(catalog, m)) for m in models}
+    direct = _Direct(limits)
+    work = [(prompt, *await direct.plan(prompt, f"bench-{i}")) for i, prompt in enumerate(PROMPTS)]
+    for plan, _ in [w[1:] for w in work]:
+        assert all(not f.depends_on for f in plan.fragments), "the benchmark prompts have independent fragments"
     flow_s = direct_s = 0.0
+    per_fragment_ms: list[float] = []
     for round_ in range(repeats + 1):  # round 0 warms both paths and is not counted
         for prompt, plan, choices in work:
             t0 = time.perf_counter()
             await fuse_request(prompt=prompt, tenant="demo", constraints=limits)
             t1 = time.perf_counter()
-            await _direct(plan, choices, endpoints, max_tokens)
+            await asyncio.gather(*(direct.call(f, choices[f.id].model) for f in plan.fragments))
             t2 = time.perf_counter()
             if round_:
                 flow_s += t1 - t0
                 direct_s += t2 - t1
+                per_fragment_ms.append(((t1 - t0) - (t2 - t1)) / len(plan.fragments) * 1000)
     fragments = sum(len(plan.fragments) for _, plan, _ in work) * repeats
-    lines = [
-        f"{repeats} rounds x {len(PROMPTS)} requests = {fragments} fragments, max_tokens {max_tokens}",
-        f"through fuse_request: {flow_s:.2f}s   direct llama.cpp calls: {direct_s:.2f}s",
-        f"orchestration overhead ratio (flow / direct): {flow_s / direct_s:.2f}x, "
-        f"{(flow_s - direct_s) / fragments * 1000:.0f} ms per fragment",
-    ]
-    for name in sorted(models):
-        lines.append(await _decode_speed(cat.model(catalog, name), repeats))
-        lines.append(await _throughput(cat.model(catalog, name)))
-    return "\n".join(lines)
+    figures = {
+        "repeats": repeats,
+        "max_tokens": max_tokens,
+        "fragments": fragments,
+        "flow_s": round(flow_s, 3),
+        "direct_s": round(direct_s, 3),
+        "overhead_ratio": round(flow_s / direct_s, 3),
+        "overhead_ms_p50": round(statistics.median(per_fragment_ms), 1),
+        "concurrent": await _concurrent(direct, concurrency, repeats),
+        "models": [],
+    }
+    for name in sorted(direct.endpoints):  # each routed model alone, and its server one by one vs at once
+        model = cat.model(direct.services.catalog, name)
+        figures["models"] += [await _decode_speed(model, repeats), await _throughput(model)]
+    return figures
+
+
+async def _concurrent(direct: _Direct, concurrency: int, repeats: int) -> dict:
+    """C single-fragment requests at once through the flow, and C direct calls at once."""
+    limits = direct.limits.model_copy(update={"split": False, "task_type": "chat"})
+    one = _Direct(limits)
+    one.endpoints = direct.endpoints
+    texts = [STORY_PROMPTS[i % len(STORY_PROMPTS)] for i in range(concurrency)]
+    planned = [await one.plan(text, f"bench-c{i}") for i, text in enumerate(texts)]
+    flow_tokens = direct_tokens = 0
+    flow_s = direct_s = 0.0
+    for round_ in range(repeats + 1):
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(fuse_request(prompt=t, tenant="demo", constraints=limits) for t in texts))
+        t1 = time.perf_counter()
+        tokens = await asyncio.gather(*(one.call(plan.fragments[0], choices[plan.fragments[0].id].model)
+                                        for plan, choices in planned))  # fmt: skip
+        t2 = time.perf_counter()
+        if round_:
+            flow_tokens += sum(f.tokens_out for r in results for f in r.fragments)
+            direct_tokens += sum(tokens)
+            flow_s += t1 - t0
+            direct_s += t2 - t1
+    flow_rate, direct_rate = flow_tokens / flow_s, direct_tokens / direct_s
+    return {
+        "concurrency": concurrency,
+        "flow_tokens_per_s": round(flow_rate, 1),
+        "direct_tokens_per_s": round(direct_rate, 1),
+        "tokens_per_s_ratio": round(flow_rate / direct_rate, 3),
+    }
+
+
+def report(figures: dict) -> str:
+    c = figures["concurrent"]
+    return "\n".join([
+        f"{figures['repeats']} rounds x {len(PROMPTS)} requests = {figures['fragments']} fragments, "
+        f"max_tokens {figures['max_tokens']}",
+        f"through fuse_request: {figures['flow_s']:.2f}s   direct llama.cpp calls: {figures['direct_s']:.2f}s",
+        f"orchestration overhead ratio (flow / direct): {figures['overhead_ratio']:.2f}x, "
+        f"{figures['overhead_ms_p50']:.0f} ms per fragment (p50)",
+        f"{c['concurrency']} single-fragment requests at once: {c['flow_tokens_per_s']:.1f} tokens/s through the flow, "
+        f"{c['direct_tokens_per_s']:.1f} direct ({c['tokens_per_s_ratio']:.2f}x)",
+        *figures["models"],
+    ])  # fmt: skip
+
+
+def summary_line(figures: dict) -> str:
+    """The one JSON line `--json` ends with."""
+    c = figures["concurrent"]
+    return json.dumps({
+        "overhead_ratio": figures["overhead_ratio"], "overhead_ms_p50": figures["overhead_ms_p50"],
+        "concurrent": {"concurrency": c["concurrency"], "tokens_per_s_ratio": c["tokens_per_s_ratio"]},
+    })  # fmt: skip
 
 
 STORY_PROMPTS = [f"Once upon a time, {topic}" for topic in (
@@ -80,7 +164,7 @@ STORY_PROMPTS = [f"Once upon a time, {topic}" for topic in (
 async def _throughput(model, tokens: int = 64) -> str:
     """Tokens/s of one model's server for the same 8 plain completions one after another and all
     at once (llama-server batches concurrent sequences into one decode step)."""
-    endpoint = await asyncio.to_thread(runtime.backend().model_endpoint, model)
+    endpoint = await asyncio.to_thread(runtime.services().local.model_endpoint, model)
 
     async def one(text: str) -> int:
         return (await openai_client.complete(endpoint, model.name, prompt=text, max_tokens=tokens)).tokens_out
@@ -100,7 +184,7 @@ async def _throughput(model, tokens: int = 64) -> str:
 
 async def _decode_speed(model, repeats: int, tokens: int = 64) -> str:
     """Tokens/s of one model alone: streamed completions of a fixed length, one at a time."""
-    endpoint = await asyncio.to_thread(runtime.backend().model_endpoint, model)
+    endpoint = await asyncio.to_thread(runtime.services().local.model_endpoint, model)
     decoded = seconds = first = 0.0
     for _ in range(repeats):
         out = await openai_client.complete(endpoint, model.name, prompt="Once upon a time", max_tokens=tokens, stream=True)

@@ -46,7 +46,7 @@ class Constraints(_Frozen):
 class InferenceRequest(_Frozen):
     tenant: str = Field(min_length=1)
     prompt: str
-    strategy: Literal["single", "cascade", "ensemble", "moa"] = "single"
+    strategy: Literal["single", "cascade", "ensemble", "moa", "auto"] = "single"
     constraints: Constraints = Constraints()
     request_id: str = Field(default_factory=lambda: uuid.uuid4().hex[:12])
 
@@ -175,6 +175,7 @@ class HostedAICredentials(_Frozen):
 class ModelChoice(_Frozen):
     fragment_id: str
     model: str
+    backend: Backend = "local"
     pool: str
     tier: Tier
     tflops: float
@@ -184,9 +185,13 @@ class ModelChoice(_Frozen):
 
 
 class Allocation(_Frozen):
+    """One tenant's slice of a pool, held under its own id; `backend` serves it, so releasing,
+    verifying or rolling it back needs nothing but the allocation."""
+
     allocation_id: str
     tenant: str
     request_id: str
+    backend: Backend = "local"
     pool: str
     model: str
     tflops: float

@@ -26,7 +26,8 @@ from pathlib import Path
 import yaml
 
 from connectors.replay import Record, load
-from tasks.policy import normalise
+from tasks.decompose import classify
+from tasks.strategies import normalise
 
 QUALITY_SET = Path(__file__).resolve().parents[1] / "homeskillet" / "data" / "quality_set.json"
 FACTS = QUALITY_SET.with_name("quality_facts.yaml")
@@ -62,7 +63,7 @@ def build(routerbench: Path, per_file: int = 25) -> list[dict]:
     between the files, so that any prefix mixes them), as many arithmetic questions, and the
     factual questions."""
     items = []
-    files = [[r for r in load(routerbench / name) if gold(r)][:per_file] for name in SOURCES]
+    files = [[r for r in load(routerbench / name, classify) if gold(r)][:per_file] for name in SOURCES]
     for row in zip(*files):
         items += [{"id": r.sample_id, "task_type": r.task, "question": question(r), "accept": [gold(r)]} for r in row]
     items += arithmetic(per_file)

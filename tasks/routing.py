@@ -1,14 +1,17 @@
-"""Routing: each fragment goes to the most suitable model, on the cheapest pool that can hold it,
-within the request's constraints. Pure functions; the task wraps `route_plan`."""
+"""Routing: where a fragment goes. `route` is the one function that decides it (the strategy, the
+models it asks, each call's pool, re-runs after preemption or fallback); the rest are the pure
+helpers it uses: which models and pools the constraints allow, what each costs, which fits.
+"""
 
 from __future__ import annotations
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
+from collections.abc import Awaitable, Callable
 
 from homeskillet import catalog as cat
-from homeskillet.errors import NoRoute
-from homeskillet.schemas import Catalog, Constraints, Fragment, ModelChoice, ModelSpec, Plan, PoolSpec
+from homeskillet.errors import CircuitOpen, HostedAIUnavailable, NoRoute, Preempted
+from homeskillet.schemas import Catalog, Constraints, Fragment, FragmentResult, ModelChoice, ModelSpec, Plan, PoolSpec
+from tasks.context import RunContext
+from tasks.strategies import Stats, decide, single_model
 
 EPS = 1e-9
 
@@ -97,6 +100,7 @@ def route_fragment(
     return ModelChoice(
         fragment_id=fragment.id,
         model=model.name,
+        backend=pool.backend,
         pool=pool.id,
         tier=pool.tier,
         tflops=model.tflops,
@@ -113,11 +117,18 @@ def fragment_budget(plan: Plan, constraints: Constraints) -> float | None:
     return None if constraints.max_cost_usd is None else constraints.max_cost_usd / len(plan.fragments)
 
 
-def route_plan(plan: Plan, catalog: Catalog, constraints: Constraints) -> dict[str, ModelChoice]:
-    """A choice for every fragment."""
-    models, pools = candidates(catalog, constraints)
-    budget = fragment_budget(plan, constraints)
-    return {f.id: route_fragment(f, models, pools, constraints.max_tokens, budget) for f in plan.fragments}
+def preview(plan: Plan, ctx: RunContext) -> dict[str, ModelChoice]:
+    """Before anything is allocated: for each fragment, the model the single strategy asks and its
+    pool, as `route` chooses them (other strategies may ask other models as well). NoRoute when
+    a fragment has no model and pool within the constraints and its budget."""
+    choices = {}
+    for fragment in plan.fragments:
+        stats = figures(fragment, ctx)
+        model = single_model(fragment.task_type, stats, list(stats.quality[fragment.task_type]))
+        only = ctx.limits.model_copy(update={"allowed_models": [model]})
+        choices[fragment.id] = route_fragment(fragment, *candidates(ctx.catalog, only), ctx.limits.max_tokens,
+                                              ctx.per_call_usd)  # fmt: skip
+    return choices
 
 
 def reroute(
@@ -130,17 +141,10 @@ def reroute(
     return choice.model_copy(update={"reason": f"{why}; {choice.reason}"})
 
 
-@task(name="route", cache_policy=NO_CACHE)
-async def route(plan: Plan, catalog: Catalog, constraints: Constraints) -> dict[str, ModelChoice]:
-    return route_plan(plan, catalog, constraints)
-
-
-def live_stats(fragment: Fragment, catalog: Catalog, constraints: Constraints):
+def live_stats(fragment: Fragment, catalog: Catalog, constraints: Constraints) -> Stats:
     """Quality (measured by the benchmark, else the catalog's prior) and expected cost (cheapest
-    pool that fits) of every allowed model for this fragment, in the form the routing policy
-    learns from recordings."""
-    from tasks.policy import Stats
-
+    pool that fits) of every allowed model for this fragment, in the form the routing strategies
+    learn from recordings."""
     models, pools = candidates(catalog, constraints)
     quality, cost = {}, {}
     for model in models:
@@ -155,3 +159,85 @@ def live_stats(fragment: Fragment, catalog: Catalog, constraints: Constraints):
         raise NoRoute(f"fragment {fragment.id} ({fragment.est_prompt_tokens} tokens) fits no allowed model's context")
     # a catalog's models differ in price far less than API models do: any cheaper model is "cheap"
     return Stats({fragment.task_type: quality}, {fragment.task_type: cost}, cheap_share=0.999)
+
+
+MAX_ATTEMPTS = 3  # per model call: the first try and two re-runs after preemption or fallback
+
+# attempt(choice, text, attempt number) → the answer of one model call on one allocation
+Attempt = Callable[[ModelChoice, str, int], Awaitable[FragmentResult]]
+
+
+def figures(fragment: Fragment, ctx: RunContext) -> Stats:
+    """The figures a fragment is routed by: the learned ones (a routing-stats file) for the
+    allowed models that have them, else the catalog's measured or prior quality and its cost
+    estimates. NoRoute when the constraints leave no model for it."""
+    stats = live_stats(fragment, ctx.catalog, ctx.limits)
+    if ctx.learned is None:
+        return stats
+    return ctx.learned.only(fragment.task_type, list(stats.quality[fragment.task_type]))
+
+
+async def route(fragment: Fragment, text: str, ctx: RunContext, attempt: Attempt) -> FragmentResult:
+    """Run one fragment where it belongs; every routing decision of a fragment is made here.
+
+    1. The strategy (the request's, or for "auto" the one the figures favour for this task type)
+       decides which models to ask, from the figures, and whose answer stands.
+    2. Each model call goes to the cheapest pool that fits the model within the call's share of
+       the budget (`route_fragment`), under the request's constraints.
+    3. A call whose GPU share is preempted re-runs on another pool of the same backend (dedicated
+       if the request says so); one whose backend is unavailable (retries spent, circuit open)
+       re-runs on the request's fallback backend. At most MAX_ATTEMPTS tries per call.
+    The result keeps every call in its provenance, and the run log says what was decided, why.
+    """
+    limits = ctx.limits
+    stats = figures(fragment, ctx)
+    allowed = list(stats.quality[fragment.task_type])
+    calls: list[FragmentResult] = []
+
+    async def ask(model: str, prompt: str | None = None) -> str:
+        only = limits.model_copy(update={"allowed_models": [model]})
+        choice = route_fragment(fragment, *candidates(ctx.catalog, only), limits.max_tokens, ctx.per_call_usd)
+        for number in range(1, MAX_ATTEMPTS + 1):
+            ctx.log.info("fragment %s: %s on %s pool %s (%s)", fragment.id, choice.model, choice.tier, choice.pool,
+                         choice.reason)  # fmt: skip
+            try:
+                result = await attempt(choice, prompt or text, number)
+                break
+            except Preempted:
+                if number == MAX_ATTEMPTS:
+                    raise
+                tier = "dedicated" if limits.on_preemption == "dedicated" else choice.tier
+                why = f"attempt {number} on {choice.pool} was preempted; re-run on {tier}"
+                choice = _reroute(fragment, ctx, only, why, tier=tier, backend=choice.backend)
+            except HostedAIUnavailable as exc:
+                fallback = limits.fallback_backend
+                if fallback is None or fallback == choice.backend or number == MAX_ATTEMPTS:
+                    raise
+                state = "circuit open" if isinstance(exc, CircuitOpen) else "unavailable"
+                choice = _reroute(fragment, ctx, only, f"{choice.backend} {state}; fell back to {fallback}",
+                                  backend=fallback)  # fmt: skip
+        calls.append(result)
+        return result.text
+
+    decision = await decide(ctx.request.strategy, fragment.task_type, text, stats, allowed, ask)
+    chosen = next(c for c in reversed(calls) if c.text == decision.answer)
+    ctx.log.info("fragment %s: %s answer of %s stands: %s", fragment.id, decision.strategy, chosen.model, decision.why)
+    return chosen.model_copy(
+        update={
+            "tokens_in": sum(c.tokens_in for c in calls),
+            "tokens_out": sum(c.tokens_out for c in calls),
+            "cost_usd": sum(c.cost_usd for c in calls),
+            "strategy": decision.strategy,
+            "models_called": decision.models,
+            "allocation_ids": [c.allocation_id for c in calls],
+            "confidence": decision.confidence,
+            "reason": f"{decision.why}; {chosen.reason}",
+        }
+    )
+
+
+def _reroute(fragment: Fragment, ctx: RunContext, limits: Constraints, why: str, **changes) -> ModelChoice:
+    """A new pool for the same model call under changed constraints (another tier or backend)."""
+    choice = reroute(fragment, ctx.catalog, limits, ctx.per_call_usd, why, **changes)
+    ctx.log.warning("fragment %s: %s", fragment.id, why)
+    return choice

@@ -1,56 +1,101 @@
-"""What tasks share inside one process: the catalog and the GPU backends, loaded once per path."""
+"""The services a run uses, handed down as one value: the catalog and the GPU backends.
+
+`Services` is a small serializable value (a catalog file and a state folder), so it crosses
+Prefect task and transaction boundaries like any parameter; the live objects it hands out (the
+parsed catalog, the backends with their ledger pools and hosted·ai clients) are built once per
+process and per value, the way a Prefect block hands out clients.
+"""
 
 from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
 
-from connectors.hostedai_backend import HostedAIBackend, catalog_pool_of
+from pydantic import BaseModel, ConfigDict
+
+from connectors.backend import Backend
+from connectors.hostedai_backend import HostedAIBackend
 from connectors.local_backend import LocalBackend
 from connectors.telemetry import serve_metrics
-from homeskillet import catalog as cat
 from homeskillet.catalog import load_catalog, with_measurements
 from homeskillet.errors import InvalidRequest
-from homeskillet.schemas import Catalog
+from homeskillet.schemas import Allocation, Catalog
 from homeskillet.settings import Settings, get_settings
 from tasks.credentials import hostedai_credentials
-from tasks.policy import Stats
+from tasks.strategies import Stats
+
+
+class Services(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    catalog_path: Path
+    home: Path
+
+    @property
+    def catalog(self) -> Catalog:
+        return _built(self)[0]
+
+    @property
+    def settings(self) -> Settings:
+        return get_settings()
+
+    def backend(self, name: str) -> Backend:
+        """The backend of that name; an unknown name is an error, never a silent default."""
+        backends = _built(self)[1]
+        if name not in backends:
+            raise InvalidRequest(f"unknown backend {name!r}; known: {', '.join(sorted(backends))}")
+        return backends[name]
+
+    def backend_of(self, allocation: Allocation) -> Backend:
+        return self.backend(allocation.backend)
+
+    @property
+    def local(self) -> LocalBackend:
+        return _built(self)[1]["local"]
+
+    async def held(self, tenant: str | None = None) -> list[Allocation]:
+        """Active allocations of every backend (all tenants, or one)."""
+        return [a for backend in _built(self)[1].values() for a in await backend.held(tenant)]
+
+    async def shutdown(self) -> None:
+        """Give back what this process holds: idle hosted·ai subscriptions first."""
+        for backend in reversed(_built(self)[1].values()):
+            await backend.shutdown()
+
+
+def services(catalog_path: str | Path | None = None) -> Services:
+    """The services for a catalog file (default: HOMESKILLET_CATALOG, else the packaged one)."""
+    s = get_settings()
+    return Services(catalog_path=Path(catalog_path or s.catalog).resolve(), home=s.home.resolve())
 
 
 @lru_cache
-def _load(catalog_path: Path, home: Path) -> tuple[Catalog, LocalBackend, HostedAIBackend]:
+def _built(services: Services) -> tuple[Catalog, dict[str, Backend]]:
     _serve_metrics_once()
-    catalog = with_measurements(load_catalog(catalog_path), home / "benchmarks" / "latest.json")
-    settings = get_settings().model_copy(update={"catalog": catalog_path, "home": home})
-    hosted = HostedAIBackend(settings, catalog, hostedai_credentials)
-    return catalog, LocalBackend(settings, catalog), hosted
+    catalog = with_measurements(load_catalog(services.catalog_path), services.home / "benchmarks" / "latest.json")
+    settings = get_settings().model_copy(update={"catalog": services.catalog_path, "home": services.home})
+    backends: dict[str, Backend] = {
+        "local": LocalBackend(settings, catalog),
+        "hostedai": HostedAIBackend(settings, catalog, hostedai_credentials),
+    }
+    return catalog, backends
 
 
+# Shorthands for callers outside a run (CLI, MCP server, tests).
 def catalog_path(path: str | Path | None = None) -> Path:
-    """The catalog file in use: the given one, else HOMESKILLET_CATALOG, else the packaged one."""
-    return _key(path)[0]
+    return services(path).catalog_path
 
 
 def catalog(catalog_path: str | Path | None = None) -> Catalog:
-    return _load(*_key(catalog_path))[0]
+    return services(catalog_path).catalog
 
 
-def backend(catalog_path: str | Path | None = None, name: str = "local") -> LocalBackend | HostedAIBackend:
-    _, local, hosted = _load(*_key(catalog_path))
-    return hosted if name == "hostedai" else local
-
-
-def backend_for_pool(catalog_path: str | Path | None, pool_id: str) -> LocalBackend | HostedAIBackend:
-    """The backend that serves a catalog pool (or a hosted·ai ledger pool `<pool>/<tenant>`)."""
-    pool = cat.pool(catalog(catalog_path), catalog_pool_of(pool_id))
-    return backend(catalog_path, pool.backend)
+def backend(catalog_path: str | Path | None = None, name: str = "local") -> Backend:
+    return services(catalog_path).backend(name)
 
 
 async def shutdown(catalog_path: str | Path | None = None) -> None:
-    """Give back what this process holds: idle hosted·ai subscriptions, local model servers."""
-    _, local, hosted = _load(*_key(catalog_path))
-    await hosted.shutdown()
-    await local.shutdown()
+    await services(catalog_path).shutdown()
 
 
 @lru_cache
@@ -59,10 +104,6 @@ def _serve_metrics_once() -> None:
     port = get_settings().metrics_port
     if port:
         serve_metrics(port)
-
-
-def settings() -> Settings:
-    return get_settings()
 
 
 def routing_stats(path: str | Path) -> Stats:
@@ -78,8 +119,3 @@ def routing_stats(path: str | Path) -> Stats:
 @lru_cache(maxsize=16)
 def _routing_stats(path: Path, version: int) -> Stats:
     return Stats.load(path)
-
-
-def _key(catalog_path: str | Path | None) -> tuple[Path, Path]:
-    s = get_settings()
-    return Path(catalog_path or s.catalog).resolve(), s.home.resolve()

@@ -9,10 +9,10 @@ from prefect.cache_policies import NO_CACHE
 
 from connectors.telemetry import write_records
 from homeskillet.schemas import TelemetryRecord
-from tasks import runtime
+from tasks.runtime import Services
 
 
 @task(name="record-telemetry", cache_policy=NO_CACHE)
-async def record_telemetry(records: list[TelemetryRecord]) -> int:
-    await asyncio.to_thread(write_records, runtime.settings().telemetry, records)
+async def record_telemetry(services: Services, records: list[TelemetryRecord]) -> int:
+    await asyncio.to_thread(write_records, services.settings.telemetry, records)
     return len(records)

@@ -133,3 +133,27 @@ async def test_bad_input_is_named_and_nothing_is_held(test_catalog, kwargs, erro
     args = {"prompt": "What is 2 + 2?", "tenant": "acme", "catalog_path": test_catalog, **kwargs}
     with pytest.raises(error, match=message):
         await fuse_request(**args)
+
+
+async def test_the_run_log_says_each_routing_decision_allocation_and_release(test_catalog):
+    import logging
+
+    lines: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: lines.append(record.getMessage())
+    flow_runs = logging.getLogger("prefect.flow_runs")
+    level = flow_runs.level
+    flow_runs.addHandler(handler)
+    flow_runs.setLevel(logging.INFO)
+    try:
+        result = await fuse_request(prompt="1. Say one.\n2. Say two.", tenant="acme", catalog_path=test_catalog,
+                                    constraints={"allowed_models": ["echo"], "pool": "roomy"})  # fmt: skip
+    finally:
+        flow_runs.removeHandler(handler)
+        flow_runs.setLevel(level)
+    for fragment in result.fragments:
+        mine = [line for line in lines if line.startswith(f"fragment {fragment.fragment_id}:")]
+        assert any(f"echo on {fragment.tier} pool roomy (" in line for line in mine), mine
+        assert any(f"allocated {fragment.allocation_id} on roomy (" in line for line in mine), mine
+        assert any(f"released {fragment.allocation_id} after" in line for line in mine), mine
+        assert any("single answer of echo stands" in line for line in mine), mine

@@ -8,6 +8,7 @@ import os
 import httpx
 import pytest
 
+from connectors.ledger import new_allocation_id
 from flows.fusion import fuse_request
 from homeskillet.errors import AllocationNotFound, HomeskilletError, MissingCredentials
 from tasks import runtime
@@ -79,7 +80,7 @@ async def test_tenants_cannot_release_each_others_hostedai_allocations(emulator,
     echo = cat.model(runtime.catalog(test_catalog), "echo")
     ids = {}
     for tenant in ("acme", "globex"):
-        ids[tenant] = backend.new_allocation_id()
+        ids[tenant] = new_allocation_id()
         allocation = await backend.allocate(
             allocation_id=ids[tenant], tenant=tenant, request_id="r", pool="hostedai-dedicated", model=echo, wait_s=5
         )

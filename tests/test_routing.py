@@ -1,12 +1,29 @@
+import logging
+
 import pytest
 
 from homeskillet.catalog import load_catalog
-from homeskillet.errors import NoRoute, UnknownModel, UnknownPool
-from homeskillet.schemas import Constraints, Fragment, Plan
+from homeskillet.errors import HostedAIUnavailable, NoRoute, Preempted, UnknownModel, UnknownPool
+from homeskillet.schemas import Constraints, Fragment, FragmentResult, InferenceRequest, Plan, Timings
 from homeskillet.settings import PACKAGED_CATALOG
-from tasks.routing import candidates, estimate_cost, fragment_cost, route_plan, slice_rate
+from tasks.context import RunContext
+from tasks.routing import candidates, estimate_cost, fragment_budget, fragment_cost, preview, route, slice_rate
+from tasks.runtime import Services
 
 CATALOG = load_catalog(PACKAGED_CATALOG)
+GEMMA_FOR_QA = "gemma3-270m"  # the catalog's prior: 0.6 against SmolLM2's 0.5, past the 90 % line
+LOG = logging.getLogger("test")
+
+
+def context(constraints: Constraints, strategy: str = "single", budget: float | None = None) -> RunContext:
+    request = InferenceRequest(tenant="demo", prompt="p", strategy=strategy, constraints=constraints)
+    services = Services(catalog_path=PACKAGED_CATALOG, home="/nonexistent")  # nothing here touches its backends
+    return RunContext(request, services, CATALOG, LOG, budget)
+
+
+def route_plan(the_plan: Plan, catalog, constraints: Constraints):
+    assert catalog is CATALOG
+    return preview(the_plan, context(constraints, budget=fragment_budget(the_plan, constraints)))
 
 
 def plan(*pairs):
@@ -19,7 +36,7 @@ def plan(*pairs):
 
 def test_each_task_type_goes_to_its_most_suitable_model_on_the_cheapest_pool():
     choices = route_plan(plan(("Who?", "factual_qa"), ("Write.", "chat")), CATALOG, Constraints())
-    assert choices["f0"].model == "gemma3-270m"
+    assert choices["f0"].model == GEMMA_FOR_QA
     assert choices["f1"].model == "smollm2-135m"
     assert {c.pool for c in choices.values()} == {"local-preemptible"}  # cheaper per slice
     assert "quality" in choices["f0"].reason and "catalog prior" in choices["f0"].reason
@@ -66,3 +83,70 @@ def test_costs_follow_the_larger_share_of_the_pool():
     assert slice_rate(smol, pool) == pytest.approx(0.24 * max(1 / 4, 0.5 / 2))
     assert fragment_cost(smol, pool, 3600, 0) == pytest.approx(slice_rate(smol, pool))
     assert estimate_cost(smol, pool, 100, 90) > estimate_cost(smol, pool, 100, 9)
+
+
+def result(choice, text: str) -> FragmentResult:
+    return FragmentResult(
+        fragment_id=choice.fragment_id, task_type="chat", text=text, model=choice.model, backend=choice.backend,
+        pool=choice.pool, tier=choice.tier, allocation_id=f"alloc-{choice.pool}", tokens_in=1, tokens_out=1,
+        timings=Timings(), cost_usd=0.0, reason=choice.reason,
+    )  # fmt: skip
+
+
+async def test_route_runs_the_call_the_preview_shows_and_says_why():
+    fragment = Fragment(id="f0", text="Write.", task_type="chat", est_prompt_tokens=10)
+    ctx = context(Constraints())
+    asked = []
+
+    async def attempt(choice, text, number):
+        asked.append(choice)
+        return result(choice, "an answer")
+
+    out = await route(fragment, "Write.", ctx, attempt)
+    assert [c.model for c in asked] == [preview(plan(("Write.", "chat")), ctx)["f0"].model]
+    assert asked[0].pool == preview(plan(("Write.", "chat")), ctx)["f0"].pool
+    assert out.strategy == "single" and out.models_called == [asked[0].model]
+    assert "lowest cost" in out.reason and asked[0].pool in out.reason
+
+
+async def test_a_preempted_call_reruns_on_a_dedicated_pool_when_asked():
+    fragment = Fragment(id="f0", text="Write.", task_type="chat", est_prompt_tokens=10)
+    ctx = context(Constraints(tier="preemptible", on_preemption="dedicated"))
+    asked = []
+
+    async def attempt(choice, text, number):
+        asked.append((choice.tier, number))
+        if number == 1:
+            raise Preempted("gone")
+        return result(choice, "second try")
+
+    out = await route(fragment, "Write.", ctx, attempt)
+    assert asked == [("preemptible", 1), ("dedicated", 2)]
+    assert out.text == "second try" and "was preempted; re-run on dedicated" in out.reason
+
+
+async def test_an_unavailable_backend_falls_back_only_when_the_request_names_one():
+    fragment = Fragment(id="f0", text="Write.", task_type="chat", est_prompt_tokens=10)
+
+    async def attempt(choice, text, number):
+        if choice.backend == "hostedai":
+            raise HostedAIUnavailable("down")
+        return result(choice, "local answer")
+
+    with pytest.raises(HostedAIUnavailable):
+        await route(fragment, "Write.", context(Constraints(backend="hostedai")), attempt)
+    out = await route(fragment, "Write.", context(Constraints(backend="hostedai", fallback_backend="local")), attempt)
+    assert out.backend == "local" and "hostedai unavailable; fell back to local" in out.reason
+
+
+async def test_auto_picks_a_cascade_for_closed_answers_and_single_for_free_text():
+    async def attempt(choice, text, number):
+        return result(choice, "B")
+
+    closed = Fragment(id="f0", text="Which? A) x B) y", task_type="multiple_choice", est_prompt_tokens=10)
+    free = Fragment(id="f1", text="Write.", task_type="chat", est_prompt_tokens=10)
+    out_closed = await route(closed, closed.text, context(Constraints(), "auto"), attempt)
+    out_free = await route(free, free.text, context(Constraints(), "auto"), attempt)
+    assert out_free.strategy == "single" and "chat answers cannot be compared" in out_free.reason
+    # two local models: no two cheaper ones to agree, so the single best-value model
+    assert out_closed.strategy == "single" and "fewer than two cheaper models" in out_closed.reason

@@ -14,17 +14,18 @@ import pytest
 
 from connectors.replay import ReplayProvider, create_app, load
 from homeskillet.errors import InvalidRequest, NoRoute
-from tasks.policy import Stats, evaluate, fit, is_correct, normalise, oracle, single_models
+from tasks.evaluation import evaluate, fit, is_correct, oracle, single_models
+from tasks.strategies import Stats, normalise
 
 ROUTERBENCH = Path(__file__).resolve().parents[2] / "shared" / "data" / "routerbench"
 HOMESKILLET = str(Path(sys.executable).with_name("homeskillet"))
 
 
-def write_bench(path: Path, rows: list[dict]) -> Path:
+def write_bench(path: Path, rows: list[dict], eval_name: str = "arc-challenge") -> Path:
     """A RouterBench-format file: models cheap-a, cheap-b (cost 1) and big (cost 10)."""
     table = []
     for i, r in enumerate(rows):
-        row = {"sample_id": f"s{i}", "prompt": str([f"Q{i}?\nA) x\nB) y\nAnswer:"]), "eval_name": "arc-challenge"}
+        row = {"sample_id": f"s{i}", "prompt": str([f"Q{i}?\nA) x\nB) y\nAnswer:"]), "eval_name": eval_name}
         for model, cost in (("cheap-a", 1.0), ("cheap-b", 1.0), ("big", 10.0)):
             answer = r[model]
             row[model] = 1.0 if answer == r["gold"] else 0.0
@@ -70,6 +71,22 @@ def test_cascade_accepts_agreement_and_escalates_disagreement(tmp_path):
     assert (cheap.accuracy, cheap.cost) == (0.75, 20.0) and all(len(d.models) == 1 for d in decisions)
     assert oracle(records).cost == pytest.approx(15 * 1 + 5 * 10)  # the cheapest right model each time
     assert single_models(records)["big"].accuracy == 1.0
+
+
+def test_auto_runs_the_learned_cascade_where_there_is_one_and_says_so(tmp_path):
+    rows = [dict(gold="A", **{"cheap-a": "A", "cheap-b": "A", "big": "A"})] * 3 + [
+        dict(gold="B", **{"cheap-a": "A", "cheap-b": "C", "big": "B"})
+    ]
+    records = load(write_bench(tmp_path / "arc_challenge_train.csv", rows * 5))
+    cascade, _ = evaluate(records, "cascade", folds=5, budget_share=0.5)
+    auto, decisions = evaluate(records, "auto", folds=5, budget_share=0.5)
+    assert (auto.accuracy, auto.cost) == (cascade.accuracy, cascade.cost)
+    assert all(d.strategy == "cascade" and d.why.startswith("auto chose cascade (a cascade learned") for d in decisions)
+    # free text has no learned plan and nothing to compare: auto asks the single best-value model
+    chat = load(write_bench(tmp_path / "mt_bench.csv", [dict(gold="x", **{"cheap-a": "x", "cheap-b": "y", "big": "x"})] * 5,
+                            "mt-bench"))  # fmt: skip
+    _, decisions = evaluate(chat, "auto", folds=5)
+    assert all(d.strategy == "single" and len(d.models) == 1 for d in decisions)
 
 
 def test_a_code_cascade_escalates_answers_that_are_not_valid_code(tmp_path):

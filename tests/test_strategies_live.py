@@ -64,7 +64,7 @@ async def test_learned_routing_stats_decide_instead_of_the_catalog(test_catalog,
     cover the fragment's task type is a clear error, with nothing left allocated."""
     from homeskillet.errors import NoRoute
     from tasks.cascade import CascadePlan
-    from tasks.policy import Stats
+    from tasks.strategies import Stats
 
     monkeypatch.setenv("ECHO_DELAY_S", "0")
     costs = {"echo-lite": 0.001, "echo": 0.002, "smollm2-135m": 0.01}

@@ -1,13 +1,12 @@
-"""Routing policy over recorded model answers: single, cascade, ensemble, moa.
+"""The routing strategies: for one fragment, which models to ask and whose answer stands.
 
-Quality per task and model, and cost, are learned from records (`fit`); a strategy sees only the
-answers of the models it chose to call and pays each one's recorded cost. Pure functions: the
-evaluation command and, later, the live flow use the same code.
+single, cascade, ensemble, moa, and auto (a strategy picked per fragment from the figures).
+`decide` is the same code for live fragments (`tasks.routing.route`) and for replays of
+recorded answers (`tasks.evaluation`); it sees only the answers of the models it chose to ask.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 from collections import Counter
@@ -15,13 +14,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from connectors.replay import Record, ReplayProvider
 from homeskillet.errors import InvalidRequest, NoRoute
-from tasks.cascade import CascadePlan, Outcomes, default_plan, is_valid, learn_plan, signal_for
+from tasks.cascade import CascadePlan, default_plan, is_valid, signal_for
 
-STRATEGIES = ("single", "cascade", "ensemble", "moa")
+STRATEGIES = ("single", "cascade", "ensemble", "moa", "auto")
 CHEAP = 0.2  # a "cheap" model costs at most this share of the best model's mean cost
-BUDGET = 0.25  # a learned cascade may cost at most this share of the best model's mean cost
 
 
 def normalise(task: str, text: str) -> str:
@@ -39,13 +36,6 @@ def normalise(task: str, text: str) -> str:
         return {"1": "A", "2": "B", "3": "C", "4": "D"}.get(match.group(1), match.group(1))
     block = re.search(r"```(?:python)?\s*(.*?)```", text, re.DOTALL)
     return " ".join((block.group(1) if block else text).split())
-
-
-def is_correct(record: Record, answer: str) -> bool:
-    """Correct when equal, after normalisation, to the answer of a model the record marks correct."""
-    return bool(answer) and any(
-        ok and normalise(record.task, record.responses[m]) == answer for m, ok in record.correct.items()
-    )
 
 
 @dataclass(frozen=True)
@@ -92,36 +82,11 @@ class Stats:
                      self.cheap_share, plans)  # fmt: skip
 
 
-def fit(records: list[Record], budget_share: float = BUDGET, allowed: list[str] | None = None) -> Stats:
-    """Quality and mean cost per task type and model, and per task type the cascade plan that is
-    most accurate on these records within budget_share of the best model's mean cost."""
-    if budget_share <= 0:
-        raise InvalidRequest(f"budget share must be above 0 (a share of the best model's cost), not {budget_share}")
-    stats = Stats({}, {})
-    quality, cost, plans = stats.quality, stats.cost, stats.plans
-    for task in {r.task for r in records}:
-        mine = [r for r in records if r.task == task]
-        models = [m for m in mine[0].responses if allowed is None or m in allowed]
-        quality[task] = {m: sum(r.correct[m] for r in mine) / len(mine) for m in models}
-        cost[task] = {m: sum(r.cost[m] for r in mine) / len(mine) for m in models}
-        answers = {m: [normalise(task, r.responses[m]) for r in mine] for m in models}
-        outcomes = Outcomes(
-            answers=answers,
-            valid={m: [is_valid(task, a, r.responses[m]) for a, r in zip(answers[m], mine)] for m in models},
-            correct={m: [is_correct(r, a) for a, r in zip(answers[m], mine)] for m in models},
-            cost={m: [r.cost[m] for r in mine] for m in models},
-        )
-        best = stats.best(task, models)
-        plan = learn_plan(task, outcomes, quality[task], best, budget_share * cost[task][best])
-        if plan is not None:
-            plans[task] = plan
-    return stats
-
-
 @dataclass
 class Decision:
     answer: str  # the chosen model's own text
     models: list[str] = field(default_factory=list)
+    strategy: str = ""  # the strategy that ran (what "auto" picked)
     confidence: float | None = None
     why: str = ""
 
@@ -136,6 +101,9 @@ async def decide(
 ) -> Decision:
     """One fragment under a strategy; the same code replays RouterBench and runs live fragments."""
     check_strategy(strategy)
+    auto_why = ""
+    if strategy == "auto":
+        strategy, auto_why = choose_strategy(task, stats, allowed)
     best = stats.best(task, allowed)
     cheap = stats.cheap(task, allowed)
     closed = signal_for(task) == "agreement"  # answers that can be compared, so votes mean something
@@ -147,9 +115,7 @@ async def decide(
         return raw, normalise(task, raw)
 
     if strategy == "single":
-        # the cheapest model within 90 % of the best model's quality
-        good = [m for m in allowed if stats.quality[task][m] >= 0.9 * stats.quality[task][best]]
-        model = min(good, key=lambda m: stats.cost[task][m])
+        model = single_model(task, stats, allowed)
         decision.answer, _ = await call(model)
         decision.why = f"{model}: quality {stats.quality[task][model]:.3f} at the lowest cost"
     elif strategy == "cascade":
@@ -181,7 +147,32 @@ async def decide(
                      "Using them, give the single best answer.")  # fmt: skip
         decision.answer, _ = await call(best, aggregate)
         decision.why = f"aggregator {best} over proposers {', '.join(proposers)}"
+    decision.strategy = strategy
+    if auto_why:
+        decision.why = f"auto chose {strategy} ({auto_why}); {decision.why}"
     return decision
+
+
+def single_model(task: str, stats: Stats, allowed: list[str]) -> str:
+    """The single strategy's model: the cheapest within 90 % of the best model's quality."""
+    best = stats.best(task, allowed)
+    good = [m for m in allowed if stats.quality[task][m] >= 0.9 * stats.quality[task][best]]
+    return min(good, key=lambda m: stats.cost[task][m])
+
+
+def choose_strategy(task: str, stats: Stats, allowed: list[str]) -> tuple[str, str]:
+    """What "auto" runs for a fragment of this task type, and why: the cascade its figures learned
+    (the plan most accurate within budget on recorded answers), else a default cascade where
+    answers are closed (cheap models agreeing is a signal), else the single best-value model
+    (free text: no signal tells a cheap answer good)."""
+    learned = stats.plans.get(task)
+    if learned is not None and learned.models() <= set(allowed):
+        return "cascade", f"a cascade learned for {task}: {learned.describe()}"
+    if signal_for(task) != "agreement":
+        return "single", f"no learned cascade, and {task} answers cannot be compared for agreement"
+    if default_plan(task, stats.cheap(task, allowed), stats.best(task, allowed)) is None:
+        return "single", f"{task} answers are closed, but fewer than two cheaper models could agree"
+    return "cascade", f"{task} answers are closed: cheap models that agree need no stronger one"
 
 
 async def cascade(
@@ -217,99 +208,8 @@ async def cascade(
     decision.why = f"{source} cascade escalated to {plan.escalate}: {reason} ({plan.describe()})"
 
 
-@dataclass(frozen=True)
-class Score:
-    accuracy: float
-    cost: float
-
-
-def fold_of(index: int, folds: int) -> int:
-    """Record i is held out in fold i mod k (files are in no meaningful order)."""
-    return index % folds
-
-
-def fold_fits(records: list[Record], folds: int, budget_share: float, allowed: list[str]) -> list[Stats]:
-    """For each fold k, the stats fitted on the records of the other folds."""
-    return [fit([r for i, r in enumerate(records) if fold_of(i, folds) != k], budget_share, allowed)
-            for k in range(folds)]  # fmt: skip
-
-
 def check_strategy(strategy: str) -> None:
     if strategy not in STRATEGIES:
         raise InvalidRequest(f"unknown strategy {strategy!r}; known: {', '.join(STRATEGIES)}")
 
 
-def check_models(records: list[Record], allowed: list[str] | None) -> list[str]:
-    models = sorted(records[0].responses)
-    unknown = [m for m in allowed or [] if m not in models]
-    if unknown:
-        raise NoRoute(f"model(s) {unknown} have no recordings; recorded: {', '.join(models)}")
-    return list(allowed or models)
-
-
-def score(records: list[Record], answers: list[str], cost: float) -> Score:
-    correct = sum(is_correct(r, normalise(r.task, a)) for r, a in zip(records, answers))
-    return Score(correct / len(records), cost)
-
-
-def evaluate(
-    records: list[Record],
-    strategy: str,
-    folds: int = 5,
-    allowed: list[str] | None = None,
-    limit: int | None = None,
-    budget_share: float = BUDGET,
-) -> tuple[Score, list[Decision]]:
-    """k-fold: fit on k-1 folds, decide on the held-out fold; accuracy and total cost over the
-    first `limit` records (all by default), each decided by the stats of the folds without it.
-
-    Replay cannot show an aggregator the proposals (its recorded answer saw only the prompt), so
-    `moa` here pays the proposers and returns the aggregator's recorded answer.
-    """
-    check_strategy(strategy)
-    allowed = check_models(records, allowed)
-    provider = ReplayProvider(records)
-    n = len(records[:limit])
-    decisions: list[Decision] = [Decision("")] * n
-    total_cost = 0.0
-
-    async def run() -> None:
-        nonlocal total_cost
-        for k, stats in enumerate(fold_fits(records, folds, budget_share, allowed)):
-            for i in range(k, n, folds):
-                record = records[i]
-
-                async def ask(model: str, _prompt: str | None = None, record: Record = record) -> str:
-                    nonlocal total_cost
-                    text, cost = provider.answer(model, record.prompt)
-                    total_cost += cost
-                    return text
-
-                decisions[i] = await decide(strategy, record.task, record.prompt, stats, allowed, ask)
-
-    asyncio.run(run())
-    return score(records[:n], [d.answer for d in decisions], total_cost), decisions
-
-
-def combine(parts: list[tuple[int, Score]]) -> Score:
-    """Scores of several files as one: accuracy weighted by their records, costs added."""
-    total = sum(n for n, _ in parts)
-    return Score(sum(n * s.accuracy for n, s in parts) / total, sum(s.cost for _, s in parts))
-
-
-def single_models(records: list[Record]) -> dict[str, Score]:
-    return {
-        m: score(records, [r.responses[m] for r in records], sum(r.cost[m] for r in records))
-        for m in sorted(records[0].responses)
-    }
-
-
-def oracle(records: list[Record]) -> Score:
-    """The cheapest correct model per record (the cheapest model when none is correct)."""
-    cost = 0.0
-    hits = 0
-    for r in records:
-        right = [m for m, ok in r.correct.items() if ok]
-        hits += bool(right)
-        cost += min(r.cost[m] for m in (right or r.cost))
-    return Score(hits / len(records), cost)

@@ -1,0 +1,38 @@
+"""What one request's fragments share: built once by the flow, handed down to every step."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from homeskillet.schemas import Catalog, Constraints, InferenceRequest, TelemetryRecord
+from tasks.runtime import Services
+from tasks.strategies import Stats
+
+MAX_CALLS = {"single": 1, "cascade": 3, "ensemble": 3, "moa": 4, "auto": 3}  # model calls a strategy may make
+
+
+@dataclass
+class RunContext:
+    request: InferenceRequest
+    services: Services
+    catalog: Catalog
+    log: logging.Logger | logging.LoggerAdapter
+    budget_usd: float | None = None  # each fragment's share of max_cost_usd
+    learned: Stats | None = None  # routing figures from a file (`homeskillet learn-routing`)
+    records: list[TelemetryRecord] = field(default_factory=list)  # telemetry, written when the run ends
+
+    @property
+    def limits(self) -> Constraints:
+        return self.request.constraints
+
+    @property
+    def per_call_usd(self) -> float | None:
+        """What one model call of a fragment may spend: its budget over the strategy's most calls."""
+        return None if self.budget_usd is None else self.budget_usd / MAX_CALLS[self.request.strategy]
+
+    @property
+    def wait_s(self) -> float:
+        """How long an allocation waits for room in its pool."""
+        wait = self.limits.capacity_wait_s
+        return self.services.settings.capacity_wait_s if wait is None else wait
