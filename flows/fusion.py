@@ -111,13 +111,15 @@ async def fuse_request(
         results = await run_plan(plan, ctx)
     except BaseException:
         REQUESTS.labels("error").inc()
+        await _record(ctx)
         raise
-    finally:
-        try:
-            await record_telemetry(ctx.services, ctx.records)
-        except Exception as exc:  # telemetry must never hide the request's own outcome
-            ctx.log.warning("telemetry not written: %s", exc)
     REQUESTS.labels("ok").inc()
+    # the answer and its artifact while the telemetry is written (awaited all the same: never lost)
+    fused, _ = await asyncio.gather(_fuse(plan, results, request, started), _record(ctx))
+    return fused
+
+
+async def _fuse(plan: Plan, results: dict[str, FragmentResult], request: InferenceRequest, started: float) -> FusionResult:
     fused = await fuse(plan, results, request.tenant, time.perf_counter() - started)
     await acreate_table_artifact(
         key="fragments",
@@ -126,6 +128,15 @@ async def fuse_request(
         f"${fused.cost_usd:.6f}, {fused.wall_s:.2f}s",
     )
     return fused
+
+
+async def _record(ctx: RunContext) -> None:
+    """The request's fragment records to the telemetry dataset; a failure is logged, never raised
+    (telemetry must not hide the request's own outcome)."""
+    try:
+        await record_telemetry(ctx.services, ctx.records)
+    except Exception as exc:
+        ctx.log.warning("telemetry not written: %s", exc)
 
 
 async def run_plan(plan: Plan, ctx: RunContext) -> dict[str, FragmentResult]:

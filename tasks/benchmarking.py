@@ -71,6 +71,6 @@ def chart(summary: pd.DataFrame, path: Path) -> Path:
     return path
 
 
-@task(name="summarise-benchmark", cache_policy=NO_CACHE)
+@task(name="summarise-benchmark", cache_policy=NO_CACHE, persist_result=False)
 async def summarise_benchmark(samples: pd.DataFrame) -> pd.DataFrame:
     return summarise(samples)

@@ -160,6 +160,6 @@ def _markdown(ok, by_tenant, by_model, by_pool, by_tier, rightsizing, tiers) -> 
     return "\n".join(lines)
 
 
-@task(name="analyse-costs", cache_policy=NO_CACHE)
+@task(name="analyse-costs", cache_policy=NO_CACHE, persist_result=False)
 async def analyse_costs(frame: pd.DataFrame, catalog: Catalog) -> CostReport:
     return analyse(frame, catalog)

@@ -195,7 +195,7 @@ def _chunk(text: str, max_chars: int) -> list[str]:
     return chunks
 
 
-@task(name="decompose", cache_policy=NO_CACHE)
+@task(name="decompose", cache_policy=NO_CACHE, persist_result=False)
 async def decompose(
     prompt: str, request_id: str, max_context: int, max_tokens: int, split: bool = True, task_type: TaskType | None = None
 ) -> Plan:

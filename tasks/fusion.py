@@ -37,6 +37,6 @@ def fuse_results(plan: Plan, results: dict[str, FragmentResult], tenant: str, wa
     )
 
 
-@task(name="fuse", cache_policy=NO_CACHE)
+@task(name="fuse", cache_policy=NO_CACHE, persist_result=False)
 async def fuse(plan: Plan, results: dict[str, FragmentResult], tenant: str, wall_s: float) -> FusionResult:
     return fuse_results(plan, results, tenant, wall_s)

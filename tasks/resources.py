@@ -4,6 +4,10 @@ Each takes the run's `Services` as a parameter and finds its backend there by na
 or an allocation's own). `allocate` stores what to release in the surrounding Prefect
 transaction; if anything fails before the transaction commits (inference error, cancellation),
 the rollback hook releases it.
+
+No task keeps its result (`persist_result=False`): a flow with persisted results would otherwise
+have every task write its return value to result storage, a file per task run on the request's
+path that nothing reads (the flow's own result is what callers read back).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from homeskillet.schemas import Allocation, Completion, ModelChoice, ModelSpec
 from tasks.runtime import Services
 
 
-@task(name="allocate", task_run_name="allocate-{choice.fragment_id}-{choice.model}", cache_policy=NO_CACHE)
+@task(name="allocate", task_run_name="allocate-{choice.fragment_id}-{choice.model}", cache_policy=NO_CACHE, persist_result=False)
 async def allocate(services: Services, tenant: str, request_id: str, choice: ModelChoice, wait_s: float) -> Allocation:
     backend = services.backend(choice.backend)
     model = cat.model(services.catalog, choice.model)
@@ -50,7 +54,7 @@ async def release_on_rollback(txn: Transaction) -> None:
         pass  # interrupted before the slice was reserved: nothing to release
 
 
-@task(name="release", task_run_name="release-{allocation.allocation_id}", cache_policy=NO_CACHE)
+@task(name="release", task_run_name="release-{allocation.allocation_id}", cache_policy=NO_CACHE, persist_result=False)
 async def release(services: Services, allocation: Allocation) -> datetime:
     return await services.backend_of(allocation).release(allocation.allocation_id, allocation.tenant)
 
@@ -63,7 +67,7 @@ def render(model: ModelSpec, text: str) -> dict:
     return {"prompt": f"Question: {text.rstrip()}{cue}", "stop": model.stop or None}
 
 
-@task(name="infer", task_run_name="infer-{allocation.model}", cache_policy=NO_CACHE)
+@task(name="infer", task_run_name="infer-{allocation.model}", cache_policy=NO_CACHE, persist_result=False)
 async def infer(services: Services, allocation: Allocation, text: str, max_tokens: int, stream: bool = False) -> Completion:
     model = cat.model(services.catalog, allocation.model)
     serving = model.serving

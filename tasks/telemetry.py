@@ -12,7 +12,7 @@ from homeskillet.schemas import TelemetryRecord
 from tasks.runtime import Services
 
 
-@task(name="record-telemetry", cache_policy=NO_CACHE)
+@task(name="record-telemetry", cache_policy=NO_CACHE, persist_result=False)
 async def record_telemetry(services: Services, records: list[TelemetryRecord]) -> int:
     await asyncio.to_thread(write_records, services.settings.telemetry, records)
     return len(records)
