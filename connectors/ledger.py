@@ -147,6 +147,12 @@ class Ledger:
                     [(p.id, p.tier, p.tflops, p.vram_gb, p.price_per_hour) for p in sorted(pools, key=lambda p: p.id)],
                 )
 
+    async def capacities(self) -> dict[str, tuple[float, float]]:
+        """Every pool's capacity: id → (TFLOPS, GB of VRAM)."""
+        async with self._connect() as conn:
+            rows = await conn.fetch("SELECT id, tflops, vram_gb FROM pools")
+        return {r["id"]: (r["tflops"], r["vram_gb"]) for r in rows}
+
     async def reserve(
         self,
         *,

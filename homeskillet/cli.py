@@ -492,6 +492,32 @@ def bench_overhead(
 
 
 @app.command()
+def loadtest(
+    requests: Annotated[int, typer.Option(min=1, help="Requests in all.")] = 50,
+    concurrency: Annotated[int, typer.Option(min=1, help="Requests in flight at once.")] = 8,
+    tenants: Annotated[int, typer.Option(min=1, help="Tenants taking turns (the catalog's first T).")] = 3,
+    backend: Annotated[str, typer.Option(help="local (this machine's models) or hostedai (the emulator, started here).")] = "local",
+    faults: Annotated[str, typer.Option(help="hosted·ai emulator faults, e.g. error_rate=0.2,preempt_rate=0.1.")] = "",
+    max_tokens: Annotated[int, typer.Option(min=1, help="Output tokens per fragment.")] = 16,
+    as_json: Annotated[bool, typer.Option("--json", help="End with one JSON line of the figures.")] = False,
+) -> None:
+    """Load through the real flow from several tenants, checking capacity, isolation, leaks and
+    hosted·ai subscriptions while it runs; exit 1 if any of them broke."""
+    try:
+        use_local_prefect()
+        from homeskillet.loadtest import report, run_load, summary, violated
+
+        figures = asyncio.run(run_load(requests, concurrency, tenants, backend, faults, max_tokens))
+    except HomeskilletError as exc:
+        _fail(exc)
+    console.print(report(figures), highlight=False, markup=False)
+    if as_json:
+        print(summary(figures))
+    if violated(figures):
+        raise typer.Exit(1)
+
+
+@app.command()
 def classify(
     texts: Annotated[Optional[list[str]], typer.Argument(help="Texts to classify; none: one per line of stdin.")] = None,
     engine: Annotated[str, typer.Option(help="wasm (edge/classifier.wasm via wasmtime, as the flow) or python (the reference).")] = "wasm",

@@ -49,3 +49,15 @@ async def save_hostedai_credentials(tenant: str, credentials: HostedAICredential
     """Store a tenant's credentials as its Secret block (overwrites)."""
     value = credentials.model_dump(mode="json") | {"api_key": credentials.api_key.get_secret_value()}
     await Secret(value=json.dumps(value)).asave(block_name(tenant), overwrite=True)
+
+
+async def has_credentials_block(tenant: str) -> bool:
+    try:
+        await Secret.aload(block_name(tenant))
+    except ValueError:  # no such block
+        return False
+    return True
+
+
+async def delete_hostedai_credentials(tenant: str) -> None:
+    await Secret.adelete(block_name(tenant))

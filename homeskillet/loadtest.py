@@ -1,0 +1,257 @@
+"""`homeskillet loadtest`: many requests from several tenants at once through the real flow, with
+the guarantees checked while it runs.
+
+Requests go through `fuse_request` in this process (its own Prefect flow runs, the real ledger and
+backends), at most `concurrency` at a time, tenants taking turns. A sampler reads the ledger every
+`sample_s` and checks, at each moment:
+- capacity: no pool's active slices add up to more than the pool holds;
+- isolation: every active allocation belongs to the tenant whose request made it;
+- hosted·ai: no tenant holds two live subscriptions in the same hosted·ai pool.
+Afterwards no allocation of the run may be left. With `--backend hostedai` the run starts the
+hosted·ai emulator in this process (with `--faults`), gives each tenant the emulator's team
+credentials, and retires every subscription at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+from flows.clients import prefect_clients
+from flows.fusion import fuse_request
+from homeskillet.errors import HomeskilletError, InvalidRequest
+from tasks import runtime
+
+log = logging.getLogger(__name__)
+EPS = 1e-6
+PROMPTS = [
+    "What is the capital of France?",
+    "Name three primary colors.",
+    "1. What is the capital of Japan?\n2. Write one sentence about autumn.",
+    "Who wrote Romeo and Juliet? What is 12 times 12?",
+    "Write a haiku about the sea.",
+]
+
+
+@dataclass
+class Run:
+    tenant_of: dict[str, str] = field(default_factory=dict)  # request id → tenant
+    latencies: list[float] = field(default_factory=list)
+    errors: collections.Counter = field(default_factory=collections.Counter)
+    capacity_violations: list[str] = field(default_factory=list)
+    cross_tenant: list[str] = field(default_factory=list)
+    duplicate_subscriptions: list[str] = field(default_factory=list)
+    samples: int = 0
+
+
+def quantile(values: list[float], q: float) -> float | None:
+    """The q-quantile by rank (a latency that was seen, not an interpolation)."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 3)
+
+
+async def run_load(
+    requests: int,
+    concurrency: int,
+    tenants: int,
+    backend: str = "local",
+    faults: str = "",
+    max_tokens: int = 16,
+    sample_s: float = 0.2,
+) -> dict:
+    """Run the load and return the figures (see `summary`)."""
+    if requests < 1 or concurrency < 1 or tenants < 1:
+        raise InvalidRequest("requests, concurrency and tenants must each be at least 1")
+    if backend not in ("local", "hostedai"):
+        raise InvalidRequest(f"unknown backend {backend!r}; known: local, hostedai")
+    services = runtime.services()
+    names = [t.id for t in services.catalog.tenants]
+    if tenants > len(names):
+        raise InvalidRequest(f"--tenants {tenants}: the catalog has {len(names)} tenants ({', '.join(names)})")
+    names = names[:tenants]
+    emulator = await _start_emulator(faults, names) if backend == "hostedai" else None
+    if faults and emulator is None:
+        raise InvalidRequest("--faults needs --backend hostedai (they are the hosted·ai emulator's)")
+    run = Run()
+    stop = asyncio.Event()
+    gate = asyncio.Semaphore(concurrency)
+    constraints = {"max_tokens": max_tokens, "backend": backend, "capacity_wait_s": 60}
+
+    async def one(i: int) -> None:
+        tenant = names[i % len(names)]
+        request_id = f"load-{i}-{time.monotonic_ns() % 10**9}"
+        run.tenant_of[request_id] = tenant
+        async with gate:
+            started = time.perf_counter()
+            try:
+                result = await fuse_request(prompt=PROMPTS[i % len(PROMPTS)], tenant=tenant, constraints=constraints,
+                                            request_id=request_id)  # fmt: skip
+            except HomeskilletError as exc:
+                run.errors[type(exc).__name__] += 1
+                return
+            except Exception as exc:  # anything else is a bug the figures must show, not hide
+                log.exception("request %s failed unexpectedly", request_id)
+                run.errors[f"unexpected {type(exc).__name__}"] += 1
+                return
+            run.latencies.append(time.perf_counter() - started)
+            if result.tenant != tenant:
+                run.cross_tenant.append(f"request {request_id} of {tenant} answered as {result.tenant}")
+
+    started = time.perf_counter()
+    try:
+        async with prefect_clients():
+            sampler = asyncio.create_task(_sample(services, run, emulator, stop, sample_s))
+            try:
+                await asyncio.gather(*(one(i) for i in range(requests)))
+            finally:
+                stop.set()
+                await sampler
+        wall = time.perf_counter() - started
+        leaked = [a for a in await services.held() if a.request_id in run.tenant_of]
+        for allocation in leaked:  # reported, then cleaned up so that the next run starts clean
+            await services.backend_of(allocation).release(allocation.allocation_id, allocation.tenant)
+    finally:
+        await services.shutdown()
+        if emulator is not None:
+            await emulator.stop()
+    return {
+        "requests": requests,
+        "ok": len(run.latencies),
+        "errors": dict(run.errors),
+        "rps": round(requests / wall, 2),
+        "latency_s": {"p50": quantile(run.latencies, 0.5), "p95": quantile(run.latencies, 0.95),
+                      "p99": quantile(run.latencies, 0.99)},  # fmt: skip
+        "leaked_allocations": len(leaked),
+        "capacity_violations": len(run.capacity_violations),
+        "cross_tenant": len(run.cross_tenant),
+        "duplicate_subscriptions": len(run.duplicate_subscriptions),
+        "backend": backend,
+        "concurrency": concurrency,
+        "tenants": names,
+        "samples": run.samples,
+        "wall_s": round(wall, 2),
+        "faults_fired": emulator.fired() if emulator is not None else {},
+        "examples": (run.capacity_violations + run.cross_tenant + run.duplicate_subscriptions)[:5],
+    }
+
+
+async def _sample(services, run: Run, emulator, stop: asyncio.Event, every_s: float) -> None:
+    """Check the invariants on what the ledger (and the emulator) hold, until stopped."""
+    ledger = await services.local.ledger()
+    while not stop.is_set():
+        capacity = await ledger.capacities()
+        held = await services.held()
+        used: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0])
+        for a in held:
+            used[a.pool][0] += a.tflops
+            used[a.pool][1] += a.vram_gb
+            owner = run.tenant_of.get(a.request_id)
+            if owner is not None and owner != a.tenant:
+                run.cross_tenant.append(f"{a.allocation_id} of request {a.request_id} ({owner}) held by {a.tenant}")
+        for pool, (tflops, vram) in used.items():
+            cap = capacity.get(pool)
+            if cap is not None and (tflops > cap[0] + EPS or vram > cap[1] + EPS):
+                run.capacity_violations.append(f"{pool}: {tflops:g} TFLOPS / {vram:g} GB held of {cap[0]:g} / {cap[1]:g}")
+        if emulator is not None:
+            run.duplicate_subscriptions += emulator.duplicates()
+        run.samples += 1
+        try:
+            await asyncio.wait_for(stop.wait(), every_s)
+        except TimeoutError:
+            pass
+
+
+class _Emulator:
+    """The hosted·ai emulator on a loopback port, in a thread of this process."""
+
+    def __init__(self, server, thread, state, url: str, tenants: list[str]):
+        self.server, self.thread, self.state, self.url, self.tenants = server, thread, state, url, tenants
+
+    def duplicates(self) -> list[str]:
+        live = collections.Counter(
+            (s.team_id, s.pool_id) for s in list(self.state.subs.values()) if s.unsubscribed is None
+        )
+        return [f"team {team} holds {n} live subscriptions in pool {pool}" for (team, pool), n in live.items() if n > 1]
+
+    def fired(self) -> dict:
+        return dict(getattr(self.state, "fired", {}) or {})
+
+    async def stop(self) -> None:
+        """Take back the credentials the run lent, and stop the emulator."""
+        from tasks.credentials import delete_hostedai_credentials
+
+        for tenant in self.tenants:
+            await delete_hostedai_credentials(tenant)
+        self.server.should_exit = True
+        await asyncio.to_thread(self.thread.join, 10)
+
+
+async def _start_emulator(faults: str, tenants: list[str]) -> _Emulator:
+    import uvicorn
+
+    from connectors.hostedai_emulator import Faults, create_app, default_config
+    from connectors.processes import free_port
+    from homeskillet.schemas import HostedAICredentials
+    from tasks.credentials import block_name, has_credentials_block, save_hostedai_credentials
+
+    try:
+        config = default_config().model_copy(update={"faults": Faults.parse(faults)})
+    except ValueError as exc:
+        raise InvalidRequest(str(exc)) from None
+    for tenant in tenants:  # the run lends each tenant the emulator's team: never over real credentials
+        if await has_credentials_block(tenant):
+            raise InvalidRequest(
+                f"tenant {tenant!r} already has hosted·ai credentials (Secret block {block_name(tenant)!r}); "
+                "the emulator load test would replace them: run it with its own HOMESKILLET_HOME"
+            )
+    app = create_app(config)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    while not server.started:
+        await asyncio.sleep(0.05)
+    teams = {team.name: team for team in config.teams}
+    for tenant in tenants:
+        if tenant not in teams:
+            raise InvalidRequest(f"the emulator has no team for tenant {tenant!r}")
+        team = teams[tenant]
+        await save_hostedai_credentials(tenant, HostedAICredentials(url=url, api_key=team.api_key, team_id=team.id))
+    return _Emulator(server, thread, app.state.emulator, url, tenants)
+
+
+def report(figures: dict) -> str:
+    lat = figures["latency_s"]
+    lines = [
+        f"{figures['requests']} requests, {figures['concurrency']} at once, tenants {', '.join(figures['tenants'])}, "
+        f"backend {figures['backend']}: {figures['ok']} answered in {figures['wall_s']:.1f}s ({figures['rps']} req/s)",
+        f"latency p50 {lat['p50']}s  p95 {lat['p95']}s  p99 {lat['p99']}s",
+        f"errors: {figures['errors'] or 'none'}",
+        f"invariants over {figures['samples']} samples: leaked {figures['leaked_allocations']}, capacity violations "
+        f"{figures['capacity_violations']}, cross-tenant {figures['cross_tenant']}, duplicate subscriptions "
+        f"{figures['duplicate_subscriptions']}",
+    ]
+    if figures["faults_fired"]:
+        lines.append(f"emulator faults fired: {figures['faults_fired']}")
+    lines += [f"  e.g. {example}" for example in figures["examples"]]
+    return "\n".join(lines)
+
+
+def summary(figures: dict) -> str:
+    """The one JSON line `--json` ends with."""
+    keys = ("requests", "ok", "errors", "rps", "latency_s", "leaked_allocations", "capacity_violations",
+            "cross_tenant", "duplicate_subscriptions")  # fmt: skip
+    return json.dumps({k: figures[k] for k in keys})
+
+
+def violated(figures: dict) -> bool:
+    return any(figures[k] for k in ("leaked_allocations", "capacity_violations", "cross_tenant", "duplicate_subscriptions"))
+

@@ -1,0 +1,43 @@
+"""`homeskillet loadtest`: the figures it reports, and that its invariant checks see a break."""
+
+import asyncio
+
+from connectors.ledger import new_allocation_id
+from homeskillet.loadtest import Run, _sample, quantile, run_load
+from tasks import runtime
+
+
+async def test_a_small_load_on_the_local_models_keeps_every_invariant(assert_no_leaks):
+    figures = await run_load(requests=6, concurrency=3, tenants=2, max_tokens=8, sample_s=0.05)
+    assert figures["ok"] + sum(figures["errors"].values()) == 6
+    assert figures["ok"] == 6, figures["errors"]
+    assert figures["samples"] > 0 and figures["tenants"] == ["demo", "acme"]
+    assert (figures["leaked_allocations"], figures["capacity_violations"], figures["cross_tenant"],
+            figures["duplicate_subscriptions"]) == (0, 0, 0, 0)  # fmt: skip
+    assert 0 < figures["latency_s"]["p50"] <= figures["latency_s"]["p95"] <= figures["latency_s"]["p99"]
+
+
+async def test_the_sampler_sees_cross_tenant_holdings_and_overfull_pools(test_catalog):
+    services = runtime.services(test_catalog)
+    ledger = await services.local.ledger()
+    pool = next(p for p in services.catalog.pools if p.id == "roomy")
+    await ledger.sync_pools([pool.model_copy(update={"id": "loadtest-pool"})])
+    allocation_id = new_allocation_id()
+    await ledger.reserve(allocation_id=allocation_id, tenant="acme", request_id="load-x", pool="loadtest-pool",
+                         model="echo", tflops=pool.tflops, vram_gb=pool.vram_gb, wait_s=1)  # fmt: skip
+    # the pool shrinks under the allocation (as a catalog change could make it): now it is overfull
+    await ledger.sync_pools([pool.model_copy(update={"id": "loadtest-pool", "tflops": pool.tflops / 2})])
+    run = Run(tenant_of={"load-x": "globex"})  # the request was globex's, but acme holds its slice
+    stop = asyncio.Event()
+    sampler = asyncio.create_task(_sample(services, run, None, stop, 0.01))
+    await asyncio.sleep(0.2)
+    stop.set()
+    await sampler
+    await ledger.release(allocation_id, "acme")
+    assert run.cross_tenant and "held by acme" in run.cross_tenant[0]
+    assert run.capacity_violations and run.capacity_violations[0].startswith("loadtest-pool:")
+
+
+def test_quantiles_are_latencies_that_were_seen():
+    assert quantile([], 0.5) is None
+    assert quantile([3.0, 1.0, 2.0], 0.5) == 2.0 and quantile([1.0, 2.0, 3.0, 4.0], 0.99) == 4.0
