@@ -22,7 +22,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from flows.clients import prefect_clients
+from flows.clients import lend_clients
 from flows.fusion import fuse_request
 from homeskillet.errors import HomeskilletError, InvalidRequest
 from tasks import runtime
@@ -106,13 +106,13 @@ async def run_load(
 
     started = time.perf_counter()
     try:
-        async with prefect_clients():
-            sampler = asyncio.create_task(_sample(services, run, emulator, stop, sample_s))
-            try:
-                await asyncio.gather(*(one(i) for i in range(requests)))
-            finally:
-                stop.set()
-                await sampler
+        await lend_clients()
+        sampler = asyncio.create_task(_sample(services, run, emulator, stop, sample_s))
+        try:
+            await asyncio.gather(*(one(i) for i in range(requests)))
+        finally:
+            stop.set()
+            await sampler
         wall = time.perf_counter() - started
         leaked = [a for a in await services.held() if a.request_id in run.tenant_of]
         for allocation in leaked:  # reported, then cleaned up so that the next run starts clean

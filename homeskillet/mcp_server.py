@@ -88,6 +88,14 @@ def _progress_message(event: dict) -> str:
     )
 
 
+async def _with_shared_clients(flow_run):
+    """The flow run on this server's shared Prefect clients (one per event loop, not one per run)."""
+    from flows.clients import lend_clients
+
+    await lend_clients()
+    return await flow_run
+
+
 def build_mcp(catalog_path: str | None, store_ref: dict, limits: Limits) -> _Server:
     from tasks import runtime
 
@@ -126,10 +134,10 @@ def build_mcp(catalog_path: str | None, store_ref: dict, limits: Limits) -> _Ser
                 # its own asyncio task, out of the SDK's cancel scope: on cancellation the flow's
                 # rollback hooks must still be able to await the release of each allocation
                 run = asyncio.create_task(
-                    fuse_request(
+                    _with_shared_clients(fuse_request(
                         prompt=prompt, tenant=tenant, strategy=strategy, constraints=constraints,
                         request_id=request_id, catalog_path=catalog_path,
-                    )  # fmt: skip
+                    ))  # fmt: skip
                 )
             count, getter = 0, None
             with progress.listening(request_id, events.put_nowait):

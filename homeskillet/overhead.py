@@ -19,7 +19,7 @@ import statistics
 import time
 
 from connectors import openai_client
-from flows.clients import prefect_clients
+from flows.clients import lend_clients
 from flows.fusion import fuse_request, make_request
 from homeskillet import catalog as cat
 from homeskillet.schemas import Constraints, Fragment, Plan
@@ -66,12 +66,8 @@ class _Direct:
 
 async def run_benchmark(repeats: int = 3, max_tokens: int = 48, concurrency: int = 8) -> dict:
     """The figures, as a dict (`report` prints them). The flow runs share one Prefect client, as
-    in any long-lived process that runs requests (`flows.clients.prefect_clients`)."""
-    async with prefect_clients():
-        return await _run(repeats, max_tokens, concurrency)
-
-
-async def _run(repeats: int, max_tokens: int, concurrency: int) -> dict:
+    in any long-lived process that runs requests (`flows.clients.lend_clients`)."""
+    await lend_clients()
     # the dedicated pool holds a request's fragments at once: no capacity queueing in the figures
     limits = Constraints(max_tokens=max_tokens, tier="dedicated")
     direct = _Direct(limits)
