@@ -157,3 +157,31 @@ async def test_the_run_log_says_each_routing_decision_allocation_and_release(tes
         assert any(f"allocated {fragment.allocation_id} on roomy (" in line for line in mine), mine
         assert any(f"released {fragment.allocation_id} after" in line for line in mine), mine
         assert any("single answer of echo stands" in line for line in mine), mine
+
+
+async def test_a_model_server_killed_mid_inference_fails_the_request_clearly_and_the_next_one_runs():
+    """The machine-wide llama-server dies under a fragment: a clear InferenceError, the slice
+    released by the rollback, and the next request starts a fresh server."""
+    import signal
+
+    services = runtime.services()
+    local = services.local
+    smol = next(m for m in services.catalog.models if m.name == "smollm2-135m")
+    await local.warm_up(smol)
+    (record,) = [r for r in local.servers.running() if r.model == smol.name]
+    run = asyncio.create_task(fuse_request(prompt="Write a long story about the sea.", tenant="demo",
+                                           constraints={"allowed_models": [smol.name], "max_tokens": 1500,
+                                                        "split": False}))  # fmt: skip
+    for _ in range(400):
+        if await local.held("demo"):
+            break
+        await asyncio.sleep(0.025)
+    assert await local.held("demo"), "the fragment never got its allocation"
+    await asyncio.sleep(0.3)  # decoding now
+    os.kill(record.server_pid, signal.SIGKILL)
+    with pytest.raises(InferenceError, match=rf"127\.0\.0\.1:{record.port}/v1/chat/completions failed"):
+        await run
+    assert await local.held("demo") == []
+    again = await fuse_request(prompt="Say hello.", tenant="demo", constraints={"allowed_models": [smol.name],
+                                                                               "max_tokens": 8})  # fmt: skip
+    assert again.fragments[0].tokens_out > 0
