@@ -517,6 +517,32 @@ def loadtest(
         raise typer.Exit(1)
 
 
+@app.command("isolation-report")
+def isolation_report(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the rows as JSON.")] = False,
+) -> None:
+    """Try every way tenant globex could reach tenant acme's work; exit 1 unless all are refused."""
+    try:
+        use_local_prefect()
+        from homeskillet.isolation import broken, run_attacks
+
+        rows = asyncio.run(run_attacks())
+    except HomeskilletError as exc:
+        _fail(exc)
+    if as_json:
+        print(json.dumps([vars(r) for r in rows], indent=2))
+    else:
+        table = Table(title=f"isolation: {sum(r.result == 'refused' for r in rows)} of {len(rows)} attacks refused")
+        for column in ("attack", "path", "result", "detail"):
+            table.add_column(column, overflow="fold")
+        for r in rows:
+            style = "green" if r.result in ("refused", "n/a") else "bold red"
+            table.add_row(r.attack, r.path, f"[{style}]{r.result}[/]", r.detail)
+        console.print(table)
+    if broken(rows):
+        raise typer.Exit(1)
+
+
 @app.command()
 def classify(
     texts: Annotated[Optional[list[str]], typer.Argument(help="Texts to classify; none: one per line of stdin.")] = None,

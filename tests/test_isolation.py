@@ -1,0 +1,30 @@
+"""`homeskillet isolation-report`: every attack refused today, and a broken guarantee shows."""
+
+import pytest
+
+from connectors.local_backend import LocalBackend
+from homeskillet.isolation import broken, run_attacks
+
+pytestmark = pytest.mark.usefixtures("assert_no_leaks")
+
+
+async def test_every_attack_of_one_tenant_on_anothers_work_is_refused():
+    rows = await run_attacks()
+    assert not broken(rows), [vars(r) for r in rows if r.result != "refused"]
+    paths = {r.path for r in rows}
+    assert {"MCP allocations tool (WebSocket)", "MCP allocations tool (Streamable HTTP)",
+            "Streamable HTTP mcp-session-id", "backend.release(A's id, B)"} <= paths  # fmt: skip
+
+
+async def test_a_backend_that_ignores_the_tenant_on_release_is_reported(monkeypatch):
+    original = LocalBackend.release
+
+    async def release_anyones(self, allocation_id, tenant):  # the break: the owner is not checked
+        ledger = await self.ledger()
+        owner = next((a.tenant for a in await ledger.held() if a.allocation_id == allocation_id), tenant)
+        return await original(self, allocation_id, owner)
+
+    monkeypatch.setattr(LocalBackend, "release", release_anyones)
+    rows = await run_attacks()
+    (row,) = [r for r in rows if r.path == "backend.release(A's id, B)"]
+    assert row.result == "ALLOWED" and broken(rows)
