@@ -65,8 +65,10 @@ async def run_load(
     faults: str = "",
     max_tokens: int = 16,
     sample_s: float = 0.2,
+    emulator_state=None,
 ) -> dict:
-    """Run the load and return the figures (see `summary`)."""
+    """Run the load and return the figures (see `summary`). With backend hostedai it starts its own
+    emulator, unless given the state of one that the tenants' credentials already point to."""
     if requests < 1 or concurrency < 1 or tenants < 1:
         raise InvalidRequest("requests, concurrency and tenants must each be at least 1")
     if backend not in ("local", "hostedai"):
@@ -76,9 +78,11 @@ async def run_load(
     if tenants > len(names):
         raise InvalidRequest(f"--tenants {tenants}: the catalog has {len(names)} tenants ({', '.join(names)})")
     names = names[:tenants]
-    emulator = await _start_emulator(faults, names) if backend == "hostedai" else None
-    if faults and emulator is None:
-        raise InvalidRequest("--faults needs --backend hostedai (they are the hosted·ai emulator's)")
+    if faults and (backend != "hostedai" or emulator_state is not None):
+        raise InvalidRequest("--faults needs --backend hostedai (they are the faults of the emulator it starts)")
+    emulator = None
+    if backend == "hostedai":
+        emulator = await _start_emulator(faults, names) if emulator_state is None else _Emulator(None, None, emulator_state, "", [])
     run = Run()
     stop = asyncio.Event()
     gate = asyncio.Semaphore(concurrency)
@@ -184,13 +188,14 @@ class _Emulator:
         return dict(getattr(self.state, "fired", {}) or {})
 
     async def stop(self) -> None:
-        """Take back the credentials the run lent, and stop the emulator."""
+        """Take back the credentials the run lent, and stop the emulator (if the run started it)."""
         from tasks.credentials import delete_hostedai_credentials
 
         for tenant in self.tenants:
             await delete_hostedai_credentials(tenant)
-        self.server.should_exit = True
-        await asyncio.to_thread(self.thread.join, 10)
+        if self.server is not None:
+            self.server.should_exit = True
+            await asyncio.to_thread(self.thread.join, 10)
 
 
 async def _start_emulator(faults: str, tenants: list[str]) -> _Emulator:

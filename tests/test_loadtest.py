@@ -41,3 +41,18 @@ async def test_the_sampler_sees_cross_tenant_holdings_and_overfull_pools(test_ca
 def test_quantiles_are_latencies_that_were_seen():
     assert quantile([], 0.5) is None
     assert quantile([3.0, 1.0, 2.0], 0.5) == 2.0 and quantile([1.0, 2.0, 3.0, 4.0], 0.99) == 4.0
+
+
+async def test_hostedai_load_with_a_fifth_of_calls_failing_keeps_every_invariant(
+    hostedai_tenants, faults, no_subscriptions_left, assert_no_leaks
+):
+    faults(error_rate=0.2, latency_s=0.01)
+    calls = hostedai_tenants.state.calls
+    figures = await run_load(requests=8, concurrency=4, tenants=3, backend="hostedai", max_tokens=8, sample_s=0.05,
+                             emulator_state=hostedai_tenants.state)  # fmt: skip
+    assert hostedai_tenants.state.calls > calls  # the load reached the emulator
+    assert figures["ok"] + sum(figures["errors"].values()) == 8
+    unexpected = [name for name in figures["errors"] if name.startswith("unexpected")]
+    assert not unexpected, figures["errors"]
+    assert (figures["leaked_allocations"], figures["capacity_violations"], figures["cross_tenant"],
+            figures["duplicate_subscriptions"]) == (0, 0, 0, 0)  # fmt: skip
