@@ -9,6 +9,7 @@ A lease ends when it is released, when its expiry passes, or at once when its ho
 from __future__ import annotations
 
 import asyncio
+import functools
 import secrets
 import socket
 import threading
@@ -21,9 +22,10 @@ from pathlib import Path
 
 import asyncpg
 import psutil
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential
 
 from connectors import postgres
-from homeskillet.errors import AllocationNotFound, CapacityTimeout, NoRoute
+from homeskillet.errors import AllocationNotFound, CapacityTimeout, NoRoute, ServiceError
 from homeskillet.schemas import Allocation, PoolSpec
 
 EPS = 1e-9
@@ -83,6 +85,38 @@ def _holder_alive(holder: str) -> bool:
         return False
 
 
+def _lost_connection(exc: BaseException) -> bool:
+    """PostgreSQL restarting, shutting down or unreachable: worth trying again on a new connection."""
+    return isinstance(exc, asyncpg.PostgresConnectionError | asyncpg.InterfaceError | OSError) or isinstance(
+        exc, asyncpg.exceptions.OperatorInterventionError
+    )
+
+
+def _reconnecting(method):
+    """Run a ledger call again on a fresh connection while PostgreSQL is away (a restart), up to
+    the ledger's retry_s; after that, a ServiceError that says so. Every call is safe to repeat:
+    release and set_endpoint are idempotent, and reserve finds its own row if a lost reply hid
+    that it committed."""
+
+    @functools.wraps(method)
+    async def call(self: Ledger, *args, **kwargs):
+        try:
+            async for attempt in AsyncRetrying(
+                retry=retry_if_exception(_lost_connection), stop=stop_after_delay(self.retry_s),
+                wait=wait_exponential(multiplier=0.05, max=1.0), reraise=True,
+            ):  # fmt: skip
+                with attempt:
+                    return await method(self, *args, **kwargs)
+        except Exception as exc:
+            if _lost_connection(exc):
+                raise ServiceError(
+                    f"the ledger's PostgreSQL did not answer for {self.retry_s:g}s ({type(exc).__name__}: {exc})"
+                ) from None
+            raise
+
+    return call
+
+
 _opened: dict[tuple[Path, float], Ledger] = {}
 _opening = threading.Lock()
 
@@ -101,9 +135,10 @@ def open_ledger(pgdata: Path, lease_s: float) -> Ledger:
 
 
 class Ledger:
-    def __init__(self, dsn: str, lease_s: float):
+    def __init__(self, dsn: str, lease_s: float, retry_s: float = 30.0):
         self._dsn = dsn
         self._lease_s = lease_s
+        self.retry_s = retry_s
         self._holder = holder_id()
         # one pool per event loop: a connection belongs to the loop that opened it
         self._pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncpg.Pool] = weakref.WeakKeyDictionary()
@@ -131,6 +166,7 @@ class Ledger:
         """Create the tables if needed (alone in its transaction: DDL takes table locks)."""
         await postgres.apply_schema(self._dsn, "homeskillet.schema", SCHEMA)
 
+    @_reconnecting
     async def sync_pools(self, pools: list[PoolSpec]) -> None:
         """Add or update these pools.
 
@@ -147,12 +183,14 @@ class Ledger:
                     [(p.id, p.tier, p.tflops, p.vram_gb, p.price_per_hour) for p in sorted(pools, key=lambda p: p.id)],
                 )
 
+    @_reconnecting
     async def capacities(self) -> dict[str, tuple[float, float]]:
         """Every pool's capacity: id → (TFLOPS, GB of VRAM)."""
         async with self._connect() as conn:
             rows = await conn.fetch("SELECT id, tflops, vram_gb FROM pools")
         return {r["id"]: (r["tflops"], r["vram_gb"]) for r in rows}
 
+    @_reconnecting
     async def reserve(
         self,
         *,
@@ -174,6 +212,12 @@ class Ledger:
             async with self._connect() as conn:
                 async with conn.transaction():
                     row = await conn.fetchrow("SELECT tflops, vram_gb FROM pools WHERE id = $1 FOR UPDATE", pool)
+                    mine = await conn.fetchrow(
+                        f"SELECT {COLUMNS} FROM allocations WHERE allocation_id = $1 AND tenant = $2",
+                        allocation_id, tenant,
+                    )  # fmt: skip
+                    if mine is not None:  # a retry after a lost reply: it committed the first time
+                        return Allocation(**dict(mine))
                     if row is None:
                         raise NoRoute(f"pool {pool!r} is not in the ledger")
                     if tflops > row["tflops"] + EPS or vram_gb > row["vram_gb"] + EPS:
@@ -216,6 +260,7 @@ class Ledger:
             await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
             delay = min(delay * 2, 0.5)
 
+    @_reconnecting
     async def set_endpoint(self, allocation_id: str, endpoint: str) -> Allocation:
         async with self._connect() as conn:
             record = await conn.fetchrow(
@@ -225,6 +270,7 @@ class Ledger:
             )
         return Allocation(**dict(record))
 
+    @_reconnecting
     async def release(self, allocation_id: str, tenant: str) -> datetime:
         """End the tenant's allocation; releasing one already ended is a no-op that returns its end.
 
@@ -248,6 +294,7 @@ class Ledger:
             raise AllocationNotFound(f"tenant {tenant!r} holds no allocation {allocation_id!r}")
         return ended
 
+    @_reconnecting
     async def held(self, tenant: str | None = None, backend: str | None = None) -> list[Allocation]:
         """Active allocations (all tenants or one, all backends or one), after ending those whose
         lease is over."""

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from connectors.ledger import Ledger, new_allocation_id, open_ledger
-from homeskillet.errors import AllocationNotFound, CapacityTimeout, NoRoute
+from homeskillet.errors import AllocationNotFound, CapacityTimeout, NoRoute, ServiceError
 from homeskillet.schemas import PoolSpec
 from homeskillet.settings import get_settings
 
@@ -163,3 +163,38 @@ def test_one_ledger_serves_several_event_loops_one_after_another(ledger):
         thread.join(30)
     assert len(set(seen)) == 3
     assert len(ledger._pools) <= 2  # the closed loops' pools were dropped (the fixture's loop may hold one)
+
+
+async def test_a_postgresql_restart_is_ridden_out_and_an_outage_fails_clearly(tmp_path):
+    """Its own PostgreSQL (the session's also serves Prefect): stopped under a held slice, the
+    release waits it out and completes once it is back; one that stays down is a ServiceError."""
+    from connectors import postgres
+
+    pgdata = tmp_path / "pgdata"
+
+    def pg(action: str) -> None:  # as an operator would: from another process
+        code = f"from pathlib import Path; from connectors import postgres; postgres.{action}_postgres(Path({str(pgdata)!r}))"
+        subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=120)
+
+    await asyncio.to_thread(pg, "ensure")
+    try:
+        led = Ledger(postgres.dsn(pgdata, "homeskillet"), lease_s=60, retry_s=30)
+        await led.create_schema()
+        await led.sync_pools([PoolSpec(id="p", tier="dedicated", tflops=2.0, vram_gb=1.0, price_per_hour=1.0)])
+        held = await reserve(led, pool="p")
+        await asyncio.to_thread(pg, "stop")
+        release = asyncio.create_task(led.release(held.allocation_id, "acme"))
+        await asyncio.sleep(1.0)
+        assert not release.done()  # waiting for PostgreSQL, not failed
+        await asyncio.to_thread(pg, "ensure")
+        await asyncio.wait_for(release, 30)
+        assert await held_in(led, "p") == []
+        again = await reserve(led, pool="p", tflops=2.0, vram_gb=1.0)  # the capacity is whole again
+        await led.release(again.allocation_id, "acme")
+
+        await asyncio.to_thread(pg, "stop")
+        short = Ledger(led._dsn, lease_s=60, retry_s=1)
+        with pytest.raises(ServiceError, match=r"the ledger's PostgreSQL did not answer for 1s"):
+            await short.held()
+    finally:
+        await asyncio.to_thread(pg, "stop")
