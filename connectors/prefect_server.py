@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 from filelock import FileLock
 
 from connectors import postgres
@@ -23,6 +24,26 @@ from connectors.processes import created, healthy, tail, terminate
 from homeskillet.errors import ServiceError
 
 PIDFILE = "prefect-server.json"
+HEARTBEAT_S = 30  # PREFECT_FLOWS_HEARTBEAT_FREQUENCY of deployment runs (prefect.yaml's job variables)
+ZOMBIE_AUTOMATION = {  # Prefect's recipe for "zombie" flow runs: no heartbeat for 3 beats → Crashed
+    "name": "homeskillet: crash flow runs whose heartbeats stopped",
+    "description": "A flow run whose process died (killed worker, lost machine) stops sending heartbeats; "
+    "mark it Crashed so that it is not left Running. Its ledger leases end by the holder check.",
+    "enabled": True,
+    "trigger": {
+        "type": "event",
+        "posture": "Proactive",
+        "after": ["prefect.flow-run.heartbeat"],
+        "expect": ["prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed",
+                   "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed"],  # fmt: skip
+        "match": {"prefect.resource.id": ["prefect.flow-run.*"]},
+        "for_each": ["prefect.resource.id"],
+        "threshold": 1,
+        "within": 3 * HEARTBEAT_S,
+    },
+    "actions": [{"type": "change-flow-run-state", "state": "CRASHED",
+                 "message": f"No heartbeat for {3 * HEARTBEAT_S}s: the flow run's process is gone."}],  # fmt: skip
+}
 
 
 @dataclass(frozen=True)
@@ -74,10 +95,19 @@ def ensure_prefect_server(home: Path, port: int, timeout_s: float = 120.0) -> st
                     f"last log lines:\n{tail(log_path)}"
                 )
             if healthy(f"{info.api_url}/health"):
+                ensure_automations(info.api_url)
                 return info.api_url
             time.sleep(0.5)
         terminate(proc.pid, group=True)
         raise ServiceError(f"Prefect server not healthy after {timeout_s:.0f}s; last log lines:\n{tail(log_path)}")
+
+
+def ensure_automations(api_url: str) -> None:
+    """Create the server-side automations Homeskillet relies on, unless they exist (by name)."""
+    with httpx.Client(base_url=api_url, timeout=30) as api:
+        existing = api.post("/automations/filter", json={}).raise_for_status().json()
+        if not any(a["name"] == ZOMBIE_AUTOMATION["name"] for a in existing):
+            api.post("/automations/", json=ZOMBIE_AUTOMATION).raise_for_status()
 
 
 def running_server(home: Path) -> ServerInfo | None:

@@ -118,3 +118,76 @@ async def test_benchmark_and_cost_report_deployments(worker):
     path = await result_of(report_id)
     assert "smollm2-135m" in Path(path).read_text()
     assert "cost-report" in {a["key"] for a in await artifacts_of(report_id)}
+
+
+def _kill_tree(pid: int) -> None:
+    import psutil
+
+    procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    for proc in procs:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=10)
+
+
+def _start_worker(pool: str, log_path: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--limit", "1"],
+        stdout=open(log_path, "a"), stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
+        env=os.environ | {"PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "2"},
+    )  # fmt: skip
+
+
+async def test_a_worker_killed_mid_flow_crashes_its_run_ends_its_leases_and_a_resubmitted_run_completes(
+    worker, test_catalog, monkeypatch, tmp_path
+):
+    """SIGKILL to a process worker and its flow run while two fragments hold slices: the holder
+    check ends the leases at once, the server's heartbeat automation marks the run Crashed, and
+    the same request submitted again completes."""
+    import uuid
+
+    from tasks import runtime
+
+    pool = "homeskillet-crash-test"
+    prefect("work-pool", "create", pool, "--type", "process", "--overwrite")
+    async with httpx.AsyncClient(base_url=API, timeout=30) as api:
+        source = (await api.get("/deployments/name/fuse-request/fuse-request")).raise_for_status().json()
+        keep = ("flow_id", "entrypoint", "path", "pull_steps", "job_variables", "parameter_openapi_schema")
+        body = {k: source[k] for k in keep} | {"name": "fuse-request-crash-test", "work_pool_name": pool}
+        deployment_id = (await api.post("/deployments/", json=body)).raise_for_status().json()["id"]
+
+        async def submit(request_id: str) -> str:
+            parameters = {"prompt": "1. Say one.\n2. Say two.", "tenant": "acme", "request_id": request_id,
+                          "catalog_path": test_catalog, "constraints": {"allowed_models": ["echo"], "pool": "roomy"}}  # fmt: skip
+            run = await api.post(f"/deployments/{deployment_id}/create_flow_run", json={"parameters": parameters})
+            return run.raise_for_status().json()["id"]
+
+        monkeypatch.setenv("ECHO_DELAY_S", "600")  # the echo double answers only after the kill
+        request_id = "crash-" + uuid.uuid4().hex[:8]
+        doomed = _start_worker(pool, tmp_path / "worker-1.log")
+        run_id = await submit(request_id)
+        local = runtime.backend(test_catalog)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if len([a for a in await local.held("acme") if a.request_id == request_id]) == 2:
+                break
+            await asyncio.sleep(0.5)
+        else:
+            _kill_tree(doomed.pid)
+            raise AssertionError("the run never held its two slices; worker log:\n" + (tmp_path / "worker-1.log").read_text()[-3000:])
+        _kill_tree(doomed.pid)  # the worker and the flow run's process, without a chance to clean up
+
+        assert [a for a in await local.held("acme") if a.request_id == request_id] == []  # their holder is gone
+        crashed = await wait_done(run_id, timeout_s=300)
+        assert crashed["state"]["type"] == "CRASHED", crashed["state"]
+        assert "No heartbeat" in (crashed["state"]["message"] or "")
+
+        monkeypatch.setenv("ECHO_DELAY_S", "0")
+        again = _start_worker(pool, tmp_path / "worker-2.log")
+        try:
+            done = await wait_done(await submit(request_id), timeout_s=300)
+        finally:
+            _kill_tree(again.pid)
+        assert done["state"]["type"] == "COMPLETED", done["state"]
