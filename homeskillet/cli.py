@@ -517,6 +517,39 @@ def loadtest(
         raise typer.Exit(1)
 
 
+@app.command("bench-workers")
+def bench_workers(
+    workers: Annotated[str, typer.Option(help="Worker counts to measure, comma-separated.")] = "1,2,4",
+    requests: Annotated[int, typer.Option(min=1, help="Flow runs submitted at once, per worker count.")] = 12,
+    limit: Annotated[int, typer.Option(min=1, help="Flow runs each worker runs at once.")] = 2,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Output tokens per request.")] = 16,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the rows as JSON.")] = False,
+) -> None:
+    """Requests/s through deployments with 1, 2, 4… process workers (each run its own process)."""
+    try:
+        counts = [int(w) for w in workers.split(",") if w.strip()]
+    except ValueError:
+        _fail(ValueError(f"--workers must be numbers separated by commas, not {workers!r}"))
+    try:
+        api_url = use_local_prefect()
+        from homeskillet.scaling import run_scaling
+
+        rows = asyncio.run(run_scaling(api_url, counts, requests, limit, max_tokens,
+                                       get_settings().home / "logs" / "bench-workers"))  # fmt: skip
+    except HomeskilletError as exc:
+        _fail(exc)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table(title=f"{requests} requests per row through the fuse-request deployment, max_tokens {max_tokens}")
+    for column in ("workers", "limit", "completed", "rps", "latency_p50_s", "latency_p95_s", "wall_s"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*(str(row[c]) for c in ("workers", "limit", "completed", "rps", "latency_p50_s",
+                                             "latency_p95_s", "wall_s")))  # fmt: skip
+    console.print(table)
+
+
 @app.command("isolation-report")
 def isolation_report(
     as_json: Annotated[bool, typer.Option("--json", help="Print the rows as JSON.")] = False,

@@ -191,3 +191,11 @@ async def test_a_worker_killed_mid_flow_crashes_its_run_ends_its_leases_and_a_re
         finally:
             _kill_tree(again.pid)
         assert done["state"]["type"] == "COMPLETED", done["state"]
+
+
+async def test_the_workers_benchmark_completes_its_runs_and_reports_figures(worker, tmp_path):
+    from homeskillet.scaling import run_scaling
+
+    (row,) = await run_scaling(API, [1], requests=2, limit=2, max_tokens=4, log_dir=tmp_path)
+    assert (row["workers"], row["requests"], row["completed"]) == (1, 2, 2)
+    assert row["rps"] > 0 and 0 < row["latency_p50_s"] <= row["latency_p95_s"] <= row["wall_s"] + 1
