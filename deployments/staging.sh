@@ -44,7 +44,7 @@ have_image() { docker image inspect "$1" >/dev/null 2>&1; }
 
 engine() {
   if ! command -v dockerd >/dev/null; then
-    apt-get install -y --no-install-recommends docker.io >/dev/null
+    apt-get update -qq && apt-get install -y -qq --no-install-recommends docker.io >/dev/null
   fi
   if ! docker info >/dev/null 2>&1; then
     echo "starting dockerd (log: $STATE/dockerd.log)"
@@ -73,7 +73,7 @@ plugins() {  # compose v2 and buildx from Debian trixie, without adding trixie t
 
 base_images() {
   if ! have_image "$ROOT_IMAGE"; then
-    command -v debootstrap >/dev/null || apt-get install -y --no-install-recommends debootstrap >/dev/null
+    command -v debootstrap >/dev/null || { apt-get update -qq && apt-get install -y -qq debootstrap >/dev/null; }
     local root
     root=$(mktemp -d)
     debootstrap --variant=minbase bookworm "$root" http://deb.debian.org/debian >"$STATE/debootstrap.log"
