@@ -7,8 +7,8 @@
 #   deployments/staging.sh down    stop and remove the stack (and dockerd, if this script started it)
 #
 # HOMESKILLET_STAGING_KEEP=1 leaves the stack up after the smoke requests (then `make staging-down`).
-# Host ports (127.0.0.1 only): HOMESKILLET_PREFECT_PORT, HOMESKILLET_EMULATOR_PORT,
-# HOMESKILLET_MCP_PORT; unset, each is 4200 / 8700 / 8765, or a free port if that one is taken.
+# Host ports (127.0.0.1 only): HOMESKILLET_STAGING_PREFECT_PORT, HOMESKILLET_STAGING_EMULATOR_PORT,
+# HOMESKILLET_STAGING_MCP_PORT; unset, each is 4200 / 8700 / 8765, or a free port if that one is taken.
 #
 # No image registry is reachable here, so every base image is made locally: a Debian bookworm
 # minbase root (debootstrap) imported as an image, a Python base on it that trusts the host's CA
@@ -117,9 +117,9 @@ print(s.getsockname()[1])' "$1"
 }
 
 up() {
-  export HOMESKILLET_PREFECT_PORT=${HOMESKILLET_PREFECT_PORT:-$(free_port 4200)}
-  export HOMESKILLET_EMULATOR_PORT=${HOMESKILLET_EMULATOR_PORT:-$(free_port 8700)}
-  export HOMESKILLET_MCP_PORT=${HOMESKILLET_MCP_PORT:-$(free_port 8765)}
+  export HOMESKILLET_STAGING_PREFECT_PORT=${HOMESKILLET_STAGING_PREFECT_PORT:-$(free_port 4200)}
+  export HOMESKILLET_STAGING_EMULATOR_PORT=${HOMESKILLET_STAGING_EMULATOR_PORT:-$(free_port 8700)}
+  export HOMESKILLET_STAGING_MCP_PORT=${HOMESKILLET_STAGING_MCP_PORT:-$(free_port 8765)}
   "${COMPOSE[@]}" up --detach --wait --no-build
 }
 
@@ -140,15 +140,15 @@ smoke_mcp() {
 }
 
 where() {
-  local prefect=http://127.0.0.1:$HOMESKILLET_PREFECT_PORT emulator=http://127.0.0.1:$HOMESKILLET_EMULATOR_PORT
-  local mcp=http://127.0.0.1:$HOMESKILLET_MCP_PORT
+  local prefect=http://127.0.0.1:$HOMESKILLET_STAGING_PREFECT_PORT emulator=http://127.0.0.1:$HOMESKILLET_STAGING_EMULATOR_PORT
+  local mcp=http://127.0.0.1:$HOMESKILLET_STAGING_MCP_PORT
   curl -fsS "$prefect/api/health" >/dev/null
   curl -fsS "$emulator/openapi.json" >/dev/null
   [ "$(curl -s -o /dev/null -w '%{http_code}' "$mcp/mcp")" = 401 ]  # it answers, and wants a token
   cat <<WHERE
 Prefect UI and API   $prefect  (PREFECT_API_URL=$prefect/api)
 hosted·ai emulator   $emulator  (OpenAPI: $emulator/openapi.json)
-MCP server           $mcp/mcp and ws://127.0.0.1:$HOMESKILLET_MCP_PORT/ws  (token: docker compose -f deployments/compose.yaml exec mcp homeskillet tokens create --tenant demo)
+MCP server           $mcp/mcp and ws://127.0.0.1:$HOMESKILLET_STAGING_MCP_PORT/ws  (token: docker compose -f deployments/compose.yaml exec mcp homeskillet tokens create --tenant demo)
 PostgreSQL           inside the stack only (postgres:5432)
 WHERE
   "${COMPOSE[@]}" ps --format 'table {{.Service}}\t{{.Status}}\t{{.Ports}}'
