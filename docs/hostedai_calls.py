@@ -16,6 +16,7 @@ import asyncio
 import collections
 import os
 import re
+import shutil
 import socket
 import sys
 import tempfile
@@ -94,6 +95,7 @@ def main() -> None:
         server.should_exit = True
         ModelServers(home, 60).stop_all()
         stop_prefect_server(home)
+        shutil.rmtree(home, ignore_errors=True)
     phases = list(counts)
     endpoints = sorted({e for c in counts.values() for e in c}, key=lambda e: (e.split()[1], e))
     print("\n| endpoint | " + " | ".join(phases) + " |")
