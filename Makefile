@@ -30,3 +30,13 @@ bench: $(BIN)/homeskillet
 
 stop: $(BIN)/homeskillet
 	$(BIN)/homeskillet server stop
+
+# The staging stack on Docker (opt-in, not part of `make test`): builds every image locally, starts
+# deployments/compose.yaml, sends one request through run_deployment and one through the MCP
+# server, prints where each service listens, and tears it all down. See README "Staging with Docker".
+.PHONY: staging staging-down
+staging:
+	bash deployments/staging.sh
+
+staging-down:
+	bash deployments/staging.sh down

@@ -232,8 +232,9 @@ def server_check() -> None:
 
 @app.command()
 def emulator(
-    port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 8700,
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8700,
     faults: Annotated[str, typer.Option(help="e.g. error_rate=0.2,preempt_rate=0.1,latency_s=0.05")] = "",
+    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0 in a container).")] = "127.0.0.1",
 ) -> None:
     """Run the hosted·ai emulator; its OpenAPI document is at /openapi.json."""
     import uvicorn
@@ -244,7 +245,7 @@ def emulator(
         config = default_config().model_copy(update={"faults": Faults.parse(faults)})
     except ValueError as exc:
         _fail(exc)
-    url = f"http://127.0.0.1:{port}"
+    url = f"http://{host}:{port}"
     table = Table(title=f"hosted·ai emulator at {url} (API {url}/openapi.json) · emulator-only keys")
     for column in ("tenant", "team_id", "api_key"):
         table.add_column(column)
@@ -257,7 +258,7 @@ def emulator(
         f"HOMESKILLET_HOSTEDAI_API_KEY={demo.api_key}",
         highlight=False,
     )
-    uvicorn.run(create_app(config), host="127.0.0.1", port=port, log_level="warning")
+    uvicorn.run(create_app(config), host=host, port=port, log_level="warning")
 
 
 @app.command()
