@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 from typing import Literal
 
 from prefect import flow, get_run_logger
+from prefect.runtime import deployment
 from prefect.artifacts import acreate_table_artifact
 from prefect.transactions import atransaction
 from pydantic import ValidationError
@@ -113,10 +114,23 @@ async def fuse_request(
         REQUESTS.labels("error").inc()
         await _record(ctx)
         raise
+    finally:
+        if deployment.id is not None:  # a worker's run: this process ends with the flow
+            await _give_back(ctx)
     REQUESTS.labels("ok").inc()
     # the answer and its artifact while the telemetry is written (awaited all the same: never lost)
     fused, _ = await asyncio.gather(_fuse(plan, results, request, started), _record(ctx))
     return fused
+
+
+async def _give_back(ctx: RunContext) -> None:
+    """Retire what this process holds (idle hosted·ai subscriptions): a deployment's run is its own
+    process, so nothing would ever reuse them. In-process callers (CLI, MCP server) keep theirs
+    warm for their next request and retire them on their own schedule."""
+    try:
+        await ctx.services.shutdown()
+    except Exception as exc:  # the request's own outcome matters more; the idle check retries later
+        ctx.log.warning("hosted·ai subscriptions not retired at the end of the run: %s", exc)
 
 
 async def _fuse(plan: Plan, results: dict[str, FragmentResult], request: InferenceRequest, started: float) -> FusionResult:

@@ -618,7 +618,9 @@ def mcp_serve(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8765,
     catalog: Annotated[Optional[str], typer.Option(help="Catalog file (default: HOMESKILLET_CATALOG or packaged).")] = None,
-    max_concurrent: Annotated[int, typer.Option(help="Concurrent fuse calls per tenant.")] = 2,
+    max_concurrent: Annotated[
+        Optional[int], typer.Option(min=1, help="Concurrent fuse calls per tenant (default: HOMESKILLET_MCP_MAX_CONCURRENT, else 2).")
+    ] = None,
 ) -> None:
     """Serve MCP (tools fuse, plan, classify, allocations) to clients holding a token."""
     api_url = use_local_prefect()

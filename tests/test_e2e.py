@@ -199,3 +199,20 @@ async def test_the_workers_benchmark_completes_its_runs_and_reports_figures(work
     (row,) = await run_scaling(API, [1], requests=2, limit=2, max_tokens=4, log_dir=tmp_path)
     assert (row["workers"], row["requests"], row["completed"]) == (1, 2, 2)
     assert row["rps"] > 0 and 0 < row["latency_p50_s"] <= row["latency_p95_s"] <= row["wall_s"] + 1
+
+
+async def test_a_deployment_run_on_hostedai_retires_its_subscription_when_it_ends(worker, hostedai_tenants):
+    """A worker's run is its own process: what it subscribed to must not outlive it, even with an
+    idle period that would keep it for a next request in a long-lived process."""
+    async with httpx.AsyncClient(base_url=API, timeout=30) as api:
+        deployment = (await api.get("/deployments/name/fuse-request/fuse-request")).raise_for_status().json()
+        run = await api.post(f"/deployments/{deployment['id']}/create_flow_run", json={
+            "parameters": {"prompt": "What is the capital of France?", "tenant": "globex",
+                           "constraints": {"backend": "hostedai", "max_tokens": 8}},
+            "job_variables": {"env": {"HOMESKILLET_HOSTEDAI_IDLE_S": "60"}}})  # fmt: skip
+        run_id = run.raise_for_status().json()["id"]
+    run = await wait_done(run_id)
+    assert run["state"]["type"] == "COMPLETED", run["state"]["message"]
+    assert (await result_of(run_id)).fragments[0].backend == "hostedai"
+    team = hostedai_tenants.teams["globex"].id
+    assert [s for s in hostedai_tenants.state.subs.values() if s.team_id == team and s.unsubscribed is None] == []
