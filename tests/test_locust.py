@@ -1,0 +1,61 @@
+"""Locust (headless, bounded) against a real MCP server on loopback, over both transports."""
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import uvicorn
+
+from connectors.processes import free_port
+from connectors.tokens import TokenStore
+from homeskillet.settings import get_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("assert_no_leaks")
+
+
+@pytest.fixture
+def mcp_server(test_catalog):
+    from homeskillet.mcp_server import create_app
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(test_catalog, max_concurrent=4), host="127.0.0.1", port=port,
+                                           log_level="warning"))  # fmt: skip
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(10)
+
+
+async def test_locust_loads_both_mcp_transports_without_a_failure(mcp_server, monkeypatch):
+    monkeypatch.setenv("ECHO_DELAY_S", "0.2")
+    store = await TokenStore.open(get_settings().pgdata)
+    made = [(tenant, *(await store.create(tenant))) for tenant in ("acme", "globex")]
+    env = os.environ | {
+        "HOMESKILLET_LOAD_TOKENS": ",".join(f"{tenant}:{token}" for tenant, _, token in made),
+        "HOMESKILLET_LOAD_MCP": mcp_server,
+        "HOMESKILLET_LOAD_CONSTRAINTS": json.dumps({"allowed_models": ["echo"], "pool": "roomy", "max_tokens": 8}),
+    }
+    env.pop("HOMESKILLET_LOAD_PREFECT", None)
+    try:
+        done = subprocess.run(
+            [str(Path(sys.executable).with_name("locust")), "-f", "deployments/locustfile.py", "--headless", "-u", "4",
+             "-r", "4", "-t", "12s", "--stop-timeout", "30", "--json", "--only-summary"],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=180,
+        )  # fmt: skip
+    finally:
+        for _, token_id, _ in made:
+            await store.revoke(token_id)
+    assert done.returncode == 0, done.stderr[-3000:]
+    stats = {s["name"]: s for s in json.loads(done.stdout)}
+    for name in ("mcp-http fuse", "mcp-ws fuse"):
+        assert stats[name]["num_requests"] > 0, stats.keys()
+        assert stats[name]["num_failures"] == 0, done.stderr[-3000:]
