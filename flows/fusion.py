@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import time
 from datetime import datetime, timezone
-from typing import Literal
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import acreate_table_artifact
@@ -30,12 +29,14 @@ from homeskillet.schemas import (
     InferenceRequest,
     ModelChoice,
     Plan,
+    Strategy,
     TelemetryRecord,
     Timings,
 )
 from tasks import progress, runtime
 from tasks.context import RunContext
-from tasks.decompose import decompose, fill
+from tasks.covenant import check_request, check_size, restrict, within_budget
+from tasks.decompose import decompose, estimate_tokens, fill
 from tasks.fusion import fuse
 from tasks.resources import allocate, infer, release
 from tasks.routing import fragment_budget, fragment_cost, max_context, preview, route
@@ -72,7 +73,7 @@ def make_request(
 async def fuse_request(
     prompt: str,
     tenant: str = "demo",
-    strategy: Literal["single", "cascade", "ensemble", "moa", "auto"] = "single",
+    strategy: Strategy = "single",
     constraints: Constraints | None = None,
     request_id: str | None = None,
     catalog_path: str | None = None,
@@ -99,20 +100,28 @@ async def fuse_request(
     started = time.perf_counter()
     request = make_request(prompt, tenant, strategy, constraints, request_id)
     services = runtime.services(catalog_path)
-    catalog = services.catalog
-    cat.check_tenant(catalog, request.tenant)
+    covenant = services.covenant(request.tenant)  # the tenant's covenant now (an unknown tenant fails here)
+    check_request(request, covenant, services.catalog)  # asks for nothing the covenant forbids
+    catalog, terms = restrict(services.catalog, covenant)  # routed only where the covenant allows
     limits = request.constraints
     learned = runtime.routing_stats(routing_stats) if routing_stats is not None else None  # a bad file fails here
     plan = await decompose(request.prompt, request.request_id, max_context(catalog, limits), limits.max_tokens,
                            limits.split, limits.task_type)  # fmt: skip
-    ctx = RunContext(request, services, catalog, get_run_logger(), fragment_budget(plan, limits), learned)
-    preview(plan, ctx)  # every fragment has a model within the constraints, before anything is allocated
+    check_size(request.tenant, covenant, estimate_tokens(request.prompt), plan)
+    ctx = RunContext(request, services, catalog, get_run_logger(), fragment_budget(plan, limits), learned,
+                     covenant=covenant, covenant_terms=terms)  # fmt: skip
+    choices = preview(plan, ctx)  # every fragment has a model within the constraints, before anything is allocated
+    await within_budget(ctx, min(c.est_cost_usd for c in choices.values()))  # the budget has room for a call
+    ledger = await services.ledger()
+    running = await ledger.admit(request.tenant, request.request_id, covenant)  # concurrency cap, quota synced
     try:
         results = await run_plan(plan, ctx)
     except BaseException:
         REQUESTS.labels("error").inc()
         await _record(ctx)
         raise
+    finally:
+        await ledger.end_request(running)
     REQUESTS.labels("ok").inc()
     # the answer and its artifact while the telemetry is written (awaited all the same: never lost)
     fused, _ = await asyncio.gather(_fuse(plan, results, request, started), _record(ctx))
@@ -182,6 +191,9 @@ async def attempt_fragment(
         async with atransaction():
             allocation = await allocate(services, request.tenant, request.request_id, choice, ctx.wait_s)
             held.inc()
+            # before each model call, once its slice is held (calls waiting for room see the spend
+            # of those before them): would it overrun the budget? If so the rollback releases it
+            await within_budget(ctx, choice.est_cost_usd)
             ctx.log.info("fragment %s: allocated %s on %s (%g TFLOPS, %g GB)", fragment.id, allocation.allocation_id,
                          allocation.pool, allocation.tflops, allocation.vram_gb)  # fmt: skip
             progress.emit(request.request_id, "allocated", fragment_id=fragment.id, model=allocation.model,
@@ -224,6 +236,8 @@ async def attempt_fragment(
         reason=choice.reason,
         attempts=attempt,
     )
+    await (await services.ledger()).record_spend(allocation.allocation_id, request.tenant, request.request_id,
+                                                 result.cost_usd)  # fmt: skip
     _keep(ctx.records, TelemetryRecord(
         **record, **timings.model_dump(), tokens_in=result.tokens_in, tokens_out=result.tokens_out,
         cost_usd=result.cost_usd, outcome="ok",

@@ -15,9 +15,9 @@ from pydantic import BaseModel, ConfigDict
 
 from connectors.backend import Backend
 from connectors.hostedai_backend import HostedAIBackend
+from connectors.ledger import Ledger
 from connectors.local_backend import LocalBackend
 from connectors.telemetry import serve_metrics
-from connectors.ledger import Ledger
 from homeskillet.catalog import load_catalog, with_measurements
 from homeskillet.errors import InvalidRequest, UnknownTenant
 from homeskillet.schemas import Allocation, Catalog, Covenant

@@ -116,7 +116,7 @@ async def test_the_tflops_quota_holds_across_two_processes_racing(ledger):
         held = [a for a in await ledger.held(tenant)]
         assert sum(a.tflops for a in held) == pytest.approx(2.0)
         # both racers hold a running request, and the cap is 2: a third is refused, naming the term
-        with pytest.raises(CovenantViolation, match="max_concurrent_requests: limit 2 at once, current usage 2 running"):
+        with pytest.raises(CovenantViolation, match="max_concurrent_requests: limit 2 at once, current usage 2 run"):
             await ledger.admit(tenant, "third", Covenant(max_tflops=2.0, max_concurrent_requests=2))
     finally:
         for p in procs:
@@ -130,3 +130,108 @@ async def test_the_tflops_quota_holds_across_two_processes_racing(ledger):
     with pytest.raises(CovenantViolation, match="max_tflops: limit 2 TFLOPS held at once.*one slice asks 3"):
         await ledger.reserve(allocation_id=new_allocation_id(), tenant=tenant, request_id="r",
                              pool=ledger.pools[0], model="m", tflops=3.0, vram_gb=0.1, wait_s=5)  # fmt: skip
+
+
+# --- the flow: routing narrowed, refusals, budgets, changes without a restart ----------------
+
+NARROW = {"allowed_models": ["echo", "echo-lite"], "allowed_tiers": ["preemptible"], "allowed_regions": ["local"]}
+
+
+@pytest.fixture
+def covenant_catalog(tmp_path, test_catalog):
+    """A catalog file whose tenants have covenants; `write(**covenants)` rewrites them."""
+    path = tmp_path / "covenants.yaml"
+
+    def write(**covenants):
+        return write_catalog(path, test_catalog, {"acme": {}, **{t.replace("_", "-"): c for t, c in covenants.items()}})
+
+    write.path = write(cov_narrow=NARROW)
+    return write
+
+
+@pytest.mark.usefixtures("assert_no_leaks")
+@pytest.mark.parametrize(
+    ("constraints", "strategy", "term"),
+    [
+        ({"allowed_models": ["smollm2-135m"]}, "single", "allowed_models"),
+        ({"tier": "dedicated"}, "single", "allowed_tiers"),
+        ({"backend": "hostedai", "pool": "hostedai-preemptible"}, "single", "allowed_regions"),
+        ({"pool": "tiny"}, "single", "allowed_tiers"),
+    ],
+)
+async def test_a_request_asking_for_what_its_covenant_forbids_is_refused_before_anything_runs(
+    covenant_catalog, echo_server, constraints, strategy, term
+):
+    seen = len(echo_server.seen)
+    with pytest.raises(CovenantViolation) as refusal:
+        await fuse_request(prompt="Say hi.", tenant="cov-narrow", strategy=strategy, constraints=constraints,
+                           catalog_path=covenant_catalog.path)  # fmt: skip
+    assert refusal.value.term == term and refusal.value.tenant == "cov-narrow"
+    assert f"tenant 'cov-narrow' covenant term {term}: limit" in str(refusal.value)
+    assert len(echo_server.seen) == seen  # no model was called
+
+
+@pytest.mark.usefixtures("assert_no_leaks")
+async def test_a_request_is_routed_within_its_covenant_and_its_provenance_says_so(covenant_catalog):
+    result = await fuse_request(prompt="Say hi.", tenant="cov-narrow", catalog_path=covenant_catalog.path)
+    (fragment,) = result.fragments
+    assert fragment.model in ("echo", "echo-lite") and fragment.tier == "preemptible"
+    assert fragment.covenant_version == Covenant(**NARROW).version
+    assert fragment.covenant_terms == ["allowed_models", "allowed_regions", "allowed_tiers"]
+
+
+@pytest.mark.usefixtures("assert_no_leaks")
+async def test_a_covenant_change_holds_from_the_next_request_without_a_restart(covenant_catalog):
+    asked = {"allowed_models": ["echo"], "pool": "roomy", "max_tokens": 8}
+    first = await fuse_request(prompt="Say hi.", tenant="cov-change", constraints=asked,
+                               catalog_path=covenant_catalog(cov_change={}))  # fmt: skip
+    assert first.fragments[0].model == "echo"
+    covenant_catalog(cov_change={"allowed_models": ["echo-lite"]})
+    with pytest.raises(CovenantViolation, match="covenant term allowed_models: limit \\['echo-lite'\\]"):
+        await fuse_request(prompt="Say hi.", tenant="cov-change", constraints=asked, catalog_path=covenant_catalog.path)
+    second = await fuse_request(prompt="Say hi.", tenant="cov-change", constraints={"max_tokens": 8},
+                                catalog_path=covenant_catalog.path)  # fmt: skip
+    assert second.fragments[0].model == "echo-lite"
+    assert second.fragments[0].covenant_version != first.fragments[0].covenant_version
+
+
+@pytest.mark.usefixtures("assert_no_leaks")
+async def test_a_budget_crossed_mid_request_stops_it_and_releases_everything(covenant_catalog, echo_server):
+    """Three fragments that take turns on the one-slice pool `tiny`: the first spends more than
+    the budget has left for another call, so the second is refused once its slice is held, and
+    the request stops with everything released."""
+    catalog = runtime.catalog(covenant_catalog.path)
+    echo = next(m for m in catalog.models if m.name == "echo")
+    tiny = next(p for p in catalog.pools if p.id == "tiny")
+    one_call = estimate_cost(echo, tiny, 5, 128)
+    path = covenant_catalog(cov_budget={"budget_usd_per_day": 1.5 * one_call})
+    seen = len(echo_server.seen)
+    with pytest.raises(CovenantViolation, match="covenant term budget_usd_per_day: limit .* spent today"):
+        await fuse_request(prompt="1. Say one.\n2. Say two.\n3. Say three.", tenant="cov-budget",
+                           constraints={"allowed_models": ["echo"], "pool": "tiny"}, catalog_path=path)  # fmt: skip
+    assert len(echo_server.seen) - seen == 1  # one call ran; the others were stopped before theirs
+    ledger = await runtime.services(path).ledger()
+    day, month = await ledger.spend("cov-budget")
+    assert 0 < day == month
+    seen = len(echo_server.seen)
+    with pytest.raises(CovenantViolation, match="budget_usd_per_day"):  # the next request does not start
+        await fuse_request(prompt="Say hi.", tenant="cov-budget", catalog_path=path,
+                           constraints={"allowed_models": ["echo"], "pool": "tiny"})  # fmt: skip
+    assert len(echo_server.seen) == seen
+    usage = await ledger.usage("cov-budget")
+    assert usage["held_slices"] == 0 and usage["requests_running"] == 0
+
+
+def test_the_cli_exits_2_naming_the_term_and_shows_the_usage(covenant_catalog):
+    env = os.environ | {"HOMESKILLET_CATALOG": covenant_catalog.path}
+    done = subprocess.run([HOMESKILLET, "run", "Say hi.", "--tenant", "cov-narrow", "--tier", "dedicated"],
+                          capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "tenant 'cov-narrow' covenant term allowed_tiers: limit ['preemptible']" in done.stderr
+    assert "Traceback" not in done.stderr
+    shown = subprocess.run([HOMESKILLET, "covenant", "show", "cov-narrow", "--json"], capture_output=True,
+                           text=True, timeout=300, env=env)  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    report = json.loads(shown.stdout)
+    assert report["version"] == Covenant(**NARROW).version and report["terms"] == NARROW
+    assert report["usage"]["held_slices"] == 0 and report["usage"]["spend_usd_today"] >= 0
