@@ -18,7 +18,7 @@ from prefect.artifacts import acreate_table_artifact
 from prefect.transactions import atransaction
 from pydantic import ValidationError
 
-from connectors.telemetry import HELD, REQUESTS, observe
+from connectors.telemetry import HELD, REQUESTS, TENANT_HELD, observe
 from homeskillet import catalog as cat
 from homeskillet.errors import InvalidRequest
 from homeskillet.schemas import (
@@ -185,12 +185,13 @@ async def attempt_fragment(
         pool=pool.id, tier=pool.tier, allocation_id=None, tflops=choice.tflops, vram_gb=choice.vram_gb,
     )  # fmt: skip
     t0 = time.perf_counter()
-    held = HELD.labels(pool.backend)
+    held, tenant_held = HELD.labels(pool.backend), TENANT_HELD.labels(request.tenant)
     allocation = None
     try:
         async with atransaction():
             allocation = await allocate(services, request.tenant, request.request_id, choice, ctx.wait_s)
             held.inc()
+            tenant_held.inc()
             # before each model call, once its slice is held (calls waiting for room see the spend
             # of those before them): would it overrun the budget? If so the rollback releases it
             await within_budget(ctx, choice.est_cost_usd)
@@ -217,6 +218,7 @@ async def attempt_fragment(
     finally:
         if allocation is not None:
             held.dec()  # released by the release task or, on failure, by the rollback hook
+            tenant_held.dec()
     held_s = (ended_at - allocation.created_at).total_seconds()
     tokens = completion.tokens_in + completion.tokens_out
     timings = Timings(allocate_s=t1 - t0, first_token_s=completion.first_token_s, infer_s=t2 - t1, release_s=t3 - t2)

@@ -44,14 +44,18 @@ class Services(BaseModel):
         """The tenant's covenant as the catalog file says now: re-read when the file changes, so a
         new covenant holds from the next request on without a restart (models and pools stay as
         this process first read them)."""
+        covenants = self.covenants()
+        if tenant not in covenants:
+            raise UnknownTenant(f"unknown tenant {tenant!r}; add it to the catalog's tenants")
+        return covenants[tenant]
+
+    def covenants(self) -> dict[str, Covenant]:
+        """Every tenant's covenant as the catalog file says now (parsed again only when it changed)."""
         try:
             version = self.catalog_path.stat().st_mtime_ns
         except OSError as exc:
             raise InvalidRequest(f"catalog {self.catalog_path}: {exc.strerror}") from None
-        covenants = _covenants(self.catalog_path, version)
-        if tenant not in covenants:
-            raise UnknownTenant(f"unknown tenant {tenant!r}; add it to the catalog's tenants")
-        return covenants[tenant]
+        return _covenants(self.catalog_path, version)
 
     async def ledger(self) -> Ledger:
         """The shared ledger (allocations, tenants' quotas, running requests, spend)."""

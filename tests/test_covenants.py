@@ -9,6 +9,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -235,3 +236,31 @@ def test_the_cli_exits_2_naming_the_term_and_shows_the_usage(covenant_catalog):
     report = json.loads(shown.stdout)
     assert report["version"] == Covenant(**NARROW).version and report["terms"] == NARROW
     assert report["usage"]["held_slices"] == 0 and report["usage"]["spend_usd_today"] >= 0
+
+
+# --- visible: cost report and metrics ------------------------------------------------------
+
+
+def test_the_cost_report_shows_spend_against_budget():
+    from tasks.cost_analysis import analyse, budgets
+
+    table = budgets({"acme": Covenant(budget_usd_per_day=0.001), "globex": Covenant()},
+                    {"acme": (0.00025, 0.0005)})  # fmt: skip
+    assert table.set_index("tenant").loc["acme", "day_used"] == "25%"
+    assert table.set_index("tenant").loc["globex", "spend_month_usd"] == 0.0
+    report = analyse(pd.DataFrame(), runtime.catalog(), table)
+    assert "## Spend against budget" in report.markdown and "| acme | 0.00025 | 0.001 | 25% |" in report.markdown
+
+
+@pytest.mark.usefixtures("assert_no_leaks")
+async def test_prometheus_counts_spend_per_tenant(covenant_catalog):
+    from prometheus_client import REGISTRY
+
+    def spent() -> float:
+        return REGISTRY.get_sample_value("homeskillet_tenant_spend_usd_total", {"tenant": "cov-metrics"}) or 0.0
+
+    before = spent()
+    result = await fuse_request(prompt="Say hi.", tenant="cov-metrics", constraints={"max_tokens": 8},
+                                catalog_path=covenant_catalog(cov_metrics={}))  # fmt: skip
+    assert spent() - before == pytest.approx(result.cost_usd)
+    assert REGISTRY.get_sample_value("homeskillet_tenant_allocations_held", {"tenant": "cov-metrics"}) == 0
