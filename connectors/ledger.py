@@ -353,8 +353,8 @@ class Ledger:
             version = await conn.fetchval("SELECT covenant_version FROM tenants WHERE id = $1", tenant)
         return {
             "held_slices": len(held),
-            "tflops_held": sum(a.tflops for a in held),
-            "vram_gb_held": sum(a.vram_gb for a in held),
+            "tflops_held": sum((a.tflops for a in held), 0.0),
+            "vram_gb_held": sum((a.vram_gb for a in held), 0.0),
             "spend_usd_today": day,
             "spend_usd_month": month,
             "requests_running": len(running),
