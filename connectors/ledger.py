@@ -14,15 +14,17 @@ what each allocation cost, for budgets.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import socket
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
+from typing import TypeVar
 
 import asyncpg
 import psutil
@@ -32,6 +34,7 @@ from homeskillet.errors import AllocationNotFound, CapacityTimeout, CovenantViol
 from homeskillet.schemas import Allocation, Covenant, PoolSpec
 
 EPS = 1e-9
+T = TypeVar("T")
 HOST = socket.gethostname()
 
 SCHEMA = """
@@ -93,6 +96,19 @@ COLUMNS = (
     "allocation_id, tenant, request_id, backend, pool, model, tflops, vram_gb, endpoint, created_at, "
     "lease_expires_at, state"
 )
+
+
+async def _settled(work: Awaitable[T]) -> T:
+    """Run `work` to its end even when the caller is cancelled meanwhile, then pass the
+    cancellation on: a reservation is committed or rolled back before whoever was cancelled goes
+    on to release it (else a release could run before the reservation's commit lands, and miss it)."""
+    task = asyncio.ensure_future(work)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        with contextlib.suppress(BaseException):
+            await task
+        raise
 
 
 def new_allocation_id() -> str:
@@ -200,7 +216,10 @@ class Ledger:
         deadline = time.monotonic() + wait_s
         delay = 0.05
         over_quota: CovenantViolation | None = None
-        while True:
+        row = free_t = free_v = None
+
+        async def attempt() -> Allocation | None:
+            nonlocal row, free_t, free_v, over_quota
             async with self._connect() as conn:
                 async with conn.transaction():
                     row = await conn.fetchrow("SELECT tflops, vram_gb FROM pools WHERE id = $1 FOR UPDATE", pool)
@@ -241,6 +260,12 @@ class Ledger:
                             backend,
                         )
                         return Allocation(**dict(record))
+            return None
+
+        while True:
+            allocation = await _settled(attempt())
+            if allocation is not None:
+                return allocation
             if time.monotonic() >= deadline:
                 if over_quota is not None:
                     raise over_quota

@@ -18,6 +18,7 @@ from prefect.artifacts import acreate_table_artifact
 from prefect.transactions import atransaction
 from pydantic import ValidationError
 
+from connectors.ledger import new_allocation_id
 from connectors.telemetry import HELD, REQUESTS, TENANT_HELD, observe
 from homeskillet import catalog as cat
 from homeskillet.errors import InvalidRequest
@@ -38,7 +39,7 @@ from tasks.context import RunContext
 from tasks.covenant import check_request, check_size, restrict, within_budget
 from tasks.decompose import decompose, estimate_tokens, fill
 from tasks.fusion import fuse
-from tasks.resources import allocate, infer, release
+from tasks.resources import allocate, infer, release, release_if_reserved
 from tasks.routing import fragment_budget, fragment_cost, max_context, preview, route
 from tasks.telemetry import record_telemetry
 
@@ -184,12 +185,14 @@ async def attempt_fragment(
         task_type=fragment.task_type, strategy=request.strategy, model=choice.model, backend=pool.backend,
         pool=pool.id, tier=pool.tier, allocation_id=None, tflops=choice.tflops, vram_gb=choice.vram_gb,
     )  # fmt: skip
+    allocation_id = new_allocation_id()
     t0 = time.perf_counter()
     held, tenant_held = HELD.labels(pool.backend), TENANT_HELD.labels(request.tenant)
     allocation = None
     try:
         async with atransaction():
-            allocation = await allocate(services, request.tenant, request.request_id, choice, ctx.wait_s)
+            allocation = await allocate(services, request.tenant, request.request_id, choice, ctx.wait_s,
+                                        allocation_id)  # fmt: skip
             held.inc()
             tenant_held.inc()
             # before each model call, once its slice is held (calls waiting for room see the spend
@@ -212,6 +215,10 @@ async def attempt_fragment(
                           pool=allocation.pool, allocation_id=allocation.allocation_id,
                           tokens_out=completion.tokens_out)  # fmt: skip
     except BaseException as exc:
+        if allocation is None:
+            # allocate did not hand its slice back (it failed, or was cancelled after reserving and
+            # then crashed, and a crashed task stages no rollback hook): release it here, if reserved
+            await release_if_reserved(services, choice.backend, allocation_id, request.tenant)
         _keep(ctx.records, TelemetryRecord(**record, allocate_s=time.perf_counter() - t0, outcome="error",
                                            error_class=type(exc).__name__))  # fmt: skip
         raise
