@@ -4,31 +4,39 @@ Every process that runs flows on this machine (the CLI, workers, tests) shares i
 enforced under a row lock on the pool, so two processes can never over-commit a pool.
 A lease ends when it is released, when its expiry passes, or at once when its holder process
 (on this host) is gone: expiry is the backstop for holders that crashed without releasing.
+
+Covenants: a tenant's row holds the TFLOPS/VRAM it may hold at once, checked in `reserve` under
+the pool row's lock and then the tenant row's; `requests` holds the requests running now (per
+holder process, so a dead process's rows do not count) for concurrency caps; `spend` records
+what each allocation cost, for budgets.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import secrets
 import socket
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
+from typing import TypeVar
 
 import asyncpg
 import psutil
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential
 
 from connectors import postgres
-from homeskillet.errors import AllocationNotFound, CapacityTimeout, NoRoute, ServiceError
-from homeskillet.schemas import Allocation, PoolSpec
+from homeskillet.errors import AllocationNotFound, CapacityTimeout, CovenantViolation, NoRoute, ServiceError
+from homeskillet.schemas import Allocation, Covenant, PoolSpec
 
 EPS = 1e-9
+T = TypeVar("T")
 HOST = socket.gethostname()
 
 SCHEMA = """
@@ -56,12 +64,53 @@ CREATE TABLE IF NOT EXISTS allocations (
 );
 ALTER TABLE allocations ADD COLUMN IF NOT EXISTS backend text NOT NULL DEFAULT 'local';
 CREATE INDEX IF NOT EXISTS allocations_active_pool ON allocations (pool) WHERE state = 'active';
+CREATE INDEX IF NOT EXISTS allocations_active_tenant ON allocations (tenant) WHERE state = 'active';
+CREATE TABLE IF NOT EXISTS tenants (
+    id text PRIMARY KEY,
+    max_tflops double precision,
+    max_vram_gb double precision,
+    covenant_version text NOT NULL DEFAULT ''
+);
+CREATE TABLE IF NOT EXISTS requests (
+    id text PRIMARY KEY,
+    tenant text NOT NULL,
+    request_id text NOT NULL,
+    holder text NOT NULL,
+    started_at timestamptz NOT NULL DEFAULT now(),
+    ended_at timestamptz
+);
+CREATE INDEX IF NOT EXISTS requests_running ON requests (tenant) WHERE ended_at IS NULL;
+CREATE TABLE IF NOT EXISTS spend (
+    allocation_id text PRIMARY KEY,
+    tenant text NOT NULL,
+    request_id text NOT NULL,
+    cost_usd double precision NOT NULL,
+    at timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS spend_tenant_at ON spend (tenant, at);
 """
+
+# the start of this UTC day and month, as timestamptz
+DAY = "(date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC')"
+MONTH = "(date_trunc('month', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC')"
 
 COLUMNS = (
     "allocation_id, tenant, request_id, backend, pool, model, tflops, vram_gb, endpoint, created_at, "
     "lease_expires_at, state"
 )
+
+
+async def _settled(work: Awaitable[T]) -> T:
+    """Run `work` to its end even when the caller is cancelled meanwhile, then pass the
+    cancellation on: a reservation is committed or rolled back before whoever was cancelled goes
+    on to release it (else a release could run before the reservation's commit lands, and miss it)."""
+    task = asyncio.ensure_future(work)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        with contextlib.suppress(BaseException):
+            await task
+        raise
 
 
 def new_allocation_id() -> str:
@@ -205,10 +254,16 @@ class Ledger:
         backend: str = "local",
     ) -> Allocation:
         """Reserve a slice of the pool under the given id (from new_allocation_id), waiting up to
-        wait_s for room; raise CapacityTimeout after. `backend` names who serves it."""
+        wait_s for room in the pool and in the tenant's quota (its covenant's max_tflops and
+        max_vram_gb, synced by `admit`); raise CapacityTimeout or CovenantViolation after.
+        `backend` names who serves it."""
         deadline = time.monotonic() + wait_s
         delay = 0.05
-        while True:
+        over_quota: CovenantViolation | None = None
+        row = free_t = free_v = None
+
+        async def attempt() -> Allocation | None:
+            nonlocal row, free_t, free_v, over_quota
             async with self._connect() as conn:
                 async with conn.transaction():
                     row = await conn.fetchrow("SELECT tflops, vram_gb FROM pools WHERE id = $1 FOR UPDATE", pool)
@@ -225,14 +280,18 @@ class Ledger:
                             f"pool {pool!r} ({row['tflops']:g} TFLOPS, {row['vram_gb']:g} GB) is too small "
                             f"for {model} ({tflops:g} TFLOPS, {vram_gb:g} GB)"
                         )
+                    quota = await conn.fetchrow(  # lock order: the pool row, then the tenant row
+                        "SELECT max_tflops, max_vram_gb FROM tenants WHERE id = $1 FOR UPDATE", tenant
+                    )
                     await self._expire(conn, pool)
+                    over_quota = await self._over_quota(conn, tenant, quota, tflops, vram_gb)
                     used = await conn.fetchrow(
                         "SELECT coalesce(sum(tflops), 0) AS t, coalesce(sum(vram_gb), 0) AS v "
                         "FROM allocations WHERE pool = $1 AND state = 'active'",
                         pool,
                     )
                     free_t, free_v = row["tflops"] - used["t"], row["vram_gb"] - used["v"]
-                    if tflops <= free_t + EPS and vram_gb <= free_v + EPS:
+                    if over_quota is None and tflops <= free_t + EPS and vram_gb <= free_v + EPS:
                         record = await conn.fetchrow(
                             f"""INSERT INTO allocations
                                 (allocation_id, tenant, request_id, pool, model, tflops, vram_gb, holder,
@@ -251,7 +310,15 @@ class Ledger:
                             backend,
                         )
                         return Allocation(**dict(record))
+            return None
+
+        while True:
+            allocation = await _settled(attempt())
+            if allocation is not None:
+                return allocation
             if time.monotonic() >= deadline:
+                if over_quota is not None:
+                    raise over_quota
                 raise CapacityTimeout(
                     f"pool {pool!r} had no room for {model} ({tflops:g} TFLOPS, {vram_gb:g} GB) within "
                     f"{wait_s:g}s: {free_t:g} TFLOPS and {free_v:g} GB free of {row['tflops']:g} and "
@@ -259,6 +326,125 @@ class Ledger:
                 )
             await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
             delay = min(delay * 2, 0.5)
+
+    async def _over_quota(
+        self, conn: asyncpg.Connection, tenant: str, quota: asyncpg.Record | None, tflops: float, vram_gb: float
+    ) -> CovenantViolation | None:
+        """Why the slice would take the tenant past its quota (None when it fits); a slice larger
+        than the quota itself is refused at once."""
+        if quota is None or (quota["max_tflops"] is None and quota["max_vram_gb"] is None):
+            return None
+        held_t, held_v = await self._tenant_holds(conn, tenant)
+        for term, limit, held, asked, unit in (
+            ("max_tflops", quota["max_tflops"], held_t, tflops, "TFLOPS"),
+            ("max_vram_gb", quota["max_vram_gb"], held_v, vram_gb, "GB"),
+        ):
+            if limit is None:
+                continue
+            if asked > limit + EPS:
+                raise CovenantViolation(tenant, term, f"{limit:g} {unit} held at once", f"{held:g} {unit} held",
+                                        f"one slice asks {asked:g} {unit}")  # fmt: skip
+            if held + asked > limit + EPS:
+                return CovenantViolation(tenant, term, f"{limit:g} {unit} held at once", f"{held:g} {unit} held",
+                                         f"the next slice asks {asked:g} {unit}")  # fmt: skip
+        return None
+
+    async def _tenant_holds(self, conn: asyncpg.Connection, tenant: str) -> tuple[float, float]:
+        """TFLOPS and VRAM the tenant holds now, across pools: live leases only (read, not ended
+        here: ending another pool's leases would take its rows out of lock order)."""
+        rows = await conn.fetch(
+            "SELECT tflops, vram_gb, holder FROM allocations "
+            "WHERE tenant = $1 AND state = 'active' AND lease_expires_at >= now()",
+            tenant,
+        )
+        alive = {h: _holder_alive(h) for h in {r["holder"] for r in rows}}
+        live = [r for r in rows if alive[r["holder"]]]
+        return sum(r["tflops"] for r in live), sum(r["vram_gb"] for r in live)
+
+    async def admit(self, tenant: str, request_id: str, covenant: Covenant) -> str:
+        """Start a request under the tenant's covenant: sync its quota to the tenant row, refuse
+        with CovenantViolation when max_concurrent_requests run already (in any live process),
+        else record it as running. Returns the key to `end_request` with."""
+        key = "req-" + secrets.token_urlsafe(12)
+        await self._admit(key, tenant, request_id, covenant)
+        return key
+
+    @_reconnecting
+    async def _admit(self, key: str, tenant: str, request_id: str, covenant: Covenant) -> None:
+        async with self._connect() as conn:
+            async with conn.transaction():
+                if await conn.fetchval("SELECT 1 FROM requests WHERE id = $1", key):
+                    return  # a retry after a lost reply: it committed the first time
+                await conn.execute(  # the upsert locks the tenant row until the request is recorded
+                    """INSERT INTO tenants (id, max_tflops, max_vram_gb, covenant_version) VALUES ($1, $2, $3, $4)
+                       ON CONFLICT (id) DO UPDATE SET max_tflops = $2, max_vram_gb = $3, covenant_version = $4""",
+                    tenant, covenant.max_tflops, covenant.max_vram_gb, covenant.version,
+                )  # fmt: skip
+                limit = covenant.max_concurrent_requests
+                if limit is not None:
+                    running = len(await self._running(conn, tenant))
+                    if running >= limit:
+                        raise CovenantViolation(tenant, "max_concurrent_requests", f"{limit} at once",
+                                                f"{running} running")  # fmt: skip
+                await conn.execute(
+                    "INSERT INTO requests (id, tenant, request_id, holder) VALUES ($1, $2, $3, $4)",
+                    key, tenant, request_id, self._holder,
+                )  # fmt: skip
+
+    @_reconnecting
+    async def end_request(self, key: str) -> None:
+        async with self._connect() as conn:
+            await conn.execute("UPDATE requests SET ended_at = now() WHERE id = $1 AND ended_at IS NULL", key)
+
+    async def _running(self, conn: asyncpg.Connection, tenant: str) -> list[str]:
+        """The tenant's requests running now in live processes (a dead holder's rows are ended)."""
+        rows = await conn.fetch("SELECT id, holder FROM requests WHERE tenant = $1 AND ended_at IS NULL", tenant)
+        alive = {h: _holder_alive(h) for h in {r["holder"] for r in rows}}
+        dead = [r["id"] for r in rows if not alive[r["holder"]]]
+        if dead:
+            await conn.execute("UPDATE requests SET ended_at = now() WHERE id = ANY($1::text[])", dead)
+        return [r["id"] for r in rows if alive[r["holder"]]]
+
+    @_reconnecting
+    async def record_spend(self, allocation_id: str, tenant: str, request_id: str, cost_usd: float) -> None:
+        """What one allocation cost its tenant (once per allocation)."""
+        async with self._connect() as conn:
+            await conn.execute(
+                "INSERT INTO spend (allocation_id, tenant, request_id, cost_usd) VALUES ($1, $2, $3, $4) "
+                "ON CONFLICT (allocation_id) DO NOTHING",
+                allocation_id, tenant, request_id, cost_usd,
+            )  # fmt: skip
+
+    @_reconnecting
+    async def spend(self, tenant: str) -> tuple[float, float]:
+        """The tenant's spend this UTC day and this UTC month, US$."""
+        async with self._connect() as conn:
+            row = await conn.fetchrow(
+                f"SELECT coalesce(sum(cost_usd) FILTER (WHERE at >= {DAY}), 0) AS day, "
+                f"coalesce(sum(cost_usd), 0) AS month FROM spend WHERE tenant = $1 AND at >= {MONTH}",
+                tenant,
+            )
+        return row["day"], row["month"]
+
+    @_reconnecting
+    async def usage(self, tenant: str) -> dict:
+        """What the tenant uses now: held slices, TFLOPS and VRAM held, spend today and this month,
+        requests running, and the covenant version its quota was last synced from."""
+        held = await self.held(tenant)
+        day, month = await self.spend(tenant)
+        async with self._connect() as conn:
+            async with conn.transaction():
+                running = await self._running(conn, tenant)
+            version = await conn.fetchval("SELECT covenant_version FROM tenants WHERE id = $1", tenant)
+        return {
+            "held_slices": len(held),
+            "tflops_held": sum((a.tflops for a in held), 0.0),
+            "vram_gb_held": sum((a.vram_gb for a in held), 0.0),
+            "spend_usd_today": day,
+            "spend_usd_month": month,
+            "requests_running": len(running),
+            "synced_covenant_version": version,
+        }
 
     @_reconnecting
     async def set_endpoint(self, allocation_id: str, endpoint: str) -> Allocation:

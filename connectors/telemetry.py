@@ -67,6 +67,8 @@ REQUESTS = Counter("homeskillet_requests_total", "Fused requests", ["outcome"])
 FRAGMENTS = Counter("homeskillet_fragments_total", "Fragment attempts", ["backend", "model", "outcome"])
 LATENCY = Histogram("homeskillet_fragment_seconds", "Fragment allocate+infer+release", ["backend", "model"])
 HELD = Gauge("homeskillet_allocations_held", "Allocations this process holds now", ["backend"])
+TENANT_HELD = Gauge("homeskillet_tenant_allocations_held", "Allocations this process holds now, per tenant", ["tenant"])
+TENANT_SPEND = Counter("homeskillet_tenant_spend_usd", "US$ spent by this process's fragments, per tenant", ["tenant"])
 BREAKER = Gauge("homeskillet_breaker_open", "1 while a hosted·ai circuit is open", ["url"])
 
 
@@ -75,6 +77,7 @@ def observe(record: TelemetryRecord) -> None:
     if record.outcome == "ok":
         total = (record.allocate_s or 0) + (record.infer_s or 0) + (record.release_s or 0)
         LATENCY.labels(record.backend, record.model).observe(total)
+        TENANT_SPEND.labels(record.tenant).inc(record.cost_usd)
 
 
 def serve_metrics(port: int) -> None:

@@ -10,7 +10,7 @@ from prefect.artifacts import acreate_markdown_artifact
 
 from connectors.telemetry import read_records
 from tasks import runtime
-from tasks.cost_analysis import analyse_costs
+from tasks.cost_analysis import analyse_costs, budgets
 
 
 @flow(name="cost-report", persist_result=True, result_serializer="json")
@@ -28,7 +28,10 @@ async def cost_report(since_days: int = 7, catalog_path: str | None = None) -> s
     if not frame.empty:
         cutoff = datetime.now(timezone.utc) - timedelta(days=since_days)
         frame = frame[frame.ts >= cutoff]
-    report = await analyse_costs(frame, services.catalog)
+    covenants = services.covenants()
+    ledger = await services.ledger()
+    spend = {tenant: await ledger.spend(tenant) for tenant in covenants}
+    report = await analyse_costs(frame, services.catalog, budgets(covenants, spend))
     folder = settings.home / "reports"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"cost-report-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}.md"

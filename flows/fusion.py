@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import time
 from datetime import datetime, timezone
-from typing import Literal
 
 from prefect import flow, get_run_logger
 from prefect.runtime import deployment
@@ -20,7 +19,8 @@ from prefect.artifacts import acreate_table_artifact
 from prefect.transactions import atransaction
 from pydantic import ValidationError
 
-from connectors.telemetry import HELD, REQUESTS, observe
+from connectors.ledger import new_allocation_id
+from connectors.telemetry import HELD, REQUESTS, TENANT_HELD, observe
 from homeskillet import catalog as cat
 from homeskillet.errors import InvalidRequest
 from homeskillet.schemas import (
@@ -31,14 +31,16 @@ from homeskillet.schemas import (
     InferenceRequest,
     ModelChoice,
     Plan,
+    Strategy,
     TelemetryRecord,
     Timings,
 )
 from tasks import progress, runtime
 from tasks.context import RunContext
-from tasks.decompose import decompose, fill
+from tasks.covenant import check_request, check_size, restrict, within_budget
+from tasks.decompose import decompose, estimate_tokens, fill
 from tasks.fusion import fuse
-from tasks.resources import allocate, infer, release
+from tasks.resources import allocate, infer, release, release_if_reserved
 from tasks.routing import fragment_budget, fragment_cost, max_context, preview, route
 from tasks.telemetry import record_telemetry
 
@@ -73,7 +75,7 @@ def make_request(
 async def fuse_request(
     prompt: str,
     tenant: str = "demo",
-    strategy: Literal["single", "cascade", "ensemble", "moa", "auto"] = "single",
+    strategy: Strategy = "single",
     constraints: Constraints | None = None,
     request_id: str | None = None,
     catalog_path: str | None = None,
@@ -100,14 +102,20 @@ async def fuse_request(
     started = time.perf_counter()
     request = make_request(prompt, tenant, strategy, constraints, request_id)
     services = runtime.services(catalog_path)
-    catalog = services.catalog
-    cat.check_tenant(catalog, request.tenant)
+    covenant = services.covenant(request.tenant)  # the tenant's covenant now (an unknown tenant fails here)
+    check_request(request, covenant, services.catalog)  # asks for nothing the covenant forbids
+    catalog, terms = restrict(services.catalog, covenant)  # routed only where the covenant allows
     limits = request.constraints
     learned = runtime.routing_stats(routing_stats) if routing_stats is not None else None  # a bad file fails here
     plan = await decompose(request.prompt, request.request_id, max_context(catalog, limits), limits.max_tokens,
                            limits.split, limits.task_type)  # fmt: skip
-    ctx = RunContext(request, services, catalog, get_run_logger(), fragment_budget(plan, limits), learned)
-    preview(plan, ctx)  # every fragment has a model within the constraints, before anything is allocated
+    check_size(request.tenant, covenant, estimate_tokens(request.prompt), plan)
+    ctx = RunContext(request, services, catalog, get_run_logger(), fragment_budget(plan, limits), learned,
+                     covenant=covenant, covenant_terms=terms)  # fmt: skip
+    choices = preview(plan, ctx)  # every fragment has a model within the constraints, before anything is allocated
+    await within_budget(ctx, min(c.est_cost_usd for c in choices.values()))  # the budget has room for a call
+    ledger = await services.ledger()
+    running = await ledger.admit(request.tenant, request.request_id, covenant)  # concurrency cap, quota synced
     try:
         results = await run_plan(plan, ctx)
     except BaseException:
@@ -115,6 +123,7 @@ async def fuse_request(
         await _record(ctx)
         raise
     finally:
+        await ledger.end_request(running)
         if deployment.id is not None:  # a worker's run: this process ends with the flow
             await _give_back(ctx)
     REQUESTS.labels("ok").inc()
@@ -189,13 +198,19 @@ async def attempt_fragment(
         task_type=fragment.task_type, strategy=request.strategy, model=choice.model, backend=pool.backend,
         pool=pool.id, tier=pool.tier, allocation_id=None, tflops=choice.tflops, vram_gb=choice.vram_gb,
     )  # fmt: skip
+    allocation_id = new_allocation_id()
     t0 = time.perf_counter()
-    held = HELD.labels(pool.backend)
+    held, tenant_held = HELD.labels(pool.backend), TENANT_HELD.labels(request.tenant)
     allocation = None
     try:
         async with atransaction():
-            allocation = await allocate(services, request.tenant, request.request_id, choice, ctx.wait_s)
+            allocation = await allocate(services, request.tenant, request.request_id, choice, ctx.wait_s,
+                                        allocation_id)  # fmt: skip
             held.inc()
+            tenant_held.inc()
+            # before each model call, once its slice is held (calls waiting for room see the spend
+            # of those before them): would it overrun the budget? If so the rollback releases it
+            await within_budget(ctx, choice.est_cost_usd)
             ctx.log.info("fragment %s: allocated %s on %s (%g TFLOPS, %g GB)", fragment.id, allocation.allocation_id,
                          allocation.pool, allocation.tflops, allocation.vram_gb)  # fmt: skip
             progress.emit(request.request_id, "allocated", fragment_id=fragment.id, model=allocation.model,
@@ -213,12 +228,17 @@ async def attempt_fragment(
                           pool=allocation.pool, allocation_id=allocation.allocation_id,
                           tokens_out=completion.tokens_out)  # fmt: skip
     except BaseException as exc:
+        if allocation is None:
+            # allocate did not hand its slice back (it failed, or was cancelled after reserving and
+            # then crashed, and a crashed task stages no rollback hook): release it here, if reserved
+            await release_if_reserved(services, choice.backend, allocation_id, request.tenant)
         _keep(ctx.records, TelemetryRecord(**record, allocate_s=time.perf_counter() - t0, outcome="error",
                                            error_class=type(exc).__name__))  # fmt: skip
         raise
     finally:
         if allocation is not None:
             held.dec()  # released by the release task or, on failure, by the rollback hook
+            tenant_held.dec()
     held_s = (ended_at - allocation.created_at).total_seconds()
     tokens = completion.tokens_in + completion.tokens_out
     timings = Timings(allocate_s=t1 - t0, first_token_s=completion.first_token_s, infer_s=t2 - t1, release_s=t3 - t2)
@@ -238,6 +258,8 @@ async def attempt_fragment(
         reason=choice.reason,
         attempts=attempt,
     )
+    await (await services.ledger()).record_spend(allocation.allocation_id, request.tenant, request.request_id,
+                                                 result.cost_usd)  # fmt: skip
     _keep(ctx.records, TelemetryRecord(
         **record, **timings.model_dump(), tokens_in=result.tokens_in, tokens_out=result.tokens_out,
         cost_usd=result.cost_usd, outcome="ok",

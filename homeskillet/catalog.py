@@ -11,7 +11,7 @@ import yaml
 from pydantic import ValidationError
 
 from homeskillet.errors import InvalidRequest, UnknownModel, UnknownPool, UnknownTenant
-from homeskillet.schemas import Catalog, ModelSpec, PoolSpec, TaskType
+from homeskillet.schemas import Catalog, Covenant, ModelSpec, PoolSpec, TaskType
 
 TASK_TYPES = set(get_args(TaskType))
 
@@ -24,7 +24,7 @@ def load_catalog(path: Path) -> Catalog:
     try:
         catalog = Catalog.model_validate(raw)
     except ValidationError as exc:
-        raise InvalidRequest(f"catalog {path} is invalid: {exc}") from None
+        raise InvalidRequest(f"catalog {path} is invalid: {_problems(exc, raw)}") from None
     for kind, names in (
         ("model", [m.name for m in catalog.models]),
         ("pool", [p.id for p in catalog.pools]),
@@ -33,7 +33,36 @@ def load_catalog(path: Path) -> Catalog:
         dupes = [n for n, c in Counter(names).items() if c > 1]
         if dupes:
             raise InvalidRequest(f"catalog {path} names {kind} {', '.join(dupes)} more than once")
+    for tenant in catalog.tenants:
+        problem = covenant_problem(catalog, tenant.covenant)
+        if problem:
+            raise InvalidRequest(f"catalog {path} is invalid: tenant {tenant.id!r} covenant.{problem}")
     return catalog
+
+
+def covenant_problem(catalog: Catalog, covenant: Covenant) -> str | None:
+    """The first covenant term that names something the catalog lacks, as 'field: what', or None."""
+    known = {"allowed_models": {m.name for m in catalog.models}, "allowed_pools": {p.id for p in catalog.pools}}
+    for term, names in known.items():
+        unknown = sorted(set(getattr(covenant, term) or []) - names)
+        if unknown:
+            return f"{term}: unknown {term.removeprefix('allowed_')[:-1]} {', '.join(map(repr, unknown))}"
+    return None
+
+
+def _problems(exc: ValidationError, raw: object) -> str:
+    """Pydantic's errors, each located by tenant id instead of list index (tenants.1 → tenant 'acme')."""
+    out = []
+    for error in exc.errors():
+        where = ".".join(map(str, error["loc"]))
+        loc = error["loc"]
+        if loc[:1] == ("tenants",) and len(loc) > 2 and isinstance(loc[1], int):
+            try:
+                where = f"tenant {raw['tenants'][loc[1]]['id']!r} " + ".".join(map(str, loc[2:]))
+            except (KeyError, IndexError, TypeError):
+                pass
+        out.append(f"{where}: {error['msg']}")
+    return "; ".join(out)
 
 
 def model(catalog: Catalog, name: str) -> ModelSpec:

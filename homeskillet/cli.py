@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from homeskillet.errors import HomeskilletError, InvalidRequest
+from homeskillet.errors import CovenantViolation, HomeskilletError, InvalidRequest
 from homeskillet.settings import get_settings
 
 app = typer.Typer(help="Homeskillet: decompose, route, allocate, infer, release, fuse.", no_args_is_help=True)
@@ -48,9 +48,9 @@ def use_local_prefect() -> str:
 
 def _fail(exc: Exception) -> None:
     """One line on stderr; exit 1 when a well-formed request could not be served (no route, no
-    capacity, a service down), 2 when the input itself was wrong."""
+    capacity, a service down), 2 when the input itself was wrong or its tenant's covenant refused it."""
     errors.print(f"[bold red]error:[/] {exc}", highlight=False)
-    served = isinstance(exc, HomeskilletError) and not isinstance(exc, InvalidRequest)
+    served = isinstance(exc, HomeskilletError) and not isinstance(exc, InvalidRequest | CovenantViolation)
     raise typer.Exit(1 if served else 2)
 
 
@@ -141,6 +141,43 @@ def allocations(
             a.lease_expires_at.isoformat(timespec="seconds"),
         )  # fmt: skip
     console.print(table)
+
+
+covenant_app = typer.Typer(help="Tenants' covenants: their terms and what they use now.", no_args_is_help=True)
+app.add_typer(covenant_app, name="covenant")
+
+
+@covenant_app.command("show")
+def covenant_show(
+    tenant: Annotated[str, typer.Argument(help="The catalog tenant.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
+) -> None:
+    """The tenant's covenant (version, terms) and its usage now: held slices, TFLOPS and VRAM held,
+    spend today and this month, requests running."""
+    from tasks import runtime
+
+    try:
+        services = runtime.services()
+        covenant = services.covenant(tenant)
+
+        async def usage():
+            return await (await services.ledger()).usage(tenant)
+
+        shown = {"tenant": tenant, "version": covenant.version, "terms": covenant.terms(), "usage": asyncio.run(usage())}
+    except HomeskilletError as exc:
+        _fail(exc)
+    if as_json:
+        print(json.dumps(shown, indent=2))
+        return
+    table = Table(title=f"covenant of tenant {tenant} · version {covenant.version}")
+    table.add_column("term")
+    table.add_column("limit")
+    for term, limit in shown["terms"].items():
+        table.add_row(term, ", ".join(limit) if isinstance(limit, list) else f"{limit:g}")
+    if not shown["terms"]:
+        table.add_row("(none)", "unlimited")
+    console.print(table)
+    console.print(", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown["usage"].items()))
 
 
 @server_app.command("start")

@@ -26,6 +26,16 @@ class NoRoute(HomeskilletError):
     input as such: another catalog, budget or constraint could serve it)."""
 
 
+class CovenantViolation(HomeskilletError):
+    """The request would break its tenant's covenant: the message names the tenant, the term, its
+    limit and the current usage. Nothing is allocated for it (or what was, is released)."""
+
+    def __init__(self, tenant: str, term: str, limit: object, usage: object, detail: str = ""):
+        self.tenant, self.term, self.limit, self.usage = tenant, term, limit, usage
+        tail = f"; {detail}" if detail else ""
+        super().__init__(f"tenant {tenant!r} covenant term {term}: limit {limit}, current usage {usage}{tail}")
+
+
 class CapacityTimeout(HomeskilletError):
     """A pool had no room for the slice within the wait limit."""
 

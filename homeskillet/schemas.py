@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from datetime import datetime
 from typing import Annotated, Literal
@@ -16,6 +17,7 @@ TaskType = Literal[
     "multiple_choice", "factual_qa", "math", "code", "summarize", "translate", "chat", "extract", "reduce"
 ]
 AllocationState = Literal["active", "released", "expired"]
+Strategy = Literal["single", "cascade", "ensemble", "moa", "auto"]
 
 
 class _Frozen(BaseModel):
@@ -46,7 +48,7 @@ class Constraints(_Frozen):
 class InferenceRequest(_Frozen):
     tenant: str = Field(min_length=1)
     prompt: str
-    strategy: Literal["single", "cascade", "ensemble", "moa", "auto"] = "single"
+    strategy: Strategy = "single"
     constraints: Constraints = Constraints()
     request_id: str = Field(default_factory=lambda: uuid.uuid4().hex[:12])
 
@@ -139,6 +141,14 @@ class PoolSpec(_Frozen):
     vram_gb: float = Field(gt=0)
     price_per_hour: float = Field(ge=0, description="US$ per hour for the whole pool (an estimate for hosted·ai).")
     hostedai_pools: list[str] = []
+    region: str | None = Field(None, description="Where the pool's GPUs are; local pools are in region 'local'.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _local_pools_are_local(cls, data):
+        if isinstance(data, dict) and data.get("region") is None and data.get("backend", "local") == "local":
+            return {**data, "region": "local"}
+        return data
 
 
 class CardSpec(_Frozen):
@@ -148,9 +158,38 @@ class CardSpec(_Frozen):
     vram_gb: float = Field(gt=0)
 
 
+class Covenant(_Frozen):
+    """A tenant's contract with the orchestrator; every term left out (None) is unlimited.
+
+    Its version is a short hash of its content: any change to a term is a new version."""
+
+    allowed_models: list[str] | None = Field(None, description="Only these catalog models.")
+    allowed_backends: list[Backend] | None = Field(None, description="Only these providers of GPU shares.")
+    allowed_tiers: list[Tier] | None = Field(None, description="Only pools of these tiers.")
+    allowed_pools: list[str] | None = Field(None, description="Only these catalog pools.")
+    allowed_regions: list[str] | None = Field(None, description="Only pools in these regions.")
+    allowed_strategies: list[Strategy] | None = Field(None, description="Only these routing strategies.")
+    max_tflops: float | None = Field(None, ge=0, description="TFLOPS the tenant may hold at once.")
+    max_vram_gb: float | None = Field(None, ge=0, description="GB of VRAM the tenant may hold at once.")
+    max_concurrent_requests: int | None = Field(None, ge=0, description="Requests running at once.")
+    budget_usd_per_day: float | None = Field(None, ge=0, description="Spend per UTC day, US$.")
+    budget_usd_per_month: float | None = Field(None, ge=0, description="Spend per UTC month, US$.")
+    max_prompt_tokens: int | None = Field(None, ge=1, description="The largest request, in prompt tokens.")
+    max_fragments: int | None = Field(None, ge=1, description="The most fragments a request may split into.")
+
+    @property
+    def version(self) -> str:
+        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:12]
+
+    def terms(self) -> dict:
+        """The terms that are set (the rest are unlimited)."""
+        return self.model_dump(exclude_none=True)
+
+
 class TenantSpec(_Frozen):
     id: str
     description: str = ""
+    covenant: Covenant = Covenant()
 
 
 class Catalog(_Frozen):
@@ -228,6 +267,8 @@ class FragmentResult(_Frozen):
     models_called: list[str] = []
     allocation_ids: list[str] = []
     confidence: float | None = None
+    covenant_version: str | None = None
+    covenant_terms: list[str] = Field([], description="The covenant terms that narrowed the fragment's route.")
 
 
 class FusionResult(_Frozen):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from homeskillet.schemas import Catalog, Constraints, InferenceRequest, TelemetryRecord
+from homeskillet.schemas import Catalog, Constraints, Covenant, InferenceRequest, TelemetryRecord
 from tasks.runtime import Services
 from tasks.strategies import Stats
 
@@ -21,6 +21,8 @@ class RunContext:
     budget_usd: float | None = None  # each fragment's share of max_cost_usd
     learned: Stats | None = None  # routing figures from a file (`homeskillet learn-routing`)
     records: list[TelemetryRecord] = field(default_factory=list)  # telemetry, written when the run ends
+    covenant: Covenant = field(default_factory=Covenant)  # the tenant's, as it was when the request started
+    covenant_terms: list[str] = field(default_factory=list)  # its terms that narrowed `catalog`
 
     @property
     def limits(self) -> Constraints:

@@ -5,7 +5,8 @@
   but used compute only while decoding (2 FLOPs per parameter per token) and memory for its
   weights (~0.6 byte per parameter in 4-bit GGUF) plus its context;
 - a dedicated-vs-preemptible what-if at the catalog's prices, counting preempted attempts;
-- recommendations: a right size per model and a tier per task type.
+- recommendations: a right size per model and a tier per task type;
+- spend against budget per tenant (the ledger's spend, the covenants' budgets).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from homeskillet.schemas import Catalog, ModelSpec
+from homeskillet.schemas import Catalog, Covenant, ModelSpec
 from tasks.routing import slice_rate
 
 BYTES_PER_PARAM = 0.6  # Q4 GGUF weights, with scales
@@ -47,10 +48,27 @@ def _round_up(value: float, step: float) -> float:
     return max(step, math.ceil(value / step) * step)
 
 
-def analyse(frame: pd.DataFrame, catalog: Catalog) -> CostReport:
+def budgets(covenants: dict[str, Covenant], spend: dict[str, tuple[float, float]]) -> pd.DataFrame:
+    """Per tenant: spend today and this month (UTC) against its covenant's budgets (None: unlimited)."""
+    rows = []
+    for tenant, covenant in covenants.items():
+        day, month = spend.get(tenant, (0.0, 0.0))
+        day_budget, month_budget = covenant.budget_usd_per_day, covenant.budget_usd_per_month
+        rows.append(
+            {"tenant": tenant, "spend_today_usd": day, "budget_day_usd": day_budget,
+             "day_used": None if not day_budget else f"{day / day_budget:.0%}",
+             "spend_month_usd": month, "budget_month_usd": month_budget,
+             "month_used": None if not month_budget else f"{month / month_budget:.0%}"}
+        )  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def analyse(frame: pd.DataFrame, catalog: Catalog, budget: pd.DataFrame | None = None) -> CostReport:
+    budget_md = "" if budget is None or budget.empty else "\n## Spend against budget\n\n" + _table(budget)
     if frame.empty:
         empty = pd.DataFrame()
-        return CostReport("# Cost report\n\nNo telemetry yet: run some requests first.\n", empty, empty, empty, empty)
+        markdown = "# Cost report\n\nNo telemetry yet: run some requests first.\n" + budget_md
+        return CostReport(markdown, empty, empty, empty, empty)
     models = {m.name: m for m in catalog.models}
     pools = {p.id: p for p in catalog.pools}
     ok = frame[frame.outcome == "ok"].copy()
@@ -87,7 +105,7 @@ def analyse(frame: pd.DataFrame, catalog: Catalog) -> CostReport:
     rightsizing = pd.DataFrame(sizing)
 
     tiers = _tier_what_if(frame, ok, models, pools)
-    markdown = _markdown(ok, by_tenant, by_model, by_pool, by_tier, rightsizing, tiers)
+    markdown = _markdown(ok, by_tenant, by_model, by_pool, by_tier, rightsizing, tiers) + budget_md
     return CostReport(markdown, by_tenant, by_model, rightsizing, tiers)
 
 
@@ -161,5 +179,5 @@ def _markdown(ok, by_tenant, by_model, by_pool, by_tier, rightsizing, tiers) -> 
 
 
 @task(name="analyse-costs", cache_policy=NO_CACHE, persist_result=False)
-async def analyse_costs(frame: pd.DataFrame, catalog: Catalog) -> CostReport:
-    return analyse(frame, catalog)
+async def analyse_costs(frame: pd.DataFrame, catalog: Catalog, budget: pd.DataFrame | None = None) -> CostReport:
+    return analyse(frame, catalog, budget)

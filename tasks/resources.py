@@ -20,7 +20,6 @@ from prefect.cache_policies import NO_CACHE
 from prefect.transactions import Transaction, get_transaction
 
 from connectors import openai_client
-from connectors.ledger import new_allocation_id
 from homeskillet import catalog as cat
 from homeskillet.errors import AllocationNotFound, InferenceError, Preempted
 from homeskillet.schemas import Allocation, Completion, ModelChoice, ModelSpec
@@ -28,10 +27,13 @@ from tasks.runtime import Services
 
 
 @task(name="allocate", task_run_name="allocate-{choice.fragment_id}-{choice.model}", cache_policy=NO_CACHE, persist_result=False)
-async def allocate(services: Services, tenant: str, request_id: str, choice: ModelChoice, wait_s: float) -> Allocation:
+async def allocate(
+    services: Services, tenant: str, request_id: str, choice: ModelChoice, wait_s: float, allocation_id: str
+) -> Allocation:
+    """Reserve the choice's slice under allocation_id (from `new_allocation_id`, made by the caller
+    so that the caller can release it even when this task is cancelled before it returns)."""
     backend = services.backend(choice.backend)
     model = cat.model(services.catalog, choice.model)
-    allocation_id = new_allocation_id()
     # Recorded before the slice is reserved: a failure or cancellation at any later point rolls
     # the transaction back, and the hook releases whatever was reserved under this id.
     txn = get_transaction()
@@ -46,10 +48,14 @@ async def allocate(services: Services, tenant: str, request_id: str, choice: Mod
 @allocate.on_rollback
 async def release_on_rollback(txn: Transaction) -> None:
     target = txn.get("release", None)
-    if target is None:
-        return
+    if target is not None:
+        await release_if_reserved(**target)
+
+
+async def release_if_reserved(services: Services, backend: str, allocation_id: str, tenant: str) -> None:
+    """Release what was reserved under allocation_id, if anything was."""
     try:
-        await target["services"].backend(target["backend"]).release(target["allocation_id"], target["tenant"])
+        await services.backend(backend).release(allocation_id, tenant)
     except AllocationNotFound:
         pass  # interrupted before the slice was reserved: nothing to release
 

@@ -232,6 +232,8 @@ async def route(fragment: Fragment, text: str, ctx: RunContext, attempt: Attempt
             "allocation_ids": [c.allocation_id for c in calls],
             "confidence": decision.confidence,
             "reason": f"{decision.why}; {chosen.reason}",
+            "covenant_version": ctx.covenant.version,
+            "covenant_terms": ctx.covenant_terms,
         }
     )
 

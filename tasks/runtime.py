@@ -15,11 +15,12 @@ from pydantic import BaseModel, ConfigDict
 
 from connectors.backend import Backend
 from connectors.hostedai_backend import HostedAIBackend
+from connectors.ledger import Ledger
 from connectors.local_backend import LocalBackend
 from connectors.telemetry import serve_metrics
 from homeskillet.catalog import load_catalog, with_measurements
-from homeskillet.errors import InvalidRequest
-from homeskillet.schemas import Allocation, Catalog
+from homeskillet.errors import InvalidRequest, UnknownTenant
+from homeskillet.schemas import Allocation, Catalog, Covenant
 from homeskillet.settings import Settings, get_settings
 from tasks.credentials import hostedai_credentials
 from tasks.strategies import Stats
@@ -38,6 +39,27 @@ class Services(BaseModel):
     @property
     def settings(self) -> Settings:
         return get_settings()
+
+    def covenant(self, tenant: str) -> Covenant:
+        """The tenant's covenant as the catalog file says now: re-read when the file changes, so a
+        new covenant holds from the next request on without a restart (models and pools stay as
+        this process first read them)."""
+        covenants = self.covenants()
+        if tenant not in covenants:
+            raise UnknownTenant(f"unknown tenant {tenant!r}; add it to the catalog's tenants")
+        return covenants[tenant]
+
+    def covenants(self) -> dict[str, Covenant]:
+        """Every tenant's covenant as the catalog file says now (parsed again only when it changed)."""
+        try:
+            version = self.catalog_path.stat().st_mtime_ns
+        except OSError as exc:
+            raise InvalidRequest(f"catalog {self.catalog_path}: {exc.strerror}") from None
+        return _covenants(self.catalog_path, version)
+
+    async def ledger(self) -> Ledger:
+        """The shared ledger (allocations, tenants' quotas, running requests, spend)."""
+        return await self.local.ledger()
 
     def backend(self, name: str) -> Backend:
         """The backend of that name; an unknown name is an error, never a silent default."""
@@ -114,6 +136,11 @@ def routing_stats(path: str | Path) -> Stats:
     except OSError as exc:
         raise InvalidRequest(f"routing stats {path}: {exc.strerror}") from None
     return _routing_stats(path, version)
+
+
+@lru_cache(maxsize=16)
+def _covenants(path: Path, version: int) -> dict[str, Covenant]:
+    return {t.id: t.covenant for t in load_catalog(path).tenants}
 
 
 @lru_cache(maxsize=16)

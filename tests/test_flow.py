@@ -167,8 +167,8 @@ async def test_a_model_server_killed_mid_inference_fails_the_request_clearly_and
     services = runtime.services()
     local = services.local
     smol = next(m for m in services.catalog.models if m.name == "smollm2-135m")
-    await local.warm_up(smol)
-    (record,) = [r for r in local.servers.running() if r.model == smol.name]
+    endpoint = await asyncio.to_thread(local.model_endpoint, smol)
+    (record,) = [r for r in local.servers.running() if r.endpoint == endpoint]  # this catalog's server
     run = asyncio.create_task(fuse_request(prompt="Write a long story about the sea.", tenant="demo",
                                            constraints={"allowed_models": [smol.name], "max_tokens": 1500,
                                                         "split": False}))  # fmt: skip

@@ -1,0 +1,103 @@
+"""Covenants: what a tenant's contract allows, checked once per concern.
+
+- routing: `check_request` refuses a request that explicitly asks for what the covenant forbids
+  (a model, tier, pool, region, backend or strategy); `restrict` narrows the catalog a request is
+  routed in to what the covenant allows, so a request can narrow its covenant, never widen it;
+- size: `check_size` (prompt tokens, fragments), before anything is allocated;
+- budgets: `check_budget`, against the spend the ledger recorded, before a request starts and
+  before each model call;
+- held TFLOPS/VRAM and concurrent requests: the ledger (`reserve`, `admit`), under row locks.
+"""
+
+from __future__ import annotations
+
+from homeskillet.errors import CovenantViolation
+from homeskillet.schemas import Catalog, Covenant, InferenceRequest, Plan, PoolSpec
+from tasks.context import RunContext
+
+EPS = 1e-12
+
+
+def _allows(allowed: list | None, value: object) -> bool:
+    return allowed is None or value in allowed
+
+
+def pool_allowed(covenant: Covenant, pool: PoolSpec) -> str | None:
+    """The first term that forbids the pool, or None."""
+    for term, value in (
+        ("allowed_pools", pool.id),
+        ("allowed_backends", pool.backend),
+        ("allowed_tiers", pool.tier),
+        ("allowed_regions", pool.region),
+    ):
+        if not _allows(getattr(covenant, term), value):
+            return term
+    return None
+
+
+def check_request(request: InferenceRequest, covenant: Covenant, catalog: Catalog) -> None:
+    """CovenantViolation for the first thing the request explicitly asks for and the covenant
+    forbids; nothing is allocated before this passes."""
+    tenant, limits = request.tenant, request.constraints
+
+    def refuse(term: str, asked: object) -> None:
+        raise CovenantViolation(tenant, term, getattr(covenant, term), f"the request asks for {asked}")
+
+    if not _allows(covenant.allowed_strategies, request.strategy):
+        refuse("allowed_strategies", f"strategy {request.strategy}")
+    forbidden = [m for m in limits.allowed_models or [] if not _allows(covenant.allowed_models, m)]
+    if forbidden:
+        refuse("allowed_models", f"model {', '.join(forbidden)}")
+    for backend in (limits.backend, limits.fallback_backend):
+        if backend is not None and not _allows(covenant.allowed_backends, backend):
+            refuse("allowed_backends", f"backend {backend}")
+    if limits.tier is not None and not _allows(covenant.allowed_tiers, limits.tier):
+        refuse("allowed_tiers", f"tier {limits.tier}")
+    if limits.pool is not None:
+        pool = next((p for p in catalog.pools if p.id == limits.pool), None)
+        term = pool_allowed(covenant, pool) if pool is not None else None
+        if term is not None:
+            refuse(term, f"pool {pool.id} ({pool.backend}, {pool.tier}, region {pool.region})")
+
+
+def restrict(catalog: Catalog, covenant: Covenant) -> tuple[Catalog, list[str]]:
+    """The catalog as the covenant allows it, and the terms that took something out of it."""
+    models = [m for m in catalog.models if _allows(covenant.allowed_models, m.name)]
+    pools = [p for p in catalog.pools if pool_allowed(covenant, p) is None]
+    terms = ["allowed_models"] if len(models) < len(catalog.models) else []
+    terms += sorted({pool_allowed(covenant, p) for p in catalog.pools} - {None})
+    return catalog.model_copy(update={"models": models, "pools": pools}), terms
+
+
+def check_size(tenant: str, covenant: Covenant, prompt_tokens: int, plan: Plan) -> None:
+    """The largest request: its prompt tokens and its fragments."""
+    if covenant.max_prompt_tokens is not None and prompt_tokens > covenant.max_prompt_tokens:
+        raise CovenantViolation(tenant, "max_prompt_tokens", f"{covenant.max_prompt_tokens} tokens",
+                                f"the prompt is about {prompt_tokens} tokens")  # fmt: skip
+    if covenant.max_fragments is not None and len(plan.fragments) > covenant.max_fragments:
+        raise CovenantViolation(tenant, "max_fragments", f"{covenant.max_fragments} fragments",
+                                f"the request splits into {len(plan.fragments)}")  # fmt: skip
+
+
+def has_budget(covenant: Covenant) -> bool:
+    return covenant.budget_usd_per_day is not None or covenant.budget_usd_per_month is not None
+
+
+def check_budget(tenant: str, covenant: Covenant, day_usd: float, month_usd: float, next_usd: float = 0.0) -> None:
+    """CovenantViolation when the budget is used up, or the next call (its estimate) would overrun it."""
+    for term, limit, spent, period in (
+        ("budget_usd_per_day", covenant.budget_usd_per_day, day_usd, "today"),
+        ("budget_usd_per_month", covenant.budget_usd_per_month, month_usd, "this month"),
+    ):
+        if limit is None:
+            continue
+        if spent >= limit - EPS or spent + next_usd > limit + EPS:
+            detail = f"the next call is estimated at ${next_usd:.8f}" if next_usd else "used up"
+            raise CovenantViolation(tenant, term, f"${limit:g}", f"${spent:.8f} spent {period}", detail)
+
+
+async def within_budget(ctx: RunContext, next_usd: float = 0.0) -> None:
+    """`check_budget` against the spend the ledger recorded for the request's tenant."""
+    if has_budget(ctx.covenant):
+        day, month = await (await ctx.services.ledger()).spend(ctx.request.tenant)
+        check_budget(ctx.request.tenant, ctx.covenant, day, month, next_usd)
