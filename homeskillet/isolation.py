@@ -68,6 +68,7 @@ async def run_attacks(catalog_path: str | None = None) -> list[Attack]:
         await _result_attacks(report, store, request_id)
         await _mcp_attacks(report, catalog_path, tokens, allocation.allocation_id, request_id)
         _network_attacks(report)
+        await _covenant_attacks(report, services)
         await _secret_checks(report, store, tokens)
     finally:
         try:
@@ -179,6 +180,43 @@ async def _session_attacks(report: _Report, base: str, tokens: dict) -> None:
             answer = await client.post("/mcp", json=initialize, headers={**accept, **headers})
             report.check(f"call the MCP server with {name}", "Streamable HTTP", answer.status_code == 401,
                          detail=f"HTTP {answer.status_code}")  # fmt: skip
+
+
+async def _covenant_attacks(report: _Report, services) -> None:
+    """B's covenant (in a copy of the catalog) allows one model on preemptible pools: asking for
+    another model or tier through the flow is refused before anything is allocated, and a request
+    that asks for nothing in particular is routed inside the covenant."""
+    import tempfile
+    from pathlib import Path
+
+    import yaml
+
+    from flows.fusion import fuse_request
+    from homeskillet.errors import CovenantViolation
+
+    data = yaml.safe_load(services.catalog_path.read_text())
+    local = [m["name"] for m in data["models"] if m.get("serving", {}).get("kind", "llama_cpp") == "llama_cpp"]
+    allowed, other = local[0], local[-1]
+    for tenant in data["tenants"]:
+        if tenant["id"] == B:
+            tenant["covenant"] = {"allowed_models": [allowed], "allowed_tiers": ["preemptible"]}
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "catalog.yaml"
+        path.write_text(yaml.safe_dump(data))
+        for term, constraints in (("allowed_models", {"allowed_models": [other]}),
+                                  ("allowed_tiers", {"tier": "dedicated"})):  # fmt: skip
+            try:
+                await fuse_request(prompt="Say hi.", tenant=B, constraints={**constraints, "max_tokens": 4},
+                                   catalog_path=str(path))  # fmt: skip
+                refused, detail = False, "ran"
+            except CovenantViolation as exc:
+                refused, detail = exc.term == term, str(exc)
+            report.check(f"widen B's covenant ({term}) in a request", "fuse_request constraints", refused,
+                         detail=detail)  # fmt: skip
+        result = await fuse_request(prompt="Say hi.", tenant=B, constraints={"max_tokens": 4}, catalog_path=str(path))
+        inside = all(f.model == allowed and f.tier == "preemptible" for f in result.fragments)
+        report.check("be routed outside B's covenant", "fuse_request without constraints", inside,
+                     detail=f"ran {result.fragments[0].model} on {result.fragments[0].tier}")  # fmt: skip
 
 
 def _network_attacks(report: _Report) -> None:
