@@ -40,6 +40,8 @@ TIER_PATTERNS: dict[str, tuple[str, ...]] = {
     "dedicated": (r"dedicated", r"reserved", r"on[-_ ]?demand", r"guaranteed", r"private", r"committed"),
 }
 _VENDOR_WORDS = {"nvidia", "amd", "tesla", "geforce", "gpu"}
+RECHECK_S = 1.0  # a share that another process still uses is looked at again after this (at least)
+RETIRE_TRIES = 5
 
 
 @dataclass
@@ -171,8 +173,9 @@ class HostedAIBackend:
                         await self._retire(tenant, pool_id)
                     except HostedAIError as exc:  # the fragment is done; the share is retried later
                         log.warning("hosted·ai share of %s in %s stays until the next retire: %s", tenant, pool_id, exc)
+                        self._retire_soon(self._retry_s())
                 else:  # look again once it has been idle long enough
-                    asyncio.get_running_loop().call_later(idle_s, lambda: asyncio.ensure_future(self.retire_idle()))
+                    self._retire_soon(idle_s)
         return ended
 
     async def verify(self, allocation: Allocation) -> bool:
@@ -207,8 +210,10 @@ class HostedAIBackend:
             share = self._shares.get(key)
             if share is None or share.users:
                 return 0
-            # another process of this tenant may be using the same team subscription
+            # another process of this tenant may be using the same team subscription: it stays,
+            # and is looked at again later (that process may end without retiring it)
             if any(a.pool == ledger_pool(pool_id, tenant) for a in await (await self.ledger()).held(tenant)):
+                self._retire_soon(max(self._settings.hostedai_idle_s, RECHECK_S))
                 return 0
             self._shares.pop(key)
             try:
@@ -217,6 +222,31 @@ class HostedAIBackend:
                 self._shares.setdefault(key, share)  # still ours: a later retire or shutdown tries again
                 raise
             return 1
+
+    def _retry_s(self) -> float:
+        return max(self._policy.backoff_max_s, self._policy.poll_s)
+
+    def _retire_soon(self, delay: float, tries: int = RETIRE_TRIES) -> None:
+        """Look at the idle shares again in `delay` seconds. A retire that fails then is tried
+        again, `tries` times in all, each wait twice the last; after that the share stays until
+        the next release, retire or shutdown."""
+
+        async def again() -> None:
+            try:
+                await self.retire_idle()
+            except HostedAIError as exc:
+                if tries > 1:
+                    log.warning("hosted·ai retire of idle shares failed, trying again in %gs: %s", delay * 2, exc)
+                    self._retire_soon(delay * 2, tries - 1)
+                else:
+                    log.error("hosted·ai retire of idle shares failed %d times; they stay until the next: %s",
+                              RETIRE_TRIES, exc)  # fmt: skip
+
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no loop (a synchronous caller): the next release or shutdown retires
+        loop.call_later(delay, lambda: asyncio.ensure_future(again()))
 
     async def _unsubscribe(self, client: HostedAIClient, subscription_id: int, hosted_pool_id: int) -> None:
         try:
