@@ -20,7 +20,7 @@ from homeskillet.settings import get_settings
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 API = os.environ["PREFECT_API_URL"]
-pytestmark = pytest.mark.usefixtures("assert_no_leaks")
+pytestmark = pytest.mark.usefixtures("local_services", "assert_no_leaks")
 
 
 def prefect(*args: str, **env: str) -> subprocess.CompletedProcess:

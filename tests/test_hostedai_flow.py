@@ -12,7 +12,7 @@ from flows.fusion import fuse_request
 from homeskillet.errors import AllocationNotFound, HomeskilletError, MissingCredentials
 from tasks import runtime
 
-pytestmark = pytest.mark.usefixtures("assert_no_leaks", "no_subscriptions_left", "hostedai_tenants")
+pytestmark = pytest.mark.usefixtures("local_services", "assert_no_leaks", "no_subscriptions_left", "hostedai_tenants")
 HOSTED = {"backend": "hostedai"}
 
 

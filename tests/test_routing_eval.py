@@ -16,6 +16,8 @@ from connectors.replay import ReplayProvider, create_app, load
 from homeskillet.errors import InvalidRequest, NoRoute
 from tasks.policy import Stats, evaluate, fit, is_correct, normalise, oracle, single_models
 
+pytestmark = pytest.mark.usefixtures("local_services")  # flows, tasks or the Prefect API
+
 ROUTERBENCH = Path(__file__).resolve().parents[2] / "shared" / "data" / "routerbench"
 HOMESKILLET = str(Path(sys.executable).with_name("homeskillet"))
 
