@@ -259,14 +259,19 @@ def emulator(echo_server):
 
 @pytest.fixture
 def faults(emulator):
-    """Set the emulator's faults for one test; they are cleared afterwards."""
+    """Set the emulator's faults for one test; they are cleared afterwards, and so are the failures
+    they caused: the circuit breakers (one per base URL, process-wide) start closed and counting
+    from zero in every test that uses faults, whatever ran before it."""
+    from connectors.hostedai import BREAKERS
     from connectors.hostedai_emulator import Faults
 
     def set_faults(**values):
         emulator.state.set_faults(Faults(**values))
 
+    BREAKERS.uow.contexts.breakers.clear()
     yield set_faults
     emulator.state.set_faults(Faults())
+    BREAKERS.uow.contexts.breakers.clear()
 
 
 @pytest.fixture(scope="session")
