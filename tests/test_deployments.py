@@ -7,12 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from cronsim import CronSim
 from prefect.flows import load_flow_from_entrypoint
 
 pytestmark = pytest.mark.usefixtures("local_services")  # flows, tasks or the Prefect API
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
