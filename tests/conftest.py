@@ -206,6 +206,20 @@ async def assert_no_leaks(test_catalog):
     assert not held, f"allocations leaked: {[(a.allocation_id, a.pool, a.model) for _, a in held.values()]}"
 
 
+@pytest.fixture
+def routing_measurements_restored():
+    """The session's benchmarks/latest.json as it was before the test: a benchmark run through a
+    worker (another process, same state folder) writes it, and its figures change how every later
+    test routes."""
+    latest = STATE / "benchmarks" / "latest.json"
+    before = latest.read_bytes() if latest.exists() else None
+    yield latest
+    if before is None:
+        latest.unlink(missing_ok=True)
+    else:
+        latest.write_bytes(before)
+
+
 def serve_app(app):
     """An ASGI app on a free loopback port (real HTTP), in a thread of this process: (url, stop)."""
     import uvicorn

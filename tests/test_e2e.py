@@ -104,6 +104,7 @@ async def test_fuse_request_started_with_run_deployment(worker):
     assert "paris" in result.answer.lower()
 
 
+@pytest.mark.usefixtures("routing_measurements_restored")
 async def test_benchmark_and_cost_report_deployments(worker):
     bench_id = await start_via_rest(
         "benchmark/benchmark", {"models": ["smollm2-135m"], "repetitions": 1, "concurrency": [1], "max_tokens": 8}

@@ -77,6 +77,8 @@ def own_home(tmp_path, monkeypatch):
 
 @pytest.mark.usefixtures("local_services", "assert_no_leaks")
 async def test_benchmark_then_cost_report_on_real_models(own_home):
+    session_latest = get_settings().home / "benchmarks" / "latest.json"
+    before = session_latest.read_bytes() if session_latest.exists() else None
     out = await benchmark(models=["smollm2-135m", "gemma3-270m"], repetitions=1, concurrency=[1, 2], max_tokens=8,
                           quality_questions=4)  # fmt: skip
     samples = pd.read_parquet(out["parquet"])
@@ -86,7 +88,7 @@ async def test_benchmark_then_cost_report_on_real_models(own_home):
     assert (samples.alloc_overhead_s > 0).all()
     assert Path(out["chart"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert Path(out["parquet"]).parent == own_home / "benchmarks"
-    assert not (get_settings().home / "benchmarks" / "latest.json").exists()  # the session's routing is untouched
+    assert (session_latest.read_bytes() if session_latest.exists() else None) == before  # the session's routing is untouched
     latest = json.loads((Path(out["parquet"]).parent / "latest.json").read_text())
     assert set(latest["tokens_per_second"]) == {"smollm2-135m", "gemma3-270m"}
     measured = with_measurements(CATALOG, Path(out["parquet"]).parent / "latest.json")
