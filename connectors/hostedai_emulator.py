@@ -200,9 +200,10 @@ class State:
             return None
         return "subscribing" if age < self.faults.activation_s else "active"
 
-    def sweep(self) -> None:
-        """Finish unsubscribes whose time has come."""
-        now = time.monotonic()
+    def sweep(self, now: float | None = None) -> None:
+        """Finish unsubscribes whose time has come (by `now`, when given: a list computed at that
+        moment must not hide an item that the books still hold)."""
+        now = time.monotonic() if now is None else now
         for sub in list(self.subs.values()):
             if sub.unsubscribed is not None and self.status(sub, now) is None:
                 self._end(sub, "unsubscribed")
@@ -405,6 +406,7 @@ def create_app(config: EmulatorConfig | None = None, model_endpoint=None) -> Fas
     ):
         same_team(team, team_id)
         now = time.monotonic()
+        state.sweep(now)  # what this list no longer shows is gone from the books too
         # the quirk: the team filter leaks, other teams' items come along
         visible = [state.item(s, now) for s in sorted(state.subs.values(), key=lambda s: s.id)]
         visible = [i for i in visible if i["status"] is not None]
