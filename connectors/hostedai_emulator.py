@@ -40,10 +40,10 @@ class Faults(BaseModel):
     latency_s: float = Field(0.0, ge=0, description="Added to every API call.")
     error_rate: float = Field(0.0, ge=0, le=1, description="HTTP 500 without a business code, action not done.")
     read_error_rate: float = Field(
-        0.0, ge=0, le=1, description=f"A GET answers HTTP 500 with the error envelope {{code {INTERNAL}, 'internal error'}}."
+        0.0, ge=0, le=1, description=f"A read (GET, the estimate) answers HTTP 500 with the envelope {{code {INTERNAL}, 'internal error'}}."
     )
     read_error_in_body_rate: float = Field(
-        0.0, ge=0, le=1, description=f"A GET answers 200 with an error object in the body (code {BODY_ERROR})."
+        0.0, ge=0, le=1, description=f"A read (GET, the estimate) answers 200 with an error object in the body (code {BODY_ERROR})."
     )
     fault_paths: list[str] = Field(
         [], description="When set, the per-call rate faults above hit only paths that start with one of these."
@@ -312,7 +312,7 @@ def create_app(config: EmulatorConfig | None = None, model_endpoint=None) -> Fas
                 return PlainTextResponse("Internal Server Error", 500)
             if fires("rate_limit", f.rate_limit_rate):
                 return PlainTextResponse("Too Many Requests", 429, headers={"Retry-After": f"{f.retry_after_s:g}"})
-            if request.method == "GET":
+            if request.method == "GET" or request.url.path == "/gpuaas/calculate-pool-subscription":  # reads
                 if fires("read_error", f.read_error_rate):
                     return _error(500, "internal error", INTERNAL)
                 if fires("read_error_in_body", f.read_error_in_body_rate):

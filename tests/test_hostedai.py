@@ -336,12 +336,51 @@ def test_answers_that_are_not_errors_pass_through():
 
 
 async def test_the_estimate_is_a_read(emulator, faults):
-    """A price quote changes nothing: a 500 envelope on it is retried like a GET's."""
-    c = client(emulator, backoff_initial_s=0.01, backoff_max_s=0.02)
-    faults(error_rate=0.5, seed=2)
-    assert (await c.estimate(201, vgpus=1, hours=1))["currency"] == "USD"
+    """A price quote changes nothing: a 500 envelope or an error in its body is retried like a GET's."""
+    c = client(emulator, attempts=12, backoff_initial_s=0.01, backoff_max_s=0.02)
+    fired = emulator.state.fired["read_error"] + emulator.state.fired["read_error_in_body"]
+    faults(read_error_rate=0.4, read_error_in_body_rate=0.3, seed=2)
+    for _ in range(3):
+        assert (await c.estimate(201, vgpus=1, hours=1))["currency"] == "USD"
+    assert emulator.state.fired["read_error"] + emulator.state.fired["read_error_in_body"] - fired >= 1
     faults()
     calls = emulator.state.calls
     with pytest.raises(HostedAIRejected, match="not found"):  # a not-found refusal: asked once
         await c.estimate(999, vgpus=1, hours=1)
     assert emulator.state.calls - calls == 1
+
+
+@pytest.mark.parametrize(
+    ("body", "raised", "code"),
+    [
+        ({"code": 10189099, "message": "Insufficient resources in pool"}, InsufficientResources, 10189099),
+        ({"code": 10189007, "message": "no room"}, InsufficientResources, 10189007),
+        ({"code": 12000409, "message": "Already subscribed to this pool"}, AlreadySubscribed, 12000409),
+        ({"code": 409, "message": "conflict"}, AlreadySubscribed, 409),
+        ({"code": 12370077, "message": "quota exceeded"}, HostedAIRejected, 12370077),
+    ],
+)
+def test_business_errors_are_told_apart_by_code_or_words_and_keep_their_code(body, raised, code):
+    from connectors.hostedai import _parse
+
+    for status in (200, 500):
+        with pytest.raises(raised) as caught:
+            _parse(response(status, body), "POST", "/gpuaas/pool/subscribe")
+        assert type(caught.value) is raised and caught.value.code == code
+        assert body["message"] in str(caught.value) and "POST /gpuaas/pool/subscribe" in str(caught.value)
+
+
+def test_an_auth_refusal_in_a_body_says_where_and_what():
+    from connectors.hostedai import _parse
+
+    with pytest.raises(HostedAIAuthError, match=r"GET /gpuaas/x: token expired \(code 12370001\)"):
+        _parse(response(200, {"code": 12370001, "message": "token expired"}), "GET", "/gpuaas/x", idempotent=True)
+
+
+async def test_exists_is_about_that_subscription(emulator):
+    c = client(emulator)
+    sub_id = await c.subscribe(202, vgpus=1)
+    await c.wait_ready(sub_id)
+    assert await c.exists(sub_id) and not await c.exists(sub_id + 1000)
+    await c.unsubscribe(sub_id, 202)
+    assert not await c.exists(sub_id)

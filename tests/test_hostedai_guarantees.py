@@ -400,3 +400,34 @@ async def test_retire_leaves_a_subscription_another_process_uses_and_the_cli_sho
         await asyncio.sleep(0.05)
     assert here.subscriptions() == {}
     assert cli_allocations("--tenant", "acme") == []
+
+
+async def test_verify_tells_a_live_share_from_a_vanished_one_and_does_not_guess(emulator, faults, test_catalog):
+    """verify() says True for a live subscription and when hosted·ai cannot be asked (not a
+    preemption), False once the subscription is gone; the hosted·ai backend lists only its own
+    (per-tenant ledger pool) allocations."""
+    from homeskillet import catalog as cat
+    from tasks import runtime
+
+    b = backend(emulator, test_catalog, policy=Policy(attempts=1, breaker_threshold=100))
+    allocation_id = b.new_allocation_id()
+    allocation = await b.allocate(allocation_id=allocation_id, tenant="acme", request_id="r", pool="hostedai-dedicated",
+                                  model=cat.model(b._catalog, "echo"), wait_s=5)  # fmt: skip
+    local = runtime.backend(test_catalog)
+    local_id = local.new_allocation_id()
+    await local.allocate(allocation_id=local_id, tenant="acme", request_id="r", pool="tiny",
+                         model=cat.model(b._catalog, "echo"), wait_s=5)  # fmt: skip
+    try:
+        assert [a.allocation_id for a in await b.held("acme")] == [allocation_id]
+        assert await b.verify(allocation) is True
+        faults(error_rate=1.0)
+        assert await b.verify(allocation) is True  # cannot tell: no preemption is declared
+        assert b.subscriptions() != {}
+        faults()
+        (sub_id,) = b.subscriptions().values()
+        emulator.state.preempt(emulator.state.subs[sub_id])
+        assert await b.verify(allocation) is False
+        assert b.subscriptions() == {}  # forgotten: the next allocation subscribes anew
+    finally:
+        await local.release(local_id, "acme")
+        await b.release(allocation_id, "acme")

@@ -118,6 +118,12 @@ def test_nothing_matching_is_an_error_that_lists_what_the_account_offers():
     assert "GPU NVIDIA L4 not in ['H200']" in message and "name or label excluded" in message
     with pytest.raises(NoRoute, match="the account offers: no pools at all"):
         choose_pools(pool("dedicated"), [], CARDS)
+    with pytest.raises(NoRoute) as caught:
+        choose_pools(pool("dedicated", max_price_per_vgpu_hour=0.5), OTHER, CARDS)
+    message = str(caught.value)
+    assert message.startswith("hosted·ai offers no pool for hostedai-dedicated (dedicated) with any name or label")
+    assert ", at most US$0.5/vGPU-hour; the account offers: h100-sxm-ondemand (id 311" in message
+    assert "US$1.1/vGPU-hour over 0.5); a100-80g-eu (id 312" in message  # one pool after another, each with why
 
 
 def test_a_pattern_that_is_no_regex_is_refused_in_the_catalog():
