@@ -300,6 +300,7 @@ def response(status: int, body=None, text: str | None = None, headers=None) -> h
         (500, {"code": 12370001, "message": "Unauthorized"}, True, HostedAIAuthError),
         (200, {"code": 12370009, "message": "Forbidden: not your team"}, True, HostedAIAuthError),
         (200, {"code": 404, "message": "Subscription not found"}, True, HostedAIRejected),
+        (200, {"code": 404, "message": "gone"}, True, HostedAIRejected),  # by its code alone
         (500, {"code": 12370404, "message": "Pool 9 does not exist"}, True, HostedAIRejected),
         (401, {"code": 401, "message": "Unauthorized"}, True, HostedAIAuthError),
         (403, None, False, HostedAIAuthError),

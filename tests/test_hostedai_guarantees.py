@@ -383,6 +383,8 @@ async def test_retire_leaves_a_subscription_another_process_uses_and_the_cli_sho
         # this process's last release must not unsubscribe what the other process still uses
         await here.release(mine, "acme")
         assert emulator.state.subs[sub_id].unsubscribed is None
+        assert await here.retire_idle(0) == 0  # held off again: nothing retired, none counted
+        assert emulator.state.subs[sub_id].unsubscribed is None
         other.stdin.write("go\n")
         other.stdin.flush()
         finished = json.loads(await asyncio.to_thread(other.stdout.readline) or "{}")

@@ -89,6 +89,7 @@ def test_rules_narrow_by_gpu_type_and_price_and_take_the_catalogs_patterns():
     own = pool("preemptible", patterns=[r"^gpu-"], exclude=[])
     assert names(choose_pools(own, OTHER, CARDS)) == ["gpu-l4-interruptible"]
     assert mismatch(OTHER[4], match_rules(pool("preemptible")), CARDS) == "GPU NVIDIA B200 not in the catalog's cards"
+    assert mismatch(OTHER[0], match_rules(pool("preemptible", exclude=[])), CARDS) == "name or label matches no pattern"
     assert "excluded" in mismatch(OTHER[0], match_rules(pool("preemptible", patterns=["h100"])), CARDS)
 
 
