@@ -2,6 +2,9 @@
 
 - Retries (tenacity): exponential backoff with jitter, bounded, only for failures worth retrying
   (timeouts, connection errors, 5xx without a business code, 429 honouring Retry-After).
+  Idempotent reads (GET, and the price estimate) are also retried on any 5xx and on an error
+  object inside a 2xx body, unless it is an auth or not-found refusal (the AWS SDKs' rule): a
+  read that failed changed nothing, so asking again is safe.
 - Subscribe is never retried blindly: after a timeout, an empty body or a 409 the client
   reconciles by listing the team's subscriptions, so a retry never makes a second one.
 - One circuit breaker per base URL, shared by every task of the process (purgatory).
@@ -14,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +42,12 @@ from homeskillet.schemas import HostedAICredentials
 
 log = logging.getLogger(__name__)
 INSUFFICIENT = 10189007
+IDEMPOTENT = ("GET", "HEAD")
+# Refusals that asking again cannot change, recognised in an error body's code or message.
+AUTH_CODES = (401, 403)
+AUTH_WORDS = re.compile(r"unauthori[sz]ed|forbidden|not allowed|permission|access denied|invalid (api )?(key|token)|"
+                        r"token (is )?(invalid|expired|revoked)|expired|revoked", re.IGNORECASE)  # fmt: skip
+NOT_FOUND_WORDS = re.compile(r"not found|does not exist|no such", re.IGNORECASE)
 LIVE = ("subscribing", "subscribed", "active", "running")
 READY = ("subscribed", "active", "running")
 
@@ -121,7 +131,9 @@ class HostedAIClient:
             return {"Authorization": f"Bearer {key}"}
         return {"X-API-Key": key}
 
-    async def _once(self, method: str, path: str, params: dict | None, body: dict | None, timeout: float) -> Any:
+    async def _once(
+        self, method: str, path: str, params: dict | None, body: dict | None, timeout: float, idempotent: bool
+    ) -> Any:
         url = f"{self._base}{path}"
         try:
             async with httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0))) as http:
@@ -130,14 +142,18 @@ class HostedAIClient:
             raise HostedAIUnavailable(f"hosted·ai {method} {path} timed out after {timeout:g}s") from None
         except httpx.HTTPError as exc:
             raise HostedAIUnavailable(f"hosted·ai {method} {path} failed: {type(exc).__name__}") from None
-        return _parse(response, method, path)
+        return _parse(response, method, path, idempotent=idempotent)
 
     async def call(
         self, method: str, path: str, *, params: dict | None = None, body: dict | None = None,
-        retry: bool = True, timeout: float | None = None,
+        retry: bool = True, timeout: float | None = None, idempotent: bool | None = None,
     ) -> Any:  # fmt: skip
-        """One API call through the breaker, retried only when `retry` and only when worth it."""
+        """One API call through the breaker, retried only when `retry` and only when worth it.
+
+        `idempotent` (default: GET and HEAD) widens what is worth it: a read is retried on any
+        5xx and on an error inside a 2xx body too, unless it is an auth or not-found refusal."""
         policy = self.policy
+        idempotent = method.upper() in IDEMPOTENT if idempotent is None else idempotent
         attempts = policy.attempts if retry else 1
         try:
             breaker = await BREAKERS.get_breaker(
@@ -151,7 +167,7 @@ class HostedAIClient:
                     reraise=True,
                 ):
                     with attempt:
-                        data = await self._once(method, path, params, body, timeout or policy.timeout_s)
+                        data = await self._once(method, path, params, body, timeout or policy.timeout_s, idempotent)
                         BREAKER.labels(self._base).set(0)
                         return data
         except OpenedState:
@@ -194,6 +210,7 @@ class HostedAIClient:
             "POST",
             "/gpuaas/calculate-pool-subscription",
             body={"pool_id": pool_id, "vgpus": vgpus, "duration_hours": hours, "team_id": self.team_id},
+            idempotent=True,  # a price quote changes nothing
         )
 
     # --- subscriptions ---------------------------------------------------------------------
@@ -341,8 +358,10 @@ class HostedAIClient:
         )
 
 
-def _parse(response: httpx.Response, method: str, path: str) -> Any:
-    """The body, or the error it stands for. Business errors come as 5xx or inside a 2xx."""
+def _parse(response: httpx.Response, method: str, path: str, idempotent: bool = False) -> Any:
+    """The body, or the error it stands for. Business errors come as 5xx or inside a 2xx; for an
+    idempotent call, those that are not auth or not-found refusals are HostedAIUnavailable
+    (retried)."""
     where = f"hosted·ai {method} {path}"
     status = response.status_code
     try:
@@ -351,23 +370,33 @@ def _parse(response: httpx.Response, method: str, path: str) -> Any:
         data = response.text
     business = isinstance(data, dict) and "message" in data and isinstance(data.get("code"), int)
     message = str(data.get("message")) if business else str(data)[:200]
+    retry_after = _seconds(response.headers.get("Retry-After"))
     if status in (401, 403):
         raise HostedAIAuthError(f"{where}: HTTP {status}: the API key was refused (wrong, expired, revoked, "
                                 f"IP-blocked) or the team is not the key's")  # fmt: skip
     if status == 429:
-        retry_after = response.headers.get("Retry-After")
-        raise HostedAIUnavailable(f"{where}: HTTP 429 rate limited", retry_after=_seconds(retry_after))
+        raise HostedAIUnavailable(f"{where}: HTTP 429 rate limited", retry_after=retry_after)
     if status == 409:
         raise AlreadySubscribed(f"{where}: {message}", code=409)
     if status >= 500:
         if business and data["code"] not in (status, 0):
+            if idempotent and not _refusal(data):
+                raise HostedAIUnavailable(f"{where}: HTTP {status}: {message} (code {data['code']})", retry_after)
             raise _business(where, data)
-        raise HostedAIUnavailable(f"{where}: HTTP {status}", retry_after=_seconds(response.headers.get("Retry-After")))
+        raise HostedAIUnavailable(f"{where}: HTTP {status}", retry_after=retry_after)
     if status >= 400:
         raise HostedAIRejected(f"{where}: HTTP {status}: {message}", code=status)
-    if business and data["code"] >= 400:
-        raise _business(where, data)  # an error inside a 2xx body
+    if business and data["code"] >= 400:  # an error inside a 2xx body
+        if idempotent and not _refusal(data):
+            raise HostedAIUnavailable(f"{where}: error in a {status} body: {message} (code {data['code']})")
+        raise _business(where, data)
     return data
+
+
+def _refusal(data: dict) -> bool:
+    """An auth or not-found refusal, which asking again cannot change."""
+    code, message = int(data["code"]), str(data["message"])
+    return code in (*AUTH_CODES, 404) or bool(AUTH_WORDS.search(message) or NOT_FOUND_WORDS.search(message))
 
 
 def _business(where: str, data: dict) -> HostedAIError:
@@ -376,6 +405,9 @@ def _business(where: str, data: dict) -> HostedAIError:
         return InsufficientResources(f"{where}: {message} (code {code})", code=code)
     if code == 409 or "already subscribed" in message.lower():
         return AlreadySubscribed(f"{where}: {message}", code=code)
+    if code in AUTH_CODES or AUTH_WORDS.search(message):
+        return HostedAIAuthError(f"{where}: {message} (code {code}): the API key was refused or the team is not "
+                                 f"the key's")  # fmt: skip
     return HostedAIRejected(f"{where}: {message} (code {code})", code=code)
 
 

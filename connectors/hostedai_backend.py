@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -27,11 +28,21 @@ from homeskillet.errors import (
     InsufficientResources,
     NoRoute,
 )
-from homeskillet.schemas import Allocation, Catalog, HostedAICredentials, ModelSpec, PoolSpec
+from homeskillet.schemas import Allocation, CardSpec, Catalog, HostedAICredentials, HostedAIMatch, ModelSpec, PoolSpec
 from homeskillet.settings import Settings
 
 log = logging.getLogger(__name__)
 Credentials = Callable[[str], Awaitable[HostedAICredentials]]
+
+# The words that mark a hosted·ai pool's tier in its name or label, when the catalog's
+# `hostedai_match` does not say otherwise. A pool that neither marks counts as dedicated.
+TIER_PATTERNS: dict[str, tuple[str, ...]] = {
+    "preemptible": (r"spot", r"preempt", r"interrupt", r"low[-_ ]?prio", r"community", r"burst", r"evict"),
+    "dedicated": (r"dedicated", r"reserved", r"on[-_ ]?demand", r"guaranteed", r"private", r"committed"),
+}
+_VENDOR_WORDS = {"nvidia", "amd", "tesla", "geforce", "gpu"}
+RECHECK_S = 1.0  # a share that another process still uses is looked at again after this (at least)
+RETIRE_TRIES = 5
 
 
 @dataclass
@@ -110,19 +121,17 @@ class HostedAIBackend:
             return share
 
     async def _subscribe(self, tenant: str, pool: PoolSpec) -> _Share:
-        """Subscribe the tenant's team to the cheapest configured hosted·ai pool with room; on
+        """Subscribe the tenant's team to the cheapest matching hosted·ai pool with room; on
         "Insufficient resources" fail over to the next."""
         client = HostedAIClient(await self._credentials(tenant), self._policy)
-        offered = await client.pools()
-        wanted = [p for p in offered if not pool.hostedai_pools or p.name in pool.hostedai_pools or str(p.id) in pool.hostedai_pools]
-        if not wanted:
-            raise NoRoute(f"hosted·ai offers none of the pools {pool.hostedai_pools} for {pool.id}")
+        wanted = choose_pools(pool, await client.pools(), self._catalog.cards)
         tried = []
-        for hosted in sorted(wanted, key=lambda p: (p.price_per_vgpu_hour, -p.available_vgpus)):
-            card = self._catalog.cards.get(hosted.gpu_model_type)
-            if card is None:
+        for hosted in wanted:
+            found = card_for(hosted.gpu_model_type, self._catalog.cards)
+            if found is None:
                 tried.append(f"{hosted.name} (unknown card {hosted.gpu_model_type})")
                 continue
+            card = found[1]
             vgpus = vgpus_for(pool.tflops, pool.vram_gb, card.tflops, card.vram_gb, hosted.sharing_ratio)
             if hosted.available_vgpus < vgpus:
                 tried.append(f"{hosted.name} ({hosted.available_vgpus} of {vgpus} vGPUs free)")
@@ -159,8 +168,9 @@ class HostedAIBackend:
                         await self._retire(tenant, pool_id)
                     except HostedAIError as exc:  # the fragment is done; the share is retried later
                         log.warning("hosted·ai share of %s in %s stays until the next retire: %s", tenant, pool_id, exc)
+                        self._retire_soon(self._retry_s())
                 else:  # look again once it has been idle long enough
-                    asyncio.get_running_loop().call_later(idle_s, lambda: asyncio.ensure_future(self.retire_idle()))
+                    self._retire_soon(idle_s)
         return ended
 
     async def verify(self, allocation: Allocation) -> bool:
@@ -195,8 +205,10 @@ class HostedAIBackend:
             share = self._shares.get(key)
             if share is None or share.users:
                 return 0
-            # another process of this tenant may be using the same team subscription
+            # another process of this tenant may be using the same team subscription: it stays,
+            # and is looked at again later (that process may end without retiring it)
             if any(a.pool == ledger_pool(pool_id, tenant) for a in await (await self.ledger()).held(tenant)):
+                self._retire_soon(max(self._settings.hostedai_idle_s, RECHECK_S))
                 return 0
             self._shares.pop(key)
             try:
@@ -205,6 +217,31 @@ class HostedAIBackend:
                 self._shares.setdefault(key, share)  # still ours: a later retire or shutdown tries again
                 raise
             return 1
+
+    def _retry_s(self) -> float:
+        return max(self._policy.backoff_max_s, self._policy.poll_s)
+
+    def _retire_soon(self, delay: float, tries: int = RETIRE_TRIES) -> None:
+        """Look at the idle shares again in `delay` seconds. A retire that fails then is tried
+        again, `tries` times in all, each wait twice the last; after that the share stays until
+        the next release, retire or shutdown."""
+
+        async def again() -> None:
+            try:
+                await self.retire_idle()
+            except HostedAIError as exc:
+                if tries > 1:
+                    log.warning("hosted·ai retire of idle shares failed, trying again in %gs: %s", delay * 2, exc)
+                    self._retire_soon(delay * 2, tries - 1)
+                else:
+                    log.error("hosted·ai retire of idle shares failed %d times; they stay until the next: %s",
+                              RETIRE_TRIES, exc)  # fmt: skip
+
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no loop (a synchronous caller): the next release or shutdown retires
+        loop.call_later(delay, lambda: asyncio.ensure_future(again()))
 
     async def _unsubscribe(self, client: HostedAIClient, subscription_id: int, hosted_pool_id: int) -> None:
         try:
@@ -226,3 +263,105 @@ class HostedAIBackend:
     async def shutdown(self) -> None:
         """Unsubscribe every idle share (used when the process ends its work)."""
         await self.retire_idle(0)
+
+
+# --- pool choice: which of the account's hosted·ai pools can serve a catalog pool --------------
+
+
+def _gpu_tokens(name: str) -> list[str]:
+    """'NVIDIA A100 80GB PCIe' → ['a100', '80gb', 'pcie']: lower case, split at anything not a
+    letter or digit, vendor words dropped."""
+    return [t for t in re.split(r"[^0-9a-z]+", name.lower()) if t and t not in _VENDOR_WORDS]
+
+
+def _gpu_is(gpu_model_type: str, name: str) -> bool:
+    """Whether a pool's GPU is the named one: the name's words begin the GPU's words, whole
+    words only (A10 is not A100; A100 is A100 80GB PCIe)."""
+    want, have = _gpu_tokens(name), _gpu_tokens(gpu_model_type)
+    return bool(want) and have[: len(want)] == want
+
+
+def card_for(gpu_model_type: str, cards: dict[str, CardSpec]) -> tuple[str, CardSpec] | None:
+    """The catalog card a pool's `gpu_model_type` names: exactly, else the card whose name's words
+    begin the GPU's (the longest such name); None when no card fits."""
+    if gpu_model_type in cards:
+        return gpu_model_type, cards[gpu_model_type]
+    fitting = [name for name in cards if _gpu_is(gpu_model_type, name)]
+    if not fitting:
+        return None
+    name = max(fitting, key=lambda n: len(_gpu_tokens(n)))
+    return name, cards[name]
+
+
+def match_rules(pool: PoolSpec) -> HostedAIMatch:
+    """The pool's `hostedai_match` with its tier's defaults filled in."""
+    rules = pool.hostedai_match
+    other = "dedicated" if pool.tier == "preemptible" else "preemptible"
+    return rules.model_copy(
+        update={
+            "patterns": list(TIER_PATTERNS[pool.tier]) if rules.patterns is None else rules.patterns,
+            "exclude": list(TIER_PATTERNS[other]) if rules.exclude is None else rules.exclude,
+            "unmarked": pool.tier == "dedicated" if rules.unmarked is None else rules.unmarked,
+        }
+    )
+
+
+def _marked(hosted: HostedPool, patterns: list[str]) -> bool:
+    text = f"{hosted.name}\n{hosted.label}"
+    return any(re.search(p, text, re.IGNORECASE) for p in patterns)
+
+
+def mismatch(hosted: HostedPool, rules: HostedAIMatch, cards: dict[str, CardSpec]) -> str | None:
+    """Why a hosted·ai pool does not fit the (filled-in) rules, or None when it does."""
+    if _marked(hosted, rules.exclude or []):
+        return "name or label excluded"
+    if not rules.unmarked and not _marked(hosted, rules.patterns or []):
+        return "name or label matches no pattern"
+    if rules.gpu_types and not any(_gpu_is(hosted.gpu_model_type, g) for g in rules.gpu_types):
+        return f"GPU {hosted.gpu_model_type} not in {rules.gpu_types}"
+    if card_for(hosted.gpu_model_type, cards) is None:
+        return f"GPU {hosted.gpu_model_type} not in the catalog's cards"
+    if rules.max_price_per_vgpu_hour is not None and hosted.price_per_vgpu_hour > rules.max_price_per_vgpu_hour + 1e-12:
+        return f"US${hosted.price_per_vgpu_hour:g}/vGPU-hour over {rules.max_price_per_vgpu_hour:g}"
+    return None
+
+
+def choose_pools(pool: PoolSpec, offered: list[HostedPool], cards: dict[str, CardSpec]) -> list[HostedPool]:
+    """The account's hosted·ai pools that may serve a catalog pool, cheapest first (then the most
+    free vGPUs): those `hostedai_pools` names (or ids), else those `hostedai_match` finds. When
+    none fits, NoRoute lists what the account offers and why each does not fit."""
+    named = [p for p in offered if p.name in pool.hostedai_pools or str(p.id) in pool.hostedai_pools]
+    if named:
+        chosen = named
+    else:
+        rules = match_rules(pool)
+        chosen = [p for p in offered if mismatch(p, rules, cards) is None]
+        if not chosen:
+            raise NoRoute(_no_match(pool, rules, offered, cards))
+        if pool.hostedai_pools:
+            log.warning(
+                "hosted·ai offers none of the pools %s for %s; matched by rules: %s",
+                pool.hostedai_pools, pool.id, ", ".join(p.name for p in chosen),
+            )  # fmt: skip
+    return sorted(chosen, key=lambda p: (p.price_per_vgpu_hour, -p.available_vgpus, p.id))
+
+
+def _no_match(pool: PoolSpec, rules: HostedAIMatch, offered: list[HostedPool], cards: dict[str, CardSpec]) -> str:
+    named = f"none of the pools {pool.hostedai_pools} and " if pool.hostedai_pools else ""
+    wanted = [f"name or label matching {rules.patterns}"]
+    if rules.unmarked:
+        wanted[0] = f"any name or label not matching {rules.exclude}"
+    if rules.gpu_types:
+        wanted.append(f"GPU in {rules.gpu_types}")
+    if rules.max_price_per_vgpu_hour is not None:
+        wanted.append(f"at most US${rules.max_price_per_vgpu_hour:g}/vGPU-hour")
+    offers = "; ".join(
+        f"{p.name} (id {p.id}, label {p.label!r}, {p.gpu_model_type}, US${p.price_per_vgpu_hour:g}/vGPU-hour, "
+        f"{p.available_vgpus} vGPUs free: {mismatch(p, rules, cards)})"
+        for p in offered
+    )
+    return (
+        f"hosted·ai offers {named}no pool for {pool.id} ({pool.tier}) with {', '.join(wanted)}; "
+        f"the account offers: {offers or 'no pools at all'}. Name its pools in the catalog's hostedai_pools "
+        f"or widen the pool's hostedai_match"
+    )

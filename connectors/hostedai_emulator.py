@@ -13,6 +13,7 @@ configuration. Run it with `homeskillet emulator --port P [--faults …]`.
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import math
 import random
@@ -28,6 +29,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from pydantic import BaseModel, Field
 
 INSUFFICIENT = 10189007
+INTERNAL = 50000001  # the envelope of an internal error answered as HTTP 500
+BODY_ERROR = 12370004  # an error object answered inside a 200 body
 INFERENCE_PORT = 8000
 
 
@@ -36,6 +39,15 @@ class Faults(BaseModel):
 
     latency_s: float = Field(0.0, ge=0, description="Added to every API call.")
     error_rate: float = Field(0.0, ge=0, le=1, description="HTTP 500 without a business code, action not done.")
+    read_error_rate: float = Field(
+        0.0, ge=0, le=1, description=f"A read (GET, the estimate) answers HTTP 500 with the envelope {{code {INTERNAL}, 'internal error'}}."
+    )
+    read_error_in_body_rate: float = Field(
+        0.0, ge=0, le=1, description=f"A read (GET, the estimate) answers 200 with an error object in the body (code {BODY_ERROR})."
+    )
+    fault_paths: list[str] = Field(
+        [], description="When set, the per-call rate faults above hit only paths that start with one of these."
+    )
     rate_limit_rate: float = Field(0.0, ge=0, le=1, description="HTTP 429 with Retry-After, action not done.")
     retry_after_s: float = Field(0.1, ge=0, description="The Retry-After of a 429.")
     insufficient_pools: list[int] = Field([], description="Pools whose subscribe always answers Insufficient.")
@@ -116,6 +128,33 @@ def default_config() -> EmulatorConfig:
     )
 
 
+def other_account_config() -> EmulatorConfig:
+    """The default teams and region on an account whose pools nobody typed into the catalog:
+    other names, labels that say the tier in other words, vendor-style GPU names, and a GPU the
+    catalog has no card for."""
+    base = default_config()
+    return base.model_copy(
+        update={
+            "pools": [
+                PoolConfig(id=311, pool_name="h100-sxm-ondemand", pool_label="H100 80GB on-demand",
+                           gpu_model_type="NVIDIA H100 80GB HBM3", gpuaas_id=7, gpus=1, sharing_ratio=4,
+                           price_per_vgpu_hour=1.10),
+                PoolConfig(id=312, pool_name="a100-80g-eu", pool_label="A100 reserved capacity",
+                           gpu_model_type="NVIDIA A100 80GB PCIe", gpuaas_id=7, gpus=1, sharing_ratio=4,
+                           price_per_vgpu_hour=0.70),
+                PoolConfig(id=321, pool_name="gpu-l4-interruptible", pool_label="NVIDIA L4 (interruptible)",
+                           gpu_model_type="NVIDIA L4", gpuaas_id=7, gpus=2, sharing_ratio=4,
+                           price_per_vgpu_hour=0.14, preemptible=True),
+                PoolConfig(id=322, pool_name="rtx-a10-community", pool_label="A10 community cloud",
+                           gpu_model_type="NVIDIA A10", gpuaas_id=7, gpus=1, sharing_ratio=4,
+                           price_per_vgpu_hour=0.10, preemptible=True),
+                PoolConfig(id=329, pool_name="b200-spot", pool_label="B200 spot", gpu_model_type="NVIDIA B200",
+                           gpuaas_id=7, gpus=1, sharing_ratio=4, price_per_vgpu_hour=0.05, preemptible=True),
+            ]
+        }
+    )  # fmt: skip
+
+
 @dataclass
 class Subscription:
     id: int
@@ -146,6 +185,7 @@ class State:
         self.next_id = 5000
         self.preempted = 0
         self.calls = 0  # API calls that reached the emulator
+        self.fired: collections.Counter[str] = collections.Counter()  # faults injected, by kind
 
     def set_faults(self, faults: Faults) -> None:
         self.faults = faults
@@ -160,9 +200,10 @@ class State:
             return None
         return "subscribing" if age < self.faults.activation_s else "active"
 
-    def sweep(self) -> None:
-        """Finish unsubscribes whose time has come."""
-        now = time.monotonic()
+    def sweep(self, now: float | None = None) -> None:
+        """Finish unsubscribes whose time has come (by `now`, when given: a list computed at that
+        moment must not hide an item that the books still hold)."""
+        now = time.monotonic() if now is None else now
         for sub in list(self.subs.values()):
             if sub.unsubscribed is not None and self.status(sub, now) is None:
                 self._end(sub, "unsubscribed")
@@ -177,6 +218,7 @@ class State:
 
     def preempt(self, sub: Subscription) -> None:
         self.preempted += 1
+        self.fired["preempt"] += 1
         self._end(sub, "preempted")
 
     def used_vgpus(self, pool_id: int) -> int:
@@ -257,10 +299,24 @@ def create_app(config: EmulatorConfig | None = None, model_endpoint=None) -> Fas
             f = state.faults
             if f.latency_s:
                 await asyncio.sleep(f.latency_s)
-            if f.error_rate and state.rng.random() < f.error_rate:
+            if f.fault_paths and not request.url.path.startswith(tuple(f.fault_paths)):
+                return await call_next(request)
+
+            def fires(kind: str, rate: float) -> bool:
+                if rate and state.rng.random() < rate:
+                    state.fired[kind] += 1
+                    return True
+                return False
+
+            if fires("error", f.error_rate):
                 return PlainTextResponse("Internal Server Error", 500)
-            if f.rate_limit_rate and state.rng.random() < f.rate_limit_rate:
+            if fires("rate_limit", f.rate_limit_rate):
                 return PlainTextResponse("Too Many Requests", 429, headers={"Retry-After": f"{f.retry_after_s:g}"})
+            if request.method == "GET" or request.url.path == "/gpuaas/calculate-pool-subscription":  # reads
+                if fires("read_error", f.read_error_rate):
+                    return _error(500, "internal error", INTERNAL)
+                if fires("read_error_in_body", f.read_error_in_body_rate):
+                    return _error(200, "temporarily unable to list, try again", BODY_ERROR)
         return await call_next(request)
 
     def team_of(
@@ -283,6 +339,7 @@ def create_app(config: EmulatorConfig | None = None, model_endpoint=None) -> Fas
     def business(message: str, code: int) -> JSONResponse:
         """Business errors arrive as HTTP 500 or inside a 200 body."""
         if state.rng.random() < state.faults.business_in_2xx_rate:
+            state.fired["business_in_2xx"] += 1
             return JSONResponse({"code": code, "message": message, "errors": []}, 200)
         return _error(500, message, code)
 
@@ -332,8 +389,10 @@ def create_app(config: EmulatorConfig | None = None, model_endpoint=None) -> Fas
         state.subs[sub.id] = sub
         f = state.faults
         if f.timeout_rate and state.rng.random() < f.timeout_rate:
+            state.fired["timeout"] += 1
             await asyncio.sleep(f.timeout_s)  # done, but the answer comes too late
         if f.empty_subscribe_rate and state.rng.random() < f.empty_subscribe_rate:
+            state.fired["empty_subscribe"] += 1
             return Response(status_code=200)  # done, but the body is empty
         return {"subscription_id": sub.id}
 
@@ -347,6 +406,7 @@ def create_app(config: EmulatorConfig | None = None, model_endpoint=None) -> Fas
     ):
         same_team(team, team_id)
         now = time.monotonic()
+        state.sweep(now)  # what this list no longer shows is gone from the books too
         # the quirk: the team filter leaks, other teams' items come along
         visible = [state.item(s, now) for s in sorted(state.subs.values(), key=lambda s: s.id)]
         visible = [i for i in visible if i["status"] is not None]
@@ -461,7 +521,7 @@ def create_app(config: EmulatorConfig | None = None, model_endpoint=None) -> Fas
         state.sweep()
         return {
             "subscriptions": len(state.subs), "preempted": state.preempted, "calls": state.calls,
-            "faults": state.faults.model_dump(),
+            "faults": state.faults.model_dump(), "fired": dict(state.fired),
         }  # fmt: skip
 
     return app

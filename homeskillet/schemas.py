@@ -130,9 +130,38 @@ class ModelSpec(_Frozen):
     serving: Annotated[LlamaCppServing | OpenAIServing, Field(discriminator="kind")]
 
 
+class HostedAIMatch(_Frozen):
+    """Rules that find the hosted·ai pools behind a catalog pool on an account whose pool names
+    nobody typed into `hostedai_pools`: the tier from name/label patterns, the GPU type, the price.
+    Unset fields take the tier's defaults (connectors.hostedai_backend.TIER_PATTERNS)."""
+
+    patterns: list[str] | None = Field(
+        None, description="Regexes (case-insensitive) on a pool's name or label that mark this tier."
+    )
+    exclude: list[str] | None = Field(None, description="Regexes that rule a pool out (default: the other tier's).")
+    unmarked: bool | None = Field(
+        None, description="Whether a pool that no pattern marks counts (default: for dedicated, not for preemptible)."
+    )
+    gpu_types: list[str] = Field([], description="GPU models allowed, e.g. L4 or A100-80GB (default: any card known).")
+    max_price_per_vgpu_hour: float | None = Field(None, ge=0, description="US$ per vGPU-hour at most.")
+
+    @field_validator("patterns", "exclude")
+    @classmethod
+    def _regexes(cls, value: list[str] | None) -> list[str] | None:
+        import re
+
+        for pattern in value or []:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"pattern {pattern!r} is not a regular expression: {exc}") from None
+        return value
+
+
 class PoolSpec(_Frozen):
     """A pool of GPU capacity. For hosted·ai it is the share each tenant subscribes to, carved from
-    the hosted·ai pools listed in `hostedai_pools` (names or ids, tried by price and availability)."""
+    the hosted·ai pools listed in `hostedai_pools` (names or ids, tried by price and availability),
+    or, when the account offers none of those, from the pools that `hostedai_match` finds."""
 
     id: str
     backend: Backend = "local"
@@ -141,6 +170,7 @@ class PoolSpec(_Frozen):
     vram_gb: float = Field(gt=0)
     price_per_hour: float = Field(ge=0, description="US$ per hour for the whole pool (an estimate for hosted·ai).")
     hostedai_pools: list[str] = []
+    hostedai_match: HostedAIMatch = HostedAIMatch()
     region: str | None = Field(None, description="Where the pool's GPUs are; local pools are in region 'local'.")
 
     @model_validator(mode="before")

@@ -7,6 +7,7 @@ imports prefect.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -59,24 +60,33 @@ from homeskillet.settings import PACKAGED_CATALOG  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)
-def local_services():
-    """PostgreSQL + Prefect server for the whole session; stopped and removed afterwards."""
+def _session_state():
+    """Starts nothing. At the end of the session, stops whatever the tests started under the test
+    state folder (model servers, the Prefect server, PostgreSQL) and removes the folder."""
+    yield
+    try:
+        from tasks import runtime
+
+        runtime.backend(PACKAGED_CATALOG).servers.stop_all()  # the machine-wide ones of the test home
+    finally:  # whatever failed above, leave no server behind
+        stop_prefect_server(STATE)
+        shutil.rmtree(STATE, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def local_services(_session_state):
+    """PostgreSQL + Prefect server for the rest of the session, for the tests that ask for it (flows,
+    tasks, Secret blocks, the CLI); `_session_state` stops them at the end. Pure tests and tests
+    that only need PostgreSQL (the ledger starts it) do without."""
     try:
         url = ensure_prefect_server(STATE, PORT)
     except BaseException:
         stop_prefect_server(STATE)  # PostgreSQL may already run
         raise
     yield url
-    try:
-        from prefect.logging.handlers import APILogHandler
+    from prefect.logging.handlers import APILogHandler
 
-        from tasks import runtime
-
-        APILogHandler().flush()  # deliver the run logs while the server still listens
-        runtime.backend(PACKAGED_CATALOG).servers.stop_all()  # the machine-wide ones of the test home
-    finally:  # whatever failed above, leave no server behind
-        stop_prefect_server(STATE)
-        shutil.rmtree(STATE, ignore_errors=True)
+    APILogHandler().flush()  # deliver the run logs while the server still listens
 
 
 class _EchoHandler(BaseHTTPRequestHandler):
@@ -179,13 +189,59 @@ def test_catalog(echo_server, tmp_path_factory) -> str:
 
 @pytest.fixture
 async def assert_no_leaks(test_catalog):
-    """After the test: the ledger holds nothing, whatever happened."""
+    """After the test: the ledger holds nothing, whatever happened. A leak is reported and then
+    released, so that it fails this test only, not every later one."""
     from tasks import runtime
 
     yield
+    held = {}
     for path in (test_catalog, str(PACKAGED_CATALOG)):
-        held = await runtime.backend(path).held()
-        assert held == [], f"allocations leaked: {[a.allocation_id for a in held]}"
+        held.update({a.allocation_id: (path, a) for a in await runtime.backend(path).held()})
+    for path, allocation in held.values():
+        try:
+            await runtime.backend_for_pool(path, allocation.pool).release(allocation.allocation_id, allocation.tenant)
+        except Exception:  # noqa: BLE001 (a pool of the other catalog, or a backend that fails: end the row itself)
+            ledger = await runtime.backend(path).ledger()
+            await ledger.release(allocation.allocation_id, allocation.tenant)
+    assert not held, f"allocations leaked: {[(a.allocation_id, a.pool, a.model) for _, a in held.values()]}"
+
+
+@pytest.fixture
+def routing_measurements_restored():
+    """The session's benchmarks/latest.json as it was before the test: a benchmark run through a
+    worker (another process, same state folder) writes it, and its figures change how every later
+    test routes."""
+    latest = STATE / "benchmarks" / "latest.json"
+    before = latest.read_bytes() if latest.exists() else None
+    yield latest
+    if before is None:
+        latest.unlink(missing_ok=True)
+    else:
+        latest.write_bytes(before)
+
+
+def serve_app(app):
+    """An ASGI app on a free loopback port (real HTTP), in a thread of this process: (url, stop)."""
+    import uvicorn
+
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+
+    def stop():
+        server.should_exit = True
+        thread.join(10)
+
+    return f"http://127.0.0.1:{port}", stop
+
+
+@pytest.fixture(scope="session")
+def asgi_server():
+    """serve_app, for tests: `url, stop = asgi_server(app)`."""
+    return serve_app
 
 
 @pytest.fixture(scope="session")
@@ -194,8 +250,6 @@ def emulator(echo_server):
     tests can change its faults. Pods serve the real SmolLM2 and the echo double."""
     import asyncio
     from types import SimpleNamespace
-
-    import uvicorn
 
     from connectors.hostedai_emulator import create_app, default_config
     from homeskillet import catalog as cat
@@ -211,32 +265,31 @@ def emulator(echo_server):
 
     config = default_config()
     app = create_app(config, model_endpoint=endpoint)
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
+    url, stop = serve_app(app)
     teams = {t.name: t for t in config.teams}
-    yield SimpleNamespace(url=f"http://127.0.0.1:{port}", state=app.state.emulator, teams=teams, app=app)
-    server.should_exit = True
-    thread.join(10)
+    yield SimpleNamespace(url=url, state=app.state.emulator, teams=teams, app=app, endpoint=endpoint)
+    stop()
 
 
 @pytest.fixture
 def faults(emulator):
-    """Set the emulator's faults for one test; they are cleared afterwards."""
+    """Set the emulator's faults for one test; they are cleared afterwards, and so are the failures
+    they caused: the circuit breakers (one per base URL, process-wide) start closed and counting
+    from zero in every test that uses faults, whatever ran before it."""
+    from connectors.hostedai import BREAKERS
     from connectors.hostedai_emulator import Faults
 
     def set_faults(**values):
         emulator.state.set_faults(Faults(**values))
 
+    BREAKERS.uow.contexts.breakers.clear()
     yield set_faults
     emulator.state.set_faults(Faults())
+    BREAKERS.uow.contexts.breakers.clear()
 
 
 @pytest.fixture(scope="session")
-async def hostedai_tenants(emulator):
+async def hostedai_tenants(emulator, local_services):
     """Each test tenant gets its own team and key, stored as Prefect Secret blocks."""
     from homeskillet.schemas import HostedAICredentials
     from tasks.credentials import save_hostedai_credentials
@@ -251,17 +304,31 @@ async def hostedai_tenants(emulator):
 
 @pytest.fixture
 async def no_subscriptions_left(emulator, test_catalog):
-    """After the test: the process gave back its subscriptions and the emulator holds none."""
+    """After the test: the flow and the backends gave back every subscription themselves (the last
+    release retires a share at once: HOMESKILLET_HOSTEDAI_IDLE_S=0), so neither this process's
+    backends nor the emulator hold any, once the emulator's asynchronous unsubscribes are done.
+    Anything left is reported, then cleaned up, so it fails this test only."""
     from tasks import runtime
 
     yield
-    for path in (test_catalog, str(PACKAGED_CATALOG)):
-        await runtime.backend(path, "hostedai").shutdown()
     emulator.state.set_faults(type(emulator.state.faults)())
+    paths = (test_catalog, str(PACKAGED_CATALOG))
+
+    def held() -> dict:
+        return {key: sub for path in paths for key, sub in runtime.backend(path, "hostedai").subscriptions().items()}
+
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline:  # un_subscribing → gone, as on hosted·ai; retires due run
         emulator.state.sweep()
-        if not emulator.state.subs:
+        if not emulator.state.subs and not held():
             break
-        time.sleep(0.1)
-    assert emulator.state.subs == {}, f"subscriptions left: {list(emulator.state.subs)}"
+        await asyncio.sleep(0.1)
+    held = held()
+    left = sorted(emulator.state.subs)
+    if held or left:
+        for path in paths:
+            await runtime.backend(path, "hostedai").shutdown()
+        for sub in list(emulator.state.subs.values()):
+            emulator.state._end(sub, "cleaned up by the test")
+    assert not held, f"the backends still hold subscriptions: {held}"
+    assert not left, f"subscriptions left on hosted·ai: {left}"

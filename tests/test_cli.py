@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.usefixtures("assert_no_leaks")
+pytestmark = pytest.mark.usefixtures("local_services", "assert_no_leaks")
 HOMESKILLET = str(Path(sys.executable).with_name("homeskillet"))
 
 

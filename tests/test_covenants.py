@@ -139,7 +139,7 @@ NARROW = {"allowed_models": ["echo", "echo-lite"], "allowed_tiers": ["preemptibl
 
 
 @pytest.fixture
-def covenant_catalog(tmp_path, test_catalog):
+def covenant_catalog(tmp_path, test_catalog, local_services):
     """A catalog file whose tenants have covenants; `write(**covenants)` rewrites them."""
     path = tmp_path / "covenants.yaml"
 

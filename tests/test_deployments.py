@@ -14,6 +14,8 @@ import yaml
 from cronsim import CronSim
 from prefect.flows import load_flow_from_entrypoint
 
+pytestmark = pytest.mark.usefixtures("local_services")  # flows, tasks or the Prefect API
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 CONFIG = yaml.safe_load((ROOT / "prefect.yaml").read_text())

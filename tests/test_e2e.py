@@ -20,7 +20,7 @@ from homeskillet.settings import get_settings
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 API = os.environ["PREFECT_API_URL"]
-pytestmark = pytest.mark.usefixtures("assert_no_leaks")
+pytestmark = pytest.mark.usefixtures("local_services", "assert_no_leaks")
 
 
 def prefect(*args: str, **env: str) -> subprocess.CompletedProcess:
@@ -104,6 +104,7 @@ async def test_fuse_request_started_with_run_deployment(worker):
     assert "paris" in result.answer.lower()
 
 
+@pytest.mark.usefixtures("routing_measurements_restored")
 async def test_benchmark_and_cost_report_deployments(worker):
     bench_id = await start_via_rest(
         "benchmark/benchmark", {"models": ["smollm2-135m"], "repetitions": 1, "concurrency": [1], "max_tokens": 8}

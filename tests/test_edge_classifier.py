@@ -42,13 +42,6 @@ process.stdout.write(out.join("\\n") + "\\n");
 """
 
 
-@pytest.fixture(scope="module")
-def local_services():
-    """These tests are pure: this module's own (empty) local_services replaces the conftest's
-    autouse one, so running this file alone starts no PostgreSQL or Prefect server."""
-    return None
-
-
 def hostile(rng: random.Random, n: int) -> list[str]:
     """Strings that break naive text rules: emoji (ZWJ sequences, flags, skin tones), combining
     marks, İ and other case-mapping oddities, NEL, NBSP, vertical tab and other whitespace, RTL,

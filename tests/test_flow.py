@@ -19,7 +19,7 @@ from homeskillet.errors import (
 )
 from tasks import runtime
 
-pytestmark = pytest.mark.usefixtures("assert_no_leaks")
+pytestmark = pytest.mark.usefixtures("local_services", "assert_no_leaks")
 
 THREE_PARTS = "What is the capital of France? Who wrote Romeo and Juliet? Write a haiku about the sea."
 

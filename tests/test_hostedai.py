@@ -232,3 +232,156 @@ async def test_keys_never_reach_logs(emulator, faults, caplog):
 async def _raw(emulator, tenant, method, path, **kwargs) -> httpx.Response:
     async with httpx.AsyncClient(base_url=emulator.url) as http:
         return await http.request(method, path, headers={"X-API-Key": emulator.teams[tenant].api_key}, **kwargs)
+
+
+# --- idempotent reads: retried on any 5xx and on an error inside a 2xx body (issue 13 a, b) ---
+
+
+@pytest.mark.parametrize("fault", ["read_error_rate", "read_error_in_body_rate"])
+async def test_a_failing_read_is_retried_until_it_answers(emulator, faults, fault):
+    """GET /gpuaas/available-pools answering HTTP 500 {code 50000001} or 200 {code 12370004}:
+    retried, and the pools come back."""
+    kind = fault.removesuffix("_rate")
+    fired = emulator.state.fired[kind]
+    faults(**{fault: 0.5}, seed=4)
+    c = client(emulator, attempts=12, backoff_initial_s=0.01, backoff_max_s=0.02)
+    for _ in range(4):
+        assert {p.name for p in await c.pools()} == {"h100-dedicated", "a100-dedicated", "l4-spot", "a10-spot"}
+    assert emulator.state.fired[kind] - fired >= 2  # the faults did fire, and were ridden out
+
+
+@pytest.mark.parametrize(
+    ("fault", "message"),
+    [("read_error_rate", r"HTTP 500: internal error \(code 50000001\)"),
+     ("read_error_in_body_rate", r"error in a 200 body: .* \(code 12370004\)")],
+)  # fmt: skip
+async def test_a_read_that_keeps_failing_ends_unavailable_after_the_attempts(emulator, faults, fault, message):
+    faults(**{fault: 1.0})
+    c = client(emulator, backoff_initial_s=0.01, backoff_max_s=0.02)
+    calls = emulator.state.calls
+    with pytest.raises(HostedAIUnavailable, match=message):
+        await c.pools()
+    assert emulator.state.calls - calls == c.policy.attempts
+
+
+async def test_read_faults_leave_writes_alone(emulator, faults):
+    """The emulator's read faults hit GETs only: a subscribe goes through, and its reconciling
+    reads are retried around the faults."""
+    faults(read_error_rate=0.4, read_error_in_body_rate=0.3, seed=9)
+    c = client(emulator, attempts=12, backoff_initial_s=0.01, backoff_max_s=0.02)
+    sub_id = await c.subscribe(201, vgpus=1)
+    assert [s.id for s in subs_of(emulator, "acme")] == [sub_id]
+    await c.unsubscribe(sub_id, 201)  # its reads (polling until gone) ride out the faults too
+    assert subs_of(emulator, "acme") == []
+
+
+def response(status: int, body=None, text: str | None = None, headers=None) -> httpx.Response:
+    if text is not None:
+        return httpx.Response(status, text=text, headers=headers)
+    return httpx.Response(status, json=body, headers=headers) if body is not None else httpx.Response(status, headers=headers)
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "read", "raised"),
+    [
+        # the issue's two failures: retried on a read...
+        (500, {"code": 50000001, "message": "internal error"}, True, HostedAIUnavailable),
+        (200, {"code": 12370004, "message": "internal error"}, True, HostedAIUnavailable),
+        (503, {"code": 503, "message": "busy"}, True, HostedAIUnavailable),
+        (502, None, True, HostedAIUnavailable),
+        # ...but a write's business error stays one (subscribe reconciles, never retries blindly)
+        (500, {"code": 50000001, "message": "internal error"}, False, HostedAIRejected),
+        (200, {"code": 12370004, "message": "internal error"}, False, HostedAIRejected),
+        (500, {"code": 10189007, "message": "Insufficient resources"}, False, InsufficientResources),
+        (200, {"code": 10189007, "message": "Insufficient resources"}, False, InsufficientResources),
+        (500, None, False, HostedAIUnavailable),
+        # auth and not-found refusals are never retried, read or not, in a 5xx or a 2xx
+        (200, {"code": 401, "message": "token expired"}, True, HostedAIAuthError),
+        (500, {"code": 12370001, "message": "Unauthorized"}, True, HostedAIAuthError),
+        (200, {"code": 12370009, "message": "Forbidden: not your team"}, True, HostedAIAuthError),
+        (200, {"code": 404, "message": "Subscription not found"}, True, HostedAIRejected),
+        (200, {"code": 404, "message": "gone"}, True, HostedAIRejected),  # by its code alone
+        (500, {"code": 12370404, "message": "Pool 9 does not exist"}, True, HostedAIRejected),
+        (401, {"code": 401, "message": "Unauthorized"}, True, HostedAIAuthError),
+        (403, None, False, HostedAIAuthError),
+        (404, {"code": 404, "message": "Subscription not found"}, True, HostedAIRejected),
+        (400, {"code": 400, "message": "bad page"}, True, HostedAIRejected),
+        (409, {"code": 409, "message": "Already subscribed"}, False, AlreadySubscribed),
+        (429, None, True, HostedAIUnavailable),
+    ],
+)
+def test_which_answers_are_retried(status, body, read, raised):
+    from connectors.hostedai import _parse
+
+    with pytest.raises(raised) as caught:
+        _parse(response(status, body), "GET" if read else "POST", "/x", idempotent=read)
+    assert type(caught.value) is raised  # not a subclass: Unavailable is retried, Rejected is not
+
+
+def test_answers_that_are_not_errors_pass_through():
+    from connectors.hostedai import _parse
+
+    assert _parse(response(200, {"items": [1]}), "GET", "/x", idempotent=True) == {"items": [1]}
+    assert _parse(response(200, {"code": 0, "message": "ok", "subscription_id": 5}), "POST", "/x") == {
+        "code": 0, "message": "ok", "subscription_id": 5}  # fmt: skip
+    assert _parse(response(200, {"code": 200, "message": "ok"}), "GET", "/x", idempotent=True)["code"] == 200
+    assert _parse(response(200, text="OK"), "POST", "/x") == "OK"
+    assert _parse(response(200), "POST", "/x") is None
+    with pytest.raises(HostedAIUnavailable) as caught:
+        _parse(response(429, headers={"Retry-After": "2.5"}), "GET", "/x", idempotent=True)
+    assert caught.value.retry_after == 2.5
+    with pytest.raises(HostedAIUnavailable) as caught:
+        _parse(response(500, {"code": 50000001, "message": "internal error"}, headers={"Retry-After": "3"}), "GET", "/x",
+               idempotent=True)  # fmt: skip
+    assert caught.value.retry_after == 3.0
+
+
+async def test_the_estimate_is_a_read(emulator, faults):
+    """A price quote changes nothing: a 500 envelope or an error in its body is retried like a GET's."""
+    c = client(emulator, attempts=12, backoff_initial_s=0.01, backoff_max_s=0.02)
+    fired = emulator.state.fired["read_error"] + emulator.state.fired["read_error_in_body"]
+    faults(read_error_rate=0.4, read_error_in_body_rate=0.3, seed=2)
+    for _ in range(3):
+        assert (await c.estimate(201, vgpus=1, hours=1))["currency"] == "USD"
+    assert emulator.state.fired["read_error"] + emulator.state.fired["read_error_in_body"] - fired >= 1
+    faults()
+    calls = emulator.state.calls
+    with pytest.raises(HostedAIRejected, match="not found"):  # a not-found refusal: asked once
+        await c.estimate(999, vgpus=1, hours=1)
+    assert emulator.state.calls - calls == 1
+
+
+@pytest.mark.parametrize(
+    ("body", "raised", "code"),
+    [
+        ({"code": 10189099, "message": "Insufficient resources in pool"}, InsufficientResources, 10189099),
+        ({"code": 10189007, "message": "no room"}, InsufficientResources, 10189007),
+        ({"code": 12000409, "message": "Already subscribed to this pool"}, AlreadySubscribed, 12000409),
+        ({"code": 409, "message": "conflict"}, AlreadySubscribed, 409),
+        ({"code": 12370077, "message": "quota exceeded"}, HostedAIRejected, 12370077),
+    ],
+)
+def test_business_errors_are_told_apart_by_code_or_words_and_keep_their_code(body, raised, code):
+    from connectors.hostedai import _parse
+
+    for status in (200, 500):
+        with pytest.raises(raised) as caught:
+            _parse(response(status, body), "POST", "/gpuaas/pool/subscribe")
+        assert type(caught.value) is raised and caught.value.code == code
+        assert body["message"] in str(caught.value) and "POST /gpuaas/pool/subscribe" in str(caught.value)
+
+
+def test_an_auth_refusal_in_a_body_says_where_and_what():
+    from connectors.hostedai import _parse
+
+    with pytest.raises(HostedAIAuthError, match=r"GET /gpuaas/x: token expired \(code 12370001\)"):
+        _parse(response(200, {"code": 12370001, "message": "token expired"}), "GET", "/gpuaas/x", idempotent=True)
+
+
+async def test_exists_is_about_that_subscription(emulator):
+    c = client(emulator)
+    sub_id = await c.subscribe(202, vgpus=1)
+    await c.wait_ready(sub_id)
+    assert await c.exists(sub_id) and not await c.exists(sub_id + 1000)
+    await c.unsubscribe(sub_id, 202)
+    assert not await c.exists(sub_id)

@@ -13,7 +13,7 @@ from flows.fusion import fuse_request
 from homeskillet.errors import AllocationNotFound, HomeskilletError, MissingCredentials
 from tasks import runtime
 
-pytestmark = pytest.mark.usefixtures("assert_no_leaks", "no_subscriptions_left", "hostedai_tenants")
+pytestmark = pytest.mark.usefixtures("local_services", "assert_no_leaks", "no_subscriptions_left", "hostedai_tenants")
 HOSTED = {"backend": "hostedai"}
 
 
@@ -27,8 +27,17 @@ async def test_a_three_part_question_on_hostedai_uses_one_subscription_and_three
     assert len({f.allocation_id for f in result.fragments}) == 3
     assert {(f.backend, f.pool) for f in result.fragments} == {("hostedai", "hostedai-preemptible")}
     assert all(f.text.strip() for f in result.fragments)
-    # one subscription of acme's team served all three (idle_s=0: it is gone after the release)
-    assert emulator.state.history[-1]["team_id"] == emulator.teams["acme"].id
+    # one subscription of acme's team served all three, and the flow's last release retired it
+    # (idle_s=0): unsubscribed by the time the flow returns, nothing left to a fixture's shutdown
+    assert runtime.backend(test_catalog, "hostedai").subscriptions() == {}
+    acme = emulator.teams["acme"].id
+    emulator.state.sweep()
+    live = [s for s in emulator.state.subs.values() if s.team_id == acme and s.unsubscribed is None]
+    assert live == []
+    ended = [h for h in emulator.state.history if h["team_id"] == acme]
+    assert ended and ended[-1]["ended"] == "unsubscribed" or any(
+        s.team_id == acme and s.unsubscribed is not None for s in emulator.state.subs.values()
+    )
 
 
 async def test_the_real_models_answer_through_hostedai_pods(emulator):
@@ -119,7 +128,9 @@ async def test_chaos_fifty_requests_end_complete_or_with_a_clear_error(emulator,
     answer or a named error, and nothing is left held anywhere."""
     monkeypatch.setenv("ECHO_DELAY_S", "0.05")
     faults(error_rate=0.2, empty_subscribe_rate=0.3, timeout_rate=0.1, timeout_s=1.5, preempt_rate=0.1,
+           read_error_rate=0.05, read_error_in_body_rate=0.05,
            latency_s=0.005, visibility_s=0.05, activation_s=0.1, unsubscribe_s=0.1, seed=11)  # fmt: skip
+    fired_before = collections.Counter(emulator.state.fired)
     outcomes = collections.Counter()
     errors = collections.Counter()
 
@@ -140,7 +151,15 @@ async def test_chaos_fifty_requests_end_complete_or_with_a_clear_error(emulator,
 
     for start in range(0, 50, 5):
         await asyncio.gather(*(one(i) for i in range(start, start + 5)))
-    print(f"\nchaos: {dict(outcomes)}; errors {dict(errors)}; preempted {emulator.state.preempted}; "
+    fired = collections.Counter(emulator.state.fired) - fired_before
+    print(f"\nchaos: {dict(outcomes)}; errors {dict(errors)}; faults fired {dict(fired)}; "
           f"API calls {emulator.state.calls}")  # fmt: skip
     assert outcomes["complete"] + outcomes["clear error"] == 50
     assert outcomes["complete"] >= 40
+    # the chaos happened: every kind of fault injected fired, and the answers survived it
+    for kind in ("error", "empty_subscribe", "timeout", "preempt", "read_error", "read_error_in_body"):
+        assert fired[kind] >= 1, f"fault {kind} never fired: {dict(fired)}"
+    assert outcomes["re-run after preemption"] >= 1
+    # and what failed, failed as hosted·ai trouble, not as a bug or someone else's refusal
+    expected = {"HostedAIUnavailable", "CircuitOpen", "Preempted", "InsufficientResources"}
+    assert set(errors) <= expected, f"unexpected error classes: {dict(errors)}"

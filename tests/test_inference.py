@@ -9,6 +9,8 @@ from homeskillet.errors import InferenceError
 from tasks import runtime
 from tasks.resources import render
 
+pytestmark = pytest.mark.usefixtures("local_services")  # flows, tasks or the Prefect API
+
 SMOL = cat.model(runtime.catalog(), "smollm2-135m")
 
 

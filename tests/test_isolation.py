@@ -5,7 +5,7 @@ import pytest
 from connectors.local_backend import LocalBackend
 from homeskillet.isolation import broken, run_attacks
 
-pytestmark = pytest.mark.usefixtures("assert_no_leaks")
+pytestmark = pytest.mark.usefixtures("local_services", "assert_no_leaks")
 
 
 async def test_every_attack_of_one_tenant_on_anothers_work_is_refused():

@@ -2,9 +2,13 @@
 
 import asyncio
 
+import pytest
+
 from connectors.ledger import new_allocation_id
 from homeskillet.loadtest import Run, _sample, quantile, run_load
 from tasks import runtime
+
+pytestmark = pytest.mark.usefixtures("local_services")
 
 
 async def test_a_small_load_on_the_local_models_keeps_every_invariant(assert_no_leaks):

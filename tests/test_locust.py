@@ -16,7 +16,7 @@ from connectors.tokens import TokenStore
 from homeskillet.settings import get_settings
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.usefixtures("assert_no_leaks")
+pytestmark = pytest.mark.usefixtures("local_services", "assert_no_leaks")
 
 
 @pytest.fixture

@@ -24,6 +24,8 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
 from mcp.shared.exceptions import MCPError
 
+pytestmark = pytest.mark.usefixtures("local_services")  # flows, tasks or the Prefect API
+
 from connectors.tokens import TokenStore, token_hash
 from connectors.ws_transport import WebSocketTransport
 from homeskillet.settings import get_settings

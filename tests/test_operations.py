@@ -10,7 +10,7 @@ import pytest
 from flows.benchmark import benchmark
 from flows.cost_report import cost_report
 from homeskillet.catalog import load_catalog, with_measurements
-from homeskillet.settings import PACKAGED_CATALOG
+from homeskillet.settings import PACKAGED_CATALOG, get_settings
 from tasks.benchmarking import summarise
 from tasks.cost_analysis import analyse
 
@@ -63,8 +63,22 @@ def test_benchmark_summary_percentiles():
     assert row.usd_per_1k_tokens == pytest.approx(0.1)
 
 
-@pytest.mark.usefixtures("assert_no_leaks")
-async def test_benchmark_then_cost_report_on_real_models(tmp_path):
+@pytest.fixture
+def own_home(tmp_path, monkeypatch):
+    """The benchmark's outputs (latest.json, which changes routing) and the telemetry the cost
+    report reads go to this test's own folder, not the session's, so later tests route as before."""
+    from homeskillet.settings import get_settings
+    from tasks import runtime
+
+    settings = get_settings().model_copy(update={"home": tmp_path, "telemetry_dir": tmp_path / "telemetry"})
+    monkeypatch.setattr(runtime, "settings", lambda: settings)
+    return tmp_path
+
+
+@pytest.mark.usefixtures("local_services", "assert_no_leaks")
+async def test_benchmark_then_cost_report_on_real_models(own_home):
+    session_latest = get_settings().home / "benchmarks" / "latest.json"
+    before = session_latest.read_bytes() if session_latest.exists() else None
     out = await benchmark(models=["smollm2-135m", "gemma3-270m"], repetitions=1, concurrency=[1, 2], max_tokens=8,
                           quality_questions=4)  # fmt: skip
     samples = pd.read_parquet(out["parquet"])
@@ -73,6 +87,8 @@ async def test_benchmark_then_cost_report_on_real_models(tmp_path):
     assert samples.ttft_s.notna().sum() >= 4 and (samples.ttft_s.dropna() > 0).all()
     assert (samples.alloc_overhead_s > 0).all()
     assert Path(out["chart"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert Path(out["parquet"]).parent == own_home / "benchmarks"
+    assert (session_latest.read_bytes() if session_latest.exists() else None) == before  # the session's routing is untouched
     latest = json.loads((Path(out["parquet"]).parent / "latest.json").read_text())
     assert set(latest["tokens_per_second"]) == {"smollm2-135m", "gemma3-270m"}
     measured = with_measurements(CATALOG, Path(out["parquet"]).parent / "latest.json")

@@ -17,6 +17,8 @@ from homeskillet.errors import InvalidRequest, NoRoute
 from tasks.evaluation import evaluate, fit, is_correct, oracle, single_models
 from tasks.strategies import Stats, normalise
 
+pytestmark = pytest.mark.usefixtures("local_services")  # flows, tasks or the Prefect API
+
 ROUTERBENCH = Path(__file__).resolve().parents[2] / "shared" / "data" / "routerbench"
 HOMESKILLET = str(Path(sys.executable).with_name("homeskillet"))
 

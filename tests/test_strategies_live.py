@@ -5,7 +5,7 @@ import pytest
 
 from flows.fusion import fuse_request
 
-pytestmark = pytest.mark.usefixtures("assert_no_leaks")
+pytestmark = pytest.mark.usefixtures("local_services", "assert_no_leaks")
 
 
 async def run(test_catalog, prompt, strategy, **constraints):

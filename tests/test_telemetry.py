@@ -11,6 +11,8 @@ from homeskillet.errors import InferenceError
 from homeskillet.schemas import TelemetryRecord
 from homeskillet.settings import get_settings
 
+pytestmark = pytest.mark.usefixtures("local_services")  # flows, tasks or the Prefect API
+
 
 def record(i: int, day: datetime) -> TelemetryRecord:
     return TelemetryRecord(
