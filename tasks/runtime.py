@@ -34,7 +34,14 @@ class Services(BaseModel):
 
     @property
     def catalog(self) -> Catalog:
-        return _built(self)[0]
+        """The catalog with the latest benchmark's measurements (`benchmarks/latest.json`), taken
+        again whenever a benchmark writes new ones: routing follows them without a restart."""
+        latest = self.home / "benchmarks" / "latest.json"
+        try:
+            version = latest.stat().st_mtime_ns
+        except OSError:
+            version = None
+        return _measured(self, version)
 
     @property
     def settings(self) -> Settings:
@@ -91,10 +98,16 @@ def services(catalog_path: str | Path | None = None) -> Services:
     return Services(catalog_path=Path(catalog_path or s.catalog).resolve(), home=s.home.resolve())
 
 
+@lru_cache(maxsize=32)
+def _measured(services: Services, latest_version: int | None) -> Catalog:
+    return with_measurements(_built(services)[0], services.home / "benchmarks" / "latest.json")
+
+
 @lru_cache
 def _built(services: Services) -> tuple[Catalog, dict[str, Backend]]:
+    """The catalog as written, and the backends (built once: they hold connections and shares)."""
     _serve_metrics_once()
-    catalog = with_measurements(load_catalog(services.catalog_path), services.home / "benchmarks" / "latest.json")
+    catalog = load_catalog(services.catalog_path)
     settings = get_settings().model_copy(update={"catalog": services.catalog_path, "home": services.home})
     backends: dict[str, Backend] = {
         "local": LocalBackend(settings, catalog),
