@@ -196,10 +196,10 @@ async def assert_no_leaks(test_catalog):
     yield
     held = {}
     for path in (test_catalog, str(PACKAGED_CATALOG)):
-        held.update({a.allocation_id: (path, a) for a in await runtime.backend(path).held()})
+        held.update({a.allocation_id: (path, a) for a in await runtime.services(path).held()})
     for path, allocation in held.values():
         try:
-            await runtime.backend_for_pool(path, allocation.pool).release(allocation.allocation_id, allocation.tenant)
+            await runtime.services(path).backend_of(allocation).release(allocation.allocation_id, allocation.tenant)
         except Exception:  # noqa: BLE001 (a pool of the other catalog, or a backend that fails: end the row itself)
             ledger = await runtime.backend(path).ledger()
             await ledger.release(allocation.allocation_id, allocation.tenant)

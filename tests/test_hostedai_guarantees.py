@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from connectors.ledger import new_allocation_id
 from connectors.hostedai import BREAKERS, HostedAIClient, Policy
 from connectors.hostedai_backend import HostedAIBackend
 from homeskillet.errors import (
@@ -35,6 +36,7 @@ from homeskillet.errors import (
     Preempted,
 )
 from homeskillet.schemas import HostedAICredentials
+from tasks import runtime
 
 pytestmark = pytest.mark.usefixtures("no_subscriptions_left")
 HOMESKILLET = str(Path(sys.executable).with_name("homeskillet"))
@@ -209,7 +211,7 @@ async def test_insufficient_everywhere_names_the_pools_not_the_key(emulator, fau
 
     echo = cat.model(b._catalog, "echo")
     with pytest.raises(InsufficientResources, match="h100-dedicated .insufficient resources.") as caught:
-        await b.allocate(allocation_id=b.new_allocation_id(), tenant="acme", request_id="r", pool="hostedai-dedicated",
+        await b.allocate(allocation_id=new_allocation_id(), tenant="acme", request_id="r", pool="hostedai-dedicated",
                          model=echo, wait_s=5)  # fmt: skip
     sweep.error(caught.value)
     sweep.check(emulator.teams["acme"].api_key)
@@ -224,7 +226,7 @@ async def test_an_unsubscribe_that_fails_is_logged_without_the_key_and_retried_l
     b = backend(emulator, test_catalog, policy=Policy(attempts=2, backoff_initial_s=0.01, backoff_max_s=0.2))
     from homeskillet import catalog as cat
 
-    allocation_id = b.new_allocation_id()
+    allocation_id = new_allocation_id()
     await b.allocate(allocation_id=allocation_id, tenant="acme", request_id="r", pool="hostedai-dedicated",
                      model=cat.model(b._catalog, "echo"), wait_s=5)  # fmt: skip
     (sub_id,) = b.subscriptions().values()
@@ -249,7 +251,7 @@ async def test_a_preempted_fragment_errs_without_the_key(emulator, faults, sweep
     from tasks.resources import infer
 
     b = backend(emulator, test_catalog)
-    allocation_id = b.new_allocation_id()
+    allocation_id = new_allocation_id()
     allocation = await b.allocate(allocation_id=allocation_id, tenant="acme", request_id="r",
                                   pool="hostedai-preemptible", model=cat.model(b._catalog, "echo"), wait_s=5)  # fmt: skip
     preempted = emulator.state.fired["preempt"]
@@ -263,7 +265,7 @@ async def test_a_preempted_fragment_errs_without_the_key(emulator, faults, sweep
         assert await b.verify(allocation) is False  # gone: forgotten, so the next allocation subscribes anew
         assert sweep.seen(logging.WARNING, "(preempted)")
         with pytest.raises(Preempted) as task_error:  # what the flow's infer task raises
-            await infer.fn(allocation, "x", 4, test_catalog)
+            await infer.fn(runtime.services(test_catalog), allocation, "x", 4)
         sweep.error(task_error.value)
     finally:
         await b.release(allocation_id, "acme")
@@ -316,6 +318,7 @@ OTHER_PROCESS = textwrap.dedent(
     import asyncio, json, os, sys
     from connectors import openai_client
     from connectors.hostedai_backend import HostedAIBackend
+    from connectors.ledger import new_allocation_id
     from homeskillet import catalog as cat
     from homeskillet.catalog import load_catalog
     from homeskillet.schemas import HostedAICredentials
@@ -329,7 +332,7 @@ OTHER_PROCESS = textwrap.dedent(
             return creds
 
         backend = HostedAIBackend(get_settings(), catalog, credentials)
-        allocation_id = backend.new_allocation_id()
+        allocation_id = new_allocation_id()
         allocation = await backend.allocate(allocation_id=allocation_id, tenant="acme", request_id="r-other-process",
                                             pool="hostedai-dedicated", model=cat.model(catalog, "echo"), wait_s=10)
         print(json.dumps({"allocation_id": allocation_id, "subscription": backend.subscriptions()[("acme", "hostedai-dedicated")],
@@ -355,7 +358,7 @@ async def test_retire_leaves_a_subscription_another_process_uses_and_the_cli_sho
     from homeskillet import catalog as cat
 
     here = backend(emulator, test_catalog)
-    mine = here.new_allocation_id()
+    mine = new_allocation_id()
     allocation = await here.allocate(allocation_id=mine, tenant="acme", request_id="r-this-process",
                                      pool="hostedai-dedicated", model=cat.model(here._catalog, "echo"), wait_s=5)  # fmt: skip
     (sub_id,) = here.subscriptions().values()
@@ -412,11 +415,11 @@ async def test_verify_tells_a_live_share_from_a_vanished_one_and_does_not_guess(
     from tasks import runtime
 
     b = backend(emulator, test_catalog, policy=Policy(attempts=1, breaker_threshold=100))
-    allocation_id = b.new_allocation_id()
+    allocation_id = new_allocation_id()
     allocation = await b.allocate(allocation_id=allocation_id, tenant="acme", request_id="r", pool="hostedai-dedicated",
                                   model=cat.model(b._catalog, "echo"), wait_s=5)  # fmt: skip
     local = runtime.backend(test_catalog)
-    local_id = local.new_allocation_id()
+    local_id = new_allocation_id()
     await local.allocate(allocation_id=local_id, tenant="acme", request_id="r", pool="tiny",
                          model=cat.model(b._catalog, "echo"), wait_s=5)  # fmt: skip
     try:

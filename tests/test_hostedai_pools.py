@@ -5,6 +5,7 @@ emulator of such an account over loopback."""
 
 import pytest
 
+from connectors.ledger import new_allocation_id
 from connectors.hostedai import HostedPool
 from connectors.hostedai_backend import HostedAIBackend, card_for, choose_pools, match_rules, mismatch
 from homeskillet.errors import NoRoute
@@ -165,7 +166,7 @@ async def test_a_backend_on_an_account_with_other_pool_names_allocates_infers_an
     backend = HostedAIBackend(get_settings(), catalog, credentials)
     echo = cat.model(catalog, "echo")
     for catalog_pool, hosted_pool in (("hostedai-preemptible", 322), ("hostedai-dedicated", 312)):
-        allocation_id = backend.new_allocation_id()
+        allocation_id = new_allocation_id()
         allocation = await backend.allocate(allocation_id=allocation_id, tenant="acme", request_id="r-other",
                                             pool=catalog_pool, model=echo, wait_s=5)  # fmt: skip
         (sub,) = other_account.state.subs.values()
@@ -195,7 +196,7 @@ async def test_a_backend_that_finds_no_pool_says_what_the_account_offers(other_a
         return HostedAICredentials(url=other_account.url, api_key=team.api_key, team_id=team.id)
 
     backend = HostedAIBackend(get_settings(), catalog, credentials)
-    allocation_id = backend.new_allocation_id()
+    allocation_id = new_allocation_id()
     with pytest.raises(NoRoute, match="the account offers: h100-sxm-ondemand") as caught:
         await backend.allocate(allocation_id=allocation_id, tenant="globex", request_id="r-none",
                                pool="hostedai-dedicated", model=cat.model(catalog, "echo"), wait_s=5)  # fmt: skip

@@ -71,7 +71,7 @@ def own_home(tmp_path, monkeypatch):
     from tasks import runtime
 
     settings = get_settings().model_copy(update={"home": tmp_path, "telemetry_dir": tmp_path / "telemetry"})
-    monkeypatch.setattr(runtime, "settings", lambda: settings)
+    monkeypatch.setattr(runtime.Services, "settings", property(lambda self: settings))
     return tmp_path
 
 
