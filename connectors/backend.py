@@ -67,9 +67,16 @@ async def lease(
     """The steps every backend's `allocate` shares: reserve the slice in the ledger, then find the
     endpoint and record it; anything failing after the reservation releases it."""
     await ledger.reserve(
-        allocation_id=allocation_id, tenant=tenant, request_id=request_id, pool=pool, model=model.name,
-        tflops=model.tflops, vram_gb=model.vram_gb, wait_s=wait_s, backend=backend.name,
-    )  # fmt: skip
+        allocation_id=allocation_id,
+        tenant=tenant,
+        request_id=request_id,
+        pool=pool,
+        model=model.name,
+        tflops=model.tflops,
+        vram_gb=model.vram_gb,
+        wait_s=wait_s,
+        backend=backend.name,
+    )
     try:
         return await ledger.set_endpoint(allocation_id, await endpoint())
     except BaseException:

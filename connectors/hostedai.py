@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
-from pydantic_settings import BaseSettings, SettingsConfigDict
 from purgatory import AsyncCircuitBreakerFactory
 from purgatory.domain.model import OpenedState
+from pydantic_settings import BaseSettings, SettingsConfigDict
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
 from connectors.telemetry import BREAKER
@@ -45,8 +45,11 @@ INSUFFICIENT = 10189007
 IDEMPOTENT = ("GET", "HEAD")
 # Refusals that asking again cannot change, recognised in an error body's code or message.
 AUTH_CODES = (401, 403)
-AUTH_WORDS = re.compile(r"unauthori[sz]ed|forbidden|not allowed|permission|access denied|invalid (api )?(key|token)|"
-                        r"token (is )?(invalid|expired|revoked)|expired|revoked", re.IGNORECASE)  # fmt: skip
+AUTH_WORDS = re.compile(
+    r"unauthori[sz]ed|forbidden|not allowed|permission|access denied|invalid (api )?(key|token)|"
+    r"token (is )?(invalid|expired|revoked)|expired|revoked",
+    re.IGNORECASE,
+)
 NOT_FOUND_WORDS = re.compile(r"not found|does not exist|no such", re.IGNORECASE)
 LIVE = ("subscribing", "subscribed", "active", "running")
 READY = ("subscribed", "active", "running")
@@ -145,9 +148,16 @@ class HostedAIClient:
         return _parse(response, method, path, idempotent=idempotent)
 
     async def call(
-        self, method: str, path: str, *, params: dict | None = None, body: dict | None = None,
-        retry: bool = True, timeout: float | None = None, idempotent: bool | None = None,
-    ) -> Any:  # fmt: skip
+        self,
+        method: str,
+        path: str,
+        *,
+        params: dict | None = None,
+        body: dict | None = None,
+        retry: bool = True,
+        timeout: float | None = None,
+        idempotent: bool | None = None,
+    ) -> Any:
         """One API call through the breaker, retried only when `retry` and only when worth it.
 
         `idempotent` (default: GET and HEAD) widens what is worth it: a read is retried on any
@@ -198,10 +208,14 @@ class HostedAIClient:
             for p in items(data):
                 found.append(
                     HostedPool(
-                        id=int(p["id"]), name=p["pool_name"], label=p.get("pool_label", ""),
-                        gpu_model_type=p["gpu_model_type"], available_vgpus=int(p["available_vgpus"]),
-                        sharing_ratio=int(p.get("sharing_ratio") or 1), price_per_vgpu_hour=float(p["pricing_hourly"]),
-                    )  # fmt: skip
+                        id=int(p["id"]),
+                        name=p["pool_name"],
+                        label=p.get("pool_label", ""),
+                        gpu_model_type=p["gpu_model_type"],
+                        available_vgpus=int(p["available_vgpus"]),
+                        sharing_ratio=int(p.get("sharing_ratio") or 1),
+                        price_per_vgpu_hour=float(p["pricing_hourly"]),
+                    )
                 )
         return found
 
@@ -228,9 +242,13 @@ class HostedAIClient:
                 if str(i.get("team_id")) == self.team_id:
                     found.append(
                         SubscriptionItem(
-                            id=int(i["id"]), pool_id=int(i["pool_id"]), team_id=str(i["team_id"]),
-                            status=str(i.get("status")), pods=i.get("pods") or [], metrics=i.get("metrics") or {},
-                        )  # fmt: skip
+                            id=int(i["id"]),
+                            pool_id=int(i["pool_id"]),
+                            team_id=str(i["team_id"]),
+                            status=str(i.get("status")),
+                            pods=i.get("pods") or [],
+                            metrics=i.get("metrics") or {},
+                        )
                     )
             page += 1
             if not isinstance(data, dict) or page >= int(data.get("total_pages") or 1):
@@ -250,10 +268,17 @@ class HostedAIClient:
         if existing is not None:
             return existing.id
         body = {
-            "pool_id": pool_id, "team_id": self.team_id, "vgpus": vgpus, "instance_type_id": None,
-            "ephemeral_storage_block_id": None, "image_uuid": None, "shared_volumes": [],
-            "is_vip_priority": False, "guaranteed_gpu_share_percent": 0, **(extra or {}),
-        }  # fmt: skip
+            "pool_id": pool_id,
+            "team_id": self.team_id,
+            "vgpus": vgpus,
+            "instance_type_id": None,
+            "ephemeral_storage_block_id": None,
+            "image_uuid": None,
+            "shared_volumes": [],
+            "is_vip_priority": False,
+            "guaranteed_gpu_share_percent": 0,
+            **(extra or {}),
+        }
         for _ in range(self.policy.attempts):
             try:
                 data = await self.call(
@@ -323,9 +348,15 @@ class HostedAIClient:
             await self.call(
                 "POST",
                 "/pods/expose-service",
-                body={"pod_name": pod["pod_name"], "pool_subscription_id": subscription_id, "port": port,
-                      "service_name": service, "protocol": "TCP", "service_type": "http"},
-            )  # fmt: skip
+                body={
+                    "pod_name": pod["pod_name"],
+                    "pool_subscription_id": subscription_id,
+                    "port": port,
+                    "service_name": service,
+                    "protocol": "TCP",
+                    "service_type": "http",
+                },
+            )
         raise HostedAIUnavailable(f"hosted·ai pod of subscription {subscription_id} exposes no {service!r} service")
 
     async def unsubscribe(self, subscription_id: int, pool_id: int, wait: bool = True) -> None:
@@ -372,8 +403,10 @@ def _parse(response: httpx.Response, method: str, path: str, idempotent: bool = 
     message = str(data.get("message")) if business else str(data)[:200]
     retry_after = _seconds(response.headers.get("Retry-After"))
     if status in (401, 403):
-        raise HostedAIAuthError(f"{where}: HTTP {status}: the API key was refused (wrong, expired, revoked, "
-                                f"IP-blocked) or the team is not the key's")  # fmt: skip
+        raise HostedAIAuthError(
+            f"{where}: HTTP {status}: the API key was refused (wrong, expired, revoked, "
+            f"IP-blocked) or the team is not the key's"
+        )
     if status == 429:
         raise HostedAIUnavailable(f"{where}: HTTP 429 rate limited", retry_after=retry_after)
     if status == 409:
@@ -406,8 +439,9 @@ def _business(where: str, data: dict) -> HostedAIError:
     if code == 409 or "already subscribed" in message.lower():
         return AlreadySubscribed(f"{where}: {message}", code=code)
     if code in AUTH_CODES or AUTH_WORDS.search(message):
-        return HostedAIAuthError(f"{where}: {message} (code {code}): the API key was refused or the team is not "
-                                 f"the key's")  # fmt: skip
+        return HostedAIAuthError(
+            f"{where}: {message} (code {code}): the API key was refused or the team is not the key's"
+        )
     return HostedAIRejected(f"{where}: {message} (code {code})", code=code)
 
 

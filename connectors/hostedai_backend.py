@@ -18,8 +18,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from connectors.hostedai import HostedAIClient, HostedPool, Policy, vgpus_for
 from connectors.backend import lease
+from connectors.hostedai import HostedAIClient, HostedPool, Policy, vgpus_for
 from connectors.ledger import Ledger, open_ledger
 from homeskillet.errors import (
     HostedAIError,
@@ -105,9 +105,16 @@ class HostedAIBackend:
             return (await self._share(tenant, spec, allocation_id)).endpoint
 
         return await lease(
-            ledger, self, allocation_id=allocation_id, tenant=tenant, request_id=request_id, pool=share_pool,
-            model=model, wait_s=wait_s, endpoint=endpoint,
-        )  # fmt: skip
+            ledger,
+            self,
+            allocation_id=allocation_id,
+            tenant=tenant,
+            request_id=request_id,
+            pool=share_pool,
+            model=model,
+            wait_s=wait_s,
+            endpoint=endpoint,
+        )
 
     async def _share(self, tenant: str, pool: PoolSpec, user: str) -> _Share:
         key = (tenant, pool.id)
@@ -185,7 +192,9 @@ class HostedAIBackend:
         except HostedAIError:
             return True  # cannot tell: do not call it a preemption
         if not alive:
-            log.warning("hosted·ai subscription %s of tenant %s is gone (preempted)", share.subscription_id, allocation.tenant)
+            log.warning(
+                "hosted·ai subscription %s of tenant %s is gone (preempted)", share.subscription_id, allocation.tenant
+            )
             self._shares.pop((allocation.tenant, pool_id), None)
         return alive
 
@@ -234,8 +243,11 @@ class HostedAIBackend:
                     log.warning("hosted·ai retire of idle shares failed, trying again in %gs: %s", delay * 2, exc)
                     self._retire_soon(delay * 2, tries - 1)
                 else:
-                    log.error("hosted·ai retire of idle shares failed %d times; they stay until the next: %s",
-                              RETIRE_TRIES, exc)  # fmt: skip
+                    log.error(
+                        "hosted·ai retire of idle shares failed %d times; they stay until the next: %s",
+                        RETIRE_TRIES,
+                        exc,
+                    )
 
         try:
             loop = asyncio.get_running_loop()
@@ -341,8 +353,10 @@ def choose_pools(pool: PoolSpec, offered: list[HostedPool], cards: dict[str, Car
         if pool.hostedai_pools:
             log.warning(
                 "hosted·ai offers none of the pools %s for %s; matched by rules: %s",
-                pool.hostedai_pools, pool.id, ", ".join(p.name for p in chosen),
-            )  # fmt: skip
+                pool.hostedai_pools,
+                pool.id,
+                ", ".join(p.name for p in chosen),
+            )
     return sorted(chosen, key=lambda p: (p.price_per_vgpu_hour, -p.available_vgpus, p.id))
 
 

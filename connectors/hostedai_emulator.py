@@ -17,7 +17,6 @@ import collections
 import json
 import math
 import random
-import secrets
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -40,10 +39,16 @@ class Faults(BaseModel):
     latency_s: float = Field(0.0, ge=0, description="Added to every API call.")
     error_rate: float = Field(0.0, ge=0, le=1, description="HTTP 500 without a business code, action not done.")
     read_error_rate: float = Field(
-        0.0, ge=0, le=1, description=f"A read (GET, the estimate) answers HTTP 500 with the envelope {{code {INTERNAL}, 'internal error'}}."
+        0.0,
+        ge=0,
+        le=1,
+        description=f"A read (GET, the estimate) answers HTTP 500 with the envelope {{code {INTERNAL}, 'internal error'}}.",
     )
     read_error_in_body_rate: float = Field(
-        0.0, ge=0, le=1, description=f"A read (GET, the estimate) answers 200 with an error object in the body (code {BODY_ERROR})."
+        0.0,
+        ge=0,
+        le=1,
+        description=f"A read (GET, the estimate) answers 200 with an error object in the body (code {BODY_ERROR}).",
     )
     fault_paths: list[str] = Field(
         [], description="When set, the per-call rate faults above hit only paths that start with one of these."
@@ -116,15 +121,49 @@ def default_config() -> EmulatorConfig:
         ],
         regions=[{"id": 1, "name": "eu-west", "gpuaas_id": 7}],
         pools=[
-            PoolConfig(id=101, pool_name="h100-dedicated", pool_label="H100 dedicated", gpu_model_type="H100",
-                       gpuaas_id=7, gpus=1, sharing_ratio=4, price_per_vgpu_hour=0.90),
-            PoolConfig(id=102, pool_name="a100-dedicated", pool_label="A100 dedicated", gpu_model_type="A100-80GB",
-                       gpuaas_id=7, gpus=1, sharing_ratio=4, price_per_vgpu_hour=0.55),
-            PoolConfig(id=201, pool_name="l4-spot", pool_label="L4 spot", gpu_model_type="L4",
-                       gpuaas_id=7, gpus=2, sharing_ratio=4, price_per_vgpu_hour=0.12, preemptible=True),
-            PoolConfig(id=202, pool_name="a10-spot", pool_label="A10 spot", gpu_model_type="A10",
-                       gpuaas_id=7, gpus=1, sharing_ratio=4, price_per_vgpu_hour=0.09, preemptible=True),
-        ],  # fmt: skip
+            PoolConfig(
+                id=101,
+                pool_name="h100-dedicated",
+                pool_label="H100 dedicated",
+                gpu_model_type="H100",
+                gpuaas_id=7,
+                gpus=1,
+                sharing_ratio=4,
+                price_per_vgpu_hour=0.90,
+            ),
+            PoolConfig(
+                id=102,
+                pool_name="a100-dedicated",
+                pool_label="A100 dedicated",
+                gpu_model_type="A100-80GB",
+                gpuaas_id=7,
+                gpus=1,
+                sharing_ratio=4,
+                price_per_vgpu_hour=0.55,
+            ),
+            PoolConfig(
+                id=201,
+                pool_name="l4-spot",
+                pool_label="L4 spot",
+                gpu_model_type="L4",
+                gpuaas_id=7,
+                gpus=2,
+                sharing_ratio=4,
+                price_per_vgpu_hour=0.12,
+                preemptible=True,
+            ),
+            PoolConfig(
+                id=202,
+                pool_name="a10-spot",
+                pool_label="A10 spot",
+                gpu_model_type="A10",
+                gpuaas_id=7,
+                gpus=1,
+                sharing_ratio=4,
+                price_per_vgpu_hour=0.09,
+                preemptible=True,
+            ),
+        ],
     )
 
 
@@ -136,23 +175,62 @@ def other_account_config() -> EmulatorConfig:
     return base.model_copy(
         update={
             "pools": [
-                PoolConfig(id=311, pool_name="h100-sxm-ondemand", pool_label="H100 80GB on-demand",
-                           gpu_model_type="NVIDIA H100 80GB HBM3", gpuaas_id=7, gpus=1, sharing_ratio=4,
-                           price_per_vgpu_hour=1.10),
-                PoolConfig(id=312, pool_name="a100-80g-eu", pool_label="A100 reserved capacity",
-                           gpu_model_type="NVIDIA A100 80GB PCIe", gpuaas_id=7, gpus=1, sharing_ratio=4,
-                           price_per_vgpu_hour=0.70),
-                PoolConfig(id=321, pool_name="gpu-l4-interruptible", pool_label="NVIDIA L4 (interruptible)",
-                           gpu_model_type="NVIDIA L4", gpuaas_id=7, gpus=2, sharing_ratio=4,
-                           price_per_vgpu_hour=0.14, preemptible=True),
-                PoolConfig(id=322, pool_name="rtx-a10-community", pool_label="A10 community cloud",
-                           gpu_model_type="NVIDIA A10", gpuaas_id=7, gpus=1, sharing_ratio=4,
-                           price_per_vgpu_hour=0.10, preemptible=True),
-                PoolConfig(id=329, pool_name="b200-spot", pool_label="B200 spot", gpu_model_type="NVIDIA B200",
-                           gpuaas_id=7, gpus=1, sharing_ratio=4, price_per_vgpu_hour=0.05, preemptible=True),
+                PoolConfig(
+                    id=311,
+                    pool_name="h100-sxm-ondemand",
+                    pool_label="H100 80GB on-demand",
+                    gpu_model_type="NVIDIA H100 80GB HBM3",
+                    gpuaas_id=7,
+                    gpus=1,
+                    sharing_ratio=4,
+                    price_per_vgpu_hour=1.10,
+                ),
+                PoolConfig(
+                    id=312,
+                    pool_name="a100-80g-eu",
+                    pool_label="A100 reserved capacity",
+                    gpu_model_type="NVIDIA A100 80GB PCIe",
+                    gpuaas_id=7,
+                    gpus=1,
+                    sharing_ratio=4,
+                    price_per_vgpu_hour=0.70,
+                ),
+                PoolConfig(
+                    id=321,
+                    pool_name="gpu-l4-interruptible",
+                    pool_label="NVIDIA L4 (interruptible)",
+                    gpu_model_type="NVIDIA L4",
+                    gpuaas_id=7,
+                    gpus=2,
+                    sharing_ratio=4,
+                    price_per_vgpu_hour=0.14,
+                    preemptible=True,
+                ),
+                PoolConfig(
+                    id=322,
+                    pool_name="rtx-a10-community",
+                    pool_label="A10 community cloud",
+                    gpu_model_type="NVIDIA A10",
+                    gpuaas_id=7,
+                    gpus=1,
+                    sharing_ratio=4,
+                    price_per_vgpu_hour=0.10,
+                    preemptible=True,
+                ),
+                PoolConfig(
+                    id=329,
+                    pool_name="b200-spot",
+                    pool_label="B200 spot",
+                    gpu_model_type="NVIDIA B200",
+                    gpuaas_id=7,
+                    gpus=1,
+                    sharing_ratio=4,
+                    price_per_vgpu_hour=0.05,
+                    preemptible=True,
+                ),
             ]
         }
-    )  # fmt: skip
+    )
 
 
 @dataclass
@@ -212,9 +290,15 @@ class State:
         self.subs.pop(sub.id, None)
         hours = (time.time() - sub.started_wall) / 3600
         self.history.append(
-            {"subscription_id": sub.id, "team_id": sub.team_id, "pool_id": sub.pool_id, "vgpus": sub.vgpus,
-             "pool_hours": round(sub.vgpus * hours, 6), "ended": how}
-        )  # fmt: skip
+            {
+                "subscription_id": sub.id,
+                "team_id": sub.team_id,
+                "pool_id": sub.pool_id,
+                "vgpus": sub.vgpus,
+                "pool_hours": round(sub.vgpus * hours, 6),
+                "ended": how,
+            }
+        )
 
     def preempt(self, sub: Subscription) -> None:
         self.preempted += 1
@@ -319,9 +403,7 @@ def create_app(config: EmulatorConfig | None = None, model_endpoint=None) -> Fas
                     return _error(200, "temporarily unable to list, try again", BODY_ERROR)
         return await call_next(request)
 
-    def team_of(
-        x_api_key: str | None = Header(None), authorization: str | None = Header(None)
-    ) -> TeamConfig:
+    def team_of(x_api_key: str | None = Header(None), authorization: str | None = Header(None)) -> TeamConfig:
         key = x_api_key or (authorization or "").removeprefix("Bearer ").strip()
         team = state.keys.get(key or "")
         if team is None:
@@ -352,11 +434,18 @@ def create_app(config: EmulatorConfig | None = None, model_endpoint=None) -> Fas
     async def pools(team_id: str, gpuaas_id: int, team: TeamConfig = Depends(team_of)):
         same_team(team, team_id)
         items = [
-            {"id": p.id, "pool_name": p.pool_name, "pool_label": p.pool_label, "gpu_model_type": p.gpu_model_type,
-             "available_vgpus": state.available(p), "sharing_ratio": p.sharing_ratio,
-             "pricing_hourly": f"{p.price_per_vgpu_hour:.4f}"}
-            for p in state.pools.values() if p.gpuaas_id == gpuaas_id
-        ]  # fmt: skip
+            {
+                "id": p.id,
+                "pool_name": p.pool_name,
+                "pool_label": p.pool_label,
+                "gpu_model_type": p.gpu_model_type,
+                "available_vgpus": state.available(p),
+                "sharing_ratio": p.sharing_ratio,
+                "pricing_hourly": f"{p.price_per_vgpu_hour:.4f}",
+            }
+            for p in state.pools.values()
+            if p.gpuaas_id == gpuaas_id
+        ]
         return {"items": items} if items else None  # {items: [...]}, or null when none
 
     @app.post("/gpuaas/calculate-pool-subscription")
@@ -426,7 +515,9 @@ def create_app(config: EmulatorConfig | None = None, model_endpoint=None) -> Fas
         return sub
 
     @app.get("/gpuaas/connection-info")
-    async def connection_info(request: Request, team_id: str, subscription_id: int, team: TeamConfig = Depends(team_of)):
+    async def connection_info(
+        request: Request, team_id: str, subscription_id: int, team: TeamConfig = Depends(team_of)
+    ):
         same_team(team, team_id)
         sub = own_subscription(team, subscription_id)
         status = state.status(sub, time.monotonic())
@@ -434,10 +525,14 @@ def create_app(config: EmulatorConfig | None = None, model_endpoint=None) -> Fas
         services = [{"name": s["name"], "url": f"{base}/pods/{sub.pod_name}/v1"} for s in sub.services]
         return {
             "pods": [
-                {"pod_name": sub.pod_name, "pod_status": "Running" if status == "active" else "Pending",
-                 "ssh_info": {"host": "127.0.0.1", "port": 22, "user": "ubuntu"}, "discovered_services": services}
+                {
+                    "pod_name": sub.pod_name,
+                    "pod_status": "Running" if status == "active" else "Pending",
+                    "ssh_info": {"host": "127.0.0.1", "port": 22, "user": "ubuntu"},
+                    "discovered_services": services,
+                }
             ]
-        }  # fmt: skip
+        }
 
     @app.post("/pods/expose-service")
     async def expose(body: ExposeBody, team: TeamConfig = Depends(team_of)):
@@ -472,10 +567,16 @@ def create_app(config: EmulatorConfig | None = None, model_endpoint=None) -> Fas
         same_team(team, team_id)
         now = time.monotonic()
         live = [
-            {"subscription_id": s.id, "pool_id": s.pool_id, "vgpus": s.vgpus, "ended": None,
-             "pool_hours": state.item(s, now)["metrics"]["pool_hours"]}
-            for s in state.subs.values() if s.team_id == team.id
-        ]  # fmt: skip
+            {
+                "subscription_id": s.id,
+                "pool_id": s.pool_id,
+                "vgpus": s.vgpus,
+                "ended": None,
+                "pool_hours": state.item(s, now)["metrics"]["pool_hours"],
+            }
+            for s in state.subs.values()
+            if s.team_id == team.id
+        ]
         rows = [h for h in state.history if h["team_id"] == team.id] + live
         chunk = rows[(page - 1) * itemsPerPage : page * itemsPerPage]
         return {"items": chunk, "total_items": len(rows), "pool_hours": round(sum(r["pool_hours"] for r in rows), 6)}
@@ -520,9 +621,12 @@ def create_app(config: EmulatorConfig | None = None, model_endpoint=None) -> Fas
     async def emulator_state():
         state.sweep()
         return {
-            "subscriptions": len(state.subs), "preempted": state.preempted, "calls": state.calls,
-            "faults": state.faults.model_dump(), "fired": dict(state.fired),
-        }  # fmt: skip
+            "subscriptions": len(state.subs),
+            "preempted": state.preempted,
+            "calls": state.calls,
+            "faults": state.faults.model_dump(),
+            "fired": dict(state.fired),
+        }
 
     return app
 

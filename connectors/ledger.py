@@ -151,9 +151,11 @@ def _reconnecting(method):
     async def call(self: Ledger, *args, **kwargs):
         try:
             async for attempt in AsyncRetrying(
-                retry=retry_if_exception(_lost_connection), stop=stop_after_delay(self.retry_s),
-                wait=wait_exponential(multiplier=0.05, max=1.0), reraise=True,
-            ):  # fmt: skip
+                retry=retry_if_exception(_lost_connection),
+                stop=stop_after_delay(self.retry_s),
+                wait=wait_exponential(multiplier=0.05, max=1.0),
+                reraise=True,
+            ):
                 with attempt:
                     return await method(self, *args, **kwargs)
         except Exception as exc:
@@ -191,7 +193,9 @@ class Ledger:
         self._holder = holder_id()
         # one pool per event loop: a connection belongs to the loop that opened it
         self._pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncpg.Pool] = weakref.WeakKeyDictionary()
-        self._pool_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = weakref.WeakKeyDictionary()
+        self._pool_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+            weakref.WeakKeyDictionary()
+        )
 
     @asynccontextmanager
     async def _connect(self) -> AsyncIterator[asyncpg.Connection]:
@@ -269,8 +273,9 @@ class Ledger:
                     row = await conn.fetchrow("SELECT tflops, vram_gb FROM pools WHERE id = $1 FOR UPDATE", pool)
                     mine = await conn.fetchrow(
                         f"SELECT {COLUMNS} FROM allocations WHERE allocation_id = $1 AND tenant = $2",
-                        allocation_id, tenant,
-                    )  # fmt: skip
+                        allocation_id,
+                        tenant,
+                    )
                     if mine is not None:  # a retry after a lost reply: it committed the first time
                         return Allocation(**dict(mine))
                     if row is None:
@@ -342,11 +347,21 @@ class Ledger:
             if limit is None:
                 continue
             if asked > limit + EPS:
-                raise CovenantViolation(tenant, term, f"{limit:g} {unit} held at once", f"{held:g} {unit} held",
-                                        f"one slice asks {asked:g} {unit}")  # fmt: skip
+                raise CovenantViolation(
+                    tenant,
+                    term,
+                    f"{limit:g} {unit} held at once",
+                    f"{held:g} {unit} held",
+                    f"one slice asks {asked:g} {unit}",
+                )
             if held + asked > limit + EPS:
-                return CovenantViolation(tenant, term, f"{limit:g} {unit} held at once", f"{held:g} {unit} held",
-                                         f"the next slice asks {asked:g} {unit}")  # fmt: skip
+                return CovenantViolation(
+                    tenant,
+                    term,
+                    f"{limit:g} {unit} held at once",
+                    f"{held:g} {unit} held",
+                    f"the next slice asks {asked:g} {unit}",
+                )
         return None
 
     async def _tenant_holds(self, conn: asyncpg.Connection, tenant: str) -> tuple[float, float]:
@@ -378,18 +393,25 @@ class Ledger:
                 await conn.execute(  # the upsert locks the tenant row until the request is recorded
                     """INSERT INTO tenants (id, max_tflops, max_vram_gb, covenant_version) VALUES ($1, $2, $3, $4)
                        ON CONFLICT (id) DO UPDATE SET max_tflops = $2, max_vram_gb = $3, covenant_version = $4""",
-                    tenant, covenant.max_tflops, covenant.max_vram_gb, covenant.version,
-                )  # fmt: skip
+                    tenant,
+                    covenant.max_tflops,
+                    covenant.max_vram_gb,
+                    covenant.version,
+                )
                 limit = covenant.max_concurrent_requests
                 if limit is not None:
                     running = len(await self._running(conn, tenant))
                     if running >= limit:
-                        raise CovenantViolation(tenant, "max_concurrent_requests", f"{limit} at once",
-                                                f"{running} running")  # fmt: skip
+                        raise CovenantViolation(
+                            tenant, "max_concurrent_requests", f"{limit} at once", f"{running} running"
+                        )
                 await conn.execute(
                     "INSERT INTO requests (id, tenant, request_id, holder) VALUES ($1, $2, $3, $4)",
-                    key, tenant, request_id, self._holder,
-                )  # fmt: skip
+                    key,
+                    tenant,
+                    request_id,
+                    self._holder,
+                )
 
     @_reconnecting
     async def end_request(self, key: str) -> None:
@@ -412,8 +434,11 @@ class Ledger:
             await conn.execute(
                 "INSERT INTO spend (allocation_id, tenant, request_id, cost_usd) VALUES ($1, $2, $3, $4) "
                 "ON CONFLICT (allocation_id) DO NOTHING",
-                allocation_id, tenant, request_id, cost_usd,
-            )  # fmt: skip
+                allocation_id,
+                tenant,
+                request_id,
+                cost_usd,
+            )
 
     @_reconnecting
     async def spend(self, tenant: str) -> tuple[float, float]:

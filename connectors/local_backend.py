@@ -47,9 +47,16 @@ class LocalBackend:
             return model.serving.base_url
 
         return await lease(
-            await self.ledger(), self, allocation_id=allocation_id, tenant=tenant, request_id=request_id,
-            pool=pool, model=model, wait_s=wait_s, endpoint=endpoint,
-        )  # fmt: skip
+            await self.ledger(),
+            self,
+            allocation_id=allocation_id,
+            tenant=tenant,
+            request_id=request_id,
+            pool=pool,
+            model=model,
+            wait_s=wait_s,
+            endpoint=endpoint,
+        )
 
     async def release(self, allocation_id: str, tenant: str) -> datetime:
         """End the tenant's allocation (idempotent for its owner); return when it ended."""

@@ -28,7 +28,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
-from functools import cached_property, lru_cache
+from functools import cache, cached_property
 from pathlib import Path
 
 import httpx
@@ -54,7 +54,7 @@ SERVER_ENV = {"GOMP_SPINCOUNT": "1000"}
 MAX_SLOTS = 16
 
 
-@lru_cache(maxsize=None)
+@cache
 def gguf_path(serving: LlamaCppServing, cache_dir: Path) -> Path:
     """Where the model's GGUF lies: inside its package, or assembled from its parts into cache_dir
     (once per machine, under a file lock, and checked once: the check reads the whole file).
@@ -152,12 +152,25 @@ class ServerConfig:
 
     def command(self, port: int) -> list[str]:
         return [
-            self.binary, "--model", self.gguf, "--alias", self.model,
-            "--host", "127.0.0.1", "--port", str(port),
-            "--ctx-size", str(self.context_length * self.slots), "--parallel", str(self.slots),
-            "--threads", str(self.threads), "--threads-batch", str(self.threads_batch),
+            self.binary,
+            "--model",
+            self.gguf,
+            "--alias",
+            self.model,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--ctx-size",
+            str(self.context_length * self.slots),
+            "--parallel",
+            str(self.slots),
+            "--threads",
+            str(self.threads),
+            "--threads-batch",
+            str(self.threads_batch),
             *SERVER_FLAGS,
-        ]  # fmt: skip
+        ]
 
 
 @dataclass(frozen=True)
@@ -254,11 +267,22 @@ class ModelServers:
         record_path = self._record_path(config.key)
         record_path.unlink(missing_ok=True)
         cmd = [
-            sys.executable, "-m", "connectors.model_server_main",
-            "--config", json.dumps(asdict(config)), "--port", str(free_port()),
-            "--record", str(record_path), "--used", str(self._used_path(config.key)),
-            "--lock", str(self._lock_path(config.key)), "--idle-s", str(self._idle_s),
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "connectors.model_server_main",
+            "--config",
+            json.dumps(asdict(config)),
+            "--port",
+            str(free_port()),
+            "--record",
+            str(record_path),
+            "--used",
+            str(self._used_path(config.key)),
+            "--lock",
+            str(self._lock_path(config.key)),
+            "--idle-s",
+            str(self._idle_s),
+        ]
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(
                 cmd,
@@ -313,8 +337,20 @@ def check_build(binary: Path, gguf: Path, timeout_s: float = 60.0) -> str:
     first batch of more than one token, which a health check alone would not show.
     """
     port = free_port()
-    cmd = [str(binary), "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port), "--ctx-size", "512",
-           "--parallel", "1", *SERVER_FLAGS]  # fmt: skip
+    cmd = [
+        str(binary),
+        "--model",
+        str(gguf),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--ctx-size",
+        "512",
+        "--parallel",
+        "1",
+        *SERVER_FLAGS,
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     try:
         base = f"http://127.0.0.1:{port}"
@@ -327,7 +363,9 @@ def check_build(binary: Path, gguf: Path, timeout_s: float = 60.0) -> str:
         try:
             data = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=timeout_s).json()
         except httpx.HTTPError as exc:
-            raise ServiceError(f"llama-server failed a chat completion ({type(exc).__name__}, exit code {proc.poll()})")
+            raise ServiceError(
+                f"llama-server failed a chat completion ({type(exc).__name__}, exit code {proc.poll()})"
+            ) from None
         text = data["choices"][0]["message"]["content"]
         if data["usage"]["completion_tokens"] < 2 or not text.strip():
             raise ServiceError(f"llama-server answered with fewer than 2 tokens: {data}")
@@ -335,7 +373,9 @@ def check_build(binary: Path, gguf: Path, timeout_s: float = 60.0) -> str:
     except ServiceError as exc:
         proc.kill()
         output = proc.communicate()[0].decode(errors="replace").splitlines()[-15:]
-        raise ServiceError(f"{exc}; {binary} does not work on this machine. Its last output:\n" + "\n".join(output))
+        raise ServiceError(
+            f"{exc}; {binary} does not work on this machine. Its last output:\n" + "\n".join(output)
+        ) from None
     finally:
         if proc.poll() is None:
             proc.terminate()

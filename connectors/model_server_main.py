@@ -85,10 +85,16 @@ def main() -> None:
             sys.exit(1)
         time.sleep(0.1)
     record = {
-        "model": config.model, "key": config.key, "pid": os.getpid(), "created": psutil.Process().create_time(),
-        "server_pid": server.pid, "port": args.port, "since": time.time(), "slots": config.slots,
+        "model": config.model,
+        "key": config.key,
+        "pid": os.getpid(),
+        "created": psutil.Process().create_time(),
+        "server_pid": server.pid,
+        "port": args.port,
+        "since": time.time(),
+        "slots": config.slots,
         "idle_s": args.idle_s,
-    }  # fmt: skip
+    }
     args.used.touch()
     tmp = args.record.with_suffix(".tmp")
     tmp.write_text(json.dumps(record))
@@ -108,7 +114,9 @@ def main() -> None:
         if time.time() - args.used.stat().st_mtime > args.idle_s:
             with FileLock(args.lock):  # clients touch `used` under this lock before they use the server
                 current = activity(base)
-                if time.time() - args.used.stat().st_mtime > args.idle_s and not (current and (current[2] or current[3])):
+                if time.time() - args.used.stat().st_mtime > args.idle_s and not (
+                    current and (current[2] or current[3])
+                ):
                     print(f"supervisor: idle for {args.idle_s:g}s, stopping", flush=True)
                     stop()
 

@@ -34,15 +34,25 @@ ZOMBIE_AUTOMATION = {  # Prefect's recipe for "zombie" flow runs: no heartbeat f
         "type": "event",
         "posture": "Proactive",
         "after": ["prefect.flow-run.heartbeat"],
-        "expect": ["prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed",
-                   "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed"],  # fmt: skip
+        "expect": [
+            "prefect.flow-run.heartbeat",
+            "prefect.flow-run.Completed",
+            "prefect.flow-run.Failed",
+            "prefect.flow-run.Cancelled",
+            "prefect.flow-run.Crashed",
+        ],
         "match": {"prefect.resource.id": ["prefect.flow-run.*"]},
         "for_each": ["prefect.resource.id"],
         "threshold": 1,
         "within": 3 * HEARTBEAT_S,
     },
-    "actions": [{"type": "change-flow-run-state", "state": "CRASHED",
-                 "message": f"No heartbeat for {3 * HEARTBEAT_S}s: the flow run's process is gone."}],  # fmt: skip
+    "actions": [
+        {
+            "type": "change-flow-run-state",
+            "state": "CRASHED",
+            "message": f"No heartbeat for {3 * HEARTBEAT_S}s: the flow run's process is gone.",
+        }
+    ],
 }
 
 

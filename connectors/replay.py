@@ -27,10 +27,15 @@ from homeskillet.errors import InvalidRequest
 
 META = {"Unnamed: 0", "sample_id", "prompt", "eval_name", "oracle_model_to_route_to"}
 EVAL_TASK_TYPES = {
-    "arc-challenge": "multiple_choice", "winogrande": "multiple_choice", "mmlu": "multiple_choice",
-    "hellaswag": "multiple_choice", "mbpp": "code", "grade-school-math": "math", "gsm8k": "math",
+    "arc-challenge": "multiple_choice",
+    "winogrande": "multiple_choice",
+    "mmlu": "multiple_choice",
+    "hellaswag": "multiple_choice",
+    "mbpp": "code",
+    "grade-school-math": "math",
+    "gsm8k": "math",
     "mt-bench": "chat",
-}  # fmt: skip
+}
 
 
 @dataclass(frozen=True)
@@ -93,8 +98,10 @@ def task_type(eval_name: object, prompt: str, classify: Callable[[str], str] | N
     if known:
         return known
     if classify is None:
-        raise InvalidRequest(f"{path}: eval_name {eval_name!r} has no known task type "
-                             f"(known: {', '.join(sorted(EVAL_TASK_TYPES))}) and no classifier was given")  # fmt: skip
+        raise InvalidRequest(
+            f"{path}: eval_name {eval_name!r} has no known task type "
+            f"(known: {', '.join(sorted(EVAL_TASK_TYPES))}) and no classifier was given"
+        )
     return classify(prompt.strip().split("\n\n")[-1])
 
 

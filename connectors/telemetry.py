@@ -22,16 +22,30 @@ from homeskillet.schemas import TelemetryRecord
 SCHEMA = pa.schema(
     [
         ("ts", pa.timestamp("us", tz="UTC")),
-        ("request_id", pa.string()), ("tenant", pa.string()), ("fragment_id", pa.string()),
-        ("task_type", pa.string()), ("strategy", pa.string()), ("model", pa.string()),
-        ("backend", pa.string()), ("pool", pa.string()), ("tier", pa.string()), ("allocation_id", pa.string()),
-        ("tflops", pa.float64()), ("vram_gb", pa.float64()),
-        ("queue_s", pa.float64()), ("allocate_s", pa.float64()), ("first_token_s", pa.float64()),
-        ("infer_s", pa.float64()), ("release_s", pa.float64()),
-        ("tokens_in", pa.int64()), ("tokens_out", pa.int64()), ("cost_usd", pa.float64()),
-        ("outcome", pa.string()), ("error_class", pa.string()),
+        ("request_id", pa.string()),
+        ("tenant", pa.string()),
+        ("fragment_id", pa.string()),
+        ("task_type", pa.string()),
+        ("strategy", pa.string()),
+        ("model", pa.string()),
+        ("backend", pa.string()),
+        ("pool", pa.string()),
+        ("tier", pa.string()),
+        ("allocation_id", pa.string()),
+        ("tflops", pa.float64()),
+        ("vram_gb", pa.float64()),
+        ("queue_s", pa.float64()),
+        ("allocate_s", pa.float64()),
+        ("first_token_s", pa.float64()),
+        ("infer_s", pa.float64()),
+        ("release_s", pa.float64()),
+        ("tokens_in", pa.int64()),
+        ("tokens_out", pa.int64()),
+        ("cost_usd", pa.float64()),
+        ("outcome", pa.string()),
+        ("error_class", pa.string()),
     ]
-)  # fmt: skip
+)
 
 
 def write_records(root: Path, records: list[TelemetryRecord]) -> list[Path]:

@@ -69,8 +69,10 @@ class TokenStore:
         try:
             await conn.execute(
                 "INSERT INTO api_tokens (token_sha256, token_id, tenant) VALUES ($1, $2, $3)",
-                token_hash(token), token_id, tenant,
-            )  # fmt: skip
+                token_hash(token),
+                token_id,
+                tenant,
+            )
         finally:
             await conn.close()
         return token_id, token
@@ -106,8 +108,9 @@ class TokenStore:
             revoked = await conn.fetchval(
                 "UPDATE api_tokens SET revoked_at = now() WHERE (token_id = $1 OR token_sha256 = $2) "
                 "AND revoked_at IS NULL RETURNING token_id",
-                token_or_id, token_hash(token_or_id),
-            )  # fmt: skip
+                token_or_id,
+                token_hash(token_or_id),
+            )
         finally:
             await conn.close()
         return revoked is not None
@@ -118,8 +121,10 @@ class TokenStore:
             await conn.execute(
                 "INSERT INTO request_results (request_id, tenant, result) VALUES ($1, $2, $3::jsonb) "
                 "ON CONFLICT (tenant, request_id) DO UPDATE SET result = $3::jsonb, finished_at = now()",
-                request_id, tenant, json.dumps(result),
-            )  # fmt: skip
+                request_id,
+                tenant,
+                json.dumps(result),
+            )
         finally:
             await conn.close()
 

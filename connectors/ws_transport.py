@@ -20,8 +20,9 @@ from __future__ import annotations
 import base64
 import json
 import logging
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator
+from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -96,8 +97,11 @@ async def websocket_server(
                     size = len(data.encode() if isinstance(data, str) else data)
                     if size > max_message_bytes:
                         await send_text(
-                            _error_frame(INVALID_REQUEST, f"message of {size} bytes exceeds the limit of "
-                                         f"{max_message_bytes} bytes", _id_of(data))  # fmt: skip
+                            _error_frame(
+                                INVALID_REQUEST,
+                                f"message of {size} bytes exceeds the limit of {max_message_bytes} bytes",
+                                _id_of(data),
+                            )
                         )
                         continue
                     try:
@@ -169,9 +173,12 @@ class WebSocketTransport:
         write_stream, write_reader = create_context_streams[SessionMessage](0)
 
         async with connect(
-            self.url, subprotocols=subprotocols, additional_headers=headers, max_size=self.max_message_bytes,
+            self.url,
+            subprotocols=subprotocols,
+            additional_headers=headers,
+            max_size=self.max_message_bytes,
             open_timeout=30,
-        ) as ws:  # fmt: skip
+        ) as ws:
             self.websocket = ws
 
             async def ws_reader() -> None:

@@ -37,8 +37,12 @@ CONSTRAINTS = json.loads(os.environ.get("HOMESKILLET_LOAD_CONSTRAINTS", "{}"))
 WEIGHTS = [int(w) for w in os.environ.get("HOMESKILLET_LOAD_WEIGHTS", "3:3:1").split(":")]
 _next_token = itertools.cycle(TOKENS or [("", "")])
 _prompts = itertools.cycle(PROMPTS)
-INITIALIZE = {"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
-    "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "locust", "version": "1"}}}  # fmt: skip
+INITIALIZE = {
+    "jsonrpc": "2.0",
+    "id": 0,
+    "method": "initialize",
+    "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "locust", "version": "1"}},
+}
 
 
 def fuse_call(call_id: int) -> dict:
@@ -83,15 +87,25 @@ class McpHttpUser(HttpUser):
         self.headers = {"Authorization": f"Bearer {token}", "Accept": "application/json, text/event-stream"}
         opened = self.client.post("/mcp", json=INITIALIZE, headers=self.headers, name="mcp-http initialize")
         self.headers["mcp-session-id"] = opened.headers.get("mcp-session-id", "")
-        self.client.post("/mcp", json={"jsonrpc": "2.0", "method": "notifications/initialized"}, headers=self.headers,
-                         name="mcp-http initialized")  # fmt: skip
+        self.client.post(
+            "/mcp",
+            json={"jsonrpc": "2.0", "method": "notifications/initialized"},
+            headers=self.headers,
+            name="mcp-http initialized",
+        )
         self.calls = itertools.count(1)
 
     @task
     def fuse(self) -> None:
         call_id = next(self.calls)
-        with self.client.post("/mcp", json=fuse_call(call_id), headers=self.headers, name="mcp-http fuse",
-                              catch_response=True, timeout=600) as response:  # fmt: skip
+        with self.client.post(
+            "/mcp",
+            json=fuse_call(call_id),
+            headers=self.headers,
+            name="mcp-http fuse",
+            catch_response=True,
+            timeout=600,
+        ) as response:
             try:
                 problem = check_answer(from_sse(response.text, call_id))
             except ValueError as exc:
@@ -112,8 +126,13 @@ class McpWebSocketUser(User):
 
         self.tenant, token = next(_next_token)
         url = MCP.replace("http", "ws", 1) + "/ws"
-        self.socket = connect(url, subprotocols=["mcp"], additional_headers={"Authorization": f"Bearer {token}"},
-                              max_size=1 << 24, open_timeout=30)  # fmt: skip
+        self.socket = connect(
+            url,
+            subprotocols=["mcp"],
+            additional_headers={"Authorization": f"Bearer {token}"},
+            max_size=1 << 24,
+            open_timeout=30,
+        )
         self._ask(INITIALIZE, 0)
         self.socket.send(json.dumps({"jsonrpc": "2.0", "method": "notifications/initialized"}))
         self.calls = itertools.count(1)
@@ -139,8 +158,13 @@ class McpWebSocketUser(User):
             problem = check_answer(answer)
         except Exception as exc:  # a closed socket or a timeout is a failure of this request
             problem = f"{type(exc).__name__}: {exc}"
-        events.request.fire(request_type="WS", name="mcp-ws fuse", response_time=(time.perf_counter() - started) * 1000,
-                            response_length=length, exception=RuntimeError(problem) if problem else None)  # fmt: skip
+        events.request.fire(
+            request_type="WS",
+            name="mcp-ws fuse",
+            response_time=(time.perf_counter() - started) * 1000,
+            response_length=length,
+            exception=RuntimeError(problem) if problem else None,
+        )
 
 
 class DeploymentUser(HttpUser):
@@ -160,12 +184,19 @@ class DeploymentUser(HttpUser):
     def fuse_request_run(self) -> None:
         started = time.perf_counter()
         parameters = {"prompt": next(_prompts), "tenant": self.tenant, "constraints": CONSTRAINTS}
-        made = self.client.post(f"/deployments/{self.deployment}/create_flow_run", json={"parameters": parameters},
-                                name="deployment create_flow_run")  # fmt: skip
+        made = self.client.post(
+            f"/deployments/{self.deployment}/create_flow_run",
+            json={"parameters": parameters},
+            name="deployment create_flow_run",
+        )
         run_id, state = made.json()["id"], None
         while state not in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
             time.sleep(0.5)
             state = self.client.get(f"/flow_runs/{run_id}", name="deployment poll").json()["state"]["type"]
-        events.request.fire(request_type="RUN", name="deployment fuse-request", response_time=(time.perf_counter() - started) * 1000,
-                            response_length=0,
-                            exception=None if state == "COMPLETED" else RuntimeError(f"flow run {state}"))  # fmt: skip
+        events.request.fire(
+            request_type="RUN",
+            name="deployment fuse-request",
+            response_time=(time.perf_counter() - started) * 1000,
+            response_length=0,
+            exception=None if state == "COMPLETED" else RuntimeError(f"flow run {state}"),
+        )

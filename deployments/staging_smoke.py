@@ -19,8 +19,10 @@ PROMPT = "What is the capital of France? Who wrote Romeo and Juliet?"
 def show(how: str, result: dict) -> None:
     print(f"{how}: request {result['request_id']} (tenant {result['tenant']}) answered in {result['wall_s']:.1f} s")
     for f in result["fragments"]:
-        print(f"  {f['fragment_id']} {f['model']} on {f['backend']} pool {f['pool']} "
-              f"allocation {f['allocation_id']}: {f['text'].strip()[:80]!r}")  # fmt: skip
+        print(
+            f"  {f['fragment_id']} {f['model']} on {f['backend']} pool {f['pool']} "
+            f"allocation {f['allocation_id']}: {f['text'].strip()[:80]!r}"
+        )
     print("  answer:", " / ".join(result["answer"].split("\n"))[:200])
     if len(result["fragments"]) < 2 or not all(f["text"].strip() for f in result["fragments"]):
         sys.exit(f"{how}: an empty answer")
@@ -29,8 +31,11 @@ def show(how: str, result: dict) -> None:
 def deployment() -> None:
     from prefect.deployments import run_deployment
 
-    run = run_deployment("fuse-request/fuse-request", timeout=900,
-                         parameters={"prompt": PROMPT, "tenant": "demo", "constraints": {"backend": "hostedai"}})  # fmt: skip
+    run = run_deployment(
+        "fuse-request/fuse-request",
+        timeout=900,
+        parameters={"prompt": PROMPT, "tenant": "demo", "constraints": {"backend": "hostedai"}},
+    )
     if not run.state.is_completed():
         sys.exit(f"run_deployment: flow run {run.id} ended {run.state.type.value}: {run.state.message}")
     result = run.state.result()

@@ -43,12 +43,15 @@ def main() -> None:
 
     home, prefect_port, emulator_port = Path(tempfile.mkdtemp(prefix="hs-calls-")), free_port(), free_port()
     os.environ.update(
-        HOMESKILLET_HOME=str(home), HOMESKILLET_PREFECT_PORT=str(prefect_port),
-        PREFECT_API_URL=f"http://127.0.0.1:{prefect_port}/api", PREFECT_HOME=str(home / "prefect"),
-        PREFECT_LOGGING_LEVEL="WARNING", PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW="ignore",
+        HOMESKILLET_HOME=str(home),
+        HOMESKILLET_PREFECT_PORT=str(prefect_port),
+        PREFECT_API_URL=f"http://127.0.0.1:{prefect_port}/api",
+        PREFECT_HOME=str(home / "prefect"),
+        PREFECT_LOGGING_LEVEL="WARNING",
+        PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW="ignore",
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
         HOMESKILLET_HOSTEDAI_IDLE_S="600",  # the share stays warm between the requests; retired at the end
-    )  # fmt: skip
+    )
     os.environ.pop("HOMESKILLET_CATALOG", None)
     import uvicorn
 
@@ -58,8 +61,11 @@ def main() -> None:
 
     config = default_config().model_copy(update={"faults": Faults.parse(args.faults)})
     demo = config.teams[0]
-    os.environ.update(HOMESKILLET_HOSTEDAI_URL=f"http://127.0.0.1:{emulator_port}",
-                      HOMESKILLET_HOSTEDAI_TEAM_ID=demo.id, HOMESKILLET_HOSTEDAI_API_KEY=demo.api_key)  # fmt: skip
+    os.environ.update(
+        HOMESKILLET_HOSTEDAI_URL=f"http://127.0.0.1:{emulator_port}",
+        HOMESKILLET_HOSTEDAI_TEAM_ID=demo.id,
+        HOMESKILLET_HOSTEDAI_API_KEY=demo.api_key,
+    )
     app = create_app(config)
     phase = ["start"]
     counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
@@ -85,8 +91,10 @@ def main() -> None:
                 phase[0] = f"request {i}"
                 started = time.perf_counter()
                 result = await fuse_request(prompt=args.prompt, tenant="demo", constraints={"backend": "hostedai"})
-                print(f"request {i}: {len(result.fragments)} fragments, "
-                      f"{sorted({(f.model, f.pool) for f in result.fragments})}, {time.perf_counter() - started:.1f} s")  # fmt: skip
+                print(
+                    f"request {i}: {len(result.fragments)} fragments, "
+                    f"{sorted({(f.model, f.pool) for f in result.fragments})}, {time.perf_counter() - started:.1f} s"
+                )
             phase[0] = "retire"
             await runtime.backend(None, "hostedai").shutdown()
 
@@ -102,8 +110,11 @@ def main() -> None:
     print("| --- |" + " --- |" * len(phases))
     for endpoint in endpoints:
         print(f"| `{endpoint}` | " + " | ".join(str(counts[p][endpoint]) for p in phases) + " |")
-    print("| **API calls (without inference)** | " + " | ".join(
-        str(sum(n for e, n in counts[p].items() if "inference" not in e)) for p in phases) + " |")  # fmt: skip
+    print(
+        "| **API calls (without inference)** | "
+        + " | ".join(str(sum(n for e, n in counts[p].items() if "inference" not in e)) for p in phases)
+        + " |"
+    )
 
 
 if __name__ == "__main__":

@@ -11,22 +11,26 @@ from __future__ import annotations
 
 import asyncio
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import acreate_markdown_artifact, acreate_progress_artifact, acreate_table_artifact, aupdate_progress_artifact
+from prefect.artifacts import (
+    acreate_markdown_artifact,
+    acreate_progress_artifact,
+    acreate_table_artifact,
+    aupdate_progress_artifact,
+)
 
 from flows.fusion import attempt_fragment, make_request
 from homeskillet import catalog as cat
 from homeskillet.schemas import Fragment, LlamaCppServing
 from tasks import runtime
-from tasks.context import RunContext
 from tasks.benchmarking import PROMPTS, chart, sample, summarise_benchmark
+from tasks.context import RunContext
 from tasks.decompose import estimate_tokens
-from tasks.routing import candidates, route_fragment
 from tasks.quality import accuracy, is_right, load_set, per_task_type
+from tasks.routing import candidates, route_fragment
 from tasks.telemetry import record_telemetry
-
 
 ANSWER_TOKENS = 12  # a labelled question's answer is a letter, a number or a few words
 
@@ -68,40 +72,62 @@ async def benchmark(
     progress = await acreate_progress_artifact(progress=0.0, description="benchmark samples done")
     done, rows, records, answers = 0, [], [], []
     for spec in specs:
-        request = make_request("benchmark", tenant, constraints={"max_tokens": max_tokens, "tier": tier,
-                                                                 "allowed_models": [spec.name]})  # fmt: skip
+        request = make_request(
+            "benchmark", tenant, constraints={"max_tokens": max_tokens, "tier": tier, "allowed_models": [spec.name]}
+        )
         ctx = RunContext(request, services, catalog, log, records=records)
         model_list, pools = candidates(catalog, request.constraints)
         warm = Fragment(id="warm-up", text=PROMPTS[0], task_type="chat", est_prompt_tokens=estimate_tokens(PROMPTS[0]))
         await attempt_fragment(  # not measured: starts the model server
-            warm, warm.text, route_fragment(warm, model_list, pools, max_tokens, None),
+            warm,
+            warm.text,
+            route_fragment(warm, model_list, pools, max_tokens, None),
             RunContext(request, services, catalog, log),  # its record is not kept
         )
         for level in concurrency:
             for rep in range(repetitions):
                 fragments = [
-                    Fragment(id=f"b{i}", text=PROMPTS[i % len(PROMPTS)], task_type="chat",
-                             est_prompt_tokens=estimate_tokens(PROMPTS[i % len(PROMPTS)]))
+                    Fragment(
+                        id=f"b{i}",
+                        text=PROMPTS[i % len(PROMPTS)],
+                        task_type="chat",
+                        est_prompt_tokens=estimate_tokens(PROMPTS[i % len(PROMPTS)]),
+                    )
                     for i in range(level)
-                ]  # fmt: skip
-                results = await asyncio.gather(*(
-                    attempt_fragment(f, f.text, route_fragment(f, model_list, pools, max_tokens, None), ctx,
-                                     stream=True)
-                    for f in fragments
-                ))  # fmt: skip
+                ]
+                results = await asyncio.gather(
+                    *(
+                        attempt_fragment(
+                            f, f.text, route_fragment(f, model_list, pools, max_tokens, None), ctx, stream=True
+                        )
+                        for f in fragments
+                    )
+                )
                 rows += [sample(r, spec.parameters_m, level, rep) for r in results]
                 done += level
                 await aupdate_progress_artifact(progress, progress=100.0 * done / total)
-        short = make_request("benchmark", tenant, constraints={"max_tokens": ANSWER_TOKENS, "tier": tier,
-                                                               "allowed_models": [spec.name]})  # fmt: skip
+        short = make_request(
+            "benchmark", tenant, constraints={"max_tokens": ANSWER_TOKENS, "tier": tier, "allowed_models": [spec.name]}
+        )
         short_ctx = RunContext(short, services, catalog, log, records=records)
         for item in labelled:
-            fragment = Fragment(id=f"q-{item['id']}"[:64], text=item["question"], task_type=item["task_type"],
-                                est_prompt_tokens=estimate_tokens(item["question"]))  # fmt: skip
+            fragment = Fragment(
+                id=f"q-{item['id']}"[:64],
+                text=item["question"],
+                task_type=item["task_type"],
+                est_prompt_tokens=estimate_tokens(item["question"]),
+            )
             choice = route_fragment(fragment, model_list, pools, ANSWER_TOKENS, None)
             result = await attempt_fragment(fragment, fragment.text, choice, short_ctx)
-            answers.append({"model": spec.name, "task_type": item["task_type"], "question": item["id"],
-                            "answer": result.text, "right": is_right(item, result.text)})  # fmt: skip
+            answers.append(
+                {
+                    "model": spec.name,
+                    "task_type": item["task_type"],
+                    "question": item["id"],
+                    "answer": result.text,
+                    "right": is_right(item, result.text),
+                }
+            )
             done += 1
             await aupdate_progress_artifact(progress, progress=100.0 * done / total)
     await record_telemetry(services, records)  # benchmark fragments are real GPU time: the cost report sees them
@@ -109,7 +135,7 @@ async def benchmark(
     summary = await summarise_benchmark(samples)
     folder = services.settings.home / "benchmarks"
     folder.mkdir(parents=True, exist_ok=True)
-    stamp = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}"
+    stamp = f"{datetime.now(UTC):%Y%m%dT%H%M%S}"
     parquet = folder / f"benchmark-{stamp}.parquet"
     samples.to_parquet(parquet, index=False)
     png = await asyncio.to_thread(chart, summary, folder / f"benchmark-{stamp}.png")
@@ -117,11 +143,15 @@ async def benchmark(
     quality = accuracy(answers)
     if answers:
         pd.DataFrame(answers).to_parquet(folder / f"quality-{stamp}.parquet", index=False)
-    (folder / "latest.json").write_text(json.dumps(
-        {"tokens_per_second": speeds, "quality": quality, "quality_questions": len(labelled), "measured": stamp},
-        indent=2,
-    ))  # fmt: skip
-    await acreate_table_artifact(key="benchmark", table=summary.to_dict("records"), description=f"{len(samples)} samples")
+    (folder / "latest.json").write_text(
+        json.dumps(
+            {"tokens_per_second": speeds, "quality": quality, "quality_questions": len(labelled), "measured": stamp},
+            indent=2,
+        )
+    )
+    await acreate_table_artifact(
+        key="benchmark", table=summary.to_dict("records"), description=f"{len(samples)} samples"
+    )
     if quality:
         await acreate_table_artifact(
             key="benchmark-quality",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from prefect import flow
 from prefect.artifacts import acreate_markdown_artifact
@@ -26,7 +26,7 @@ async def cost_report(since_days: int = 7, catalog_path: str | None = None) -> s
     settings = services.settings
     frame = await asyncio.to_thread(read_records, settings.telemetry)
     if not frame.empty:
-        cutoff = datetime.now(timezone.utc) - timedelta(days=since_days)
+        cutoff = datetime.now(UTC) - timedelta(days=since_days)
         frame = frame[frame.ts >= cutoff]
     covenants = services.covenants()
     ledger = await services.ledger()
@@ -34,7 +34,7 @@ async def cost_report(since_days: int = 7, catalog_path: str | None = None) -> s
     report = await analyse_costs(frame, services.catalog, budgets(covenants, spend))
     folder = settings.home / "reports"
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"cost-report-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}.md"
+    path = folder / f"cost-report-{datetime.now(UTC):%Y%m%dT%H%M%S}.md"
     path.write_text(report.markdown)
     await acreate_markdown_artifact(key="cost-report", markdown=report.markdown, description=f"Written to {path}")
     return str(path)

@@ -34,9 +34,18 @@ def replay_catalog(models: list[str], base_url: str) -> dict:
     """A catalog whose models are the recorded ones, served by the replay provider at base_url."""
     return {
         "models": [
-            {"name": m, "family": f"{m} (RouterBench recordings)", "parameters_m": 1, "context_length": 200_000,
-             "prompt_style": "chat", "tflops": 0, "vram_gb": 0, "tokens_per_second": 1000, "task_types": {},
-             "serving": {"kind": "openai", "base_url": base_url, "model": m}}  # fmt: skip
+            {
+                "name": m,
+                "family": f"{m} (RouterBench recordings)",
+                "parameters_m": 1,
+                "context_length": 200_000,
+                "prompt_style": "chat",
+                "tflops": 0,
+                "vram_gb": 0,
+                "tokens_per_second": 1000,
+                "task_types": {},
+                "serving": {"kind": "openai", "base_url": base_url, "model": m},
+            }
             for m in models
         ],
         "pools": [{"id": POOL, "tier": "dedicated", "tflops": 1000, "vram_gb": 1000, "price_per_hour": 0}],
@@ -99,8 +108,12 @@ async def evaluate_through_flow(
                     record.prompt,
                     tenant=TENANT,
                     strategy=strategy,
-                    constraints={"split": False, "task_type": record.task, "allowed_models": allowed,
-                                 "max_tokens": 1024},  # fmt: skip
+                    constraints={
+                        "split": False,
+                        "task_type": record.task,
+                        "allowed_models": allowed,
+                        "max_tokens": 1024,
+                    },
                     catalog_path=str(catalog),
                     routing_stats=str(stats_files[fold_of(i, folds)]),
                 )

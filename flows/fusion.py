@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from prefect import flow, get_run_logger
-from prefect.runtime import deployment
 from prefect.artifacts import acreate_table_artifact
+from prefect.runtime import deployment
 from prefect.transactions import atransaction
 from pydantic import ValidationError
 
@@ -60,7 +60,8 @@ def make_request(
         return InferenceRequest.model_validate(fields)
     except ValidationError as exc:
         problems = "; ".join(
-            f"{'.'.join(map(str, e['loc'])) or 'request'}: {e['msg'].removeprefix('Value error, ')}" for e in exc.errors()
+            f"{'.'.join(map(str, e['loc'])) or 'request'}: {e['msg'].removeprefix('Value error, ')}"
+            for e in exc.errors()
         )
         raise InvalidRequest(f"invalid request: {problems}") from None
 
@@ -107,11 +108,25 @@ async def fuse_request(
     catalog, terms = restrict(services.catalog, covenant)  # routed only where the covenant allows
     limits = request.constraints
     learned = runtime.routing_stats(routing_stats) if routing_stats is not None else None  # a bad file fails here
-    plan = await decompose(request.prompt, request.request_id, max_context(catalog, limits), limits.max_tokens,
-                           limits.split, limits.task_type)  # fmt: skip
+    plan = await decompose(
+        request.prompt,
+        request.request_id,
+        max_context(catalog, limits),
+        limits.max_tokens,
+        limits.split,
+        limits.task_type,
+    )
     check_size(request.tenant, covenant, estimate_tokens(request.prompt), plan)
-    ctx = RunContext(request, services, catalog, get_run_logger(), fragment_budget(plan, limits), learned,
-                     covenant=covenant, covenant_terms=terms)  # fmt: skip
+    ctx = RunContext(
+        request,
+        services,
+        catalog,
+        get_run_logger(),
+        fragment_budget(plan, limits),
+        learned,
+        covenant=covenant,
+        covenant_terms=terms,
+    )
     choices = preview(plan, ctx)  # every fragment has a model within the constraints, before anything is allocated
     await within_budget(ctx, min(c.est_cost_usd for c in choices.values()))  # the budget has room for a call
     ledger = await services.ledger()
@@ -142,7 +157,9 @@ async def _give_back(ctx: RunContext) -> None:
         ctx.log.warning("hosted·ai subscriptions not retired at the end of the run: %s", exc)
 
 
-async def _fuse(plan: Plan, results: dict[str, FragmentResult], request: InferenceRequest, started: float) -> FusionResult:
+async def _fuse(
+    plan: Plan, results: dict[str, FragmentResult], request: InferenceRequest, started: float
+) -> FusionResult:
     fused = await fuse(plan, results, request.tenant, time.perf_counter() - started)
     await acreate_table_artifact(
         key="fragments",
@@ -175,7 +192,9 @@ async def run_plan(plan: Plan, ctx: RunContext) -> dict[str, FragmentResult]:
     return {fid: task.result() for fid, task in running.items()}
 
 
-async def run_fragment(fragment: Fragment, upstream: list[asyncio.Task[FragmentResult]], ctx: RunContext) -> FragmentResult:
+async def run_fragment(
+    fragment: Fragment, upstream: list[asyncio.Task[FragmentResult]], ctx: RunContext
+) -> FragmentResult:
     """One fragment, once the answers it depends on are in: routed by `tasks.routing.route`, each
     model call on its own allocation."""
     answers = {r.fragment_id: r.text.strip() for r in await asyncio.gather(*upstream)}
@@ -194,27 +213,48 @@ async def attempt_fragment(
     request, services = ctx.request, ctx.services
     pool = cat.pool(ctx.catalog, choice.pool)
     record = dict(
-        ts=datetime.now(timezone.utc), request_id=request.request_id, tenant=request.tenant, fragment_id=fragment.id,
-        task_type=fragment.task_type, strategy=request.strategy, model=choice.model, backend=pool.backend,
-        pool=pool.id, tier=pool.tier, allocation_id=None, tflops=choice.tflops, vram_gb=choice.vram_gb,
-    )  # fmt: skip
+        ts=datetime.now(UTC),
+        request_id=request.request_id,
+        tenant=request.tenant,
+        fragment_id=fragment.id,
+        task_type=fragment.task_type,
+        strategy=request.strategy,
+        model=choice.model,
+        backend=pool.backend,
+        pool=pool.id,
+        tier=pool.tier,
+        allocation_id=None,
+        tflops=choice.tflops,
+        vram_gb=choice.vram_gb,
+    )
     allocation_id = new_allocation_id()
     t0 = time.perf_counter()
     held, tenant_held = HELD.labels(pool.backend), TENANT_HELD.labels(request.tenant)
     allocation = None
     try:
         async with atransaction():
-            allocation = await allocate(services, request.tenant, request.request_id, choice, ctx.wait_s,
-                                        allocation_id)  # fmt: skip
+            allocation = await allocate(services, request.tenant, request.request_id, choice, ctx.wait_s, allocation_id)
             held.inc()
             tenant_held.inc()
             # before each model call, once its slice is held (calls waiting for room see the spend
             # of those before them): would it overrun the budget? If so the rollback releases it
             await within_budget(ctx, choice.est_cost_usd)
-            ctx.log.info("fragment %s: allocated %s on %s (%g TFLOPS, %g GB)", fragment.id, allocation.allocation_id,
-                         allocation.pool, allocation.tflops, allocation.vram_gb)  # fmt: skip
-            progress.emit(request.request_id, "allocated", fragment_id=fragment.id, model=allocation.model,
-                          pool=allocation.pool, allocation_id=allocation.allocation_id)  # fmt: skip
+            ctx.log.info(
+                "fragment %s: allocated %s on %s (%g TFLOPS, %g GB)",
+                fragment.id,
+                allocation.allocation_id,
+                allocation.pool,
+                allocation.tflops,
+                allocation.vram_gb,
+            )
+            progress.emit(
+                request.request_id,
+                "allocated",
+                fragment_id=fragment.id,
+                model=allocation.model,
+                pool=allocation.pool,
+                allocation_id=allocation.allocation_id,
+            )
             record["allocation_id"] = allocation.allocation_id
             record["queue_s"] = max(0.0, (allocation.created_at - record["ts"]).total_seconds())
             t1 = time.perf_counter()
@@ -222,18 +262,32 @@ async def attempt_fragment(
             t2 = time.perf_counter()
             ended_at = await release(services, allocation)
             t3 = time.perf_counter()
-            ctx.log.info("fragment %s: released %s after %.2fs", fragment.id, allocation.allocation_id,
-                         (ended_at - allocation.created_at).total_seconds())  # fmt: skip
-            progress.emit(request.request_id, "completed", fragment_id=fragment.id, model=allocation.model,
-                          pool=allocation.pool, allocation_id=allocation.allocation_id,
-                          tokens_out=completion.tokens_out)  # fmt: skip
+            ctx.log.info(
+                "fragment %s: released %s after %.2fs",
+                fragment.id,
+                allocation.allocation_id,
+                (ended_at - allocation.created_at).total_seconds(),
+            )
+            progress.emit(
+                request.request_id,
+                "completed",
+                fragment_id=fragment.id,
+                model=allocation.model,
+                pool=allocation.pool,
+                allocation_id=allocation.allocation_id,
+                tokens_out=completion.tokens_out,
+            )
     except BaseException as exc:
         if allocation is None:
             # allocate did not hand its slice back (it failed, or was cancelled after reserving and
             # then crashed, and a crashed task stages no rollback hook): release it here, if reserved
             await release_if_reserved(services, choice.backend, allocation_id, request.tenant)
-        _keep(ctx.records, TelemetryRecord(**record, allocate_s=time.perf_counter() - t0, outcome="error",
-                                           error_class=type(exc).__name__))  # fmt: skip
+        _keep(
+            ctx.records,
+            TelemetryRecord(
+                **record, allocate_s=time.perf_counter() - t0, outcome="error", error_class=type(exc).__name__
+            ),
+        )
         raise
     finally:
         if allocation is not None:
@@ -258,12 +312,20 @@ async def attempt_fragment(
         reason=choice.reason,
         attempts=attempt,
     )
-    await (await services.ledger()).record_spend(allocation.allocation_id, request.tenant, request.request_id,
-                                                 result.cost_usd)  # fmt: skip
-    _keep(ctx.records, TelemetryRecord(
-        **record, **timings.model_dump(), tokens_in=result.tokens_in, tokens_out=result.tokens_out,
-        cost_usd=result.cost_usd, outcome="ok",
-    ))  # fmt: skip
+    await (await services.ledger()).record_spend(
+        allocation.allocation_id, request.tenant, request.request_id, result.cost_usd
+    )
+    _keep(
+        ctx.records,
+        TelemetryRecord(
+            **record,
+            **timings.model_dump(),
+            tokens_in=result.tokens_in,
+            tokens_out=result.tokens_out,
+            cost_usd=result.cost_usd,
+            outcome="ok",
+        ),
+    )
     return result
 
 

@@ -8,7 +8,7 @@ import os
 import sys
 import time
 import warnings
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -60,26 +60,33 @@ def run(
     tenant: Annotated[str, typer.Option(help="Tenant the request belongs to.")] = "demo",
     as_json: Annotated[bool, typer.Option("--json", help="Print the fusion result as JSON.")] = False,
     max_tokens: Annotated[int, typer.Option(help="Output tokens per fragment.")] = 128,
-    max_cost: Annotated[Optional[float], typer.Option(help="Upper bound on estimated cost, US$.")] = None,
-    model: Annotated[Optional[list[str]], typer.Option(help="Allowed model (repeatable).")] = None,
-    tier: Annotated[Optional[str], typer.Option(help="dedicated or preemptible.")] = None,
-    pool: Annotated[Optional[str], typer.Option(help="Run every fragment on this pool.")] = None,
+    max_cost: Annotated[float | None, typer.Option(help="Upper bound on estimated cost, US$.")] = None,
+    model: Annotated[list[str] | None, typer.Option(help="Allowed model (repeatable).")] = None,
+    tier: Annotated[str | None, typer.Option(help="dedicated or preemptible.")] = None,
+    pool: Annotated[str | None, typer.Option(help="Run every fragment on this pool.")] = None,
     backend: Annotated[str, typer.Option(help="local or hostedai.")] = "local",
-    fallback_backend: Annotated[Optional[str], typer.Option(help="Used while the backend's circuit is open.")] = None,
+    fallback_backend: Annotated[str | None, typer.Option(help="Used while the backend's circuit is open.")] = None,
     on_preemption: Annotated[str, typer.Option(help="same_tier or dedicated.")] = "same_tier",
     strategy: Annotated[str, typer.Option(help="single, cascade, ensemble, moa or auto.")] = "single",
     split: Annotated[bool, typer.Option(help="--no-split keeps the prompt as one fragment.")] = True,
-    task_type: Annotated[Optional[str], typer.Option(help="Declare the task type instead of classifying.")] = None,
+    task_type: Annotated[str | None, typer.Option(help="Declare the task type instead of classifying.")] = None,
     routing_stats: Annotated[
-        Optional[str], typer.Option(help="Learned routing figures (homeskillet learn-routing) to route by.")
+        str | None, typer.Option(help="Learned routing figures (homeskillet learn-routing) to route by.")
     ] = None,
 ) -> None:
     """Run one request through the fuse_request flow and print the fused answer."""
     constraints = {
-        "max_tokens": max_tokens, "max_cost_usd": max_cost, "allowed_models": model, "tier": tier, "pool": pool,
-        "backend": backend, "fallback_backend": fallback_backend, "on_preemption": on_preemption, "split": split,
+        "max_tokens": max_tokens,
+        "max_cost_usd": max_cost,
+        "allowed_models": model,
+        "tier": tier,
+        "pool": pool,
+        "backend": backend,
+        "fallback_backend": fallback_backend,
+        "on_preemption": on_preemption,
+        "split": split,
         "task_type": task_type,
-    }  # fmt: skip
+    }
     try:
         api_url = use_local_prefect()
         from flows.fusion import fuse_request
@@ -88,9 +95,13 @@ def run(
         async def main():
             try:
                 return await fuse_request(
-                    prompt=prompt, tenant=tenant, strategy=strategy, constraints=constraints,
-                    routing_stats=routing_stats, return_state=True,
-                )  # fmt: skip
+                    prompt=prompt,
+                    tenant=tenant,
+                    strategy=strategy,
+                    constraints=constraints,
+                    routing_stats=routing_stats,
+                    return_state=True,
+                )
             finally:
                 await runtime.shutdown()  # this process ends: give back subscriptions and model servers
 
@@ -119,7 +130,7 @@ def run(
 
 @app.command()
 def allocations(
-    tenant: Annotated[Optional[str], typer.Option(help="Only this tenant's allocations.")] = None,
+    tenant: Annotated[str | None, typer.Option(help="Only this tenant's allocations.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
 ) -> None:
     """List the allocations held now (expired leases are ended first)."""
@@ -133,13 +144,30 @@ def allocations(
         print(json.dumps([a.model_dump(mode="json") for a in held], indent=2))
         return
     table = Table(title=f"{len(held)} allocation(s) held")
-    for column in ("allocation_id", "tenant", "backend", "pool", "model", "tflops", "vram_gb", "endpoint", "lease_expires_at"):
+    for column in (
+        "allocation_id",
+        "tenant",
+        "backend",
+        "pool",
+        "model",
+        "tflops",
+        "vram_gb",
+        "endpoint",
+        "lease_expires_at",
+    ):
         table.add_column(column, overflow="fold")
     for a in held:
         table.add_row(
-            a.allocation_id, a.tenant, a.backend, a.pool, a.model, f"{a.tflops:g}", f"{a.vram_gb:g}", a.endpoint,
+            a.allocation_id,
+            a.tenant,
+            a.backend,
+            a.pool,
+            a.model,
+            f"{a.tflops:g}",
+            f"{a.vram_gb:g}",
+            a.endpoint,
             a.lease_expires_at.isoformat(timespec="seconds"),
-        )  # fmt: skip
+        )
     console.print(table)
 
 
@@ -163,7 +191,12 @@ def covenant_show(
         async def usage():
             return await (await services.ledger()).usage(tenant)
 
-        shown = {"tenant": tenant, "version": covenant.version, "terms": covenant.terms(), "usage": asyncio.run(usage())}
+        shown = {
+            "tenant": tenant,
+            "version": covenant.version,
+            "terms": covenant.terms(),
+            "usage": asyncio.run(usage()),
+        }
     except HomeskilletError as exc:
         _fail(exc)
     if as_json:
@@ -224,11 +257,19 @@ def server_status(
         pg_socket = None
     servers = ModelServers(settings.home, settings.model_idle_s)
     models = [
-        {"model": r.model, "pid": r.server_pid, "supervisor_pid": r.pid, "port": r.port, "endpoint": r.endpoint,
-         "slots": r.slots, "up_s": round(time.time() - r.since, 1), "idle_s": round(servers.idle_seconds(r), 1),
-         "stops_when_idle_s": r.idle_s}
+        {
+            "model": r.model,
+            "pid": r.server_pid,
+            "supervisor_pid": r.pid,
+            "port": r.port,
+            "endpoint": r.endpoint,
+            "slots": r.slots,
+            "up_s": round(time.time() - r.since, 1),
+            "idle_s": round(servers.idle_seconds(r), 1),
+            "stops_when_idle_s": r.idle_s,
+        }
         for r in servers.running()
-    ]  # fmt: skip
+    ]
     status = {
         "prefect": {"pid": info.pid, "api_url": info.api_url} if info else None,
         "postgres": {"socket": pg_socket} if pg_socket else None,
@@ -237,7 +278,7 @@ def server_status(
     if as_json:
         print(json.dumps(status))
     else:
-        console.print(f"prefect: {'running, pid %d, %s' % (info.pid, info.api_url) if info else 'stopped'}")
+        console.print(f"prefect: {f'running, pid {info.pid}, {info.api_url}' if info else 'stopped'}")
         console.print(f"postgres: {'running, socket ' + pg_socket if pg_socket else 'stopped'}")
         if not models:
             console.print("model servers: none running")
@@ -263,7 +304,7 @@ def server_check() -> None:
         answer = check_build(binary, gguf_path(spec.serving, settings.home / "models"))
     except HomeskilletError as exc:
         errors.print(f"[bold red]llama-server smoke check failed:[/] {exc}", highlight=False)
-        raise typer.Exit(1)
+        raise typer.Exit(1) from None
     console.print(f"llama-server smoke check passed ({binary}, {spec.name}): {answer.strip()!r}")
 
 
@@ -336,8 +377,12 @@ def benchmark(
 
         async def main():
             try:
-                return await benchmark_flow(repetitions=repetitions, concurrency=concurrency, max_tokens=max_tokens,
-                                            quality_questions=quality_questions)  # fmt: skip
+                return await benchmark_flow(
+                    repetitions=repetitions,
+                    concurrency=concurrency,
+                    max_tokens=max_tokens,
+                    quality_questions=quality_questions,
+                )
             finally:
                 await runtime.shutdown()
 
@@ -373,7 +418,7 @@ def cost_report(since_days: Annotated[int, typer.Option(help="Telemetry of the l
 @app.command("train-classifier")
 def train_classifier(
     routerbench: Annotated[str, typer.Option(help="Folder of RouterBench CSVs.")] = "../shared/data/routerbench",
-    out: Annotated[Optional[str], typer.Option(help="Weights file to write.")] = None,
+    out: Annotated[str | None, typer.Option(help="Weights file to write.")] = None,
     folds: Annotated[int, typer.Option(help="Folds of the cross-validation printed first.")] = 5,
 ) -> None:
     """Train the request classifier on the seed examples and RouterBench prompts; print k-fold accuracy."""
@@ -400,11 +445,11 @@ def eval_routing(
     strategy: Annotated[str, typer.Option(help="single, cascade, ensemble, moa or auto.")] = "cascade",
     as_json: Annotated[bool, typer.Option("--json", help="End with one JSON line of the figures.")] = False,
     folds: Annotated[int, typer.Option(min=2, help="Cross-validation folds.")] = 5,
-    model: Annotated[Optional[list[str]], typer.Option(help="Allowed model (repeatable).")] = None,
+    model: Annotated[list[str] | None, typer.Option(help="Allowed model (repeatable).")] = None,
     through_flow: Annotated[
         bool, typer.Option("--through-flow", help="Run every record as a fuse_request flow run (local Prefect server).")
     ] = False,
-    limit: Annotated[Optional[int], typer.Option(min=1, help="Decide only the first N records of each file.")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="Decide only the first N records of each file.")] = None,
     budget_share: Annotated[
         float, typer.Option(min=0.0, help="A learned cascade may cost this share of the best model's mean cost.")
     ] = 0.25,
@@ -440,27 +485,45 @@ def eval_routing(
         _fail(exc)
     how = "through fuse_request" if through_flow else "in process"
     for name, (n, score, singles, best, orc) in figures.items():
-        console.print(_routing_table(f"{name}: {n} records, strategy {strategy}, {folds}-fold, {how}",
-                                     strategy, score, orc, singles, best))  # fmt: skip
+        console.print(
+            _routing_table(
+                f"{name}: {n} records, strategy {strategy}, {folds}-fold, {how}", strategy, score, orc, singles, best
+            )
+        )
     parts = list(figures.values())
     overall = combine([(n, s) for n, s, *_ in parts])
     if len(parts) > 1:
         shared = set.intersection(*(set(singles) for _, _, singles, _, _ in parts))
         singles = {m: combine([(n, singles[m]) for n, _, singles, _, _ in parts]) for m in shared}
         best = max(singles, key=lambda m: (singles[m].accuracy, -singles[m].cost))
-        console.print(_routing_table(f"overall: {sum(n for n, *_ in parts)} records", strategy, overall,
-                                     combine([(n, o) for n, *_, o in parts]), singles, best))  # fmt: skip
+        console.print(
+            _routing_table(
+                f"overall: {sum(n for n, *_ in parts)} records",
+                strategy,
+                overall,
+                combine([(n, o) for n, *_, o in parts]),
+                singles,
+                best,
+            )
+        )
     console.print(f"overall: accuracy {overall.accuracy:.3f}, cost ${overall.cost:.4f}")
     if as_json:
-        print(json.dumps({
-            "files": {
-                name: {"accuracy": s.accuracy, "cost": s.cost,
-                       "best_single": {"model": b, "accuracy": singles[b].accuracy, "cost": singles[b].cost},
-                       "oracle": {"accuracy": o.accuracy, "cost": o.cost}}
-                for name, (_, s, singles, b, o) in figures.items()
-            },
-            "overall": {"accuracy": overall.accuracy, "cost": overall.cost},
-        }))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "files": {
+                        name: {
+                            "accuracy": s.accuracy,
+                            "cost": s.cost,
+                            "best_single": {"model": b, "accuracy": singles[b].accuracy, "cost": singles[b].cost},
+                            "oracle": {"accuracy": o.accuracy, "cost": o.cost},
+                        }
+                        for name, (_, s, singles, b, o) in figures.items()
+                    },
+                    "overall": {"accuracy": overall.accuracy, "cost": overall.cost},
+                }
+            )
+        )
 
 
 def _routing_table(title: str, strategy: str, score, orc, singles: dict, best: str) -> Table:
@@ -534,7 +597,9 @@ def loadtest(
     requests: Annotated[int, typer.Option(min=1, help="Requests in all.")] = 50,
     concurrency: Annotated[int, typer.Option(min=1, help="Requests in flight at once.")] = 8,
     tenants: Annotated[int, typer.Option(min=1, help="Tenants taking turns (the catalog's first T).")] = 3,
-    backend: Annotated[str, typer.Option(help="local (this machine's models) or hostedai (the emulator, started here).")] = "local",
+    backend: Annotated[
+        str, typer.Option(help="local (this machine's models) or hostedai (the emulator, started here).")
+    ] = "local",
     faults: Annotated[str, typer.Option(help="hosted·ai emulator faults, e.g. error_rate=0.2,preempt_rate=0.1.")] = "",
     max_tokens: Annotated[int, typer.Option(min=1, help="Output tokens per fragment.")] = 16,
     as_json: Annotated[bool, typer.Option("--json", help="End with one JSON line of the figures.")] = False,
@@ -572,8 +637,9 @@ def bench_workers(
         api_url = use_local_prefect()
         from homeskillet.scaling import run_scaling
 
-        rows = asyncio.run(run_scaling(api_url, counts, requests, limit, max_tokens,
-                                       get_settings().home / "logs" / "bench-workers"))  # fmt: skip
+        rows = asyncio.run(
+            run_scaling(api_url, counts, requests, limit, max_tokens, get_settings().home / "logs" / "bench-workers")
+        )
     except HomeskilletError as exc:
         _fail(exc)
     if as_json:
@@ -583,8 +649,9 @@ def bench_workers(
     for column in ("workers", "limit", "completed", "rps", "latency_p50_s", "latency_p95_s", "wall_s"):
         table.add_column(column)
     for row in rows:
-        table.add_row(*(str(row[c]) for c in ("workers", "limit", "completed", "rps", "latency_p50_s",
-                                             "latency_p95_s", "wall_s")))  # fmt: skip
+        table.add_row(
+            *(str(row[c]) for c in ("workers", "limit", "completed", "rps", "latency_p50_s", "latency_p95_s", "wall_s"))
+        )
     console.print(table)
 
 
@@ -616,9 +683,13 @@ def isolation_report(
 
 @app.command()
 def classify(
-    texts: Annotated[Optional[list[str]], typer.Argument(help="Texts to classify; none: one per line of stdin.")] = None,
-    engine: Annotated[str, typer.Option(help="wasm (edge/classifier.wasm via wasmtime, as the flow) or python (the reference).")] = "wasm",
-    as_json: Annotated[bool, typer.Option("--json", help='One {"label", "probabilities"} object per line, numbers exact.')] = False,
+    texts: Annotated[list[str] | None, typer.Argument(help="Texts to classify; none: one per line of stdin.")] = None,
+    engine: Annotated[
+        str, typer.Option(help="wasm (edge/classifier.wasm via wasmtime, as the flow) or python (the reference).")
+    ] = "wasm",
+    as_json: Annotated[
+        bool, typer.Option("--json", help='One {"label", "probabilities"} object per line, numbers exact.')
+    ] = False,
 ) -> None:
     """Classify requests by task type: one line per input (label and its probability, or JSON)."""
     if engine not in ("wasm", "python"):
@@ -643,7 +714,6 @@ def classify(
         out.flush()
 
 
-
 mcp_app = typer.Typer(help="The MCP server: Streamable HTTP at /mcp, WebSocket at /ws.", no_args_is_help=True)
 app.add_typer(mcp_app, name="mcp")
 tokens_app = typer.Typer(help="API tokens of the MCP server, one tenant each (stored hashed).", no_args_is_help=True)
@@ -654,9 +724,12 @@ app.add_typer(tokens_app, name="tokens")
 def mcp_serve(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8765,
-    catalog: Annotated[Optional[str], typer.Option(help="Catalog file (default: HOMESKILLET_CATALOG or packaged).")] = None,
+    catalog: Annotated[
+        str | None, typer.Option(help="Catalog file (default: HOMESKILLET_CATALOG or packaged).")
+    ] = None,
     max_concurrent: Annotated[
-        Optional[int], typer.Option(min=1, help="Concurrent fuse calls per tenant (default: HOMESKILLET_MCP_MAX_CONCURRENT, else 2).")
+        int | None,
+        typer.Option(min=1, help="Concurrent fuse calls per tenant (default: HOMESKILLET_MCP_MAX_CONCURRENT, else 2)."),
     ] = None,
 ) -> None:
     """Serve MCP (tools fuse, plan, classify, allocations) to clients holding a token."""
@@ -667,9 +740,12 @@ def mcp_serve(
 
     errors.print(f"MCP on http://{host}:{port}/mcp and ws://{host}:{port}/ws · Prefect {api_url}", highlight=False)
     uvicorn.run(
-        create_app(catalog, host=host, max_concurrent=max_concurrent), host=host, port=port, log_level="warning",
+        create_app(catalog, host=host, max_concurrent=max_concurrent),
+        host=host,
+        port=port,
+        log_level="warning",
         ws_max_size=4 << 20,  # the app answers frames over 1 MiB with a JSON-RPC error; this is the hard stop
-    )  # fmt: skip
+    )
 
 
 def _token_store():
@@ -705,7 +781,7 @@ def tokens_create(
 
 @tokens_app.command("list")
 def tokens_list(
-    tenant: Annotated[Optional[str], typer.Option(help="Only this tenant's tokens.")] = None,
+    tenant: Annotated[str | None, typer.Option(help="Only this tenant's tokens.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
 ) -> None:
     """List tokens (id, tenant, created, revoked); never the tokens themselves."""
@@ -716,8 +792,12 @@ def tokens_list(
 
     try:
         rows = [
-            {"token_id": r["token_id"], "tenant": r["tenant"], "created_at": created_iso(r["created_at"]),
-             "revoked_at": created_iso(r["revoked_at"])}  # fmt: skip
+            {
+                "token_id": r["token_id"],
+                "tenant": r["tenant"],
+                "created_at": created_iso(r["created_at"]),
+                "revoked_at": created_iso(r["revoked_at"]),
+            }
             for r in asyncio.run(main())
         ]
     except HomeskilletError as exc:

@@ -57,8 +57,9 @@ async def run_attacks(catalog_path: str | None = None) -> list[Attack]:
     request_id = "iso-" + uuid.uuid4().hex[:12]
     from connectors.ledger import new_allocation_id
 
-    allocation = await local.allocate(allocation_id=new_allocation_id(), tenant=A, request_id=request_id,
-                                      pool=pool.id, model=model, wait_s=30)  # fmt: skip
+    allocation = await local.allocate(
+        allocation_id=new_allocation_id(), tenant=A, request_id=request_id, pool=pool.id, model=model, wait_s=30
+    )
     store = await TokenStore.open(get_settings().pgdata)
     made = {tenant: await store.create(tenant) for tenant in (A, B)}
     tokens = {tenant: token for tenant, (_, token) in made.items()}
@@ -83,11 +84,18 @@ async def run_attacks(catalog_path: str | None = None) -> list[Attack]:
 async def _backend_attacks(report: _Report, services, allocation) -> None:
     local = services.local
     held_by_b = [a.allocation_id for a in await local.held(B)]
-    report.check("list A's allocations as B", "backend.held(tenant=B)", allocation.allocation_id not in held_by_b,
-                 control=allocation.allocation_id in [a.allocation_id for a in await local.held(A)])  # fmt: skip
+    report.check(
+        "list A's allocations as B",
+        "backend.held(tenant=B)",
+        allocation.allocation_id not in held_by_b,
+        control=allocation.allocation_id in [a.allocation_id for a in await local.held(A)],
+    )
     everything_b = [a.allocation_id for a in await services.held(B)]
-    report.check("list A's allocations as B", "homeskillet allocations --tenant B (Services.held)",
-                 allocation.allocation_id not in everything_b)  # fmt: skip
+    report.check(
+        "list A's allocations as B",
+        "homeskillet allocations --tenant B (Services.held)",
+        allocation.allocation_id not in everything_b,
+    )
     try:
         await local.release(allocation.allocation_id, B)
         refused, detail = False, "released"
@@ -100,15 +108,21 @@ async def _backend_attacks(report: _Report, services, allocation) -> None:
         unknown = ""
     except AllocationNotFound as exc:
         unknown = str(exc)
-    report.check("tell A's id from an unknown one by B's error", "backend.release",
-                 detail.replace(allocation.allocation_id, "ID") == unknown.replace("alloc-" + "x" * 22, "ID"),
-                 detail="the same message for both")  # fmt: skip
+    report.check(
+        "tell A's id from an unknown one by B's error",
+        "backend.release",
+        detail.replace(allocation.allocation_id, "ID") == unknown.replace("alloc-" + "x" * 22, "ID"),
+        detail="the same message for both",
+    )
 
 
 async def _result_attacks(report: _Report, store, request_id: str) -> None:
-    report.check("read A's request result as B", "TokenStore.result(B, A's request id)",
-                 await store.result(B, request_id) is None,
-                 control=(await store.result(A, request_id) or {}).get("answer") == "A's answer")  # fmt: skip
+    report.check(
+        "read A's request result as B",
+        "TokenStore.result(B, A's request id)",
+        await store.result(B, request_id) is None,
+        control=(await store.result(A, request_id) or {}).get("answer") == "A's answer",
+    )
 
 
 async def _mcp_attacks(report: _Report, catalog_path, tokens: dict, allocation_id: str, request_id: str) -> None:
@@ -141,14 +155,21 @@ async def _mcp_attacks(report: _Report, catalog_path, tokens: dict, allocation_i
             async with client(tokens[A]) as a, client(tokens[B]) as b:
                 mine = (await a.call_tool("allocations", {})).structured_content
                 theirs = (await b.call_tool("allocations", {})).structured_content
-                report.check("list A's allocations as B", f"MCP allocations tool ({transport})",
-                             allocation_id not in json.dumps(theirs),
-                             control=allocation_id in json.dumps(mine))  # fmt: skip
+                report.check(
+                    "list A's allocations as B",
+                    f"MCP allocations tool ({transport})",
+                    allocation_id not in json.dumps(theirs),
+                    control=allocation_id in json.dumps(mine),
+                )
                 uri = f"homeskillet://requests/{request_id}"
                 own = await _read(a, uri)
                 other = await _read(b, uri)
-                report.check("read A's request result as B", f"MCP resource requests/{{id}} ({transport})",
-                             other is None, control=own is not None and "A's answer" in own)  # fmt: skip
+                report.check(
+                    "read A's request result as B",
+                    f"MCP resource requests/{{id}} ({transport})",
+                    other is None,
+                    control=own is not None and "A's answer" in own,
+                )
         await _session_attacks(report, base, tokens)
     finally:
         server.should_exit = True
@@ -164,22 +185,41 @@ async def _read(client, uri: str) -> str | None:
 
 
 async def _session_attacks(report: _Report, base: str, tokens: dict) -> None:
-    initialize = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
-        "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "isolation-report", "version": "1"}}}  # fmt: skip
+    initialize = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "initialize",
+        "params": {
+            "protocolVersion": "2025-06-18",
+            "capabilities": {},
+            "clientInfo": {"name": "isolation-report", "version": "1"},
+        },
+    }
     listing = {"jsonrpc": "2.0", "id": 2, "method": "tools/list"}
     accept = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
     async with httpx.AsyncClient(base_url=f"http://{base}", timeout=30) as client:
         opened = await client.post("/mcp", json=initialize, headers={**accept, "Authorization": f"Bearer {tokens[A]}"})
         session = opened.headers.get("mcp-session-id")
-        hijack = await client.post("/mcp", json=listing, headers={
-            **accept, "Authorization": f"Bearer {tokens[B]}", "mcp-session-id": session or ""})  # fmt: skip
-        report.check("use A's MCP session with B's token", "Streamable HTTP mcp-session-id",
-                     hijack.status_code == 404, control=opened.status_code == 200 and bool(session),
-                     detail=f"HTTP {hijack.status_code}")  # fmt: skip
+        hijack = await client.post(
+            "/mcp",
+            json=listing,
+            headers={**accept, "Authorization": f"Bearer {tokens[B]}", "mcp-session-id": session or ""},
+        )
+        report.check(
+            "use A's MCP session with B's token",
+            "Streamable HTTP mcp-session-id",
+            hijack.status_code == 404,
+            control=opened.status_code == 200 and bool(session),
+            detail=f"HTTP {hijack.status_code}",
+        )
         for name, headers in (("no token", {}), ("a made-up token", {"Authorization": "Bearer hsk_not-a-token"})):
             answer = await client.post("/mcp", json=initialize, headers={**accept, **headers})
-            report.check(f"call the MCP server with {name}", "Streamable HTTP", answer.status_code == 401,
-                         detail=f"HTTP {answer.status_code}")  # fmt: skip
+            report.check(
+                f"call the MCP server with {name}",
+                "Streamable HTTP",
+                answer.status_code == 401,
+                detail=f"HTTP {answer.status_code}",
+            )
 
 
 async def _covenant_attacks(report: _Report, services) -> None:
@@ -203,26 +243,38 @@ async def _covenant_attacks(report: _Report, services) -> None:
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "catalog.yaml"
         path.write_text(yaml.safe_dump(data))
-        for term, constraints in (("allowed_models", {"allowed_models": [other]}),
-                                  ("allowed_tiers", {"tier": "dedicated"})):  # fmt: skip
+        for term, constraints in (
+            ("allowed_models", {"allowed_models": [other]}),
+            ("allowed_tiers", {"tier": "dedicated"}),
+        ):
             try:
-                await fuse_request(prompt="Say hi.", tenant=B, constraints={**constraints, "max_tokens": 4},
-                                   catalog_path=str(path))  # fmt: skip
+                await fuse_request(
+                    prompt="Say hi.", tenant=B, constraints={**constraints, "max_tokens": 4}, catalog_path=str(path)
+                )
                 refused, detail = False, "ran"
             except CovenantViolation as exc:
                 refused, detail = exc.term == term, str(exc)
-            report.check(f"widen B's covenant ({term}) in a request", "fuse_request constraints", refused,
-                         detail=detail)  # fmt: skip
+            report.check(
+                f"widen B's covenant ({term}) in a request", "fuse_request constraints", refused, detail=detail
+            )
         result = await fuse_request(prompt="Say hi.", tenant=B, constraints={"max_tokens": 4}, catalog_path=str(path))
         inside = all(f.model == allowed and f.tier == "preemptible" for f in result.fragments)
-        report.check("be routed outside B's covenant", "fuse_request without constraints", inside,
-                     detail=f"ran {result.fragments[0].model} on {result.fragments[0].tier}")  # fmt: skip
+        report.check(
+            "be routed outside B's covenant",
+            "fuse_request without constraints",
+            inside,
+            detail=f"ran {result.fragments[0].model} on {result.fragments[0].tier}",
+        )
 
 
 def _network_attacks(report: _Report) -> None:
     port = get_settings().prefect_port
-    addresses = [a.address for nic in psutil.net_if_addrs().values() for a in nic
-                 if a.family == socket.AF_INET and not a.address.startswith("127.")]  # fmt: skip
+    addresses = [
+        a.address
+        for nic in psutil.net_if_addrs().values()
+        for a in nic
+        if a.family == socket.AF_INET and not a.address.startswith("127.")
+    ]
     if not addresses:
         report.rows.append(Attack("reach the Prefect API from off the host", "no non-loopback address", "n/a"))
         return
@@ -232,8 +284,13 @@ def _network_attacks(report: _Report) -> None:
     with socket.socket() as sock:
         sock.settimeout(2)
         control = sock.connect_ex(("127.0.0.1", port)) == 0
-    report.check("reach the Prefect API from off the host", f"{addresses[0]}:{port}", not reached, control=control,
-                 detail="the embedded server listens on 127.0.0.1 only")  # fmt: skip
+    report.check(
+        "reach the Prefect API from off the host",
+        f"{addresses[0]}:{port}",
+        not reached,
+        control=control,
+        detail="the embedded server listens on 127.0.0.1 only",
+    )
 
 
 async def _secret_checks(report: _Report, store, tokens: dict) -> None:
@@ -241,18 +298,28 @@ async def _secret_checks(report: _Report, store, tokens: dict) -> None:
 
     key = "hai-" + uuid.uuid4().hex
     credentials = HostedAICredentials(url="https://panel.example/api", api_key=key, team_id="t")
-    report.check("see a hosted·ai key in a repr or dump", "HostedAICredentials",
-                 key not in repr(credentials) + str(credentials) + credentials.model_dump_json())  # fmt: skip
+    report.check(
+        "see a hosted·ai key in a repr or dump",
+        "HostedAICredentials",
+        key not in repr(credentials) + str(credentials) + credentials.model_dump_json(),
+    )
     conn = await store._connect()
     try:
         rows = json.dumps([dict(r) for r in await conn.fetch("SELECT * FROM api_tokens")], default=str)
     finally:
         await conn.close()
-    report.check("read MCP tokens from the database", "api_tokens table", not any(t in rows for t in tokens.values()),
-                 detail="only SHA-256 digests are stored")  # fmt: skip
+    report.check(
+        "read MCP tokens from the database",
+        "api_tokens table",
+        not any(t in rows for t in tokens.values()),
+        detail="only SHA-256 digests are stored",
+    )
     metrics = generate_latest().decode()
-    report.check("see a token or key in the metrics", "Prometheus /metrics",
-                 not any(t in metrics for t in [*tokens.values(), key]))  # fmt: skip
+    report.check(
+        "see a token or key in the metrics",
+        "Prometheus /metrics",
+        not any(t in metrics for t in [*tokens.values(), key]),
+    )
 
 
 def broken(rows: list[Attack]) -> bool:

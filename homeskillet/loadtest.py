@@ -82,7 +82,11 @@ async def run_load(
         raise InvalidRequest("--faults needs --backend hostedai (they are the faults of the emulator it starts)")
     emulator = None
     if backend == "hostedai":
-        emulator = await _start_emulator(faults, names) if emulator_state is None else _Emulator(None, None, emulator_state, "", [])
+        emulator = (
+            await _start_emulator(faults, names)
+            if emulator_state is None
+            else _Emulator(None, None, emulator_state, "", [])
+        )
     run = Run()
     stop = asyncio.Event()
     gate = asyncio.Semaphore(concurrency)
@@ -95,8 +99,9 @@ async def run_load(
         async with gate:
             started = time.perf_counter()
             try:
-                result = await fuse_request(prompt=PROMPTS[i % len(PROMPTS)], tenant=tenant, constraints=constraints,
-                                            request_id=request_id)  # fmt: skip
+                result = await fuse_request(
+                    prompt=PROMPTS[i % len(PROMPTS)], tenant=tenant, constraints=constraints, request_id=request_id
+                )
             except HomeskilletError as exc:
                 run.errors[type(exc).__name__] += 1
                 return
@@ -130,8 +135,11 @@ async def run_load(
         "ok": len(run.latencies),
         "errors": dict(run.errors),
         "rps": round(requests / wall, 2),
-        "latency_s": {"p50": quantile(run.latencies, 0.5), "p95": quantile(run.latencies, 0.95),
-                      "p99": quantile(run.latencies, 0.99)},  # fmt: skip
+        "latency_s": {
+            "p50": quantile(run.latencies, 0.5),
+            "p95": quantile(run.latencies, 0.95),
+            "p99": quantile(run.latencies, 0.99),
+        },
         "leaked_allocations": len(leaked),
         "capacity_violations": len(run.capacity_violations),
         "cross_tenant": len(run.cross_tenant),
@@ -162,7 +170,9 @@ async def _sample(services, run: Run, emulator, stop: asyncio.Event, every_s: fl
         for pool, (tflops, vram) in used.items():
             cap = capacity.get(pool)
             if cap is not None and (tflops > cap[0] + EPS or vram > cap[1] + EPS):
-                run.capacity_violations.append(f"{pool}: {tflops:g} TFLOPS / {vram:g} GB held of {cap[0]:g} / {cap[1]:g}")
+                run.capacity_violations.append(
+                    f"{pool}: {tflops:g} TFLOPS / {vram:g} GB held of {cap[0]:g} / {cap[1]:g}"
+                )
         if emulator is not None:
             run.duplicate_subscriptions += emulator.duplicates()
         run.samples += 1
@@ -252,11 +262,21 @@ def report(figures: dict) -> str:
 
 def summary(figures: dict) -> str:
     """The one JSON line `--json` ends with."""
-    keys = ("requests", "ok", "errors", "rps", "latency_s", "leaked_allocations", "capacity_violations",
-            "cross_tenant", "duplicate_subscriptions")  # fmt: skip
+    keys = (
+        "requests",
+        "ok",
+        "errors",
+        "rps",
+        "latency_s",
+        "leaked_allocations",
+        "capacity_violations",
+        "cross_tenant",
+        "duplicate_subscriptions",
+    )
     return json.dumps({k: figures[k] for k in keys})
 
 
 def violated(figures: dict) -> bool:
-    return any(figures[k] for k in ("leaked_allocations", "capacity_violations", "cross_tenant", "duplicate_subscriptions"))
-
+    return any(
+        figures[k] for k in ("leaked_allocations", "capacity_violations", "cross_tenant", "duplicate_subscriptions")
+    )

@@ -78,7 +78,9 @@ def tenant_of(ctx: Context) -> str:
 
 def _structured(data: dict) -> types.CallToolResult:
     """A tool result as structured content, with the same JSON as text for older clients."""
-    return types.CallToolResult(content=[types.TextContent(type="text", text=json.dumps(data))], structured_content=data)
+    return types.CallToolResult(
+        content=[types.TextContent(type="text", text=json.dumps(data))], structured_content=data
+    )
 
 
 def _progress_message(event: dict) -> str:
@@ -106,8 +108,9 @@ def build_mcp(catalog_path: str | None, store_ref: dict, limits: Limits) -> _Ser
     )
 
     def constraints_of(constraints: dict | None):
-        from homeskillet.schemas import Constraints
         from pydantic import ValidationError
+
+        from homeskillet.schemas import Constraints
 
         try:
             return Constraints.model_validate(constraints or {})
@@ -134,10 +137,16 @@ def build_mcp(catalog_path: str | None, store_ref: dict, limits: Limits) -> _Ser
                 # its own asyncio task, out of the SDK's cancel scope: on cancellation the flow's
                 # rollback hooks must still be able to await the release of each allocation
                 run = asyncio.create_task(
-                    _with_shared_clients(fuse_request(
-                        prompt=prompt, tenant=tenant, strategy=strategy, constraints=constraints,
-                        request_id=request_id, catalog_path=catalog_path,
-                    ))  # fmt: skip
+                    _with_shared_clients(
+                        fuse_request(
+                            prompt=prompt,
+                            tenant=tenant,
+                            strategy=strategy,
+                            constraints=constraints,
+                            request_id=request_id,
+                            catalog_path=catalog_path,
+                        )
+                    )
                 )
             count, getter = 0, None
             with progress.listening(request_id, events.put_nowait):
@@ -206,18 +215,30 @@ def build_mcp(catalog_path: str | None, store_ref: dict, limits: Limits) -> _Ser
         try:
             cat.check_tenant(catalog, tenant)
             request = make_request(prompt, tenant, strategy, limits_, "plan-" + uuid.uuid4().hex[:8])
-            the_plan = decompose_prompt(request.prompt, request.request_id, max_context(catalog, limits_),
-                                        limits_.max_tokens, limits_.split, limits_.task_type)  # fmt: skip
+            the_plan = decompose_prompt(
+                request.prompt,
+                request.request_id,
+                max_context(catalog, limits_),
+                limits_.max_tokens,
+                limits_.split,
+                limits_.task_type,
+            )
             run = RunContext(request, services, catalog, log, fragment_budget(the_plan, limits_))
             choices = preview(the_plan, run)
         except HomeskilletError as exc:
             raise ToolError(f"{type(exc).__name__}: {exc}") from None
         fragments = [
             {
-                "id": f.id, "text": f.text, "task_type": f.task_type, "depends_on": f.depends_on,
-                "model": choices[f.id].model, "pool": choices[f.id].pool, "tier": choices[f.id].tier,
-                "est_cost_usd": choices[f.id].est_cost_usd, "reason": choices[f.id].reason,
-            }  # fmt: skip
+                "id": f.id,
+                "text": f.text,
+                "task_type": f.task_type,
+                "depends_on": f.depends_on,
+                "model": choices[f.id].model,
+                "pool": choices[f.id].pool,
+                "tier": choices[f.id].tier,
+                "est_cost_usd": choices[f.id].est_cost_usd,
+                "reason": choices[f.id].reason,
+            }
             for f in the_plan.fragments
         ]
         return _structured(
@@ -294,9 +315,10 @@ class BearerAuth:
                 await send({"type": "websocket.close", "code": 1008, "reason": why})  # refused: HTTP 403
                 return
             response = JSONResponse(
-                {"error": "unauthorized", "error_description": why}, status_code=401,
+                {"error": "unauthorized", "error_description": why},
+                status_code=401,
                 headers={"WWW-Authenticate": 'Bearer realm="homeskillet"'},
-            )  # fmt: skip
+            )
             return await response(scope, receive, send)
         scope.setdefault("state", {})[TENANT_KEY] = tenant
         if scope["type"] == "websocket":

@@ -47,8 +47,14 @@ class _Direct:
     async def plan(self, prompt: str, request_id: str) -> tuple[Plan, dict]:
         catalog = self.services.catalog
         request = make_request(prompt, "demo", constraints=self.limits, request_id=request_id)
-        plan = decompose_prompt(request.prompt, request_id, max_context(catalog, self.limits), self.limits.max_tokens,
-                                self.limits.split, self.limits.task_type)  # fmt: skip
+        plan = decompose_prompt(
+            request.prompt,
+            request_id,
+            max_context(catalog, self.limits),
+            self.limits.max_tokens,
+            self.limits.split,
+            self.limits.task_type,
+        )
         choices = preview(plan, RunContext(request, self.services, catalog, log))
         for choice in choices.values():
             if choice.model not in self.endpoints:
@@ -59,8 +65,9 @@ class _Direct:
 
     async def call(self, fragment: Fragment, model_name: str) -> int:
         model = cat.model(self.services.catalog, model_name)
-        out = await openai_client.complete(self.endpoints[model.name], model.name, max_tokens=self.limits.max_tokens,
-                                           **render(model, fragment.text))  # fmt: skip
+        out = await openai_client.complete(
+            self.endpoints[model.name], model.name, max_tokens=self.limits.max_tokens, **render(model, fragment.text)
+        )
         return out.tokens_out
 
 
@@ -118,8 +125,9 @@ async def _concurrent(direct: _Direct, concurrency: int, repeats: int) -> dict:
         t0 = time.perf_counter()
         results = await asyncio.gather(*(fuse_request(prompt=t, tenant="demo", constraints=limits) for t in texts))
         t1 = time.perf_counter()
-        tokens = await asyncio.gather(*(one.call(plan.fragments[0], choices[plan.fragments[0].id].model)
-                                        for plan, choices in planned))  # fmt: skip
+        tokens = await asyncio.gather(
+            *(one.call(plan.fragments[0], choices[plan.fragments[0].id].model) for plan, choices in planned)
+        )
         t2 = time.perf_counter()
         if round_:
             flow_tokens += sum(f.tokens_out for r in results for f in r.fragments)
@@ -137,31 +145,45 @@ async def _concurrent(direct: _Direct, concurrency: int, repeats: int) -> dict:
 
 def report(figures: dict) -> str:
     c = figures["concurrent"]
-    return "\n".join([
-        f"{figures['repeats']} rounds x {len(PROMPTS)} requests = {figures['fragments']} fragments, "
-        f"max_tokens {figures['max_tokens']}",
-        f"through fuse_request: {figures['flow_s']:.2f}s   direct llama.cpp calls: {figures['direct_s']:.2f}s",
-        f"orchestration overhead ratio (flow / direct): {figures['overhead_ratio']:.2f}x, "
-        f"{figures['overhead_ms_p50']:.0f} ms per fragment (p50)",
-        f"{c['concurrency']} single-fragment requests at once: {c['flow_tokens_per_s']:.1f} tokens/s through the flow, "
-        f"{c['direct_tokens_per_s']:.1f} direct ({c['tokens_per_s_ratio']:.2f}x)",
-        *figures["models"],
-    ])  # fmt: skip
+    return "\n".join(
+        [
+            f"{figures['repeats']} rounds x {len(PROMPTS)} requests = {figures['fragments']} fragments, "
+            f"max_tokens {figures['max_tokens']}",
+            f"through fuse_request: {figures['flow_s']:.2f}s   direct llama.cpp calls: {figures['direct_s']:.2f}s",
+            f"orchestration overhead ratio (flow / direct): {figures['overhead_ratio']:.2f}x, "
+            f"{figures['overhead_ms_p50']:.0f} ms per fragment (p50)",
+            f"{c['concurrency']} single-fragment requests at once: {c['flow_tokens_per_s']:.1f} tokens/s through the flow, "
+            f"{c['direct_tokens_per_s']:.1f} direct ({c['tokens_per_s_ratio']:.2f}x)",
+            *figures["models"],
+        ]
+    )
 
 
 def summary_line(figures: dict) -> str:
     """The one JSON line `--json` ends with."""
     c = figures["concurrent"]
-    return json.dumps({
-        "overhead_ratio": figures["overhead_ratio"], "overhead_ms_p50": figures["overhead_ms_p50"],
-        "concurrent": {"concurrency": c["concurrency"], "tokens_per_s_ratio": c["tokens_per_s_ratio"]},
-    })  # fmt: skip
+    return json.dumps(
+        {
+            "overhead_ratio": figures["overhead_ratio"],
+            "overhead_ms_p50": figures["overhead_ms_p50"],
+            "concurrent": {"concurrency": c["concurrency"], "tokens_per_s_ratio": c["tokens_per_s_ratio"]},
+        }
+    )
 
 
-STORY_PROMPTS = [f"Once upon a time, {topic}" for topic in (
-    "a lighthouse keeper", "a lost cat", "a rainy market", "an old clock",
-    "a mountain village", "a paper boat", "a night train", "a garden robot",
-)]  # fmt: skip
+STORY_PROMPTS = [
+    f"Once upon a time, {topic}"
+    for topic in (
+        "a lighthouse keeper",
+        "a lost cat",
+        "a rainy market",
+        "an old clock",
+        "a mountain village",
+        "a paper boat",
+        "a night train",
+        "a garden robot",
+    )
+]
 
 
 async def _throughput(model, tokens: int = 64) -> str:
@@ -190,7 +212,9 @@ async def _decode_speed(model, repeats: int, tokens: int = 64) -> str:
     endpoint = await asyncio.to_thread(runtime.services().local.model_endpoint, model)
     decoded = seconds = first = 0.0
     for _ in range(repeats):
-        out = await openai_client.complete(endpoint, model.name, prompt="Once upon a time", max_tokens=tokens, stream=True)
+        out = await openai_client.complete(
+            endpoint, model.name, prompt="Once upon a time", max_tokens=tokens, stream=True
+        )
         decoded += out.tokens_out - 1
         seconds += out.total_s - out.first_token_s
         first += out.first_token_s

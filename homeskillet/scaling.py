@@ -47,18 +47,26 @@ def _workers(count: int, limit: int, log_dir: Path) -> list[subprocess.Popen]:
     prefect = str(Path(sys.executable).with_name("prefect"))
     env = os.environ | {"PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "2"}
     return [
-        subprocess.Popen([prefect, "worker", "start", "--pool", POOL, "--limit", str(limit)],
-                         stdout=open(log_dir / f"worker-{i}.log", "a"), stderr=subprocess.STDOUT,
-                         start_new_session=True, env=env, cwd=CHECKOUT)  # fmt: skip
+        subprocess.Popen(
+            [prefect, "worker", "start", "--pool", POOL, "--limit", str(limit)],
+            stdout=open(log_dir / f"worker-{i}.log", "a"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=env,
+            cwd=CHECKOUT,
+        )
         for i in range(count)
     ]
 
 
 async def _round(api: httpx.AsyncClient, deployment_id: str, requests: int, max_tokens: int) -> dict:
     submitted: dict[str, float] = {}
-    for i in range(requests):
-        parameters = {"prompt": "What is the capital of France?", "tenant": "demo",
-                      "constraints": {"max_tokens": max_tokens, "split": False, "task_type": "factual_qa"}}  # fmt: skip
+    for _ in range(requests):
+        parameters = {
+            "prompt": "What is the capital of France?",
+            "tenant": "demo",
+            "constraints": {"max_tokens": max_tokens, "split": False, "task_type": "factual_qa"},
+        }
         run = await api.post(f"/deployments/{deployment_id}/create_flow_run", json={"parameters": parameters})
         submitted[run.raise_for_status().json()["id"]] = time.perf_counter()
     started = min(submitted.values())
@@ -80,8 +88,9 @@ async def _round(api: httpx.AsyncClient, deployment_id: str, requests: int, max_
     }
 
 
-async def run_scaling(api_url: str, workers: list[int], requests: int, limit: int, max_tokens: int,
-                      log_dir: Path) -> list[dict]:  # fmt: skip
+async def run_scaling(
+    api_url: str, workers: list[int], requests: int, limit: int, max_tokens: int, log_dir: Path
+) -> list[dict]:
     if not workers or min(workers) < 1 or requests < 1 or limit < 1:
         raise InvalidRequest("workers, requests and limit must be at least 1")
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -94,8 +103,15 @@ async def run_scaling(api_url: str, workers: list[int], requests: int, limit: in
                 await asyncio.sleep(3)  # the workers register and start polling
                 if any(p.poll() is not None for p in procs):
                     raise ServiceError(f"a worker exited at start-up; see {log_dir}")
-                rows.append({"workers": count, "limit": limit, "requests": requests, "max_tokens": max_tokens,
-                             **await _round(api, deployment_id, requests, max_tokens)})  # fmt: skip
+                rows.append(
+                    {
+                        "workers": count,
+                        "limit": limit,
+                        "requests": requests,
+                        "max_tokens": max_tokens,
+                        **await _round(api, deployment_id, requests, max_tokens),
+                    }
+                )
             finally:
                 for p in procs:
                     os.killpg(p.pid, signal.SIGTERM)

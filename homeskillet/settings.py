@@ -30,7 +30,9 @@ class Settings(BaseSettings):
     hostedai_auth_header: str = Field("x-api-key", description="x-api-key or bearer.")
     hostedai_idle_s: float = Field(60.0, ge=0, description="Unsubscribe a tenant's idle subscription after this.")
 
-    telemetry_dir: Path | None = Field(None, description="Parquet dataset of fragment records (default: home/telemetry).")
+    telemetry_dir: Path | None = Field(
+        None, description="Parquet dataset of fragment records (default: home/telemetry)."
+    )
     metrics_port: int | None = Field(None, description="Serve Prometheus /metrics on 127.0.0.1:PORT.")
 
     @property

@@ -22,12 +22,17 @@ def sample(result: FragmentResult, params_m: float, concurrency: int, repetition
     t = result.timings
     decode_s = t.infer_s - (t.first_token_s or 0)
     return {
-        "model": result.model, "parameters_m": params_m, "concurrency": concurrency, "repetition": repetition,
-        "ttft_s": t.first_token_s, "latency_s": t.allocate_s + t.infer_s + t.release_s,
-        "alloc_overhead_s": t.allocate_s + t.release_s, "tokens_out": result.tokens_out,
+        "model": result.model,
+        "parameters_m": params_m,
+        "concurrency": concurrency,
+        "repetition": repetition,
+        "ttft_s": t.first_token_s,
+        "latency_s": t.allocate_s + t.infer_s + t.release_s,
+        "alloc_overhead_s": t.allocate_s + t.release_s,
+        "tokens_out": result.tokens_out,
         "tokens_per_s": (result.tokens_out - 1) / decode_s if decode_s > 0 and result.tokens_out > 1 else None,
         "cost_usd": result.cost_usd,
-    }  # fmt: skip
+    }
 
 
 def summarise(samples: pd.DataFrame) -> pd.DataFrame:
@@ -35,11 +40,18 @@ def summarise(samples: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for (model, conc), g in samples.groupby(["model", "concurrency"], sort=True):
         rows.append(
-            {"model": model, "parameters_m": g.parameters_m.iloc[0], "concurrency": int(conc), "samples": len(g),
-             "ttft_p50_s": g.ttft_s.median(), "latency_p50_s": g.latency_s.quantile(0.5),
-             "latency_p95_s": g.latency_s.quantile(0.95), "tokens_per_s": g.tokens_per_s.mean(),
-             "alloc_overhead_p50_s": g.alloc_overhead_s.median(),
-             "usd_per_1k_tokens": g.cost_usd.sum() / max(1, g.tokens_out.sum()) * 1000}  # fmt: skip
+            {
+                "model": model,
+                "parameters_m": g.parameters_m.iloc[0],
+                "concurrency": int(conc),
+                "samples": len(g),
+                "ttft_p50_s": g.ttft_s.median(),
+                "latency_p50_s": g.latency_s.quantile(0.5),
+                "latency_p95_s": g.latency_s.quantile(0.95),
+                "tokens_per_s": g.tokens_per_s.mean(),
+                "alloc_overhead_p50_s": g.alloc_overhead_s.median(),
+                "usd_per_1k_tokens": g.cost_usd.sum() / max(1, g.tokens_out.sum()) * 1000,
+            }
         )
     return pd.DataFrame(rows).round(6)
 
@@ -63,7 +75,9 @@ def chart(summary: pd.DataFrame, path: Path) -> Path:
     for ax, column in ((speed, "tokens_per_s"), (latency, "latency_p50_s")):
         ax.set_xticks(list(xs), labels, fontsize=8)
         for x, value in zip(xs, summary[column]):
-            ax.annotate(f"{value:.2f}" if value < 10 else f"{value:.0f}", (x, value), ha="center", va="bottom", fontsize=8)
+            ax.annotate(
+                f"{value:.2f}" if value < 10 else f"{value:.0f}", (x, value), ha="center", va="bottom", fontsize=8
+            )
     fig.suptitle("Homeskillet benchmark across model sizes")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -151,8 +151,12 @@ class Classifier:
         bias = struct.pack(f"<{len(self.bias)}f", *self.bias)
         path.write_text(
             json.dumps(
-                {"labels": list(self.labels), "dim": self.dim, "bias_f32_b64": base64.b64encode(bias).decode(),
-                 "weights_f16_b64": base64.b64encode(rows).decode()},  # fmt: skip
+                {
+                    "labels": list(self.labels),
+                    "dim": self.dim,
+                    "bias_f32_b64": base64.b64encode(bias).decode(),
+                    "weights_f16_b64": base64.b64encode(rows).decode(),
+                },
                 indent=1,
             )
         )
@@ -212,8 +216,11 @@ def train(texts: list[str], labels: list[str], *, epochs: int = 800, lr: float =
 
 
 SEED = Path(__file__).resolve().parents[1] / "homeskillet" / "data" / "task_seed.yaml"
-ROUTERBENCH_LABELS = {"arc_challenge_train.csv": "multiple_choice", "winograde_train.csv": "multiple_choice",
-                      "mbpp_train.csv": "code"}  # fmt: skip
+ROUTERBENCH_LABELS = {
+    "arc_challenge_train.csv": "multiple_choice",
+    "winograde_train.csv": "multiple_choice",
+    "mbpp_train.csv": "code",
+}
 
 
 def last_question(prompt_cell: str) -> str:
@@ -252,7 +259,9 @@ def cross_validate(texts: list[str], labels: list[str], folds: int = 5) -> dict[
     hits: dict[str, list[int]] = {}
     for k in range(folds):
         test = set(order[k::folds])
-        model = train([t for i, t in enumerate(texts) if i not in test], [l for i, l in enumerate(labels) if i not in test])
+        model = train(
+            [t for i, t in enumerate(texts) if i not in test], [y for i, y in enumerate(labels) if i not in test]
+        )
         for i in test:
             hits.setdefault(labels[i], []).append(int(model.predict(texts[i])[0] == labels[i]))
     scores = {label: sum(h) / len(h) for label, h in hits.items()}

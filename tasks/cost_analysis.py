@@ -55,11 +55,16 @@ def budgets(covenants: dict[str, Covenant], spend: dict[str, tuple[float, float]
         day, month = spend.get(tenant, (0.0, 0.0))
         day_budget, month_budget = covenant.budget_usd_per_day, covenant.budget_usd_per_month
         rows.append(
-            {"tenant": tenant, "spend_today_usd": day, "budget_day_usd": day_budget,
-             "day_used": None if not day_budget else f"{day / day_budget:.0%}",
-             "spend_month_usd": month, "budget_month_usd": month_budget,
-             "month_used": None if not month_budget else f"{month / month_budget:.0%}"}
-        )  # fmt: skip
+            {
+                "tenant": tenant,
+                "spend_today_usd": day,
+                "budget_day_usd": day_budget,
+                "day_used": None if not day_budget else f"{day / day_budget:.0%}",
+                "spend_month_usd": month,
+                "budget_month_usd": month_budget,
+                "month_used": None if not month_budget else f"{month / month_budget:.0%}",
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -79,8 +84,12 @@ def analyse(frame: pd.DataFrame, catalog: Catalog, budget: pd.DataFrame | None =
     def group(by: str) -> pd.DataFrame:
         return (
             ok.groupby(by)
-            .agg(fragments=("fragment_id", "count"), tokens=("tokens_out", "sum"), cost_usd=("cost_usd", "sum"),
-                 idle_cost_usd=("idle_cost_usd", "sum"))  # fmt: skip
+            .agg(
+                fragments=("fragment_id", "count"),
+                tokens=("tokens_out", "sum"),
+                cost_usd=("cost_usd", "sum"),
+                idle_cost_usd=("idle_cost_usd", "sum"),
+            )
             .sort_values("cost_usd", ascending=False)
             .reset_index()
         )
@@ -96,11 +105,16 @@ def analyse(frame: pd.DataFrame, catalog: Catalog, budget: pd.DataFrame | None =
         tps = rows["tokens_out"].sum() / infer if infer > 0 else 0.0
         need_t, need_v = used_tflops(spec, tps), used_vram_gb(spec)
         sizing.append(
-            {"model": name, "requested_tflops": spec.tflops, "used_tflops": round(need_t, 4),
-             "requested_vram_gb": spec.vram_gb, "used_vram_gb": round(need_v, 3),
-             "over_provisioned_x": round(max(spec.tflops / max(need_t, 1e-9), spec.vram_gb / max(need_v, 1e-9)), 1),
-             "recommended_tflops": _round_up(need_t * HEADROOM_TFLOPS, 0.25),
-             "recommended_vram_gb": _round_up(need_v * HEADROOM_VRAM, 0.25)}  # fmt: skip
+            {
+                "model": name,
+                "requested_tflops": spec.tflops,
+                "used_tflops": round(need_t, 4),
+                "requested_vram_gb": spec.vram_gb,
+                "used_vram_gb": round(need_v, 3),
+                "over_provisioned_x": round(max(spec.tflops / max(need_t, 1e-9), spec.vram_gb / max(need_v, 1e-9)), 1),
+                "recommended_tflops": _round_up(need_t * HEADROOM_TFLOPS, 0.25),
+                "recommended_vram_gb": _round_up(need_v * HEADROOM_VRAM, 0.25),
+            }
         )
     rightsizing = pd.DataFrame(sizing)
 
@@ -131,10 +145,15 @@ def _tier_what_if(frame, ok, models, pools) -> pd.DataFrame:
         rate = float(preempted.get(task_type, 0)) / float(attempts.get(task_type, 1))
         expected_preemptible = costs["preemptible"] / max(1e-9, 1 - rate)
         rows.append(
-            {"task_type": task_type, "fragments": len(group), "dedicated_usd": costs["dedicated"],
-             "preemptible_usd": expected_preemptible, "preemption_rate": round(rate, 3),
-             "recommended_tier": "preemptible" if expected_preemptible < costs["dedicated"] else "dedicated"}
-        )  # fmt: skip
+            {
+                "task_type": task_type,
+                "fragments": len(group),
+                "dedicated_usd": costs["dedicated"],
+                "preemptible_usd": expected_preemptible,
+                "preemption_rate": round(rate, 3),
+                "recommended_tier": "preemptible" if expected_preemptible < costs["dedicated"] else "dedicated",
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -172,8 +191,14 @@ def _markdown(ok, by_tenant, by_model, by_pool, by_tier, rightsizing, tiers) -> 
             f"(${r.dedicated_usd:.6f} dedicated vs ${r.preemptible_usd:.6f} preemptible with "
             f"{r.preemption_rate:.1%} preempted attempts paid twice)."
         )
-    for title, frame in (("By tenant", by_tenant), ("By model", by_model), ("By pool", by_pool), ("By tier", by_tier),
-                         ("Right-sizing", rightsizing), ("Dedicated vs preemptible", tiers)):  # fmt: skip
+    for title, frame in (
+        ("By tenant", by_tenant),
+        ("By model", by_model),
+        ("By pool", by_pool),
+        ("By tier", by_tier),
+        ("Right-sizing", rightsizing),
+        ("Dedicated vs preemptible", tiers),
+    ):
         lines += ["", f"## {title}", "", _table(frame)]
     return "\n".join(lines)
 

@@ -72,11 +72,19 @@ def restrict(catalog: Catalog, covenant: Covenant) -> tuple[Catalog, list[str]]:
 def check_size(tenant: str, covenant: Covenant, prompt_tokens: int, plan: Plan) -> None:
     """The largest request: its prompt tokens and its fragments."""
     if covenant.max_prompt_tokens is not None and prompt_tokens > covenant.max_prompt_tokens:
-        raise CovenantViolation(tenant, "max_prompt_tokens", f"{covenant.max_prompt_tokens} tokens",
-                                f"the prompt is about {prompt_tokens} tokens")  # fmt: skip
+        raise CovenantViolation(
+            tenant,
+            "max_prompt_tokens",
+            f"{covenant.max_prompt_tokens} tokens",
+            f"the prompt is about {prompt_tokens} tokens",
+        )
     if covenant.max_fragments is not None and len(plan.fragments) > covenant.max_fragments:
-        raise CovenantViolation(tenant, "max_fragments", f"{covenant.max_fragments} fragments",
-                                f"the request splits into {len(plan.fragments)}")  # fmt: skip
+        raise CovenantViolation(
+            tenant,
+            "max_fragments",
+            f"{covenant.max_fragments} fragments",
+            f"the request splits into {len(plan.fragments)}",
+        )
 
 
 def has_budget(covenant: Covenant) -> bool:

@@ -197,6 +197,11 @@ def _chunk(text: str, max_chars: int) -> list[str]:
 
 @task(name="decompose", cache_policy=NO_CACHE, persist_result=False)
 async def decompose(
-    prompt: str, request_id: str, max_context: int, max_tokens: int, split: bool = True, task_type: TaskType | None = None
+    prompt: str,
+    request_id: str,
+    max_context: int,
+    max_tokens: int,
+    split: bool = True,
+    task_type: TaskType | None = None,
 ) -> Plan:
     return decompose_prompt(prompt, request_id, max_context, max_tokens, split, task_type)

@@ -24,14 +24,24 @@ from tasks.classifier import LOG_TABLE_SIZE, WEIGHTS, Classifier, log_table
 EDGE = Path(__file__).resolve().parents[1] / "edge"
 SOURCE = EDGE / "classifier.c"
 WASM = EDGE / "classifier.wasm"
-FLAGS = ["--target=wasm32-freestanding", "-mcpu=mvp", "-O2", "-s", "-nostdlib", "-Wl,--no-entry",
-         "-ffp-contract=off", "-fno-fast-math", "-std=c11", "-Wall", "-Werror"]  # fmt: skip
+FLAGS = [
+    "--target=wasm32-freestanding",
+    "-mcpu=mvp",
+    "-O2",
+    "-s",
+    "-nostdlib",
+    "-Wl,--no-entry",
+    "-ffp-contract=off",
+    "-fno-fast-math",
+    "-std=c11",
+    "-Wall",
+    "-Werror",
+]
 
 
 def _rows(name: str, ctype: str, values: list[int], per_line: int, width: int) -> str:
     lines = [
-        "  " + ",".join(f"0x{v:0{width}x}" for v in values[i : i + per_line])
-        for i in range(0, len(values), per_line)
+        "  " + ",".join(f"0x{v:0{width}x}" for v in values[i : i + per_line]) for i in range(0, len(values), per_line)
     ]
     return f"static const {ctype} {name}[{len(values)}] = {{\n" + ",\n".join(lines) + "\n};\n"
 

@@ -36,7 +36,9 @@ class WasmClassifier:
         assert exports["max_input"](store) == MAX_INPUT
         self._input = exports["input_ptr"](store)
         self._probs = exports["probs_ptr"](store)
-        names = self._memory.read(store, exports["labels_ptr"](store), exports["labels_ptr"](store) + exports["labels_len"](store))
+        names = self._memory.read(
+            store, exports["labels_ptr"](store), exports["labels_ptr"](store) + exports["labels_len"](store)
+        )
         self.labels: tuple[str, ...] = tuple(names.decode().split("\n"))
         self._unpack = struct.Struct(f"<{len(self.labels)}f").unpack
         self._lock = threading.Lock()

@@ -62,8 +62,9 @@ def fold_of(index: int, folds: int) -> int:
 
 def fold_fits(records: list[Record], folds: int, budget_share: float, allowed: list[str]) -> list[Stats]:
     """For each fold k, the stats fitted on the records of the other folds."""
-    return [fit([r for i, r in enumerate(records) if fold_of(i, folds) != k], budget_share, allowed)
-            for k in range(folds)]  # fmt: skip
+    return [
+        fit([r for i, r in enumerate(records) if fold_of(i, folds) != k], budget_share, allowed) for k in range(folds)
+    ]
 
 
 def check_models(records: list[Record], allowed: list[str] | None) -> list[str]:

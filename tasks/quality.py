@@ -52,8 +52,11 @@ def arithmetic(count: int, seed: int = 2026) -> list[dict]:
     items = []
     for i in range(count):
         a, b = rng.randint(12, 99), rng.randint(2, 11)
-        text, result = [(f"What is {a} plus {b}?", a + b), (f"What is {a} minus {b}?", a - b),
-                        (f"What is {a} times {b}?", a * b)][i % 3]  # fmt: skip
+        text, result = [
+            (f"What is {a} plus {b}?", a + b),
+            (f"What is {a} minus {b}?", a - b),
+            (f"What is {a} times {b}?", a * b),
+        ][i % 3]
         items.append({"id": f"arith-{i}", "task_type": "math", "question": text, "accept": [str(result)]})
     return items
 
@@ -68,8 +71,10 @@ def build(routerbench: Path, per_file: int = 25) -> list[dict]:
         items += [{"id": r.sample_id, "task_type": r.task, "question": question(r), "accept": [gold(r)]} for r in row]
     items += arithmetic(per_file)
     facts = yaml.safe_load(FACTS.read_text())
-    items += [{"id": f"fact-{i}", "task_type": "factual_qa", "question": f["question"], "accept": f["accept"]}
-              for i, f in enumerate(facts)]  # fmt: skip
+    items += [
+        {"id": f"fact-{i}", "task_type": "factual_qa", "question": f["question"], "accept": f["accept"]}
+        for i, f in enumerate(facts)
+    ]
     return items
 
 

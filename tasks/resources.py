@@ -26,7 +26,12 @@ from homeskillet.schemas import Allocation, Completion, ModelChoice, ModelSpec
 from tasks.runtime import Services
 
 
-@task(name="allocate", task_run_name="allocate-{choice.fragment_id}-{choice.model}", cache_policy=NO_CACHE, persist_result=False)
+@task(
+    name="allocate",
+    task_run_name="allocate-{choice.fragment_id}-{choice.model}",
+    cache_policy=NO_CACHE,
+    persist_result=False,
+)
 async def allocate(
     services: Services, tenant: str, request_id: str, choice: ModelChoice, wait_s: float, allocation_id: str
 ) -> Allocation:
@@ -38,8 +43,10 @@ async def allocate(
     # the transaction back, and the hook releases whatever was reserved under this id.
     txn = get_transaction()
     if txn is not None:
-        txn.set("release", {"services": services, "backend": choice.backend, "allocation_id": allocation_id,
-                            "tenant": tenant})  # fmt: skip
+        txn.set(
+            "release",
+            {"services": services, "backend": choice.backend, "allocation_id": allocation_id, "tenant": tenant},
+        )
     return await backend.allocate(
         allocation_id=allocation_id, tenant=tenant, request_id=request_id, pool=choice.pool, model=model, wait_s=wait_s
     )
@@ -74,7 +81,9 @@ def render(model: ModelSpec, text: str) -> dict:
 
 
 @task(name="infer", task_run_name="infer-{allocation.model}", cache_policy=NO_CACHE, persist_result=False)
-async def infer(services: Services, allocation: Allocation, text: str, max_tokens: int, stream: bool = False) -> Completion:
+async def infer(
+    services: Services, allocation: Allocation, text: str, max_tokens: int, stream: bool = False
+) -> Completion:
     model = cat.model(services.catalog, allocation.model)
     serving = model.serving
     api_key = os.environ.get(serving.api_key_env) if serving.kind == "openai" and serving.api_key_env else None
@@ -91,5 +100,7 @@ async def infer(services: Services, allocation: Allocation, text: str, max_token
         )
     except InferenceError as exc:
         if not await services.backend_of(allocation).verify(allocation):
-            raise Preempted(f"the GPU share of {allocation.allocation_id} on {allocation.pool} vanished: {exc}") from None
+            raise Preempted(
+                f"the GPU share of {allocation.allocation_id} on {allocation.pool} vanished: {exc}"
+            ) from None
         raise

@@ -126,8 +126,9 @@ def preview(plan: Plan, ctx: RunContext) -> dict[str, ModelChoice]:
         stats = figures(fragment, ctx)
         model = single_model(fragment.task_type, stats, list(stats.quality[fragment.task_type]))
         only = ctx.limits.model_copy(update={"allowed_models": [model]})
-        choices[fragment.id] = route_fragment(fragment, *candidates(ctx.catalog, only), ctx.limits.max_tokens,
-                                              ctx.per_call_usd)  # fmt: skip
+        choices[fragment.id] = route_fragment(
+            fragment, *candidates(ctx.catalog, only), ctx.limits.max_tokens, ctx.per_call_usd
+        )
     return choices
 
 
@@ -153,8 +154,9 @@ def live_stats(fragment: Fragment, catalog: Catalog, constraints: Constraints) -
         fitting = [p for p in pools if fits(model, p)]
         if fitting:
             quality[model.name] = model.task_types.get(fragment.task_type, 0.0)
-            cost[model.name] = min(estimate_cost(model, p, fragment.est_prompt_tokens, constraints.max_tokens)
-                                   for p in fitting)  # fmt: skip
+            cost[model.name] = min(
+                estimate_cost(model, p, fragment.est_prompt_tokens, constraints.max_tokens) for p in fitting
+            )
     if not quality:
         raise NoRoute(f"fragment {fragment.id} ({fragment.est_prompt_tokens} tokens) fits no allowed model's context")
     # a catalog's models differ in price far less than API models do: any cheaper model is "cheap"
@@ -198,8 +200,9 @@ async def route(fragment: Fragment, text: str, ctx: RunContext, attempt: Attempt
         only = limits.model_copy(update={"allowed_models": [model]})
         choice = route_fragment(fragment, *candidates(ctx.catalog, only), limits.max_tokens, ctx.per_call_usd)
         for number in range(1, MAX_ATTEMPTS + 1):
-            ctx.log.info("fragment %s: %s on %s pool %s (%s)", fragment.id, choice.model, choice.tier, choice.pool,
-                         choice.reason)  # fmt: skip
+            ctx.log.info(
+                "fragment %s: %s on %s pool %s (%s)", fragment.id, choice.model, choice.tier, choice.pool, choice.reason
+            )
             try:
                 result = await attempt(choice, prompt or text, number)
                 break
@@ -214,8 +217,9 @@ async def route(fragment: Fragment, text: str, ctx: RunContext, attempt: Attempt
                 if fallback is None or fallback == choice.backend or number == MAX_ATTEMPTS:
                     raise
                 state = "circuit open" if isinstance(exc, CircuitOpen) else "unavailable"
-                choice = _reroute(fragment, ctx, only, f"{choice.backend} {state}; fell back to {fallback}",
-                                  backend=fallback)  # fmt: skip
+                choice = _reroute(
+                    fragment, ctx, only, f"{choice.backend} {state}; fell back to {fallback}", backend=fallback
+                )
         calls.append(result)
         return result.text
 

@@ -71,15 +71,21 @@ class Stats:
     def only(self, task: str, models: list[str]) -> Stats:
         """These stats restricted to one task and the given models (those it has figures for)."""
         if task not in self.quality:
-            raise NoRoute(f"the routing stats have no figures for task type {task!r}; they cover "
-                          f"{', '.join(sorted(self.quality))}")  # fmt: skip
+            raise NoRoute(
+                f"the routing stats have no figures for task type {task!r}; they cover "
+                f"{', '.join(sorted(self.quality))}"
+            )
         known = [m for m in models if m in self.quality[task] and m in self.cost[task]]
         if not known:
             raise NoRoute(f"no allowed model has routing figures for {task!r}: allowed {', '.join(models)}")
         plan = self.plans.get(task)
         plans = {task: plan} if plan and plan.models() <= set(known) else {}
-        return Stats({task: {m: self.quality[task][m] for m in known}}, {task: {m: self.cost[task][m] for m in known}},
-                     self.cheap_share, plans)  # fmt: skip
+        return Stats(
+            {task: {m: self.quality[task][m] for m in known}},
+            {task: {m: self.cost[task][m] for m in known}},
+            self.cheap_share,
+            plans,
+        )
 
 
 @dataclass
@@ -96,9 +102,7 @@ class Decision:
 Ask = Callable[[str, "str | None"], Awaitable[str]]
 
 
-async def decide(
-    strategy: str, task: str, prompt: str, stats: Stats, allowed: list[str], ask: Ask
-) -> Decision:
+async def decide(strategy: str, task: str, prompt: str, stats: Stats, allowed: list[str], ask: Ask) -> Decision:
     """One fragment under a strategy; the same code replays RouterBench and runs live fragments."""
     check_strategy(strategy)
     auto_why = ""
@@ -143,8 +147,9 @@ async def decide(
         proposers = cheap[:3] or [best]
         proposals = [await call(m) for m in proposers]
         listing = "\n".join(f"{i}. {raw.strip()}" for i, (raw, _) in enumerate(proposals, start=1))
-        aggregate = (f"{prompt}\n\nCandidate answers from other models:\n{listing}\n\n"
-                     "Using them, give the single best answer.")  # fmt: skip
+        aggregate = (
+            f"{prompt}\n\nCandidate answers from other models:\n{listing}\n\nUsing them, give the single best answer."
+        )
         decision.answer, _ = await call(best, aggregate)
         decision.why = f"aggregator {best} over proposers {', '.join(proposers)}"
     decision.strategy = strategy
@@ -211,5 +216,3 @@ async def cascade(
 def check_strategy(strategy: str) -> None:
     if strategy not in STRATEGIES:
         raise InvalidRequest(f"unknown strategy {strategy!r}; known: {', '.join(STRATEGIES)}")
-
-

@@ -168,8 +168,13 @@ def test_catalog(echo_server, tmp_path_factory) -> str:
             "api_key_env": "ECHO_API_KEY",
         },
     }
-    echo_lite = {**echo, "name": "echo-lite", "tflops": 0.1, "vram_gb": 0.05,
-                 "task_types": {"chat": 0.05, "factual_qa": 0.05, "math": 0.2, "summarize": 0.05, "reduce": 0.05}}
+    echo_lite = {
+        **echo,
+        "name": "echo-lite",
+        "tflops": 0.1,
+        "vram_gb": 0.05,
+        "task_types": {"chat": 0.05, "factual_qa": 0.05, "math": 0.2, "summarize": 0.05, "reduce": 0.05},
+    }
     hosted = [p for p in packaged["pools"] if p.get("backend") == "hostedai"]
     catalog = {
         "models": [smollm2, echo, echo_lite],

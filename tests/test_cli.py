@@ -35,8 +35,9 @@ def test_model_servers_outlive_a_run_and_serve_the_next():
     (smol,) = [m for m in status["model_servers"] if m["model"] == "smollm2-135m"]
     second = cli("run", *question)
     assert second.returncode == 0, second.stderr
-    (again,) = [m for m in json.loads(cli("server", "status", "--json").stdout)["model_servers"]
-                if m["model"] == "smollm2-135m"]  # fmt: skip
+    (again,) = [
+        m for m in json.loads(cli("server", "status", "--json").stdout)["model_servers"] if m["model"] == "smollm2-135m"
+    ]
     assert again["pid"] == smol["pid"] and again["port"] == smol["port"]
     assert json.loads(first.stdout)["answer"] == json.loads(second.stdout)["answer"]  # same answer, same server
 
@@ -113,8 +114,11 @@ def test_run_on_hostedai_against_a_running_emulator(emulator_process):
     }
     done = subprocess.run(
         [HOMESKILLET, "run", "--backend", "hostedai", "--json", "--max-tokens", "16", "What is the capital of France?"],
-        capture_output=True, text=True, timeout=300, env=env,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert "paris" in result["answer"].lower()

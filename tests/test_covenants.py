@@ -104,8 +104,13 @@ async def test_the_tflops_quota_holds_across_two_processes_racing(ledger):
     tenant = "cov-racer"
     await ledger.end_request(await ledger.admit(tenant, "setup", Covenant(max_tflops=2.0, max_concurrent_requests=2)))
     procs = [
-        subprocess.Popen([sys.executable, "-c", RACER, ledger._dsn, tenant, pool], stdin=subprocess.PIPE,
-                         stdout=subprocess.PIPE, text=True, cwd=os.getcwd())  # fmt: skip
+        subprocess.Popen(
+            [sys.executable, "-c", RACER, ledger._dsn, tenant, pool],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=os.getcwd(),
+        )
         for pool in ledger.pools
     ]
     try:
@@ -125,12 +130,28 @@ async def test_the_tflops_quota_holds_across_two_processes_racing(ledger):
             p.wait()
     # the dead processes' slices and requests count no more
     assert await ledger.held(tenant) == []
-    allocation = await ledger.reserve(allocation_id=new_allocation_id(), tenant=tenant, request_id="r",
-                                      pool=ledger.pools[0], model="m", tflops=2.0, vram_gb=0.1, wait_s=0)  # fmt: skip
+    allocation = await ledger.reserve(
+        allocation_id=new_allocation_id(),
+        tenant=tenant,
+        request_id="r",
+        pool=ledger.pools[0],
+        model="m",
+        tflops=2.0,
+        vram_gb=0.1,
+        wait_s=0,
+    )
     await ledger.release(allocation.allocation_id, tenant)
     with pytest.raises(CovenantViolation, match="max_tflops: limit 2 TFLOPS held at once.*one slice asks 3"):
-        await ledger.reserve(allocation_id=new_allocation_id(), tenant=tenant, request_id="r",
-                             pool=ledger.pools[0], model="m", tflops=3.0, vram_gb=0.1, wait_s=5)  # fmt: skip
+        await ledger.reserve(
+            allocation_id=new_allocation_id(),
+            tenant=tenant,
+            request_id="r",
+            pool=ledger.pools[0],
+            model="m",
+            tflops=3.0,
+            vram_gb=0.1,
+            wait_s=5,
+        )
 
 
 # --- the flow: routing narrowed, refusals, budgets, changes without a restart ----------------
@@ -165,8 +186,13 @@ async def test_a_request_asking_for_what_its_covenant_forbids_is_refused_before_
 ):
     seen = len(echo_server.seen)
     with pytest.raises(CovenantViolation) as refusal:
-        await fuse_request(prompt="Say hi.", tenant="cov-narrow", strategy=strategy, constraints=constraints,
-                           catalog_path=covenant_catalog.path)  # fmt: skip
+        await fuse_request(
+            prompt="Say hi.",
+            tenant="cov-narrow",
+            strategy=strategy,
+            constraints=constraints,
+            catalog_path=covenant_catalog.path,
+        )
     assert refusal.value.term == term and refusal.value.tenant == "cov-narrow"
     assert f"tenant 'cov-narrow' covenant term {term}: limit" in str(refusal.value)
     assert len(echo_server.seen) == seen  # no model was called
@@ -184,14 +210,16 @@ async def test_a_request_is_routed_within_its_covenant_and_its_provenance_says_s
 @pytest.mark.usefixtures("assert_no_leaks")
 async def test_a_covenant_change_holds_from_the_next_request_without_a_restart(covenant_catalog):
     asked = {"allowed_models": ["echo"], "pool": "roomy", "max_tokens": 8}
-    first = await fuse_request(prompt="Say hi.", tenant="cov-change", constraints=asked,
-                               catalog_path=covenant_catalog(cov_change={}))  # fmt: skip
+    first = await fuse_request(
+        prompt="Say hi.", tenant="cov-change", constraints=asked, catalog_path=covenant_catalog(cov_change={})
+    )
     assert first.fragments[0].model == "echo"
     covenant_catalog(cov_change={"allowed_models": ["echo-lite"]})
     with pytest.raises(CovenantViolation, match="covenant term allowed_models: limit \\['echo-lite'\\]"):
         await fuse_request(prompt="Say hi.", tenant="cov-change", constraints=asked, catalog_path=covenant_catalog.path)
-    second = await fuse_request(prompt="Say hi.", tenant="cov-change", constraints={"max_tokens": 8},
-                                catalog_path=covenant_catalog.path)  # fmt: skip
+    second = await fuse_request(
+        prompt="Say hi.", tenant="cov-change", constraints={"max_tokens": 8}, catalog_path=covenant_catalog.path
+    )
     assert second.fragments[0].model == "echo-lite"
     assert second.fragments[0].covenant_version != first.fragments[0].covenant_version
 
@@ -208,16 +236,24 @@ async def test_a_budget_crossed_mid_request_stops_it_and_releases_everything(cov
     path = covenant_catalog(cov_budget={"budget_usd_per_day": 1.5 * one_call})
     seen = len(echo_server.seen)
     with pytest.raises(CovenantViolation, match="covenant term budget_usd_per_day: limit .* spent today"):
-        await fuse_request(prompt="1. Say one.\n2. Say two.\n3. Say three.", tenant="cov-budget",
-                           constraints={"allowed_models": ["echo"], "pool": "tiny"}, catalog_path=path)  # fmt: skip
+        await fuse_request(
+            prompt="1. Say one.\n2. Say two.\n3. Say three.",
+            tenant="cov-budget",
+            constraints={"allowed_models": ["echo"], "pool": "tiny"},
+            catalog_path=path,
+        )
     assert len(echo_server.seen) - seen == 1  # one call ran; the others were stopped before theirs
     ledger = await runtime.services(path).ledger()
     day, month = await ledger.spend("cov-budget")
     assert 0 < day == month
     seen = len(echo_server.seen)
     with pytest.raises(CovenantViolation, match="budget_usd_per_day"):  # the next request does not start
-        await fuse_request(prompt="Say hi.", tenant="cov-budget", catalog_path=path,
-                           constraints={"allowed_models": ["echo"], "pool": "tiny"})  # fmt: skip
+        await fuse_request(
+            prompt="Say hi.",
+            tenant="cov-budget",
+            catalog_path=path,
+            constraints={"allowed_models": ["echo"], "pool": "tiny"},
+        )
     assert len(echo_server.seen) == seen
     usage = await ledger.usage("cov-budget")
     assert usage["held_slices"] == 0 and usage["requests_running"] == 0
@@ -225,13 +261,19 @@ async def test_a_budget_crossed_mid_request_stops_it_and_releases_everything(cov
 
 def test_the_cli_exits_2_naming_the_term_and_shows_the_usage(covenant_catalog):
     env = os.environ | {"HOMESKILLET_CATALOG": covenant_catalog.path}
-    done = subprocess.run([HOMESKILLET, "run", "Say hi.", "--tenant", "cov-narrow", "--tier", "dedicated"],
-                          capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+    done = subprocess.run(
+        [HOMESKILLET, "run", "Say hi.", "--tenant", "cov-narrow", "--tier", "dedicated"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert done.returncode == 2, done.stderr
     assert "tenant 'cov-narrow' covenant term allowed_tiers: limit ['preemptible']" in done.stderr
     assert "Traceback" not in done.stderr
-    shown = subprocess.run([HOMESKILLET, "covenant", "show", "cov-narrow", "--json"], capture_output=True,
-                           text=True, timeout=300, env=env)  # fmt: skip
+    shown = subprocess.run(
+        [HOMESKILLET, "covenant", "show", "cov-narrow", "--json"], capture_output=True, text=True, timeout=300, env=env
+    )
     assert shown.returncode == 0, shown.stderr
     report = json.loads(shown.stdout)
     assert report["version"] == Covenant(**NARROW).version and report["terms"] == NARROW
@@ -244,8 +286,7 @@ def test_the_cli_exits_2_naming_the_term_and_shows_the_usage(covenant_catalog):
 def test_the_cost_report_shows_spend_against_budget():
     from tasks.cost_analysis import analyse, budgets
 
-    table = budgets({"acme": Covenant(budget_usd_per_day=0.001), "globex": Covenant()},
-                    {"acme": (0.00025, 0.0005)})  # fmt: skip
+    table = budgets({"acme": Covenant(budget_usd_per_day=0.001), "globex": Covenant()}, {"acme": (0.00025, 0.0005)})
     assert table.set_index("tenant").loc["acme", "day_used"] == "25%"
     assert table.set_index("tenant").loc["globex", "spend_month_usd"] == 0.0
     report = analyse(pd.DataFrame(), runtime.catalog(), table)
@@ -260,7 +301,11 @@ async def test_prometheus_counts_spend_per_tenant(covenant_catalog):
         return REGISTRY.get_sample_value("homeskillet_tenant_spend_usd_total", {"tenant": "cov-metrics"}) or 0.0
 
     before = spent()
-    result = await fuse_request(prompt="Say hi.", tenant="cov-metrics", constraints={"max_tokens": 8},
-                                catalog_path=covenant_catalog(cov_metrics={}))  # fmt: skip
+    result = await fuse_request(
+        prompt="Say hi.",
+        tenant="cov-metrics",
+        constraints={"max_tokens": 8},
+        catalog_path=covenant_catalog(cov_metrics={}),
+    )
     assert spent() - before == pytest.approx(result.cost_usd)
     assert REGISTRY.get_sample_value("homeskillet_tenant_allocations_held", {"tenant": "cov-metrics"}) == 0

@@ -90,9 +90,9 @@ def test_dockerfile_is_multi_stage_non_root_and_builds_llama_portably():
 
 
 def test_dockerignore_sends_only_what_the_dockerfile_copies():
-    lines = [l for l in (ROOT / ".dockerignore").read_text().splitlines() if l and not l.startswith("#")]
+    lines = [x for x in (ROOT / ".dockerignore").read_text().splitlines() if x and not x.startswith("#")]
     assert lines[0] == "*"  # everything is left out unless named: no .venv, .git, caches or local state
-    included = {l[1:] for l in lines if l.startswith("!")}
+    included = {x[1:] for x in lines if x.startswith("!")}
     for line in (ROOT / "deployments" / "Dockerfile").read_text().splitlines():
         if line.startswith("COPY ") and "--from=" not in line:
             for source in line.split()[1:-1]:
@@ -117,19 +117,27 @@ def test_staging_stand_ins_and_script_inputs_exist():
     assert done.returncode == 0, done.stderr
 
 
-@pytest.mark.skipif(os.environ.get("HOMESKILLET_DOCKER_TESTS") != "1",
-                    reason="the Docker round trip (make staging) runs with HOMESKILLET_DOCKER_TESTS=1")  # fmt: skip
+@pytest.mark.skipif(
+    os.environ.get("HOMESKILLET_DOCKER_TESTS") != "1",
+    reason="the Docker round trip (make staging) runs with HOMESKILLET_DOCKER_TESTS=1",
+)
 @pytest.mark.timeout(3600)
 def test_make_staging_answers_a_request_and_leaves_nothing_running():
     # without this session's own settings (its Prefect server's port, its state folder)
-    env = {k: v for k, v in os.environ.items()
-           if k.startswith("HOMESKILLET_STAGING_") or not k.startswith(("HOMESKILLET_", "PREFECT_"))}  # fmt: skip
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k.startswith("HOMESKILLET_STAGING_") or not k.startswith(("HOMESKILLET_", "PREFECT_"))
+    }
     done = subprocess.run(["make", "staging"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     assert "run_deployment (flow run" in done.stdout and "MCP fuse at" in done.stdout
     assert done.stdout.count("answer:") == 2
-    left = subprocess.run(["docker", "ps", "-q", "--filter", "label=com.docker.compose.project=homeskillet"],
-                          capture_output=True, text=True)  # fmt: skip
+    left = subprocess.run(
+        ["docker", "ps", "-q", "--filter", "label=com.docker.compose.project=homeskillet"],
+        capture_output=True,
+        text=True,
+    )
     assert left.stdout.strip() == "" or left.returncode != 0  # no container, or no engine left at all
 
 
@@ -140,13 +148,28 @@ def test_kubernetes_job_template_is_accepted_and_requests_gpus():
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "{{ gpu_count }}"
     assert spec["variables"]["properties"]["gpu_count"]["default"] == 1
     done = subprocess.run(
-        [str(BIN / "prefect"), "work-pool", "create", "homeskillet-k8s-check", "--type", "kubernetes",
-         "--base-job-template", str(template), "--overwrite"],
-        capture_output=True, text=True, env=os.environ.copy(), timeout=120,
-    )  # fmt: skip
+        [
+            str(BIN / "prefect"),
+            "work-pool",
+            "create",
+            "homeskillet-k8s-check",
+            "--type",
+            "kubernetes",
+            "--base-job-template",
+            str(template),
+            "--overwrite",
+        ],
+        capture_output=True,
+        text=True,
+        env=os.environ.copy(),
+        timeout=120,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     shown = subprocess.run(
         [str(BIN / "prefect"), "work-pool", "inspect", "homeskillet-k8s-check"],
-        capture_output=True, text=True, env=os.environ.copy(), timeout=120,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env=os.environ.copy(),
+        timeout=120,
+    )
     assert "nvidia.com/gpu" in shown.stdout

@@ -25,9 +25,13 @@ pytestmark = pytest.mark.usefixtures("local_services", "assert_no_leaks")
 
 def prefect(*args: str, **env: str) -> subprocess.CompletedProcess:
     done = subprocess.run(
-        [str(BIN / "prefect"), "--no-prompt", *args], capture_output=True, text=True, timeout=300,
-        env=os.environ | env, cwd=ROOT,
-    )  # fmt: skip
+        [str(BIN / "prefect"), "--no-prompt", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=os.environ | env,
+        cwd=ROOT,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     return done
 
@@ -39,9 +43,12 @@ def worker(tmp_path_factory):
     log = open(tmp_path_factory.mktemp("worker") / "worker.log", "w")
     proc = subprocess.Popen(
         [str(BIN / "prefect"), "worker", "start", "--pool", "homeskillet-process", "--limit", "2"],
-        stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+        start_new_session=True,
         env=os.environ | {"PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "2"},
-    )  # fmt: skip
+    )
     yield proc
     os.killpg(proc.pid, signal.SIGTERM)
     proc.wait(30)
@@ -136,9 +143,12 @@ def _kill_tree(pid: int) -> None:
 def _start_worker(pool: str, log_path: Path) -> subprocess.Popen:
     return subprocess.Popen(
         [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--limit", "1"],
-        stdout=open(log_path, "a"), stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
+        stdout=open(log_path, "a"),
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+        start_new_session=True,
         env=os.environ | {"PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "2"},
-    )  # fmt: skip
+    )
 
 
 async def test_a_worker_killed_mid_flow_crashes_its_run_ends_its_leases_and_a_resubmitted_run_completes(
@@ -160,8 +170,13 @@ async def test_a_worker_killed_mid_flow_crashes_its_run_ends_its_leases_and_a_re
         deployment_id = (await api.post("/deployments/", json=body)).raise_for_status().json()["id"]
 
         async def submit(request_id: str) -> str:
-            parameters = {"prompt": "1. Say one.\n2. Say two.", "tenant": "acme", "request_id": request_id,
-                          "catalog_path": test_catalog, "constraints": {"allowed_models": ["echo"], "pool": "roomy"}}  # fmt: skip
+            parameters = {
+                "prompt": "1. Say one.\n2. Say two.",
+                "tenant": "acme",
+                "request_id": request_id,
+                "catalog_path": test_catalog,
+                "constraints": {"allowed_models": ["echo"], "pool": "roomy"},
+            }
             run = await api.post(f"/deployments/{deployment_id}/create_flow_run", json={"parameters": parameters})
             return run.raise_for_status().json()["id"]
 
@@ -177,7 +192,9 @@ async def test_a_worker_killed_mid_flow_crashes_its_run_ends_its_leases_and_a_re
             await asyncio.sleep(0.5)
         else:
             _kill_tree(doomed.pid)
-            raise AssertionError("the run never held its two slices; worker log:\n" + (tmp_path / "worker-1.log").read_text()[-3000:])
+            raise AssertionError(
+                "the run never held its two slices; worker log:\n" + (tmp_path / "worker-1.log").read_text()[-3000:]
+            )
         _kill_tree(doomed.pid)  # the worker and the flow run's process, without a chance to clean up
 
         assert [a for a in await local.held("acme") if a.request_id == request_id] == []  # their holder is gone
@@ -207,10 +224,17 @@ async def test_a_deployment_run_on_hostedai_retires_its_subscription_when_it_end
     idle period that would keep it for a next request in a long-lived process."""
     async with httpx.AsyncClient(base_url=API, timeout=30) as api:
         deployment = (await api.get("/deployments/name/fuse-request/fuse-request")).raise_for_status().json()
-        run = await api.post(f"/deployments/{deployment['id']}/create_flow_run", json={
-            "parameters": {"prompt": "What is the capital of France?", "tenant": "globex",
-                           "constraints": {"backend": "hostedai", "max_tokens": 8}},
-            "job_variables": {"env": {"HOMESKILLET_HOSTEDAI_IDLE_S": "60"}}})  # fmt: skip
+        run = await api.post(
+            f"/deployments/{deployment['id']}/create_flow_run",
+            json={
+                "parameters": {
+                    "prompt": "What is the capital of France?",
+                    "tenant": "globex",
+                    "constraints": {"backend": "hostedai", "max_tokens": 8},
+                },
+                "job_variables": {"env": {"HOMESKILLET_HOSTEDAI_IDLE_S": "60"}},
+            },
+        )
         run_id = run.raise_for_status().json()["id"]
     run = await wait_done(run_id)
     assert run["state"]["type"] == "COMPLETED", run["state"]["message"]

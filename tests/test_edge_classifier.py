@@ -15,7 +15,17 @@ from pathlib import Path
 
 import pytest
 
-from tasks.classifier import LABELS, MAX_INPUT, MAX_TEXT, Classifier, _exp_neg, encode, f32, log_table, training_examples
+from tasks.classifier import (
+    LABELS,
+    MAX_INPUT,
+    MAX_TEXT,
+    Classifier,
+    _exp_neg,
+    encode,
+    f32,
+    log_table,
+    training_examples,
+)
 from tasks.edge_build import WASM, build, sha256
 from tasks.edge_classifier import WasmClassifier, js_number, to_json
 
@@ -46,10 +56,57 @@ def hostile(rng: random.Random, n: int) -> list[str]:
     """Strings that break naive text rules: emoji (ZWJ sequences, flags, skin tones), combining
     marks, İ and other case-mapping oddities, NEL, NBSP, vertical tab and other whitespace, RTL,
     CJK, controls, lone surrogates, long and empty inputs."""
-    pieces = ["😀", "👩‍👩‍👧", "🇫🇷", "👍🏽", "e\u0301", "\u0308", "İ", "ı", "ß", "ǅ", "Σ", "ﬁ", "\u0085", "\u00a0",
-              "\u000b", "\u000c", "\u2028", "\u3000", "\u200b", "\ufeff", "\t", "\r\n", " ", "  ", "مرحبا", "שלום",
-              "漢字", "日本語", "Ωμέγα", "Привет", "\x00", "\x7f", "\udc80", "\ud83d", "A", "Z", "é", "É", "$", "--",
-              "Translate", "SOLVE", "x = 3", "def f():", "A) yes\nB) no", "Summarize:", "?", "!!!", "1,234.5"]  # fmt: skip
+    pieces = [
+        "😀",
+        "👩‍👩‍👧",
+        "🇫🇷",
+        "👍🏽",
+        "e\u0301",
+        "\u0308",
+        "İ",
+        "ı",
+        "ß",
+        "ǅ",
+        "Σ",
+        "ﬁ",
+        "\u0085",
+        "\u00a0",
+        "\u000b",
+        "\u000c",
+        "\u2028",
+        "\u3000",
+        "\u200b",
+        "\ufeff",
+        "\t",
+        "\r\n",
+        " ",
+        "  ",
+        "مرحبا",
+        "שלום",
+        "漢字",
+        "日本語",
+        "Ωμέγα",
+        "Привет",
+        "\x00",
+        "\x7f",
+        "\udc80",
+        "\ud83d",
+        "A",
+        "Z",
+        "é",
+        "É",
+        "$",
+        "--",
+        "Translate",
+        "SOLVE",
+        "x = 3",
+        "def f():",
+        "A) yes\nB) no",
+        "Summarize:",
+        "?",
+        "!!!",
+        "1,234.5",
+    ]
     words = ["what", "is", "the", "capital", "of", "france", "write", "python", "code", "hello", "how", "are", "you"]
     out = []
     for _ in range(n):
@@ -64,11 +121,34 @@ def prompts() -> list[str | bytes]:
     rng = random.Random(12)
     emoji_at_cut = "a" * (MAX_INPUT - 2) + "😀" + "tail"  # the 65,536-byte cut splits a 4-byte character
     pair_at_cut = "b" * MAX_INPUT + "😀"  # the string cut at MAX_INPUT + 1 units splits a surrogate pair
-    special = ["", " ", "\u0085", "\u00a0", "\x0b", "İstanbul İ", "ﬁnance", "x" * 100_000, "Solve " * 20_000,
-               " \t\n" * 40_000 + "translate this", "é" * (MAX_TEXT // 2 + 3), "a" * (MAX_TEXT - 1) + "é",
-               emoji_at_cut, pair_at_cut, "\ud83d\ude00 paired by hand", "lone \udc80 low", "lone \ud83d high"]  # fmt: skip
-    raw = [b"\xff\xfe\xfd", b"caf\xe9 au lait", b"\xc3", b"\xed\xa0\x80 surrogate as UTF-8", b"\x80" * 70_000,
-           bytes(range(256)) * 300, b"Translate \xe0\x80\x80 overlong"]  # fmt: skip
+    special = [
+        "",
+        " ",
+        "\u0085",
+        "\u00a0",
+        "\x0b",
+        "İstanbul İ",
+        "ﬁnance",
+        "x" * 100_000,
+        "Solve " * 20_000,
+        " \t\n" * 40_000 + "translate this",
+        "é" * (MAX_TEXT // 2 + 3),
+        "a" * (MAX_TEXT - 1) + "é",
+        emoji_at_cut,
+        pair_at_cut,
+        "\ud83d\ude00 paired by hand",
+        "lone \udc80 low",
+        "lone \ud83d high",
+    ]
+    raw = [
+        b"\xff\xfe\xfd",
+        b"caf\xe9 au lait",
+        b"\xc3",
+        b"\xed\xa0\x80 surrogate as UTF-8",
+        b"\x80" * 70_000,
+        bytes(range(256)) * 300,
+        b"Translate \xe0\x80\x80 overlong",
+    ]
     generated = hostile(rng, max(0, 1_000 - len(texts)) + 400)
     return [*texts, *special, *raw, *generated]
 
@@ -112,8 +192,12 @@ def test_python_wasmtime_and_node_agree_bit_for_bit(prompts, reference, wasm, tm
     (tmp_path / "inputs.json").write_text(json.dumps(inputs))  # lone surrogates travel as \\udXXX escapes
     script = tmp_path / "parity.mjs"
     script.write_text(NODE_PARITY)
-    out = subprocess.run([NODE, script, (EDGE / "classifier.mjs").as_uri(), tmp_path / "inputs.json"],
-                         capture_output=True, text=True, check=True).stdout.splitlines()  # fmt: skip
+    out = subprocess.run(
+        [NODE, script, (EDGE / "classifier.mjs").as_uri(), tmp_path / "inputs.json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
     assert len(out) == len(expected)
     mismatches = [(prompts[i][:60], a, b) for i, (a, b) in enumerate(zip(out, expected)) if a != b]
     assert not mismatches, mismatches[:3]
@@ -160,42 +244,84 @@ def test_exp_and_log_are_accurate_without_a_math_library():
     assert _exp_neg(-105.0) == 0.0 and _exp_neg(0.0) == 1.0
     table = log_table()
     for n in range(1, len(table)):
-        assert abs(table[n] - (1 + math.log(n))) <= 2 ** -20 * (1 + math.log(n))  # within a float32 ulp
+        assert abs(table[n] - (1 + math.log(n))) <= 2**-20 * (1 + math.log(n))  # within a float32 ulp
 
 
 @needs_node
 def test_numbers_print_as_javascript_prints_them(tmp_path):
     rng = random.Random(5)
-    values = [0.0, 1.0, 0.5, 1e-7, 1.2e-7, 9.99e-7, 1e-6, 123e-9, 1e21, 1.5e21, 1e20, 2 ** -149, 3.4028234663852886e38,
-              0.1, 1 / 3, 123456789.0, 1.7976931348623157e308, 5e-324]  # fmt: skip
+    values = [
+        0.0,
+        1.0,
+        0.5,
+        1e-7,
+        1.2e-7,
+        9.99e-7,
+        1e-6,
+        123e-9,
+        1e21,
+        1.5e21,
+        1e20,
+        2**-149,
+        3.4028234663852886e38,
+        0.1,
+        1 / 3,
+        123456789.0,
+        1.7976931348623157e308,
+        5e-324,
+    ]
     values += [f32(rng.random() * 10 ** rng.randint(-45, 0)) for _ in range(3_000)]
     values += [rng.random() * 10 ** rng.randint(-300, 300) for _ in range(1_000)]
     (tmp_path / "v.json").write_text(json.dumps([repr(v) for v in values]))
-    out = subprocess.run([NODE, "-e", "const v = JSON.parse(require('fs').readFileSync(process.argv[1], 'utf8'));"
-                          "console.log(v.map((s) => String(Number(s))).join('\\n'))", tmp_path / "v.json"],
-                         capture_output=True, text=True, check=True).stdout.split()  # fmt: skip
+    out = subprocess.run(
+        [
+            NODE,
+            "-e",
+            "const v = JSON.parse(require('fs').readFileSync(process.argv[1], 'utf8'));"
+            "console.log(v.map((s) => String(Number(s))).join('\\n'))",
+            tmp_path / "v.json",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     assert out == [js_number(v) for v in values]
 
 
 def cli(*args: str, stdin: bytes | None = None) -> str:
-    return subprocess.run([HOMESKILLET, "classify", *args], input=stdin, capture_output=True, check=True).stdout.decode()
+    return subprocess.run(
+        [HOMESKILLET, "classify", *args], input=stdin, capture_output=True, check=True
+    ).stdout.decode()
 
 
 @needs_node
 def test_cli_json_equals_node(tmp_path, reference):
-    lines = [b"Solve 4x - 8 = 12 for x.", b"Translate 'where is the station' into Spanish.", b"", b"\xff\xfe bad bytes",
-             "İstanbul\u00a0NBSP\u0085NEL 😀 e\u0301".encode(), b"x" * 70_000, b"What is the capital of Peru?"]  # fmt: skip
+    lines = [
+        b"Solve 4x - 8 = 12 for x.",
+        b"Translate 'where is the station' into Spanish.",
+        b"",
+        b"\xff\xfe bad bytes",
+        "İstanbul\u00a0NBSP\u0085NEL 😀 e\u0301".encode(),
+        b"x" * 70_000,
+        b"What is the capital of Peru?",
+    ]
     stdin = b"\n".join(lines) + b"\n"
     (tmp_path / "in.txt").write_bytes(stdin)
     node = subprocess.run(
-        [NODE, "--input-type=module", "-e",
-         "import { readFileSync } from 'node:fs';"
-         f"const {{ loadClassifier }} = await import({json.dumps((EDGE / 'classifier.mjs').as_uri())});"
-         "const c = await loadClassifier(); const data = readFileSync(process.argv[1]);"
-         "let start = 0; for (let i = 0; i < data.length; i++) if (data[i] === 10) {"
-         "  console.log(JSON.stringify(c.classify(data.subarray(start, i)))); start = i + 1; }",
-         tmp_path / "in.txt"],
-        capture_output=True, check=True).stdout.decode()  # fmt: skip
+        [
+            NODE,
+            "--input-type=module",
+            "-e",
+            "import { readFileSync } from 'node:fs';"
+            f"const {{ loadClassifier }} = await import({json.dumps((EDGE / 'classifier.mjs').as_uri())});"
+            "const c = await loadClassifier(); const data = readFileSync(process.argv[1]);"
+            "let start = 0; for (let i = 0; i < data.length; i++) if (data[i] === 10) {"
+            "  console.log(JSON.stringify(c.classify(data.subarray(start, i)))); start = i + 1; }",
+            tmp_path / "in.txt",
+        ],
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
     assert node.count("\n") == len(lines)
     assert cli("--json", stdin=stdin) == node
     assert cli("--json", "--engine", "python", stdin=stdin) == node
@@ -206,11 +332,18 @@ def test_cli_json_equals_node(tmp_path, reference):
     # TEXT arguments: strings in Node, the same text
     texts = ["Write a Python function that reverses a string.", "Summarize: the meeting moved to Friday."]
     node_args = subprocess.run(
-        [NODE, "--input-type=module", "-e",
-         f"const {{ loadClassifier }} = await import({json.dumps((EDGE / 'classifier.mjs').as_uri())});"
-         "const c = await loadClassifier(); for (const t of process.argv.slice(1)) console.log(JSON.stringify(c.classify(t)));",
-         *texts],
-        capture_output=True, text=True, check=True).stdout  # fmt: skip
+        [
+            NODE,
+            "--input-type=module",
+            "-e",
+            f"const {{ loadClassifier }} = await import({json.dumps((EDGE / 'classifier.mjs').as_uri())});"
+            "const c = await loadClassifier(); for (const t of process.argv.slice(1)) console.log(JSON.stringify(c.classify(t)));",
+            *texts,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert cli("--json", *texts) == node_args
     plain = cli(*texts).splitlines()
     assert [line.split("\t")[0] for line in plain] == [json.loads(o)["label"] for o in node_args.splitlines()]
@@ -218,8 +351,11 @@ def test_cli_json_equals_node(tmp_path, reference):
 
 @needs_node
 def test_the_worker_answers_classify_and_forwards_by_task_type(wasm):
-    texts = ["Solve 4x - 8 = 12 for x.", "Translate 'good night' into German.",
-             "Write a Python function that returns the largest element of a list."]  # fmt: skip
+    texts = [
+        "Solve 4x - 8 = 12 for x.",
+        "Translate 'good night' into German.",
+        "Write a Python function that returns the largest element of a list.",
+    ]
     script = f"""
 const {{ default: worker, createWorker }} = await import({json.dumps((EDGE / "worker.mjs").as_uri())});
 const texts = {json.dumps(texts)};
@@ -243,16 +379,20 @@ const none = await createWorker({{ endpoints: {{}} }}).fetch(new Request("https:
 out.unrouted = none.status;
 console.log(JSON.stringify(out));
 """
-    result = json.loads(subprocess.run([NODE, "--input-type=module", "-e", script], capture_output=True, text=True,
-                                       check=True).stdout)  # fmt: skip
+    result = json.loads(
+        subprocess.run([NODE, "--input-type=module", "-e", script], capture_output=True, text=True, check=True).stdout
+    )
     labels = [wasm.predict(t)[0] for t in texts]
     assert labels == ["math", "translate", "code"]
     assert [status for status, _ in result["classify"]] == [200] * 3
     assert [body["label"] for _, body in result["classify"]] == labels
     assert [body["probabilities"] for _, body in result["classify"]] == [wasm.probabilities(t) for t in texts]
     assert result["forwarded"] == ["forwarded"] * 3
-    assert [s[0] for s in result["seen"]] == ["https://math.example/pool/v1/run?tenant=a",
-                                              "https://hs.example/v1/run?tenant=a", "https://hs.example/v1/run?tenant=a"]  # fmt: skip
+    assert [s[0] for s in result["seen"]] == [
+        "https://math.example/pool/v1/run?tenant=a",
+        "https://hs.example/v1/run?tenant=a",
+        "https://hs.example/v1/run?tenant=a",
+    ]
     assert [s[1] for s in result["seen"]] == labels
     assert [json.loads(s[2])["prompt"] for s in result["seen"]] == texts
     assert result["unrouted"] == 502

@@ -14,7 +14,11 @@ APP = create_app(CONFIG, model_endpoint=lambda name: None)
 TEAM = CONFIG.teams[1]
 KEYS = st.sampled_from([TEAM.api_key, CONFIG.teams[2].api_key, "", "nope"])
 JSONISH = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20),
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**40), 2**40)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=5),
     max_leaves=12,
 )
@@ -30,11 +34,24 @@ FIELDS = {
     "service_name": st.text(max_size=70),
 }
 BODIES = st.fixed_dictionaries({}, optional={k: v | JSONISH for k, v in FIELDS.items()}) | JSONISH
-POSTS = ["/gpuaas/calculate-pool-subscription", "/gpuaas/pool/subscribe", "/gpuaas/pool/unsubscribe", "/pods/expose-service"]
-GETS = ["/gpuaas/available-regions", "/gpuaas/available-pools", "/gpuaas/pool-subscription", "/gpuaas/connection-info",
-        f"/gpuaas/{TEAM.id}/metrics"]  # fmt: skip
-QUERIES = st.dictionaries(st.sampled_from(["team_id", "gpuaas_id", "page", "per_page", "subscription_id", "itemsPerPage"]),
-                          st.text(max_size=8) | st.integers(-5, 10**6).map(str) | st.just(TEAM.id), max_size=4)  # fmt: skip
+POSTS = [
+    "/gpuaas/calculate-pool-subscription",
+    "/gpuaas/pool/subscribe",
+    "/gpuaas/pool/unsubscribe",
+    "/pods/expose-service",
+]
+GETS = [
+    "/gpuaas/available-regions",
+    "/gpuaas/available-pools",
+    "/gpuaas/pool-subscription",
+    "/gpuaas/connection-info",
+    f"/gpuaas/{TEAM.id}/metrics",
+]
+QUERIES = st.dictionaries(
+    st.sampled_from(["team_id", "gpuaas_id", "page", "per_page", "subscription_id", "itemsPerPage"]),
+    st.text(max_size=8) | st.integers(-5, 10**6).map(str) | st.just(TEAM.id),
+    max_size=4,
+)
 
 
 def check(response: httpx.Response) -> None:

@@ -2,7 +2,6 @@
 
 import asyncio
 import json
-
 import os
 
 import httpx
@@ -146,8 +145,12 @@ async def test_the_run_log_says_each_routing_decision_allocation_and_release(tes
     flow_runs.addHandler(handler)
     flow_runs.setLevel(logging.INFO)
     try:
-        result = await fuse_request(prompt="1. Say one.\n2. Say two.", tenant="acme", catalog_path=test_catalog,
-                                    constraints={"allowed_models": ["echo"], "pool": "roomy"})  # fmt: skip
+        result = await fuse_request(
+            prompt="1. Say one.\n2. Say two.",
+            tenant="acme",
+            catalog_path=test_catalog,
+            constraints={"allowed_models": ["echo"], "pool": "roomy"},
+        )
     finally:
         flow_runs.removeHandler(handler)
         flow_runs.setLevel(level)
@@ -169,9 +172,13 @@ async def test_a_model_server_killed_mid_inference_fails_the_request_clearly_and
     smol = next(m for m in services.catalog.models if m.name == "smollm2-135m")
     endpoint = await asyncio.to_thread(local.model_endpoint, smol)
     (record,) = [r for r in local.servers.running() if r.endpoint == endpoint]  # this catalog's server
-    run = asyncio.create_task(fuse_request(prompt="Write a long story about the sea.", tenant="demo",
-                                           constraints={"allowed_models": [smol.name], "max_tokens": 1500,
-                                                        "split": False}))  # fmt: skip
+    run = asyncio.create_task(
+        fuse_request(
+            prompt="Write a long story about the sea.",
+            tenant="demo",
+            constraints={"allowed_models": [smol.name], "max_tokens": 1500, "split": False},
+        )
+    )
     for _ in range(400):
         if await local.held("demo"):
             break
@@ -182,6 +189,7 @@ async def test_a_model_server_killed_mid_inference_fails_the_request_clearly_and
     with pytest.raises(InferenceError, match=rf"127\.0\.0\.1:{record.port}/v1/chat/completions failed"):
         await run
     assert await local.held("demo") == []
-    again = await fuse_request(prompt="Say hello.", tenant="demo", constraints={"allowed_models": [smol.name],
-                                                                               "max_tokens": 8})  # fmt: skip
+    again = await fuse_request(
+        prompt="Say hello.", tenant="demo", constraints={"allowed_models": [smol.name], "max_tokens": 8}
+    )
     assert again.fragments[0].tokens_out > 0

@@ -6,9 +6,19 @@ from tasks.fusion import fuse_results
 
 def result(fid, text, cost=0.5):
     return FragmentResult(
-        fragment_id=fid, task_type="chat", text=text, model="m", pool="p", tier="dedicated",
-        allocation_id=f"alloc-{fid}", tokens_in=1, tokens_out=2, timings=Timings(), cost_usd=cost, reason="r",
-    )  # fmt: skip
+        fragment_id=fid,
+        task_type="chat",
+        text=text,
+        model="m",
+        pool="p",
+        tier="dedicated",
+        allocation_id=f"alloc-{fid}",
+        tokens_in=1,
+        tokens_out=2,
+        timings=Timings(),
+        cost_usd=cost,
+        reason="r",
+    )
 
 
 def frag(fid, text, deps=()):

@@ -74,7 +74,13 @@ async def test_subscription_life_cycle_reaches_a_real_model(emulator):
 async def test_a_second_subscribe_adopts_the_first(emulator):
     c = client(emulator)
     first = await c.subscribe(202, vgpus=1)
-    raw = await _raw(emulator, "acme", "POST", "/gpuaas/pool/subscribe", json={"pool_id": 202, "team_id": emulator.teams["acme"].id, "vgpus": 1})
+    raw = await _raw(
+        emulator,
+        "acme",
+        "POST",
+        "/gpuaas/pool/subscribe",
+        json={"pool_id": 202, "team_id": emulator.teams["acme"].id, "vgpus": 1},
+    )
     assert raw.status_code == 409 and raw.json()["message"] == "Already subscribed"
     assert await c.subscribe(202, vgpus=1) == first
     assert len(subs_of(emulator, "acme")) == 1
@@ -132,7 +138,9 @@ async def test_429_is_retried_after_the_servers_retry_after(emulator, faults):
     c = client(emulator)
     assert len(await c.regions()) == 1
     policy = Policy(retry_after_max_s=1.0)
-    state = type("S", (), {"outcome": type("O", (), {"exception": lambda self: HostedAIUnavailable("x", retry_after=7.0)})()})()
+    state = type(
+        "S", (), {"outcome": type("O", (), {"exception": lambda self: HostedAIUnavailable("x", retry_after=7.0)})()}
+    )()
     assert HostedAIClient(c.credentials, policy)._wait(state) == 1.0  # honoured, but bounded
 
 
@@ -151,14 +159,18 @@ async def test_bad_keys_and_foreign_teams_are_refused_without_showing_the_key(em
     assert "hai-WRONG-secret" not in str(caught.value)
     assert "hai-WRONG-secret" not in repr(bad) and "hai-WRONG-secret" not in repr(bad.credentials)
     acme = emulator.teams["acme"]
-    foreign = HostedAIClient(HostedAICredentials(url=emulator.url, api_key=acme.api_key, team_id=emulator.teams["globex"].id))
+    foreign = HostedAIClient(
+        HostedAICredentials(url=emulator.url, api_key=acme.api_key, team_id=emulator.teams["globex"].id)
+    )
     with pytest.raises(HostedAIAuthError, match="403"):
         await foreign.regions()
 
 
 async def test_bearer_header_style_works(emulator):
     team = emulator.teams["acme"]
-    c = HostedAIClient(HostedAICredentials(url=emulator.url, api_key=team.api_key, team_id=team.id, auth_header="bearer"))
+    c = HostedAIClient(
+        HostedAICredentials(url=emulator.url, api_key=team.api_key, team_id=team.id, auth_header="bearer")
+    )
     assert len(await c.regions()) == 1
 
 
@@ -166,13 +178,19 @@ async def test_a_tenant_cannot_see_use_or_release_another_tenants_subscription(e
     acme, globex = client(emulator, "acme"), client(emulator, "globex")
     theirs = await globex.subscribe(201, vgpus=1)
     await globex.wait_ready(theirs)
-    raw = await _raw(emulator, "acme", "GET", "/gpuaas/pool-subscription", params={"team_id": emulator.teams["acme"].id})
+    raw = await _raw(
+        emulator, "acme", "GET", "/gpuaas/pool-subscription", params={"team_id": emulator.teams["acme"].id}
+    )
     assert theirs in [i["id"] for i in raw.json()["items"]]  # the API's list leaks it...
     assert theirs not in [s.id for s in await acme.subscriptions()]  # ...the client filters it out
     with pytest.raises(HostedAIRejected, match="not found"):
         await acme.inference_url(theirs)
     with pytest.raises(HostedAIRejected, match="not found"):
-        await acme.call("POST", "/gpuaas/pool/unsubscribe", body={"subscription_id": theirs, "team_id": acme.team_id, "pool_id": 201})
+        await acme.call(
+            "POST",
+            "/gpuaas/pool/unsubscribe",
+            body={"subscription_id": theirs, "team_id": acme.team_id, "pool_id": 201},
+        )
     assert await globex.exists(theirs)
     await cleanup(globex)
 
@@ -214,7 +232,9 @@ async def test_already_subscribed_maps_from_409(emulator):
     c = client(emulator)
     sub_id = await c.subscribe(201, vgpus=1)
     with pytest.raises(AlreadySubscribed):
-        await c.call("POST", "/gpuaas/pool/subscribe", body={"pool_id": 201, "team_id": c.team_id, "vgpus": 1}, retry=False)
+        await c.call(
+            "POST", "/gpuaas/pool/subscribe", body={"pool_id": 201, "team_id": c.team_id, "vgpus": 1}, retry=False
+        )
     await c.unsubscribe(sub_id, 201)
 
 
@@ -252,9 +272,11 @@ async def test_a_failing_read_is_retried_until_it_answers(emulator, faults, faul
 
 @pytest.mark.parametrize(
     ("fault", "message"),
-    [("read_error_rate", r"HTTP 500: internal error \(code 50000001\)"),
-     ("read_error_in_body_rate", r"error in a 200 body: .* \(code 12370004\)")],
-)  # fmt: skip
+    [
+        ("read_error_rate", r"HTTP 500: internal error \(code 50000001\)"),
+        ("read_error_in_body_rate", r"error in a 200 body: .* \(code 12370004\)"),
+    ],
+)
 async def test_a_read_that_keeps_failing_ends_unavailable_after_the_attempts(emulator, faults, fault, message):
     faults(**{fault: 1.0})
     c = client(emulator, backoff_initial_s=0.01, backoff_max_s=0.02)
@@ -278,7 +300,11 @@ async def test_read_faults_leave_writes_alone(emulator, faults):
 def response(status: int, body=None, text: str | None = None, headers=None) -> httpx.Response:
     if text is not None:
         return httpx.Response(status, text=text, headers=headers)
-    return httpx.Response(status, json=body, headers=headers) if body is not None else httpx.Response(status, headers=headers)
+    return (
+        httpx.Response(status, json=body, headers=headers)
+        if body is not None
+        else httpx.Response(status, headers=headers)
+    )
 
 
 @pytest.mark.parametrize(
@@ -323,7 +349,10 @@ def test_answers_that_are_not_errors_pass_through():
 
     assert _parse(response(200, {"items": [1]}), "GET", "/x", idempotent=True) == {"items": [1]}
     assert _parse(response(200, {"code": 0, "message": "ok", "subscription_id": 5}), "POST", "/x") == {
-        "code": 0, "message": "ok", "subscription_id": 5}  # fmt: skip
+        "code": 0,
+        "message": "ok",
+        "subscription_id": 5,
+    }
     assert _parse(response(200, {"code": 200, "message": "ok"}), "GET", "/x", idempotent=True)["code"] == 200
     assert _parse(response(200, text="OK"), "POST", "/x") == "OK"
     assert _parse(response(200), "POST", "/x") is None
@@ -331,8 +360,12 @@ def test_answers_that_are_not_errors_pass_through():
         _parse(response(429, headers={"Retry-After": "2.5"}), "GET", "/x", idempotent=True)
     assert caught.value.retry_after == 2.5
     with pytest.raises(HostedAIUnavailable) as caught:
-        _parse(response(500, {"code": 50000001, "message": "internal error"}, headers={"Retry-After": "3"}), "GET", "/x",
-               idempotent=True)  # fmt: skip
+        _parse(
+            response(500, {"code": 50000001, "message": "internal error"}, headers={"Retry-After": "3"}),
+            "GET",
+            "/x",
+            idempotent=True,
+        )
     assert caught.value.retry_after == 3.0
 
 

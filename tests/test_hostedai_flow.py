@@ -35,16 +35,19 @@ async def test_a_three_part_question_on_hostedai_uses_one_subscription_and_three
     live = [s for s in emulator.state.subs.values() if s.team_id == acme and s.unsubscribed is None]
     assert live == []
     ended = [h for h in emulator.state.history if h["team_id"] == acme]
-    assert ended and ended[-1]["ended"] == "unsubscribed" or any(
-        s.team_id == acme and s.unsubscribed is not None for s in emulator.state.subs.values()
+    assert (
+        ended
+        and ended[-1]["ended"] == "unsubscribed"
+        or any(s.team_id == acme and s.unsubscribed is not None for s in emulator.state.subs.values())
     )
 
 
 async def test_the_real_models_answer_through_hostedai_pods(emulator):
     result = await fuse_request(
-        prompt="What is the capital of France? Write a haiku about the sea.", tenant="demo",
+        prompt="What is the capital of France? Write a haiku about the sea.",
+        tenant="demo",
         constraints={**HOSTED, "tier": "dedicated", "max_tokens": 24},
-    )  # fmt: skip
+    )
     assert "paris" in result.fragments[0].text.lower()
     assert {f.pool for f in result.fragments} == {"hostedai-dedicated"}
 
@@ -106,17 +109,26 @@ async def test_tenants_cannot_release_each_others_hostedai_allocations(emulator,
 async def test_keys_never_reach_run_logs_or_artifacts(emulator, faults, test_catalog):
     faults(error_rate=0.2, empty_subscribe_rate=1.0, seed=5)
     state = await fuse_request(
-        prompt="1. Say one.\n2. Say two.", tenant="acme",
-        constraints={**HOSTED, "allowed_models": ["echo"]}, catalog_path=test_catalog, return_state=True,
-    )  # fmt: skip
+        prompt="1. Say one.\n2. Say two.",
+        tenant="acme",
+        constraints={**HOSTED, "allowed_models": ["echo"]},
+        catalog_path=test_catalog,
+        return_state=True,
+    )
     await state.result()
     from prefect.logging.handlers import APILogHandler
 
     await APILogHandler.aflush()
     flow_run_id = str(state.state_details.flow_run_id)
     async with httpx.AsyncClient(base_url=os.environ["PREFECT_API_URL"]) as api:
-        logs = (await api.post("/logs/filter", json={"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": 200})).json()
-        artifacts = (await api.post("/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": 50})).json()
+        logs = (
+            await api.post("/logs/filter", json={"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": 200})
+        ).json()
+        artifacts = (
+            await api.post(
+                "/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": 50}
+            )
+        ).json()
     assert logs and artifacts
     text = str(logs) + str(artifacts) + repr(state)
     for team in emulator.teams.values():
@@ -127,9 +139,20 @@ async def test_chaos_fifty_requests_end_complete_or_with_a_clear_error(emulator,
     """≥ 20 % 5xx, slow and empty subscribe answers, preemptions: every request ends with a complete
     answer or a named error, and nothing is left held anywhere."""
     monkeypatch.setenv("ECHO_DELAY_S", "0.05")
-    faults(error_rate=0.2, empty_subscribe_rate=0.3, timeout_rate=0.1, timeout_s=1.5, preempt_rate=0.1,
-           read_error_rate=0.05, read_error_in_body_rate=0.05,
-           latency_s=0.005, visibility_s=0.05, activation_s=0.1, unsubscribe_s=0.1, seed=11)  # fmt: skip
+    faults(
+        error_rate=0.2,
+        empty_subscribe_rate=0.3,
+        timeout_rate=0.1,
+        timeout_s=1.5,
+        preempt_rate=0.1,
+        read_error_rate=0.05,
+        read_error_in_body_rate=0.05,
+        latency_s=0.005,
+        visibility_s=0.05,
+        activation_s=0.1,
+        unsubscribe_s=0.1,
+        seed=11,
+    )
     fired_before = collections.Counter(emulator.state.fired)
     outcomes = collections.Counter()
     errors = collections.Counter()
@@ -152,8 +175,10 @@ async def test_chaos_fifty_requests_end_complete_or_with_a_clear_error(emulator,
     for start in range(0, 50, 5):
         await asyncio.gather(*(one(i) for i in range(start, start + 5)))
     fired = collections.Counter(emulator.state.fired) - fired_before
-    print(f"\nchaos: {dict(outcomes)}; errors {dict(errors)}; faults fired {dict(fired)}; "
-          f"API calls {emulator.state.calls}")  # fmt: skip
+    print(
+        f"\nchaos: {dict(outcomes)}; errors {dict(errors)}; faults fired {dict(fired)}; "
+        f"API calls {emulator.state.calls}"
+    )
     assert outcomes["complete"] + outcomes["clear error"] == 50
     assert outcomes["complete"] >= 40
     # the chaos happened: every kind of fault injected fired, and the answers survived it

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from connectors.ledger import new_allocation_id
 from connectors.hostedai import BREAKERS, HostedAIClient, Policy
 from connectors.hostedai_backend import HostedAIBackend
+from connectors.ledger import new_allocation_id
 from homeskillet.errors import (
     AlreadySubscribed,
     CircuitOpen,
@@ -45,8 +45,9 @@ WRONG_KEY = "hai-WRONG-7f3a9c1e-secret"
 
 def creds(emulator, tenant="acme", url=None, key=None, team=None, auth_header="x-api-key") -> HostedAICredentials:
     t = emulator.teams[tenant]
-    return HostedAICredentials(url=url or emulator.url, api_key=key or t.api_key, team_id=team or t.id,
-                               auth_header=auth_header)  # fmt: skip
+    return HostedAICredentials(
+        url=url or emulator.url, api_key=key or t.api_key, team_id=team or t.id, auth_header=auth_header
+    )
 
 
 def client(emulator, tenant="acme", **kwargs) -> HostedAIClient:
@@ -211,8 +212,14 @@ async def test_insufficient_everywhere_names_the_pools_not_the_key(emulator, fau
 
     echo = cat.model(b._catalog, "echo")
     with pytest.raises(InsufficientResources, match="h100-dedicated .insufficient resources.") as caught:
-        await b.allocate(allocation_id=new_allocation_id(), tenant="acme", request_id="r", pool="hostedai-dedicated",
-                         model=echo, wait_s=5)  # fmt: skip
+        await b.allocate(
+            allocation_id=new_allocation_id(),
+            tenant="acme",
+            request_id="r",
+            pool="hostedai-dedicated",
+            model=echo,
+            wait_s=5,
+        )
     sweep.error(caught.value)
     sweep.check(emulator.teams["acme"].api_key)
     assert await b.held("acme") == []
@@ -227,8 +234,14 @@ async def test_an_unsubscribe_that_fails_is_logged_without_the_key_and_retried_l
     from homeskillet import catalog as cat
 
     allocation_id = new_allocation_id()
-    await b.allocate(allocation_id=allocation_id, tenant="acme", request_id="r", pool="hostedai-dedicated",
-                     model=cat.model(b._catalog, "echo"), wait_s=5)  # fmt: skip
+    await b.allocate(
+        allocation_id=allocation_id,
+        tenant="acme",
+        request_id="r",
+        pool="hostedai-dedicated",
+        model=cat.model(b._catalog, "echo"),
+        wait_s=5,
+    )
     (sub_id,) = b.subscriptions().values()
     errors = emulator.state.fired["error"]
     faults(error_rate=1.0, fault_paths=["/gpuaas/pool/unsubscribe"])
@@ -252,14 +265,21 @@ async def test_a_preempted_fragment_errs_without_the_key(emulator, faults, sweep
 
     b = backend(emulator, test_catalog)
     allocation_id = new_allocation_id()
-    allocation = await b.allocate(allocation_id=allocation_id, tenant="acme", request_id="r",
-                                  pool="hostedai-preemptible", model=cat.model(b._catalog, "echo"), wait_s=5)  # fmt: skip
+    allocation = await b.allocate(
+        allocation_id=allocation_id,
+        tenant="acme",
+        request_id="r",
+        pool="hostedai-preemptible",
+        model=cat.model(b._catalog, "echo"),
+        wait_s=5,
+    )
     preempted = emulator.state.fired["preempt"]
     faults(preempt_rate=1.0)
     try:
         with pytest.raises(InferenceError, match="preempted") as caught:
-            await openai_client.complete(allocation.endpoint, "echo-1", messages=[{"role": "user", "content": "x"}],
-                                         max_tokens=4)  # fmt: skip
+            await openai_client.complete(
+                allocation.endpoint, "echo-1", messages=[{"role": "user", "content": "x"}], max_tokens=4
+            )
         sweep.error(caught.value)
         assert emulator.state.fired["preempt"] == preempted + 1
         assert await b.verify(allocation) is False  # gone: forgotten, so the next allocation subscribes anew
@@ -282,14 +302,27 @@ async def test_business_refusals_never_open_the_breaker(emulator, faults):
     acme = emulator.teams["acme"]
     refusals = [
         (HostedAIRejected, lambda: c.estimate(999, vgpus=1, hours=1)),  # not found, in a body
-        (HostedAIRejected, lambda: c.call("GET", "/gpuaas/connection-info", params={"team_id": acme.id,
-                                                                                  "subscription_id": 1})),  # 404
-        (InsufficientResources, lambda: c.call("POST", "/gpuaas/pool/subscribe", retry=False,
-                                               body={"pool_id": 202, "team_id": acme.id, "vgpus": 60})),
-        (HostedAIAuthError, lambda: client(emulator, url=url, team=emulator.teams["globex"].id, attempts=1,
-                                           breaker_threshold=2).regions()),
-        (HostedAIAuthError, lambda: client(emulator, url=url, key=WRONG_KEY, attempts=1, breaker_threshold=2).regions()),
-    ]  # fmt: skip
+        (
+            HostedAIRejected,
+            lambda: c.call("GET", "/gpuaas/connection-info", params={"team_id": acme.id, "subscription_id": 1}),
+        ),  # 404
+        (
+            InsufficientResources,
+            lambda: c.call(
+                "POST", "/gpuaas/pool/subscribe", retry=False, body={"pool_id": 202, "team_id": acme.id, "vgpus": 60}
+            ),
+        ),
+        (
+            HostedAIAuthError,
+            lambda: client(
+                emulator, url=url, team=emulator.teams["globex"].id, attempts=1, breaker_threshold=2
+            ).regions(),
+        ),
+        (
+            HostedAIAuthError,
+            lambda: client(emulator, url=url, key=WRONG_KEY, attempts=1, breaker_threshold=2).regions(),
+        ),
+    ]
     for expected, call in refusals * 2:  # ten refusals in a row, threshold two
         with pytest.raises(expected):
             await call()
@@ -297,8 +330,9 @@ async def test_business_refusals_never_open_the_breaker(emulator, faults):
     sub_id = await c.subscribe(202, vgpus=1)
     for _ in range(3):
         with pytest.raises(AlreadySubscribed):
-            await c.call("POST", "/gpuaas/pool/subscribe", body={"pool_id": 202, "team_id": acme.id, "vgpus": 1},
-                         retry=False)  # fmt: skip
+            await c.call(
+                "POST", "/gpuaas/pool/subscribe", body={"pool_id": 202, "team_id": acme.id, "vgpus": 1}, retry=False
+            )
     assert (await BREAKERS.get_breaker(url)).context.state == "closed"
     assert len(await c.regions()) == 1
     await c.unsubscribe(sub_id, 202)
@@ -359,13 +393,24 @@ async def test_retire_leaves_a_subscription_another_process_uses_and_the_cli_sho
 
     here = backend(emulator, test_catalog)
     mine = new_allocation_id()
-    allocation = await here.allocate(allocation_id=mine, tenant="acme", request_id="r-this-process",
-                                     pool="hostedai-dedicated", model=cat.model(here._catalog, "echo"), wait_s=5)  # fmt: skip
+    allocation = await here.allocate(
+        allocation_id=mine,
+        tenant="acme",
+        request_id="r-this-process",
+        pool="hostedai-dedicated",
+        model=cat.model(here._catalog, "echo"),
+        wait_s=5,
+    )
     (sub_id,) = here.subscriptions().values()
     team = emulator.teams["acme"]
     env = os.environ | {"EMU_URL": emulator.url, "EMU_KEY": team.api_key, "EMU_TEAM": team.id}
-    other = subprocess.Popen([sys.executable, "-c", OTHER_PROCESS, test_catalog], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    other = subprocess.Popen(
+        [sys.executable, "-c", OTHER_PROCESS, test_catalog],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         started = json.loads(await asyncio.to_thread(other.stdout.readline) or "{}")
         assert started.get("subscription") == sub_id  # adopted the tenant's subscription: no second one
@@ -377,11 +422,18 @@ async def test_retire_leaves_a_subscription_another_process_uses_and_the_cli_sho
         for allocation_id, request_id in ((mine, "r-this-process"), (started["allocation_id"], "r-other-process")):
             row = listed[allocation_id]
             assert (row["tenant"], row["pool"], row["model"], row["request_id"], row["state"]) == (
-                "acme", "hostedai-dedicated/acme", "echo", request_id, "active")  # fmt: skip
+                "acme",
+                "hostedai-dedicated/acme",
+                "echo",
+                request_id,
+                "active",
+            )
             assert row["endpoint"] == allocation.endpoint  # the subscription's pod
             assert row["tflops"] == 1.0 and row["vram_gb"] == 0.5
         assert mine in {a["allocation_id"] for a in cli_allocations("--tenant", "acme")}
-        assert not {mine, started["allocation_id"]} & {a["allocation_id"] for a in cli_allocations("--tenant", "globex")}
+        assert not {mine, started["allocation_id"]} & {
+            a["allocation_id"] for a in cli_allocations("--tenant", "globex")
+        }
 
         # this process's last release must not unsubscribe what the other process still uses
         await here.release(mine, "acme")
@@ -416,12 +468,24 @@ async def test_verify_tells_a_live_share_from_a_vanished_one_and_does_not_guess(
 
     b = backend(emulator, test_catalog, policy=Policy(attempts=1, breaker_threshold=100))
     allocation_id = new_allocation_id()
-    allocation = await b.allocate(allocation_id=allocation_id, tenant="acme", request_id="r", pool="hostedai-dedicated",
-                                  model=cat.model(b._catalog, "echo"), wait_s=5)  # fmt: skip
+    allocation = await b.allocate(
+        allocation_id=allocation_id,
+        tenant="acme",
+        request_id="r",
+        pool="hostedai-dedicated",
+        model=cat.model(b._catalog, "echo"),
+        wait_s=5,
+    )
     local = runtime.backend(test_catalog)
     local_id = new_allocation_id()
-    await local.allocate(allocation_id=local_id, tenant="acme", request_id="r", pool="tiny",
-                         model=cat.model(b._catalog, "echo"), wait_s=5)  # fmt: skip
+    await local.allocate(
+        allocation_id=local_id,
+        tenant="acme",
+        request_id="r",
+        pool="tiny",
+        model=cat.model(b._catalog, "echo"),
+        wait_s=5,
+    )
     try:
         assert [a.allocation_id for a in await b.held("acme")] == [allocation_id]
         assert await b.verify(allocation) is True

@@ -5,9 +5,9 @@ emulator of such an account over loopback."""
 
 import pytest
 
-from connectors.ledger import new_allocation_id
 from connectors.hostedai import HostedPool
 from connectors.hostedai_backend import HostedAIBackend, card_for, choose_pools, match_rules, mismatch
+from connectors.ledger import new_allocation_id
 from homeskillet.errors import NoRoute
 from homeskillet.schemas import CardSpec, HostedAICredentials, HostedAIMatch, PoolSpec
 
@@ -20,8 +20,15 @@ CARDS = {
 
 
 def hosted(id, name, label, gpu, price, free=8) -> HostedPool:
-    return HostedPool(id=id, name=name, label=label, gpu_model_type=gpu, available_vgpus=free, sharing_ratio=4,
-                      price_per_vgpu_hour=price)  # fmt: skip
+    return HostedPool(
+        id=id,
+        name=name,
+        label=label,
+        gpu_model_type=gpu,
+        available_vgpus=free,
+        sharing_ratio=4,
+        price_per_vgpu_hour=price,
+    )
 
 
 OTHER = [
@@ -34,8 +41,16 @@ OTHER = [
 
 
 def pool(tier, names=(), **match) -> PoolSpec:
-    return PoolSpec(id=f"hostedai-{tier}", backend="hostedai", tier=tier, tflops=16, vram_gb=4, price_per_hour=0.5,
-                    hostedai_pools=list(names), hostedai_match=HostedAIMatch(**match))  # fmt: skip
+    return PoolSpec(
+        id=f"hostedai-{tier}",
+        backend="hostedai",
+        tier=tier,
+        tflops=16,
+        vram_gb=4,
+        price_per_hour=0.5,
+        hostedai_pools=list(names),
+        hostedai_match=HostedAIMatch(**match),
+    )
 
 
 def names(pools) -> list[str]:
@@ -142,6 +157,7 @@ def other_account(emulator, asgi_server):
     from types import SimpleNamespace
 
     from connectors.hostedai_emulator import create_app, other_account_config
+
     config = other_account_config()
     app = create_app(config, model_endpoint=emulator.endpoint)
     url, stop = asgi_server(app)
@@ -167,12 +183,14 @@ async def test_a_backend_on_an_account_with_other_pool_names_allocates_infers_an
     echo = cat.model(catalog, "echo")
     for catalog_pool, hosted_pool in (("hostedai-preemptible", 322), ("hostedai-dedicated", 312)):
         allocation_id = new_allocation_id()
-        allocation = await backend.allocate(allocation_id=allocation_id, tenant="acme", request_id="r-other",
-                                            pool=catalog_pool, model=echo, wait_s=5)  # fmt: skip
+        allocation = await backend.allocate(
+            allocation_id=allocation_id, tenant="acme", request_id="r-other", pool=catalog_pool, model=echo, wait_s=5
+        )
         (sub,) = other_account.state.subs.values()
         assert (sub.pool_id, sub.team_id) == (hosted_pool, team.id)  # the cheapest that fits the tier
-        out = await openai_client.complete(allocation.endpoint, "echo-1", messages=[{"role": "user", "content": "hi"}],
-                                           max_tokens=8)  # fmt: skip
+        out = await openai_client.complete(
+            allocation.endpoint, "echo-1", messages=[{"role": "user", "content": "hi"}], max_tokens=8
+        )
         assert out.text == "echo: hi"
         await backend.release(allocation_id, "acme")  # the last release retires the subscription
         assert backend.subscriptions() == {}
@@ -198,8 +216,14 @@ async def test_a_backend_that_finds_no_pool_says_what_the_account_offers(other_a
     backend = HostedAIBackend(get_settings(), catalog, credentials)
     allocation_id = new_allocation_id()
     with pytest.raises(NoRoute, match="the account offers: h100-sxm-ondemand") as caught:
-        await backend.allocate(allocation_id=allocation_id, tenant="globex", request_id="r-none",
-                               pool="hostedai-dedicated", model=cat.model(catalog, "echo"), wait_s=5)  # fmt: skip
+        await backend.allocate(
+            allocation_id=allocation_id,
+            tenant="globex",
+            request_id="r-none",
+            pool="hostedai-dedicated",
+            model=cat.model(catalog, "echo"),
+            wait_s=5,
+        )
     assert team.api_key not in str(caught.value)
     assert await backend.held("globex") == []  # the reserved slice was given back
     assert other_account.state.subs == {}

@@ -1,6 +1,5 @@
 """The inference client and the local model servers, with the real SmolLM2 on llama.cpp."""
 
-
 import pytest
 
 from connectors import openai_client

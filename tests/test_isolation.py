@@ -12,9 +12,14 @@ async def test_every_attack_of_one_tenant_on_anothers_work_is_refused():
     rows = await run_attacks()
     assert not broken(rows), [vars(r) for r in rows if r.result != "refused"]
     paths = {r.path for r in rows}
-    assert {"MCP allocations tool (WebSocket)", "MCP allocations tool (Streamable HTTP)",
-            "Streamable HTTP mcp-session-id", "backend.release(A's id, B)", "fuse_request constraints",
-            "fuse_request without constraints"} <= paths  # fmt: skip
+    assert {
+        "MCP allocations tool (WebSocket)",
+        "MCP allocations tool (Streamable HTTP)",
+        "Streamable HTTP mcp-session-id",
+        "backend.release(A's id, B)",
+        "fuse_request constraints",
+        "fuse_request without constraints",
+    } <= paths
 
 
 async def test_a_backend_that_ignores_the_tenant_on_release_is_reported(monkeypatch):

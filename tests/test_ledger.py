@@ -31,9 +31,15 @@ async def ledger(request):
 
 async def reserve(led, tenant="acme", tflops=1.0, vram_gb=0.5, wait_s=0.0, pool=None):
     return await led.reserve(
-        allocation_id=new_allocation_id(), tenant=tenant, request_id="r1", pool=pool or led.pool,
-        model="m", tflops=tflops, vram_gb=vram_gb, wait_s=wait_s,
-    )  # fmt: skip
+        allocation_id=new_allocation_id(),
+        tenant=tenant,
+        request_id="r1",
+        pool=pool or led.pool,
+        model="m",
+        tflops=tflops,
+        vram_gb=vram_gb,
+        wait_s=wait_s,
+    )
 
 
 async def held_in(led, pool):
@@ -45,7 +51,9 @@ async def test_capacity_is_enforced_and_a_full_pool_fails_clearly_after_waiting(
     second = await reserve(ledger)
     assert first.allocation_id != second.allocation_id
     started = time.monotonic()
-    with pytest.raises(CapacityTimeout, match=r"no room for m \(1 TFLOPS, 0.5 GB\) within 0.5s: 0 TFLOPS and 0 GB free"):
+    with pytest.raises(
+        CapacityTimeout, match=r"no room for m \(1 TFLOPS, 0.5 GB\) within 0.5s: 0 TFLOPS and 0 GB free"
+    ):
         await reserve(ledger, wait_s=0.5)
     assert time.monotonic() - started >= 0.5
     assert len(await held_in(ledger, ledger.pool)) == 2
@@ -62,7 +70,9 @@ async def test_a_waiting_allocation_gets_the_room_another_releases(ledger):
 
 
 async def test_concurrent_reservations_never_overcommit(ledger):
-    results = await asyncio.gather(*(reserve(ledger, tflops=0.5, vram_gb=0.25) for _ in range(6)), return_exceptions=True)
+    results = await asyncio.gather(
+        *(reserve(ledger, tflops=0.5, vram_gb=0.25) for _ in range(6)), return_exceptions=True
+    )
     granted = [r for r in results if not isinstance(r, Exception)]
     refused = [r for r in results if isinstance(r, CapacityTimeout)]
     assert len(granted) == 4 and len(refused) == 2
@@ -130,7 +140,9 @@ async def test_a_vanished_holder_loses_its_lease_at_once(ledger):
 
 async def test_pool_sync_reserve_and_listing_at_once_do_not_deadlock(ledger):
     """Writers take pool rows in id order, so concurrent syncs, reservations and listings finish."""
-    extra = [PoolSpec(id=f"{ledger.pool}-{i}", tier="preemptible", tflops=1, vram_gb=1, price_per_hour=0) for i in range(4)]
+    extra = [
+        PoolSpec(id=f"{ledger.pool}-{i}", tier="preemptible", tflops=1, vram_gb=1, price_per_hour=0) for i in range(4)
+    ]
 
     async def churn(i):
         for _ in range(5):

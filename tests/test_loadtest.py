@@ -16,8 +16,12 @@ async def test_a_small_load_on_the_local_models_keeps_every_invariant(assert_no_
     assert figures["ok"] + sum(figures["errors"].values()) == 6
     assert figures["ok"] == 6, figures["errors"]
     assert figures["samples"] > 0 and figures["tenants"] == ["demo", "acme"]
-    assert (figures["leaked_allocations"], figures["capacity_violations"], figures["cross_tenant"],
-            figures["duplicate_subscriptions"]) == (0, 0, 0, 0)  # fmt: skip
+    assert (
+        figures["leaked_allocations"],
+        figures["capacity_violations"],
+        figures["cross_tenant"],
+        figures["duplicate_subscriptions"],
+    ) == (0, 0, 0, 0)
     assert 0 < figures["latency_s"]["p50"] <= figures["latency_s"]["p95"] <= figures["latency_s"]["p99"]
 
 
@@ -27,8 +31,16 @@ async def test_the_sampler_sees_cross_tenant_holdings_and_overfull_pools(test_ca
     pool = next(p for p in services.catalog.pools if p.id == "roomy")
     await ledger.sync_pools([pool.model_copy(update={"id": "loadtest-pool"})])
     allocation_id = new_allocation_id()
-    await ledger.reserve(allocation_id=allocation_id, tenant="acme", request_id="load-x", pool="loadtest-pool",
-                         model="echo", tflops=pool.tflops, vram_gb=pool.vram_gb, wait_s=1)  # fmt: skip
+    await ledger.reserve(
+        allocation_id=allocation_id,
+        tenant="acme",
+        request_id="load-x",
+        pool="loadtest-pool",
+        model="echo",
+        tflops=pool.tflops,
+        vram_gb=pool.vram_gb,
+        wait_s=1,
+    )
     # the pool shrinks under the allocation (as a catalog change could make it): now it is overfull
     await ledger.sync_pools([pool.model_copy(update={"id": "loadtest-pool", "tflops": pool.tflops / 2})])
     run = Run(tenant_of={"load-x": "globex"})  # the request was globex's, but acme holds its slice
@@ -52,11 +64,22 @@ async def test_hostedai_load_with_a_fifth_of_calls_failing_keeps_every_invariant
 ):
     faults(error_rate=0.2, latency_s=0.01)
     calls = hostedai_tenants.state.calls
-    figures = await run_load(requests=8, concurrency=4, tenants=3, backend="hostedai", max_tokens=8, sample_s=0.05,
-                             emulator_state=hostedai_tenants.state)  # fmt: skip
+    figures = await run_load(
+        requests=8,
+        concurrency=4,
+        tenants=3,
+        backend="hostedai",
+        max_tokens=8,
+        sample_s=0.05,
+        emulator_state=hostedai_tenants.state,
+    )
     assert hostedai_tenants.state.calls > calls  # the load reached the emulator
     assert figures["ok"] + sum(figures["errors"].values()) == 8
     unexpected = [name for name in figures["errors"] if name.startswith("unexpected")]
     assert not unexpected, figures["errors"]
-    assert (figures["leaked_allocations"], figures["capacity_violations"], figures["cross_tenant"],
-            figures["duplicate_subscriptions"]) == (0, 0, 0, 0)  # fmt: skip
+    assert (
+        figures["leaked_allocations"],
+        figures["capacity_violations"],
+        figures["cross_tenant"],
+        figures["duplicate_subscriptions"],
+    ) == (0, 0, 0, 0)

@@ -24,8 +24,9 @@ def mcp_server(test_catalog):
     from homeskillet.mcp_server import create_app
 
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(test_catalog, max_concurrent=4), host="127.0.0.1", port=port,
-                                           log_level="warning"))  # fmt: skip
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(test_catalog, max_concurrent=4), host="127.0.0.1", port=port, log_level="warning")
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:
@@ -47,10 +48,28 @@ async def test_locust_loads_both_mcp_transports_without_a_failure(mcp_server, mo
     env.pop("HOMESKILLET_LOAD_PREFECT", None)
     try:
         done = subprocess.run(
-            [str(Path(sys.executable).with_name("locust")), "-f", "deployments/locustfile.py", "--headless", "-u", "4",
-             "-r", "4", "-t", "12s", "--stop-timeout", "30", "--json", "--only-summary"],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=180,
-        )  # fmt: skip
+            [
+                str(Path(sys.executable).with_name("locust")),
+                "-f",
+                "deployments/locustfile.py",
+                "--headless",
+                "-u",
+                "4",
+                "-r",
+                "4",
+                "-t",
+                "12s",
+                "--stop-timeout",
+                "30",
+                "--json",
+                "--only-summary",
+            ],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
     finally:
         for _, token_id, _ in made:
             await store.revoke(token_id)

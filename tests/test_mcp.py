@@ -7,9 +7,9 @@ import asyncio
 import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
-import statistics
 import threading
 import time
 from contextlib import asynccontextmanager
@@ -24,12 +24,12 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
 from mcp.shared.exceptions import MCPError
 
-pytestmark = pytest.mark.usefixtures("local_services")  # flows, tasks or the Prefect API
-
 from connectors.tokens import TokenStore, token_hash
 from connectors.ws_transport import WebSocketTransport
 from homeskillet.settings import get_settings
 from tasks import runtime
+
+pytestmark = pytest.mark.usefixtures("local_services")  # flows, tasks or the Prefect API
 
 HOMESKILLET = str(Path(sys.executable).with_name("homeskillet"))
 THREE_PARTS = "What is the capital of France? Who wrote Romeo and Juliet? Write a haiku about the sea."
@@ -123,14 +123,18 @@ async def test_fuse_sends_progress_before_its_result_and_only_its_tenant_reads_i
         for f in fused["fragments"]:  # one allocated and one completed message per fragment, with its details
             for event in ("allocated", "completed"):
                 assert any(
-                    m.startswith(f"{f['fragment_id']} {event}") and f["allocation_id"] in m and f["model"] in m
-                    and f["pool"] in m for m in messages
-                ), (event, f, messages)  # fmt: skip
+                    m.startswith(f"{f['fragment_id']} {event}")
+                    and f["allocation_id"] in m
+                    and f["model"] in m
+                    and f["pool"] in m
+                    for m in messages
+                ), (event, f, messages)
         again = await client.read_resource(f"homeskillet://requests/{fused['request_id']}")
         assert json.loads(again.contents[0].text) == fused
     async with httpx.AsyncClient(base_url=os.environ["PREFECT_API_URL"]) as api:  # a real flow run, tagged
-        runs = await api.post("/flow_runs/filter", json={"flow_runs": {"tags": {"all_": ["tenant:acme", "mcp"]}},
-                                                         "limit": 200})  # fmt: skip
+        runs = await api.post(
+            "/flow_runs/filter", json={"flow_runs": {"tags": {"all_": ["tenant:acme", "mcp"]}}, "limit": 200}
+        )
         mine = [r for r in runs.raise_for_status().json() if r["parameters"].get("request_id") == fused["request_id"]]
         assert len(mine) == 1 and mine[0]["state_type"] == "COMPLETED"
     async with CLIENTS[transport](server, tokens["globex"]) as other:
@@ -176,16 +180,26 @@ async def test_bad_missing_and_revoked_tokens_are_refused_on_both_transports(ser
             assert refused.value.response.status_code == 403
     # a Streamable HTTP session belongs to its tenant: another tenant's token cannot use its id
     async with httpx.AsyncClient() as http:
-        init = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
-            "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}}
+        init = {
+            "jsonrpc": "2.0",
+            "id": 1,
+            "method": "initialize",
+            "params": {
+                "protocolVersion": "2025-06-18",
+                "capabilities": {},
+                "clientInfo": {"name": "t", "version": "0"},
+            },
+        }
         accept = {"Accept": "application/json, text/event-stream"}
-        opened = await http.post(f"http://{server}/mcp", json=init,
-                                 headers={**accept, "Authorization": f"Bearer {tokens['acme']}"})  # fmt: skip
+        opened = await http.post(
+            f"http://{server}/mcp", json=init, headers={**accept, "Authorization": f"Bearer {tokens['acme']}"}
+        )
         session = opened.headers["mcp-session-id"]
         hijack = await http.post(
-            f"http://{server}/mcp", json={"jsonrpc": "2.0", "id": 2, "method": "tools/list"},
+            f"http://{server}/mcp",
+            json={"jsonrpc": "2.0", "id": 2, "method": "tools/list"},
             headers={**accept, "Authorization": f"Bearer {tokens['globex']}", "mcp-session-id": session},
-        )  # fmt: skip
+        )
         assert hijack.status_code == 404
     # a browser's way: the token as a second subprotocol
     async with ws_client(server, tokens["acme"], token_in_subprotocol=True) as client:
@@ -209,7 +223,7 @@ async def test_a_socket_closed_mid_call_releases_everything(server, tokens, monk
             await asyncio.sleep(0.05)
         assert len(await backend.held("acme")) == 3
         await transport.websocket.close()
-        with pytest.raises(BaseException):
+        with pytest.raises(BaseException):  # noqa: B017 (whatever the closed socket raises in the client)
             await asyncio.wait_for(call, 10)
     for _ in range(60):  # the server cancels the flow run; its rollback hooks release
         if not await backend.held("acme") and not APP["app"].limits.running.get("acme"):
@@ -273,8 +287,11 @@ async def test_bad_input_gets_json_rpc_errors_and_the_socket_stays_usable(server
         reply = json.loads(await ws.recv())
         assert reply["error"]["code"] == -32600 and "exceeds the limit" in reply["error"]["message"]
     async with httpx.AsyncClient() as http:  # the same limits on Streamable HTTP
-        auth = {"Authorization": f"Bearer {tokens['acme']}", "Accept": "application/json, text/event-stream",
-                "Content-Type": "application/json"}  # fmt: skip
+        auth = {
+            "Authorization": f"Bearer {tokens['acme']}",
+            "Accept": "application/json, text/event-stream",
+            "Content-Type": "application/json",
+        }
         big = await http.post(f"http://{server}/mcp", content=b'{"pad": "' + b"x" * (2 << 20) + b'"}', headers=auth)
         assert big.status_code == 413
         garbled = await http.post(f"http://{server}/mcp", content=b"{not json", headers=auth)
@@ -325,8 +342,12 @@ async def test_figures_classify_round_trip_and_fuse_overhead(server, tokens, tes
 async def mcp_serve(port: int, log_path: Path):
     """`homeskillet mcp serve` as its own process (output to a file, never an unread pipe), once it listens."""
     with open(log_path, "wb") as log:
-        serve = subprocess.Popen([HOMESKILLET, "mcp", "serve", "--port", str(port)], env=os.environ.copy(),
-                                 stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+        serve = subprocess.Popen(
+            [HOMESKILLET, "mcp", "serve", "--port", str(port)],
+            env=os.environ.copy(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     try:
         for _ in range(300):
             assert serve.poll() is None, log_path.read_text()[-2000:]
@@ -342,7 +363,9 @@ async def mcp_serve(port: int, log_path: Path):
 
 
 def _cli(*args: str, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([HOMESKILLET, *args], capture_output=True, text=True, timeout=120, env=os.environ.copy(), **kw)
+    return subprocess.run(
+        [HOMESKILLET, *args], capture_output=True, text=True, timeout=120, env=os.environ.copy(), **kw
+    )
 
 
 async def test_the_command_line_serves_mcp_and_manages_tokens(assert_no_leaks, tmp_path):
@@ -392,8 +415,10 @@ async def test_the_command_line_serves_mcp_and_manages_tokens(assert_no_leaks, t
                 pass
     t0 = time.perf_counter()
     await fuse_request(prompt=THREE_PARTS, tenant="demo", constraints={"max_tokens": 16})
-    print(f"\nreal models, three parts, max_tokens 16: fuse_request directly {direct:.2f}s (before), "
-          f"over MCP/WebSocket {over_mcp[0]:.2f}s (first) {over_mcp[1]:.2f}s (second), directly {time.perf_counter() - t0:.2f}s (after)")
+    print(
+        f"\nreal models, three parts, max_tokens 16: fuse_request directly {direct:.2f}s (before), "
+        f"over MCP/WebSocket {over_mcp[0]:.2f}s (first) {over_mcp[1]:.2f}s (second), directly {time.perf_counter() - t0:.2f}s (after)"
+    )
     # a restart loses no finished result
     async with mcp_serve(port, tmp_path / "serve-2.log"):
         async with http_client(f"127.0.0.1:{port}", made[0]["token"]) as client:

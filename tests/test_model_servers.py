@@ -88,8 +88,16 @@ def test_two_processes_asking_for_a_cold_model_at_once_start_one_server(servers,
     assert [p.wait(30) for p in askers] == [0, 0]
     assert answers[0]["endpoint"] == answers[1]["endpoint"]
     assert len(servers.running()) == 1
-    assert len([p for p in psutil.process_iter(["name"]) if p.info["name"] == "llama-server"
-                and p.pid == servers.running()[0].server_pid]) == 1  # fmt: skip
+    assert (
+        len(
+            [
+                p
+                for p in psutil.process_iter(["name"])
+                if p.info["name"] == "llama-server" and p.pid == servers.running()[0].server_pid
+            ]
+        )
+        == 1
+    )
 
 
 def test_a_server_that_died_is_noticed_and_replaced(servers):
@@ -143,7 +151,9 @@ def test_server_status_lists_model_servers_and_server_stop_stops_them(servers, t
 
 def test_threads_are_shared_out_among_local_models_and_slots_follow_pool_capacity():
     catalog = load_catalog(PACKAGED_CATALOG)
-    assert threads_for(catalog.models, cores=2) == 1  # SmolLM2 and Gemma decode at once without spinning over each other
+    assert (
+        threads_for(catalog.models, cores=2) == 1
+    )  # SmolLM2 and Gemma decode at once without spinning over each other
     assert threads_for(catalog.models, cores=16) == 8
     remote = catalog.models[0].model_copy(update={"serving": OpenAIServing(base_url="http://x/v1", model="m")})
     assert threads_for([catalog.models[1], remote], cores=4) == 4  # remote models use no local cores

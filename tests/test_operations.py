@@ -1,7 +1,7 @@
 """The scheduled flows: benchmark across model sizes, cost report over the telemetry."""
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pandas as pd
@@ -18,23 +18,63 @@ CATALOG = load_catalog(PACKAGED_CATALOG)
 
 
 def frame(rows):
-    base = dict(ts=datetime.now(timezone.utc), strategy="single", backend="local", tflops=1.0, vram_gb=0.5,
-                queue_s=0.0, first_token_s=None, tokens_in=5, error_class=None, allocation_id="a")  # fmt: skip
+    base = dict(
+        ts=datetime.now(UTC),
+        strategy="single",
+        backend="local",
+        tflops=1.0,
+        vram_gb=0.5,
+        queue_s=0.0,
+        first_token_s=None,
+        tokens_in=5,
+        error_class=None,
+        allocation_id="a",
+    )
     return pd.DataFrame([{**base, **r} for r in rows])
 
 
 def test_cost_analysis_finds_idle_cost_rightsizes_and_weighs_preemption():
     rows = [
-        dict(request_id=f"r{i}", tenant=t, fragment_id="f1", task_type=k, model="smollm2-135m", pool=p, tier=tier,
-             allocate_s=0.5, infer_s=1.0, release_s=0.5, tokens_out=90, cost_usd=c, outcome="ok")
-        for i, (t, k, p, tier, c) in enumerate([
-            ("acme", "chat", "local-dedicated", "dedicated", 0.004),
-            ("acme", "chat", "local-preemptible", "preemptible", 0.001),
-            ("globex", "factual_qa", "local-preemptible", "preemptible", 0.001),
-        ])
-    ] + [dict(request_id="r9", tenant="globex", fragment_id="f1", task_type="factual_qa", model="smollm2-135m",
-              pool="local-preemptible", tier="preemptible", outcome="error", error_class="Preempted",
-              tokens_out=0, cost_usd=0.0, allocate_s=0.1, infer_s=None, release_s=None)] * 3  # fmt: skip
+        dict(
+            request_id=f"r{i}",
+            tenant=t,
+            fragment_id="f1",
+            task_type=k,
+            model="smollm2-135m",
+            pool=p,
+            tier=tier,
+            allocate_s=0.5,
+            infer_s=1.0,
+            release_s=0.5,
+            tokens_out=90,
+            cost_usd=c,
+            outcome="ok",
+        )
+        for i, (t, k, p, tier, c) in enumerate(
+            [
+                ("acme", "chat", "local-dedicated", "dedicated", 0.004),
+                ("acme", "chat", "local-preemptible", "preemptible", 0.001),
+                ("globex", "factual_qa", "local-preemptible", "preemptible", 0.001),
+            ]
+        )
+    ] + [
+        dict(
+            request_id="r9",
+            tenant="globex",
+            fragment_id="f1",
+            task_type="factual_qa",
+            model="smollm2-135m",
+            pool="local-preemptible",
+            tier="preemptible",
+            outcome="error",
+            error_class="Preempted",
+            tokens_out=0,
+            cost_usd=0.0,
+            allocate_s=0.1,
+            infer_s=None,
+            release_s=None,
+        )
+    ] * 3
     report = analyse(frame(rows), CATALOG)
     assert report.by_tenant.set_index("tenant").cost_usd.to_dict() == pytest.approx({"acme": 0.005, "globex": 0.001})
     # held 2 s, decoding 1 s: half of each slice's cost was idle
@@ -55,9 +95,21 @@ def test_empty_telemetry_gives_a_report_that_says_so():
 
 def test_benchmark_summary_percentiles():
     samples = pd.DataFrame(
-        [{"model": "m", "parameters_m": 1, "concurrency": 1, "ttft_s": 0.1, "latency_s": float(i),
-          "alloc_overhead_s": 0.01, "tokens_out": 10, "tokens_per_s": 50.0, "cost_usd": 0.001} for i in range(1, 21)]
-    )  # fmt: skip
+        [
+            {
+                "model": "m",
+                "parameters_m": 1,
+                "concurrency": 1,
+                "ttft_s": 0.1,
+                "latency_s": float(i),
+                "alloc_overhead_s": 0.01,
+                "tokens_out": 10,
+                "tokens_per_s": 50.0,
+                "cost_usd": 0.001,
+            }
+            for i in range(1, 21)
+        ]
+    )
     row = summarise(samples).iloc[0]
     assert row.latency_p50_s == pytest.approx(10.5) and row.latency_p95_s == pytest.approx(19.05)
     assert row.usd_per_1k_tokens == pytest.approx(0.1)
@@ -79,8 +131,9 @@ def own_home(tmp_path, monkeypatch):
 async def test_benchmark_then_cost_report_on_real_models(own_home):
     session_latest = get_settings().home / "benchmarks" / "latest.json"
     before = session_latest.read_bytes() if session_latest.exists() else None
-    out = await benchmark(models=["smollm2-135m", "gemma3-270m"], repetitions=1, concurrency=[1, 2], max_tokens=8,
-                          quality_questions=4)  # fmt: skip
+    out = await benchmark(
+        models=["smollm2-135m", "gemma3-270m"], repetitions=1, concurrency=[1, 2], max_tokens=8, quality_questions=4
+    )
     samples = pd.read_parquet(out["parquet"])
     assert len(samples) == 2 * (1 + 2) and set(samples.model) == {"smollm2-135m", "gemma3-270m"}
     # a base model may stop at once (its first token is a stop string): then there is no first token
@@ -88,7 +141,9 @@ async def test_benchmark_then_cost_report_on_real_models(own_home):
     assert (samples.alloc_overhead_s > 0).all()
     assert Path(out["chart"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert Path(out["parquet"]).parent == own_home / "benchmarks"
-    assert (session_latest.read_bytes() if session_latest.exists() else None) == before  # the session's routing is untouched
+    assert (
+        session_latest.read_bytes() if session_latest.exists() else None
+    ) == before  # the session's routing is untouched
     latest = json.loads((Path(out["parquet"]).parent / "latest.json").read_text())
     assert set(latest["tokens_per_second"]) == {"smollm2-135m", "gemma3-270m"}
     measured = with_measurements(CATALOG, Path(out["parquet"]).parent / "latest.json")

@@ -87,10 +87,20 @@ def test_costs_follow_the_larger_share_of_the_pool():
 
 def result(choice, text: str) -> FragmentResult:
     return FragmentResult(
-        fragment_id=choice.fragment_id, task_type="chat", text=text, model=choice.model, backend=choice.backend,
-        pool=choice.pool, tier=choice.tier, allocation_id=f"alloc-{choice.pool}", tokens_in=1, tokens_out=1,
-        timings=Timings(), cost_usd=0.0, reason=choice.reason,
-    )  # fmt: skip
+        fragment_id=choice.fragment_id,
+        task_type="chat",
+        text=text,
+        model=choice.model,
+        backend=choice.backend,
+        pool=choice.pool,
+        tier=choice.tier,
+        allocation_id=f"alloc-{choice.pool}",
+        tokens_in=1,
+        tokens_out=1,
+        timings=Timings(),
+        cost_usd=0.0,
+        reason=choice.reason,
+    )
 
 
 async def test_route_runs_the_call_the_preview_shows_and_says_why():

@@ -1,12 +1,11 @@
 """Routing strategies over recorded answers: the replay provider, scoring, and eval-routing."""
 
+import asyncio
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
-
-import asyncio
 
 import httpx
 import pandas as pd
@@ -67,7 +66,9 @@ def test_cascade_accepts_agreement_and_escalates_disagreement(tmp_path):
     assert score.cost == pytest.approx(15 * 2 + 5 * 12)  # agreements pay 2, escalations 12
     escalated = [d for d in decisions if "escalated" in d.why]
     assert len(escalated) == 5 and all(d.models[-1] == "big" and d.confidence == 0 for d in escalated)
-    assert all(d.confidence == 1.0 and "learned cascade: 2 of 2 probes agree" in d.why for d in decisions if d not in escalated)
+    assert all(
+        d.confidence == 1.0 and "learned cascade: 2 of 2 probes agree" in d.why for d in decisions if d not in escalated
+    )
     # within a quarter of big's cost the most accurate plan left is one cheap model on its own
     cheap, decisions = evaluate(records, "cascade", folds=5, budget_share=0.25)
     assert (cheap.accuracy, cheap.cost) == (0.75, 20.0) and all(len(d.models) == 1 for d in decisions)
@@ -85,8 +86,11 @@ def test_auto_runs_the_learned_cascade_where_there_is_one_and_says_so(tmp_path):
     assert (auto.accuracy, auto.cost) == (cascade.accuracy, cascade.cost)
     assert all(d.strategy == "cascade" and d.why.startswith("auto chose cascade (a cascade learned") for d in decisions)
     # free text has no learned plan and nothing to compare: auto asks the single best-value model
-    chat = load(write_bench(tmp_path / "mt_bench.csv", [dict(gold="x", **{"cheap-a": "x", "cheap-b": "y", "big": "x"})] * 5,
-                            "mt-bench"))  # fmt: skip
+    chat = load(
+        write_bench(
+            tmp_path / "mt_bench.csv", [dict(gold="x", **{"cheap-a": "x", "cheap-b": "y", "big": "x"})] * 5, "mt-bench"
+        )
+    )
     _, decisions = evaluate(chat, "auto", folds=5)
     assert all(d.strategy == "single" and len(d.models) == 1 for d in decisions)
 
@@ -109,8 +113,11 @@ def test_a_code_cascade_escalates_answers_that_are_not_valid_code(tmp_path):
 
 
 def test_an_answer_no_correct_model_gave_is_wrong(tmp_path):
-    records = load(write_bench(tmp_path / "arc_challenge_train.csv",
-                               [dict(gold="A", **{"cheap-a": "B", "cheap-b": "B", "big": "A"})]))  # fmt: skip
+    records = load(
+        write_bench(
+            tmp_path / "arc_challenge_train.csv", [dict(gold="A", **{"cheap-a": "B", "cheap-b": "B", "big": "A"})]
+        )
+    )
     assert not is_correct(records[0], "B") and is_correct(records[0], "A") and not is_correct(records[0], "")
 
 
@@ -119,7 +126,11 @@ def test_bad_inputs_are_named(tmp_path):
     bad.write_text("a,b\n1,2\n")
     with pytest.raises(InvalidRequest, match="not in RouterBench format"):
         load(bad)
-    records = load(write_bench(tmp_path / "arc_challenge_train.csv", [dict(gold="A", **{"cheap-a": "A", "cheap-b": "A", "big": "A"})] * 5))
+    records = load(
+        write_bench(
+            tmp_path / "arc_challenge_train.csv", [dict(gold="A", **{"cheap-a": "A", "cheap-b": "A", "big": "A"})] * 5
+        )
+    )
     with pytest.raises(InvalidRequest, match="unknown strategy 'magic'"):
         evaluate(records, "magic")
     with pytest.raises(NoRoute, match="have no recordings"):
@@ -129,22 +140,33 @@ def test_bad_inputs_are_named(tmp_path):
 
 
 async def test_replay_provider_serves_recorded_answers_over_the_openai_api(tmp_path):
-    records = load(write_bench(tmp_path / "arc_challenge_train.csv",
-                               [dict(gold="A", **{"cheap-a": "B", "cheap-b": "A", "big": "A"})]))  # fmt: skip
+    records = load(
+        write_bench(
+            tmp_path / "arc_challenge_train.csv", [dict(gold="A", **{"cheap-a": "B", "cheap-b": "A", "big": "A"})]
+        )
+    )
     app = create_app(ReplayProvider(records))
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://replay") as client:
         body = {"model": "cheap-a", "messages": [{"role": "user", "content": records[0].prompt}]}
         answer = (await client.post("/v1/chat/completions", json=body)).json()
         assert answer["choices"][0]["message"]["content"] == "B" and answer["usage"]["cost_usd"] == 1.0
-        unknown = await client.post("/v1/chat/completions", json={**body, "messages": [{"role": "user", "content": "?"}]})
+        unknown = await client.post(
+            "/v1/chat/completions", json={**body, "messages": [{"role": "user", "content": "?"}]}
+        )
         assert unknown.status_code == 404
 
 
 def test_an_aggregator_prompt_gets_the_answer_recorded_for_its_question(tmp_path):
-    records = load(write_bench(tmp_path / "arc_challenge_train.csv", [
-        dict(gold="A", **{"cheap-a": "B", "cheap-b": "A", "big": "A"}),
-        dict(gold="B", **{"cheap-a": "B", "cheap-b": "A", "big": "C"}),
-    ] * 6))  # fmt: skip
+    records = load(
+        write_bench(
+            tmp_path / "arc_challenge_train.csv",
+            [
+                dict(gold="A", **{"cheap-a": "B", "cheap-b": "A", "big": "A"}),
+                dict(gold="B", **{"cheap-a": "B", "cheap-b": "A", "big": "C"}),
+            ]
+            * 6,
+        )
+    )
     provider = ReplayProvider(records)
     question = records[11].prompt  # "Q11?…", whose text extends no other record's ("Q1?…" is not its prefix)
     aggregate = f"{question}\n\nCandidate answers from other models:\n1. B\n\nUsing them, give the single best answer."
@@ -154,7 +176,11 @@ def test_an_aggregator_prompt_gets_the_answer_recorded_for_its_question(tmp_path
 
 
 def test_routing_stats_round_trip_and_bad_files(tmp_path):
-    records = load(write_bench(tmp_path / "arc_challenge_train.csv", [dict(gold="A", **{"cheap-a": "A", "cheap-b": "B", "big": "A"})] * 5))
+    records = load(
+        write_bench(
+            tmp_path / "arc_challenge_train.csv", [dict(gold="A", **{"cheap-a": "A", "cheap-b": "B", "big": "A"})] * 5
+        )
+    )
     stats = fit(records)
     stats.save(tmp_path / "stats.json")
     assert Stats.load(tmp_path / "stats.json") == stats
@@ -185,7 +211,9 @@ async def test_through_flow_gives_the_in_process_figures(tmp_path, strategy, ass
 
     records = load(write_bench(tmp_path / "arc_challenge_train.csv", list(THROUGH_FLOW_ROWS) * 3))
     expected, decisions = await asyncio.to_thread(evaluate, records, strategy, 3, None, 10, 0.5)
-    score, fused = await evaluate_through_flow(records, strategy, tmp_path / "work", folds=3, limit=10, budget_share=0.5)
+    score, fused = await evaluate_through_flow(
+        records, strategy, tmp_path / "work", folds=3, limit=10, budget_share=0.5
+    )
     assert len(fused) == 10
     assert score.accuracy == expected.accuracy and score.cost == pytest.approx(expected.cost)
     for decision, result in zip(decisions, fused):
@@ -199,8 +227,13 @@ async def test_through_flow_gives_the_in_process_figures(tmp_path, strategy, ass
 @pytest.mark.skipif(not ROUTERBENCH.exists(), reason="the shared RouterBench files are not beside the checkout")
 def test_eval_routing_command_prints_figures_and_ends_with_json():
     files = [str(ROUTERBENCH / f) for f in ("arc_challenge_train.csv", "mbpp_train.csv")]
-    done = subprocess.run([HOMESKILLET, "eval-routing", *files, "--strategy", "cascade", "--json"],
-                          capture_output=True, text=True, timeout=300, env=os.environ.copy())  # fmt: skip
+    done = subprocess.run(
+        [HOMESKILLET, "eval-routing", *files, "--strategy", "cascade", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=os.environ.copy(),
+    )
     assert done.returncode == 0, done.stderr
     figures = json.loads(done.stdout.strip().splitlines()[-1])
     arc = figures["files"]["arc_challenge_train"]
@@ -210,8 +243,12 @@ def test_eval_routing_command_prints_figures_and_ends_with_json():
     mbpp = figures["files"]["mbpp_train"]
     assert figures["overall"]["cost"] == pytest.approx(arc["cost"] + mbpp["cost"])
     assert "overall: 1338 records" in done.stdout  # the oracle and every single model over both files too
-    bad = subprocess.run([HOMESKILLET, "eval-routing", files[0], "--strategy", "magic", "--json"],
-                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    bad = subprocess.run(
+        [HOMESKILLET, "eval-routing", files[0], "--strategy", "magic", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 2 and "unknown strategy" in bad.stderr and bad.stdout.strip() == ""
 
 
@@ -220,8 +257,13 @@ def test_eval_routing_through_flow_matches_in_process_on_real_records():
     arc = str(ROUTERBENCH / "arc_challenge_train.csv")
     figures = []
     for extra in ([], ["--through-flow"]):
-        done = subprocess.run([HOMESKILLET, "eval-routing", arc, "--strategy", "cascade", "--limit", "6", "--json", *extra],
-                              capture_output=True, text=True, timeout=300, env=os.environ.copy())  # fmt: skip
+        done = subprocess.run(
+            [HOMESKILLET, "eval-routing", arc, "--strategy", "cascade", "--limit", "6", "--json", *extra],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=os.environ.copy(),
+        )
         assert done.returncode == 0, done.stderr
         figures.append(json.loads(done.stdout.strip().splitlines()[-1])["files"]["arc_challenge_train"])
     in_process, through_flow = figures
@@ -232,14 +274,22 @@ def test_eval_routing_through_flow_matches_in_process_on_real_records():
 @pytest.mark.skipif(not ROUTERBENCH.exists(), reason="the shared RouterBench files are not beside the checkout")
 def test_learn_routing_writes_stats_the_flow_can_use(tmp_path):
     out = tmp_path / "stats.json"
-    done = subprocess.run([HOMESKILLET, "learn-routing", str(ROUTERBENCH / "mbpp_train.csv"), "-o", str(out)],
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    done = subprocess.run(
+        [HOMESKILLET, "learn-routing", str(ROUTERBENCH / "mbpp_train.csv"), "-o", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     stats = Stats.load(out)
     assert max(stats.quality["code"], key=stats.quality["code"].get) == "gpt-4-1106-preview"
     plan = stats.plans["code"]
     assert plan.signal == "validity" and plan.escalate == "gpt-4-1106-preview"
     assert sum(stats.cost["code"][m] for m in plan.probes) <= 0.25 * stats.cost["code"]["gpt-4-1106-preview"]
-    bad = subprocess.run([HOMESKILLET, "learn-routing", str(tmp_path / "missing.csv"), "-o", str(out)],
-                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    bad = subprocess.run(
+        [HOMESKILLET, "learn-routing", str(tmp_path / "missing.csv"), "-o", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 2 and "missing.csv" in bad.stderr

@@ -9,8 +9,13 @@ pytestmark = pytest.mark.usefixtures("local_services", "assert_no_leaks")
 
 
 async def run(test_catalog, prompt, strategy, **constraints):
-    return await fuse_request(prompt=prompt, tenant="acme", strategy=strategy, catalog_path=test_catalog,
-                              constraints={"pool": "roomy", "max_tokens": 24, **constraints})  # fmt: skip
+    return await fuse_request(
+        prompt=prompt,
+        tenant="acme",
+        strategy=strategy,
+        catalog_path=test_catalog,
+        constraints={"pool": "roomy", "max_tokens": 24, **constraints},
+    )
 
 
 async def test_cascade_accepts_when_two_cheap_models_agree(test_catalog, monkeypatch):
@@ -37,8 +42,7 @@ async def test_cascade_sends_free_text_straight_to_the_best_model(test_catalog, 
 async def test_cascade_escalates_code_that_is_not_valid(test_catalog, monkeypatch):
     """The echo models answer with the prompt, which is no Python function: escalated."""
     monkeypatch.setenv("ECHO_DELAY_S", "0")
-    result = await run(test_catalog, "Write a Python function that reverses a string.", "cascade",
-                       task_type="code")  # fmt: skip
+    result = await run(test_catalog, "Write a Python function that reverses a string.", "cascade", task_type="code")
     (fragment,) = result.fragments
     assert fragment.models_called[0] != "smollm2-135m" and fragment.models_called[-1] == "smollm2-135m"
     assert fragment.confidence == 0.0 and "no probe gave valid code" in fragment.reason
@@ -68,21 +72,39 @@ async def test_learned_routing_stats_decide_instead_of_the_catalog(test_catalog,
 
     monkeypatch.setenv("ECHO_DELAY_S", "0")
     costs = {"echo-lite": 0.001, "echo": 0.002, "smollm2-135m": 0.01}
-    learned = Stats({"math": {"echo-lite": 0.2, "echo": 0.9, "smollm2-135m": 0.5}}, {"math": costs},
-                    plans={"math": CascadePlan(["echo"], 1, "agreement", "smollm2-135m")})  # fmt: skip
+    learned = Stats(
+        {"math": {"echo-lite": 0.2, "echo": 0.9, "smollm2-135m": 0.5}},
+        {"math": costs},
+        plans={"math": CascadePlan(["echo"], 1, "agreement", "smollm2-135m")},
+    )
     learned.save(tmp_path / "stats.json")
     single = (await run(test_catalog, "What is 2 + 2?", "single")).fragments[0]
     assert single.models_called == ["smollm2-135m"]  # the catalog's priors: smollm2 is the best at math
-    routed = await fuse_request(prompt="What is 2 + 2?", tenant="acme", strategy="single", catalog_path=test_catalog,
-                                constraints={"pool": "roomy", "max_tokens": 24},
-                                routing_stats=str(tmp_path / "stats.json"))  # fmt: skip
+    routed = await fuse_request(
+        prompt="What is 2 + 2?",
+        tenant="acme",
+        strategy="single",
+        catalog_path=test_catalog,
+        constraints={"pool": "roomy", "max_tokens": 24},
+        routing_stats=str(tmp_path / "stats.json"),
+    )
     assert routed.fragments[0].models_called == ["echo"]  # learned: echo is far better at math
-    cascaded = await fuse_request(prompt="What is 2 + 2?", tenant="acme", strategy="cascade", catalog_path=test_catalog,
-                                  constraints={"pool": "roomy", "max_tokens": 24},
-                                  routing_stats=str(tmp_path / "stats.json"))  # fmt: skip
+    cascaded = await fuse_request(
+        prompt="What is 2 + 2?",
+        tenant="acme",
+        strategy="cascade",
+        catalog_path=test_catalog,
+        constraints={"pool": "roomy", "max_tokens": 24},
+        routing_stats=str(tmp_path / "stats.json"),
+    )
     (fragment,) = cascaded.fragments
     assert fragment.models_called == ["echo"] and "learned cascade" in fragment.reason
     with pytest.raises(NoRoute, match="no figures for task type 'chat'"):
-        await fuse_request(prompt="Write a haiku about the sea.", tenant="acme", strategy="single",
-                           catalog_path=test_catalog, constraints={"pool": "roomy", "max_tokens": 24},
-                           routing_stats=str(tmp_path / "stats.json"))  # fmt: skip
+        await fuse_request(
+            prompt="Write a haiku about the sea.",
+            tenant="acme",
+            strategy="single",
+            catalog_path=test_catalog,
+            constraints={"pool": "roomy", "max_tokens": 24},
+            routing_stats=str(tmp_path / "stats.json"),
+        )

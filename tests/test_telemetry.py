@@ -1,7 +1,7 @@
 """The telemetry dataset: one record per fragment attempt, safe under concurrent writers."""
 
 import multiprocessing
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -16,14 +16,29 @@ pytestmark = pytest.mark.usefixtures("local_services")  # flows, tasks or the Pr
 
 def record(i: int, day: datetime) -> TelemetryRecord:
     return TelemetryRecord(
-        ts=day, request_id=f"r{i}", tenant="acme", fragment_id="f1", task_type="chat", strategy="single",
-        model="m", backend="local", pool="p", tier="dedicated", allocation_id=f"alloc-{i}", tflops=1, vram_gb=0.5,
-        infer_s=0.1, tokens_in=3, tokens_out=4, cost_usd=0.001, outcome="ok",
-    )  # fmt: skip
+        ts=day,
+        request_id=f"r{i}",
+        tenant="acme",
+        fragment_id="f1",
+        task_type="chat",
+        strategy="single",
+        model="m",
+        backend="local",
+        pool="p",
+        tier="dedicated",
+        allocation_id=f"alloc-{i}",
+        tflops=1,
+        vram_gb=0.5,
+        infer_s=0.1,
+        tokens_in=3,
+        tokens_out=4,
+        cost_usd=0.001,
+        outcome="ok",
+    )
 
 
 def _writer(root, start):
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     for i in range(start, start + 20):
         write_records(root, [record(i, now), record(i, now - timedelta(days=1))])
 
@@ -51,14 +66,19 @@ def test_an_empty_dataset_reads_as_an_empty_frame(tmp_path):
 async def test_every_fragment_attempt_is_recorded_success_or_failure(test_catalog, echo_server, monkeypatch):
     monkeypatch.setenv("ECHO_DELAY_S", "0.05")
     ok = await fuse_request(
-        prompt="1. Say one.\n2. Say two.", tenant="acme",
-        constraints={"allowed_models": ["echo"], "pool": "roomy"}, catalog_path=test_catalog,
-    )  # fmt: skip
+        prompt="1. Say one.\n2. Say two.",
+        tenant="acme",
+        constraints={"allowed_models": ["echo"], "pool": "roomy"},
+        catalog_path=test_catalog,
+    )
     with pytest.raises(InferenceError):
         await fuse_request(
-            prompt="1. Say one #tele2.\n2. FAIL #tele2.", tenant="acme", request_id="telemetry-fail",
-            constraints={"allowed_models": ["echo"], "pool": "roomy"}, catalog_path=test_catalog,
-        )  # fmt: skip
+            prompt="1. Say one #tele2.\n2. FAIL #tele2.",
+            tenant="acme",
+            request_id="telemetry-fail",
+            constraints={"allowed_models": ["echo"], "pool": "roomy"},
+            catalog_path=test_catalog,
+        )
     frame = read_records(get_settings().telemetry)
     mine = frame[frame.request_id == ok.request_id]
     assert sorted(mine.allocation_id) == sorted(f.allocation_id for f in ok.fragments)
@@ -85,13 +105,20 @@ async def test_prometheus_metrics_count_fragments(test_catalog, monkeypatch):
 
     def fragments_ok() -> float:
         text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
-        lines = [l for l in text.splitlines() if l.startswith("homeskillet_fragments_total") and 'model="echo"' in l
-                 and 'outcome="ok"' in l]  # fmt: skip
-        return sum(float(l.rsplit(" ", 1)[1]) for l in lines)
+        lines = [
+            line
+            for line in text.splitlines()
+            if line.startswith("homeskillet_fragments_total") and 'model="echo"' in line and 'outcome="ok"' in line
+        ]
+        return sum(float(line.rsplit(" ", 1)[1]) for line in lines)
 
     before = fragments_ok()
-    await fuse_request(prompt="1. Say one.\n2. Say two.", tenant="acme",
-                       constraints={"allowed_models": ["echo"], "pool": "roomy"}, catalog_path=test_catalog)  # fmt: skip
+    await fuse_request(
+        prompt="1. Say one.\n2. Say two.",
+        tenant="acme",
+        constraints={"allowed_models": ["echo"], "pool": "roomy"},
+        catalog_path=test_catalog,
+    )
     assert fragments_ok() == before + 2
     text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
     assert 'homeskillet_allocations_held{backend="local"} 0.0' in text
