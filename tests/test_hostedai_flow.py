@@ -186,5 +186,7 @@ async def test_chaos_fifty_requests_end_complete_or_with_a_clear_error(emulator,
         assert fired[kind] >= 1, f"fault {kind} never fired: {dict(fired)}"
     assert outcomes["re-run after preemption"] >= 1
     # and what failed, failed as hosted·ai trouble, not as a bug or someone else's refusal
-    expected = {"HostedAIUnavailable", "CircuitOpen", "Preempted", "InsufficientResources"}
+    # (InferenceError: the pod failed and hosted·ai could not say whether the share still exists —
+    # verify() does not guess a preemption from a failed check)
+    expected = {"HostedAIUnavailable", "CircuitOpen", "Preempted", "InsufficientResources", "InferenceError"}
     assert set(errors) <= expected, f"unexpected error classes: {dict(errors)}"
