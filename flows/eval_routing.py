@@ -11,15 +11,13 @@ its task type is declared, as an API caller that knows its task would.
 from __future__ import annotations
 
 import asyncio
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
 
+from connectors.processes import serve_in_thread
 from connectors.replay import Record, ReplayProvider, create_app
 from flows.fusion import fuse_request
 from homeskillet.schemas import FusionResult
@@ -56,26 +54,8 @@ def replay_catalog(models: list[str], base_url: str) -> dict:
 @contextmanager
 def serve_replay(records: list[Record]) -> Iterator[str]:
     """The replay provider on a free loopback port, in a thread of this process; yields its /v1 URL."""
-    import uvicorn
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(ReplayProvider(records)), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, name="replay-provider", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError(f"the replay provider did not start on 127.0.0.1:{port}")
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        server.should_exit = True
-        thread.join(10)
+    with serve_in_thread(create_app(ReplayProvider(records)), "replay provider") as url:
+        yield f"{url}/v1"
 
 
 async def evaluate_through_flow(

@@ -10,10 +10,8 @@ Prometheus metrics, error messages.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import socket
-import threading
 import uuid
 from dataclasses import dataclass
 
@@ -126,31 +124,26 @@ async def _result_attacks(report: _Report, store, request_id: str) -> None:
 
 
 async def _mcp_attacks(report: _Report, catalog_path, tokens: dict, allocation_id: str, request_id: str) -> None:
-    import uvicorn
     from mcp import Client
     from mcp.client.streamable_http import streamable_http_client
     from mcp.shared._httpx_utils import create_mcp_http_client
 
-    from connectors.processes import free_port
+    from connectors.processes import serve_in_thread
     from connectors.ws_transport import WebSocketTransport
     from homeskillet.mcp_server import create_app
 
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(catalog_path), host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        await asyncio.sleep(0.05)
-    base = f"127.0.0.1:{port}"
+    with serve_in_thread(create_app(catalog_path), "MCP server", log_level="error") as url:
+        base = url.removeprefix("http://")
 
-    def http(token: str) -> Client:
-        headers = {"Authorization": f"Bearer {token}"}
-        return Client(streamable_http_client(f"http://{base}/mcp", http_client=create_mcp_http_client(headers=headers)))
+        def http(token: str) -> Client:
+            headers = {"Authorization": f"Bearer {token}"}
+            return Client(
+                streamable_http_client(f"http://{base}/mcp", http_client=create_mcp_http_client(headers=headers))
+            )
 
-    def ws(token: str) -> Client:
-        return Client(WebSocketTransport(f"ws://{base}/ws", token=token))
+        def ws(token: str) -> Client:
+            return Client(WebSocketTransport(f"ws://{base}/ws", token=token))
 
-    try:
         for transport, client in (("Streamable HTTP", http), ("WebSocket", ws)):
             async with client(tokens[A]) as a, client(tokens[B]) as b:
                 mine = (await a.call_tool("allocations", {})).structured_content
@@ -171,9 +164,6 @@ async def _mcp_attacks(report: _Report, catalog_path, tokens: dict, allocation_i
                     control=own is not None and "A's answer" in own,
                 )
         await _session_attacks(report, base, tokens)
-    finally:
-        server.should_exit = True
-        await asyncio.to_thread(thread.join, 10)
 
 
 async def _read(client, uri: str) -> str | None:

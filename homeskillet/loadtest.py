@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import json
 import logging
-import threading
 import time
 from dataclasses import dataclass, field
 
@@ -82,11 +82,7 @@ async def run_load(
         raise InvalidRequest("--faults needs --backend hostedai (they are the faults of the emulator it starts)")
     emulator = None
     if backend == "hostedai":
-        emulator = (
-            await _start_emulator(faults, names)
-            if emulator_state is None
-            else _Emulator(None, None, emulator_state, "", [])
-        )
+        emulator = await _start_emulator(faults, names) if emulator_state is None else _Emulator(emulator_state, [])
     run = Run()
     stop = asyncio.Event()
     gate = asyncio.Semaphore(concurrency)
@@ -185,8 +181,8 @@ async def _sample(services, run: Run, emulator, stop: asyncio.Event, every_s: fl
 class _Emulator:
     """The hosted·ai emulator on a loopback port, in a thread of this process."""
 
-    def __init__(self, server, thread, state, url: str, tenants: list[str]):
-        self.server, self.thread, self.state, self.url, self.tenants = server, thread, state, url, tenants
+    def __init__(self, state, tenants: list[str], serving: contextlib.ExitStack | None = None):
+        self.state, self.tenants, self.serving = state, tenants, serving
 
     def duplicates(self) -> list[str]:
         live = collections.Counter(
@@ -203,16 +199,13 @@ class _Emulator:
 
         for tenant in self.tenants:
             await delete_hostedai_credentials(tenant)
-        if self.server is not None:
-            self.server.should_exit = True
-            await asyncio.to_thread(self.thread.join, 10)
+        if self.serving is not None:
+            await asyncio.to_thread(self.serving.close)
 
 
 async def _start_emulator(faults: str, tenants: list[str]) -> _Emulator:
-    import uvicorn
-
     from connectors.hostedai_emulator import Faults, create_app, default_config
-    from connectors.processes import free_port
+    from connectors.processes import serve_in_thread
     from homeskillet.schemas import HostedAICredentials
     from tasks.credentials import block_name, has_credentials_block, save_hostedai_credentials
 
@@ -227,20 +220,22 @@ async def _start_emulator(faults: str, tenants: list[str]) -> _Emulator:
                 "the emulator load test would replace them: run it with its own HOMESKILLET_HOME"
             )
     app = create_app(config)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    while not server.started:
-        await asyncio.sleep(0.05)
+    serving = contextlib.ExitStack()
+    url = await asyncio.to_thread(serving.enter_context, serve_in_thread(app, "hosted·ai emulator"))
     teams = {team.name: team for team in config.teams}
-    for tenant in tenants:
-        if tenant not in teams:
-            raise InvalidRequest(f"the emulator has no team for tenant {tenant!r}")
-        team = teams[tenant]
-        await save_hostedai_credentials(tenant, HostedAICredentials(url=url, api_key=team.api_key, team_id=team.id))
-    return _Emulator(server, thread, app.state.emulator, url, tenants)
+    lent = _Emulator(app.state.emulator, [], serving)
+    try:
+        for tenant in tenants:
+            if tenant not in teams:
+                raise InvalidRequest(f"the emulator has no team for tenant {tenant!r}")
+            team = teams[tenant]
+            credentials = HostedAICredentials(url=url, api_key=team.api_key, team_id=team.id)
+            await save_hostedai_credentials(tenant, credentials)
+            lent.tenants.append(tenant)
+    except BaseException:
+        await lent.stop()  # what was lent so far, and the emulator
+        raise
+    return lent
 
 
 def report(figures: dict) -> str:
