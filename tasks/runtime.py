@@ -45,7 +45,8 @@ class Services(BaseModel):
 
     @property
     def settings(self) -> Settings:
-        return get_settings()
+        """The process settings, with this value's catalog file and state folder."""
+        return _settings(self)
 
     def covenant(self, tenant: str) -> Covenant:
         """The tenant's covenant as the catalog file says now: re-read when the file changes, so a
@@ -98,6 +99,11 @@ def services(catalog_path: str | Path | None = None) -> Services:
     return Services(catalog_path=Path(catalog_path or s.catalog).resolve(), home=s.home.resolve())
 
 
+@lru_cache
+def _settings(services: Services) -> Settings:
+    return get_settings().model_copy(update={"catalog": services.catalog_path, "home": services.home})
+
+
 @lru_cache(maxsize=32)
 def _measured(services: Services, latest_version: int | None) -> Catalog:
     return with_measurements(_built(services)[0], services.home / "benchmarks" / "latest.json")
@@ -108,7 +114,7 @@ def _built(services: Services) -> tuple[Catalog, dict[str, Backend]]:
     """The catalog as written, and the backends (built once: they hold connections and shares)."""
     _serve_metrics_once()
     catalog = load_catalog(services.catalog_path)
-    settings = get_settings().model_copy(update={"catalog": services.catalog_path, "home": services.home})
+    settings = _settings(services)
     backends: dict[str, Backend] = {
         "local": LocalBackend(settings, catalog),
         "hostedai": HostedAIBackend(settings, catalog, hostedai_credentials),
