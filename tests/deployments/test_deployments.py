@@ -16,7 +16,7 @@ from prefect.flows import load_flow_from_entrypoint
 
 pytestmark = pytest.mark.usefixtures("local_services")  # flows, tasks or the Prefect API
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 CONFIG = yaml.safe_load((ROOT / "prefect.yaml").read_text())
 

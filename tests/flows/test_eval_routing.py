@@ -18,7 +18,7 @@ from tasks.strategies import Stats, normalise
 
 pytestmark = pytest.mark.usefixtures("local_services")  # flows, tasks or the Prefect API
 
-ROUTERBENCH = Path(__file__).resolve().parents[2] / "shared" / "data" / "routerbench"
+ROUTERBENCH = Path(__file__).resolve().parents[3] / "shared" / "data" / "routerbench"
 HOMESKILLET = str(Path(sys.executable).with_name("homeskillet"))
 
 

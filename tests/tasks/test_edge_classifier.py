@@ -29,7 +29,7 @@ from tasks.classifier import (
 from tasks.edge_build import WASM, build, sha256
 from tasks.edge_classifier import WasmClassifier, js_number, to_json
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EDGE = ROOT / "edge"
 ROUTERBENCH = ROOT.parent / "shared" / "data" / "routerbench"
 HOMESKILLET = str(Path(sys.executable).with_name("homeskillet"))

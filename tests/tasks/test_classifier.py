@@ -6,7 +6,7 @@ import pytest
 
 from tasks.classifier import WEIGHTS, Classifier, cross_validate, features, train, training_examples
 
-ROUTERBENCH = Path(__file__).resolve().parents[2] / "shared" / "data" / "routerbench"
+ROUTERBENCH = Path(__file__).resolve().parents[3] / "shared" / "data" / "routerbench"
 
 
 def test_features_are_deterministic_sparse_and_normalised():

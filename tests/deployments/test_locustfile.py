@@ -15,7 +15,7 @@ from connectors.processes import free_port
 from connectors.tokens import TokenStore
 from homeskillet.settings import get_settings
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.usefixtures("local_services", "assert_no_leaks")
 
 

@@ -17,7 +17,7 @@ from prefect.deployments import run_deployment
 from connectors.telemetry import read_records
 from homeskillet.settings import get_settings
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 API = os.environ["PREFECT_API_URL"]
 pytestmark = pytest.mark.usefixtures("local_services", "assert_no_leaks")
