@@ -6,8 +6,9 @@ import os
 
 import httpx
 import pytest
+from prefect import flow
 
-from flows.fusion import fuse_request
+from flows.fusion import _deployment_run, fuse_request
 from homeskillet.errors import (
     CapacityTimeout,
     InferenceError,
@@ -21,6 +22,18 @@ from tasks import runtime
 pytestmark = pytest.mark.usefixtures("local_services", "assert_no_leaks")
 
 THREE_PARTS = "What is the capital of France? Who wrote Romeo and Juliet? Write a haiku about the sea."
+
+
+async def test_only_a_deployment_run_is_taken_for_one():
+    """In-process runs (CLI, MCP server) keep their hosted·ai subscriptions warm for the next
+    request; only a deployment's run retires them (tests/deployments/test_e2e.py covers that side)."""
+
+    @flow
+    async def probe() -> bool:
+        return _deployment_run()
+
+    assert _deployment_run() is False
+    assert await probe() is False
 
 
 async def test_a_three_part_question_runs_on_real_models_and_releases_everything():
