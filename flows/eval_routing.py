@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -20,15 +21,16 @@ import yaml
 from connectors.processes import serve_in_thread
 from connectors.replay import Record, ReplayProvider, create_app
 from flows.fusion import fuse_request
+from homeskillet.errors import InvalidRequest
 from homeskillet.schemas import FusionResult
-from tasks.evaluation import BUDGET, Score, check_models, fold_fits, fold_of, score
+from tasks.evaluation import BUDGET, Score, check_models, fit, fold_fits, fold_of, score
 from tasks.strategies import check_strategy
 
 POOL = "replay"
 TENANT = "demo"
 
 
-def replay_catalog(models: list[str], base_url: str) -> dict:
+def replay_catalog(models: list[str], base_url: str, tenants: list[str] = [TENANT]) -> dict:  # noqa: B006
     """A catalog whose models are the recorded ones, served by the replay provider at base_url."""
     return {
         "models": [
@@ -47,7 +49,7 @@ def replay_catalog(models: list[str], base_url: str) -> dict:
             for m in models
         ],
         "pools": [{"id": POOL, "tier": "dedicated", "tflops": 1000, "vram_gb": 1000, "price_per_hour": 0}],
-        "tenants": [{"id": TENANT, "description": "routing evaluation"}],
+        "tenants": [{"id": t, "description": "replayed recordings"} for t in tenants],
     }
 
 
@@ -56,6 +58,41 @@ def serve_replay(records: list[Record]) -> Iterator[str]:
     """The replay provider on a free loopback port, in a thread of this process; yields its /v1 URL."""
     with serve_in_thread(create_app(ReplayProvider(records)), "replay provider") as url:
         yield f"{url}/v1"
+
+
+@dataclass(frozen=True)
+class Replay:
+    """What a run over the recordings needs: a catalog of the recorded models behind the replay
+    provider, routing figures learned from the recordings, and the records themselves."""
+
+    catalog_path: str
+    routing_stats: str
+    records: list[Record]
+
+    def request(self, i: int, max_tokens: int) -> dict:
+        """fuse_request's arguments for the i-th request (the records taken in turn)."""
+        record = self.records[i % len(self.records)]
+        return {
+            "prompt": record.prompt,
+            "constraints": {"split": False, "task_type": record.task, "max_tokens": max_tokens},
+            "catalog_path": self.catalog_path,
+            "routing_stats": self.routing_stats,
+        }
+
+
+@contextmanager
+def replay_load(records: list[Record], tenants: list[str], workdir: Path) -> Iterator[Replay]:
+    """The recordings served on loopback for load and scaling runs: model calls cost no compute,
+    so the figures are the orchestration's own (Prefect, the ledger, the flow)."""
+    if not records:
+        raise InvalidRequest("the recordings hold no records")
+    workdir.mkdir(parents=True, exist_ok=True)
+    with serve_replay(records) as base_url:
+        catalog = workdir / "replay-catalog.yaml"
+        catalog.write_text(yaml.safe_dump(replay_catalog(sorted(records[0].responses), base_url, tenants)))
+        stats = workdir / "routing-stats.json"
+        fit(records).save(stats)
+        yield Replay(str(catalog), str(stats), records)
 
 
 async def evaluate_through_flow(

@@ -8,6 +8,7 @@ import os
 import sys
 import time
 import warnings
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -598,10 +599,18 @@ def loadtest(
     concurrency: Annotated[int, typer.Option(min=1, help="Requests in flight at once.")] = 8,
     tenants: Annotated[int, typer.Option(min=1, help="Tenants taking turns (the catalog's first T).")] = 3,
     backend: Annotated[
-        str, typer.Option(help="local (this machine's models) or hostedai (the emulator, started here).")
+        str,
+        typer.Option(
+            help="local (this machine's models), hostedai (the emulator, started here) or replay "
+            "(recorded answers from --recordings: the orchestration's own ceiling)."
+        ),
     ] = "local",
     faults: Annotated[str, typer.Option(help="hosted·ai emulator faults, e.g. error_rate=0.2,preempt_rate=0.1.")] = "",
     max_tokens: Annotated[int, typer.Option(min=1, help="Output tokens per fragment.")] = 16,
+    recordings: Annotated[
+        Path | None,
+        typer.Option(exists=True, dir_okay=False, help="A RouterBench file (CSV or Parquet) for --backend replay."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="End with one JSON line of the figures.")] = False,
 ) -> None:
     """Load through the real flow from several tenants, checking capacity, isolation, leaks and
@@ -610,7 +619,9 @@ def loadtest(
         use_local_prefect()
         from homeskillet.loadtest import report, run_load, summary, violated
 
-        figures = asyncio.run(run_load(requests, concurrency, tenants, backend, faults, max_tokens))
+        figures = asyncio.run(
+            run_load(requests, concurrency, tenants, backend, faults, max_tokens, recordings=recordings)
+        )
     except HomeskilletError as exc:
         _fail(exc)
     console.print(report(figures), highlight=False, markup=False)
@@ -626,6 +637,14 @@ def bench_workers(
     requests: Annotated[int, typer.Option(min=1, help="Flow runs submitted at once, per worker count.")] = 12,
     limit: Annotated[int, typer.Option(min=1, help="Flow runs each worker runs at once.")] = 2,
     max_tokens: Annotated[int, typer.Option(min=1, help="Output tokens per request.")] = 16,
+    recordings: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True,
+            dir_okay=False,
+            help="Answer from these RouterBench recordings instead of the local models (no model compute).",
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the rows as JSON.")] = False,
 ) -> None:
     """Requests/s through deployments with 1, 2, 4… process workers (each run its own process)."""
@@ -638,14 +657,17 @@ def bench_workers(
         from homeskillet.scaling import run_scaling
 
         rows = asyncio.run(
-            run_scaling(api_url, counts, requests, limit, max_tokens, get_settings().home / "logs" / "bench-workers")
+            run_scaling(
+                api_url, counts, requests, limit, max_tokens, get_settings().home / "logs" / "bench-workers", recordings
+            )
         )
     except HomeskilletError as exc:
         _fail(exc)
     if as_json:
         print(json.dumps(rows, indent=2))
         return
-    table = Table(title=f"{requests} requests per row through the fuse-request deployment, max_tokens {max_tokens}")
+    answers = f"recordings {recordings.name}" if recordings else f"local models, max_tokens {max_tokens}"
+    table = Table(title=f"{requests} requests per row through the fuse-request deployment, {answers}")
     for column in ("workers", "limit", "completed", "rps", "latency_p50_s", "latency_p95_s", "wall_s"):
         table.add_column(column)
     for row in rows:

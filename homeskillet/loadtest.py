@@ -9,7 +9,9 @@ backends), at most `concurrency` at a time, tenants taking turns. A sampler read
 - hosted·ai: no tenant holds two live subscriptions in the same hosted·ai pool.
 Afterwards no allocation of the run may be left. With `--backend hostedai` the run starts the
 hosted·ai emulator in this process (with `--faults`), gives each tenant the emulator's team
-credentials, and retires every subscription at the end.
+credentials, and retires every subscription at the end. With `--backend replay` the models are
+RouterBench recordings served on loopback (`flows.eval_routing.replay_load`): no model compute,
+so the figures are the orchestration's own ceiling.
 """
 
 from __future__ import annotations
@@ -21,14 +23,17 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from flows.clients import lend_clients
 from flows.fusion import fuse_request
 from homeskillet.errors import HomeskilletError, InvalidRequest
+from homeskillet.settings import get_settings
 from tasks import runtime
 
 log = logging.getLogger(__name__)
 EPS = 1e-6
+BACKENDS = ("local", "hostedai", "replay")
 PROMPTS = [
     "What is the capital of France?",
     "Name three primary colors.",
@@ -66,14 +71,36 @@ async def run_load(
     max_tokens: int = 16,
     sample_s: float = 0.2,
     emulator_state=None,
+    recordings: Path | None = None,
 ) -> dict:
     """Run the load and return the figures (see `summary`). With backend hostedai it starts its own
-    emulator, unless given the state of one that the tenants' credentials already point to."""
+    emulator, unless given the state of one that the tenants' credentials already point to; with
+    backend replay it serves the recordings (a RouterBench file) as the models."""
     if requests < 1 or concurrency < 1 or tenants < 1:
         raise InvalidRequest("requests, concurrency and tenants must each be at least 1")
-    if backend not in ("local", "hostedai"):
-        raise InvalidRequest(f"unknown backend {backend!r}; known: local, hostedai")
-    services = runtime.services()
+    if backend not in BACKENDS:
+        raise InvalidRequest(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
+    if (backend == "replay") != (recordings is not None):
+        raise InvalidRequest("--backend replay takes --recordings FILE (a RouterBench file), and only it does")
+    if backend == "replay":
+        with _replay(recordings, tenants) as replay:
+            return await _load(requests, concurrency, tenants, backend, faults, max_tokens, sample_s, None, replay)
+    return await _load(requests, concurrency, tenants, backend, faults, max_tokens, sample_s, emulator_state, None)
+
+
+@contextlib.contextmanager
+def _replay(recordings: Path, tenants: int):
+    from connectors.replay import load
+    from flows.eval_routing import replay_load
+    from tasks.decompose import classify
+
+    names = [f"tenant-{i + 1}" for i in range(tenants)]
+    with replay_load(load(recordings, classify), names, get_settings().home / "loadtest-replay") as replay:
+        yield replay
+
+
+async def _load(requests, concurrency, tenants, backend, faults, max_tokens, sample_s, emulator_state, replay) -> dict:
+    services = runtime.services(replay.catalog_path if replay else None)
     names = [t.id for t in services.catalog.tenants]
     if tenants > len(names):
         raise InvalidRequest(f"--tenants {tenants}: the catalog has {len(names)} tenants ({', '.join(names)})")
@@ -86,7 +113,14 @@ async def run_load(
     run = Run()
     stop = asyncio.Event()
     gate = asyncio.Semaphore(concurrency)
-    constraints = {"max_tokens": max_tokens, "backend": backend, "capacity_wait_s": 60}
+
+    def arguments(i: int) -> dict:
+        if replay is not None:
+            asked = replay.request(i, max_tokens)
+            asked["constraints"]["capacity_wait_s"] = 60
+            return asked
+        constraints = {"max_tokens": max_tokens, "backend": backend, "capacity_wait_s": 60}
+        return {"prompt": PROMPTS[i % len(PROMPTS)], "constraints": constraints}
 
     async def one(i: int) -> None:
         tenant = names[i % len(names)]
@@ -95,9 +129,7 @@ async def run_load(
         async with gate:
             started = time.perf_counter()
             try:
-                result = await fuse_request(
-                    prompt=PROMPTS[i % len(PROMPTS)], tenant=tenant, constraints=constraints, request_id=request_id
-                )
+                result = await fuse_request(tenant=tenant, request_id=request_id, **arguments(i))
             except HomeskilletError as exc:
                 run.errors[type(exc).__name__] += 1
                 return

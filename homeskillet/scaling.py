@@ -11,6 +11,7 @@ how many completed. The ceiling it finds is the machine's: each flow run is a ne
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import statistics
@@ -26,6 +27,7 @@ from homeskillet.errors import InvalidRequest, ServiceError
 POOL = "homeskillet-scaling"
 FINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
 CHECKOUT = Path(__file__).resolve().parents[1]
+REPLAY_TENANT = "demo"
 
 
 async def _deployment(api: httpx.AsyncClient) -> str:
@@ -59,14 +61,21 @@ def _workers(count: int, limit: int, log_dir: Path) -> list[subprocess.Popen]:
     ]
 
 
-async def _round(api: httpx.AsyncClient, deployment_id: str, requests: int, max_tokens: int) -> dict:
+def _parameters(i: int, max_tokens: int, replay) -> dict:
+    """The i-th run's parameters: one factual question for the local models, or the i-th record."""
+    if replay is not None:
+        return {"tenant": REPLAY_TENANT, **replay.request(i, max_tokens)}
+    return {
+        "prompt": "What is the capital of France?",
+        "tenant": "demo",
+        "constraints": {"max_tokens": max_tokens, "split": False, "task_type": "factual_qa"},
+    }
+
+
+async def _round(api: httpx.AsyncClient, deployment_id: str, requests: int, max_tokens: int, replay=None) -> dict:
     submitted: dict[str, float] = {}
-    for _ in range(requests):
-        parameters = {
-            "prompt": "What is the capital of France?",
-            "tenant": "demo",
-            "constraints": {"max_tokens": max_tokens, "split": False, "task_type": "factual_qa"},
-        }
+    for i in range(requests):
+        parameters = _parameters(i, max_tokens, replay)
         run = await api.post(f"/deployments/{deployment_id}/create_flow_run", json={"parameters": parameters})
         submitted[run.raise_for_status().json()["id"]] = time.perf_counter()
     started = min(submitted.values())
@@ -89,11 +98,31 @@ async def _round(api: httpx.AsyncClient, deployment_id: str, requests: int, max_
 
 
 async def run_scaling(
-    api_url: str, workers: list[int], requests: int, limit: int, max_tokens: int, log_dir: Path
+    api_url: str,
+    workers: list[int],
+    requests: int,
+    limit: int,
+    max_tokens: int,
+    log_dir: Path,
+    recordings: Path | None = None,
 ) -> list[dict]:
+    """One row per worker count; with `recordings`, the runs answer from them (served here, on
+    loopback, for the workers' flow runs to reach): the orchestration's own ceiling."""
     if not workers or min(workers) < 1 or requests < 1 or limit < 1:
         raise InvalidRequest("workers, requests and limit must be at least 1")
     log_dir.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        replay = None
+        if recordings is not None:
+            from connectors.replay import load
+            from flows.eval_routing import replay_load
+            from tasks.decompose import classify
+
+            replay = stack.enter_context(replay_load(load(recordings, classify), [REPLAY_TENANT], log_dir / "replay"))
+        return await _rows(api_url, workers, requests, limit, max_tokens, log_dir, replay)
+
+
+async def _rows(api_url, workers, requests, limit, max_tokens, log_dir, replay) -> list[dict]:
     rows = []
     async with httpx.AsyncClient(base_url=api_url, timeout=60) as api:
         deployment_id = await _deployment(api)
@@ -109,7 +138,8 @@ async def run_scaling(
                         "limit": limit,
                         "requests": requests,
                         "max_tokens": max_tokens,
-                        **await _round(api, deployment_id, requests, max_tokens),
+                        "answers": "replay" if replay else "local",
+                        **await _round(api, deployment_id, requests, max_tokens, replay),
                     }
                 )
             finally:

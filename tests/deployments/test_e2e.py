@@ -18,6 +18,7 @@ from connectors.telemetry import read_records
 from homeskillet.settings import get_settings
 
 ROOT = Path(__file__).resolve().parents[2]
+RECORDINGS = ROOT.parent / "shared" / "data" / "routerbench" / "arc_challenge_train.csv"
 BIN = Path(sys.executable).parent
 API = os.environ["PREFECT_API_URL"]
 pytestmark = pytest.mark.usefixtures("local_services", "assert_no_leaks")
@@ -211,11 +212,13 @@ async def test_a_worker_killed_mid_flow_crashes_its_run_ends_its_leases_and_a_re
         assert done["state"]["type"] == "COMPLETED", done["state"]
 
 
-async def test_the_workers_benchmark_completes_its_runs_and_reports_figures(worker, tmp_path):
+@pytest.mark.parametrize("recordings", [None, RECORDINGS], ids=["local", "replay"])
+async def test_the_workers_benchmark_completes_its_runs_and_reports_figures(worker, tmp_path, recordings):
     from homeskillet.scaling import run_scaling
 
-    (row,) = await run_scaling(API, [1], requests=2, limit=2, max_tokens=4, log_dir=tmp_path)
+    (row,) = await run_scaling(API, [1], requests=2, limit=2, max_tokens=4, log_dir=tmp_path, recordings=recordings)
     assert (row["workers"], row["requests"], row["completed"]) == (1, 2, 2)
+    assert row["answers"] == ("replay" if recordings else "local")
     assert row["rps"] > 0 and 0 < row["latency_p50_s"] <= row["latency_p95_s"] <= row["wall_s"] + 1
 
 

@@ -1,14 +1,17 @@
 """`homeskillet loadtest`: the figures it reports, and that its invariant checks see a break."""
 
 import asyncio
+from pathlib import Path
 
 import pytest
 
 from connectors.ledger import new_allocation_id
+from homeskillet.errors import InvalidRequest
 from homeskillet.loadtest import Run, _sample, quantile, run_load
 from tasks import runtime
 
 pytestmark = pytest.mark.usefixtures("local_services")
+RECORDINGS = Path(__file__).resolve().parents[3] / "shared" / "data" / "routerbench" / "arc_challenge_train.csv"
 
 
 async def test_a_small_load_on_the_local_models_keeps_every_invariant(assert_no_leaks):
@@ -23,6 +26,33 @@ async def test_a_small_load_on_the_local_models_keeps_every_invariant(assert_no_
         figures["duplicate_subscriptions"],
     ) == (0, 0, 0, 0)
     assert 0 < figures["latency_s"]["p50"] <= figures["latency_s"]["p95"] <= figures["latency_s"]["p99"]
+
+
+async def test_a_replayed_load_answers_from_the_recordings_and_keeps_every_invariant(assert_no_leaks):
+    figures = await run_load(
+        requests=9, concurrency=3, tenants=3, backend="replay", recordings=RECORDINGS, sample_s=0.05
+    )
+    assert figures["ok"] == 9, figures["errors"]
+    assert figures["tenants"] == ["tenant-1", "tenant-2", "tenant-3"] and figures["samples"] > 0
+    assert (
+        figures["leaked_allocations"],
+        figures["capacity_violations"],
+        figures["cross_tenant"],
+        figures["duplicate_subscriptions"],
+    ) == (0, 0, 0, 0)
+
+
+@pytest.mark.parametrize(
+    ("backend", "recordings", "problem"),
+    [
+        ("replay", None, "--recordings"),
+        ("local", RECORDINGS, "--recordings"),
+        ("gpu-farm", None, "unknown backend 'gpu-farm'"),
+    ],
+)
+async def test_a_load_that_cannot_run_as_asked_says_why(backend, recordings, problem):
+    with pytest.raises(InvalidRequest, match=problem):
+        await run_load(requests=1, concurrency=1, tenants=1, backend=backend, recordings=recordings)
 
 
 async def test_the_sampler_sees_cross_tenant_holdings_and_overfull_pools(test_catalog):
