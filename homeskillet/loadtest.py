@@ -82,7 +82,7 @@ async def run_load(
         raise InvalidRequest("--faults needs --backend hostedai (they are the faults of the emulator it starts)")
     emulator = None
     if backend == "hostedai":
-        emulator = await _start_emulator(faults, names) if emulator_state is None else _Emulator(emulator_state, [])
+        emulator = await start_emulator(faults, names) if emulator_state is None else _Emulator(emulator_state, [])
     run = Run()
     stop = asyncio.Event()
     gate = asyncio.Semaphore(concurrency)
@@ -203,7 +203,7 @@ class _Emulator:
             await asyncio.to_thread(self.serving.close)
 
 
-async def _start_emulator(faults: str, tenants: list[str]) -> _Emulator:
+async def start_emulator(faults: str, tenants: list[str]) -> _Emulator:
     from connectors.hostedai_emulator import Faults, create_app, default_config
     from connectors.processes import serve_in_thread
     from homeskillet.schemas import HostedAICredentials

@@ -8,9 +8,11 @@ from homeskillet.isolation import broken, run_attacks
 pytestmark = pytest.mark.usefixtures("local_services", "assert_no_leaks")
 
 
-async def test_every_attack_of_one_tenant_on_anothers_work_is_refused():
-    rows = await run_attacks()
-    assert not broken(rows), [vars(r) for r in rows if r.result != "refused"]
+async def test_every_attack_of_one_tenant_on_anothers_work_is_refused(hostedai_tenants, no_subscriptions_left):
+    rows = await run_attacks(lend_emulator=False)  # the tenants' Secret blocks point at the session's emulator
+    for r in rows:
+        print(f"{r.result:15} | {r.attack} | {r.path} | {r.detail[:150]}")
+    assert not broken(rows), [vars(r) for r in rows if r.result not in ("refused", "operator surface")]
     paths = {r.path for r in rows}
     assert {
         "MCP allocations tool (WebSocket)",
@@ -19,6 +21,7 @@ async def test_every_attack_of_one_tenant_on_anothers_work_is_refused():
         "backend.release(A's id, B)",
         "fuse_request constraints",
         "fuse_request without constraints",
+        "hostedai backend.release(A's id, B)",
     } <= paths
 
 
@@ -31,6 +34,6 @@ async def test_a_backend_that_ignores_the_tenant_on_release_is_reported(monkeypa
         return await original(self, allocation_id, owner)
 
     monkeypatch.setattr(LocalBackend, "release", release_anyones)
-    rows = await run_attacks()
+    rows = await run_attacks(groups=("backend",))
     (row,) = [r for r in rows if r.path == "backend.release(A's id, B)"]
     assert row.result == "ALLOWED" and broken(rows)
