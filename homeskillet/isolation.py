@@ -132,9 +132,9 @@ async def run_attacks(
                 report.rows.append(Attack("reach A's work on hosted·ai", "hosted·ai emulator", "n/a", hosted))
                 hosted = None
             elif hosted is not None and "hostedai" in groups:
-                await _hostedai_backend_attacks(report, hosted)
                 await _hostedai_api_attacks(report, hosted)
                 await _pod_attacks(report, hosted)
+                await _hostedai_backend_attacks(report, hosted)  # last: a release that works ends A's share
             if hosted is not None and "secret_blocks" in groups:
                 await _secret_block_attacks(report, services, hosted, catalog_path, tokens)
             if "telemetry" in groups:
@@ -624,20 +624,24 @@ async def _telemetry_attacks(report: _Report, services, catalog_path, tokens: di
         detail=f"B sees {', '.join(names)}",
     )
     ledger = await services.ledger()
-    await ledger.record_spend(allocation.allocation_id, A, allocation.request_id, 5e-7)
-    a_day, _ = await ledger.spend(A)
-    b_day, _ = await ledger.spend(B)
+    spent = [(await ledger.spend(A))[0]]
     with _catalog_with(services, {"budget_usd_per_day": 1e-12}) as path:
-        refused, detail, _ = await _refused(
-            fuse_request(prompt="Say hi.", tenant=B, constraints={"max_tokens": 2}, catalog_path=str(path)),
-            CovenantViolation,
-        )
+
+        async def refusal() -> str:
+            request = fuse_request(prompt="Say hi.", tenant=B, constraints={"max_tokens": 2}, catalog_path=str(path))
+            refused, detail, _ = await _refused(request, CovenantViolation)
+            return detail if refused else "ran"
+
+        before = await refusal()
+        await ledger.record_spend(allocation.allocation_id, A, allocation.request_id, 5e-7)
+        spent.append((await ledger.spend(A))[0])
+        after = await refusal()
     report.check(
         "learn A's spend from B's budget refusal",
-        "CovenantViolation budget_usd_per_day",
-        refused and f"${b_day:.8f} spent today" in detail,
-        control=a_day > 0,
-        detail=detail,
+        "CovenantViolation budget_usd_per_day, before and after A spends",
+        before == after != "ran",
+        control=spent[1] > spent[0],
+        detail=after,
     )
     for attack, path, documented in (
         ("read A's cost figures", "homeskillet cost-report (flow cost-report)", "cost per tenant, for the operator"),
