@@ -659,7 +659,9 @@ def bench_workers(
 def isolation_report(
     as_json: Annotated[bool, typer.Option("--json", help="Print the rows as JSON.")] = False,
 ) -> None:
-    """Try every way tenant globex could reach tenant acme's work; exit 1 unless all are refused."""
+    """Try every way tenant globex could reach tenant acme's work, locally and on hosted·ai (the
+    emulator, lent to both for the run); exit 1 unless all are refused (the operator's surfaces
+    are listed as such)."""
     try:
         use_local_prefect()
         from homeskillet.isolation import OPERATOR, broken, run_attacks

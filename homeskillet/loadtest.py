@@ -204,6 +204,8 @@ class _Emulator:
 
 
 async def start_emulator(faults: str, tenants: list[str]) -> _Emulator:
+    """The hosted·ai emulator on loopback, each tenant lent its team as its Secret block for the
+    run (the load test's, the isolation report's); refused where a tenant has credentials already."""
     from connectors.hostedai_emulator import Faults, create_app, default_config
     from connectors.processes import serve_in_thread
     from homeskillet.schemas import HostedAICredentials
@@ -217,7 +219,7 @@ async def start_emulator(faults: str, tenants: list[str]) -> _Emulator:
         if await has_credentials_block(tenant):
             raise InvalidRequest(
                 f"tenant {tenant!r} already has hosted·ai credentials (Secret block {block_name(tenant)!r}); "
-                "the emulator load test would replace them: run it with its own HOMESKILLET_HOME"
+                "lending it the emulator's team would replace them: run this with its own HOMESKILLET_HOME"
             )
     app = create_app(config)
     serving = contextlib.ExitStack()
