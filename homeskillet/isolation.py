@@ -28,6 +28,7 @@ import psutil
 import yaml
 
 from connectors.hostedai import HostedAIClient, items
+from connectors.hostedai_backend import HostedAIBackend
 from connectors.ledger import new_allocation_id
 from homeskillet.errors import (
     AllocationNotFound,
@@ -68,7 +69,7 @@ class _Report:
 class _Hosted:
     """A's and B's work on hosted·ai: one allocation each, on their own teams' subscriptions."""
 
-    backend: object
+    backend: HostedAIBackend
     pool: str  # the catalog pool
     model: ModelSpec
     allocations: dict[str, Allocation]
@@ -492,12 +493,12 @@ async def _hostedai_api_attacks(report: _Report, hosted: _Hosted) -> None:
         (
             "read A's pod connection info as B",
             "GET /gpuaas/connection-info (B's key, A's subscription)",
-            b_team.inference_url(sub),
+            lambda: b_team.inference_url(sub),
         ),
         (
             "retire A's subscription as B",
             "POST /gpuaas/pool/unsubscribe (B's key, A's subscription)",
-            b_team.call(
+            lambda: b_team.call(
                 "POST",
                 "/gpuaas/pool/unsubscribe",
                 body={"subscription_id": sub, "team_id": b_team.team_id, "pool_id": pool_id},
@@ -506,11 +507,11 @@ async def _hostedai_api_attacks(report: _Report, hosted: _Hosted) -> None:
         (
             "act as A's team with B's key",
             "GET /gpuaas/pool-subscription?team_id=A's team (B's key)",
-            hosted.client(B, team_id=a_team_id).subscriptions(),
+            lambda: hosted.client(B, team_id=a_team_id).subscriptions(),
         ),
     )
     for attack, path, call in attempts:
-        refused, detail, _ = await _refused(call, HostedAIError)
+        refused, detail, _ = await _refused(call(), HostedAIError)
         hosted.said_to_b.append(detail)
         report.check(attack, path, refused and await a_team.exists(sub), detail=detail)
 
@@ -659,6 +660,8 @@ async def _telemetry_attacks(report: _Report, services, catalog_path, tokens: di
 
 
 async def _secret_checks(report: _Report, store, tokens: dict, hosted: _Hosted | None) -> None:
+    """Keys and tokens where they must not be: reprs and dumps, the token table, Prometheus, and
+    everything B was answered on the way."""
     from prefect.blocks.system import Secret
     from prometheus_client import generate_latest
 
