@@ -17,6 +17,7 @@ import collections
 import json
 import math
 import random
+import secrets
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -243,6 +244,9 @@ class Subscription:
     unsubscribed: float | None = None
     services: list[dict[str, str]] = field(default_factory=list)
     started_wall: float = field(default_factory=time.time)
+    # the secret part of the pod's service URLs: only the team learns them (connection-info), so
+    # another team that sees the pod's name in a list still cannot call it
+    service_key: str = field(default_factory=lambda: secrets.token_urlsafe(16))
 
     @property
     def pod_name(self) -> str:
@@ -522,7 +526,9 @@ def create_app(config: EmulatorConfig | None = None, model_endpoint=None) -> Fas
         sub = own_subscription(team, subscription_id)
         status = state.status(sub, time.monotonic())
         base = str(request.base_url).rstrip("/")
-        services = [{"name": s["name"], "url": f"{base}/pods/{sub.pod_name}/v1"} for s in sub.services]
+        services = [
+            {"name": s["name"], "url": f"{base}/pods/{sub.pod_name}/{sub.service_key}/v1"} for s in sub.services
+        ]
         return {
             "pods": [
                 {
@@ -581,10 +587,13 @@ def create_app(config: EmulatorConfig | None = None, model_endpoint=None) -> Fas
         chunk = rows[(page - 1) * itemsPerPage : page * itemsPerPage]
         return {"items": chunk, "total_items": len(rows), "pool_hours": round(sum(r["pool_hours"] for r in rows), 6)}
 
-    @app.api_route("/pods/{pod_name}/v1/{path:path}", methods=["GET", "POST"], include_in_schema=False)
-    async def pod_inference(pod_name: str, path: str, request: Request):
-        """The pod's OpenAI-compatible server; it dies with a preempted subscription."""
+    @app.api_route("/pods/{pod_name}/{key}/v1/{path:path}", methods=["GET", "POST"], include_in_schema=False)
+    async def pod_inference(pod_name: str, key: str, path: str, request: Request):
+        """The pod's OpenAI-compatible server, at the URL connection-info gives its team only; it
+        dies with a preempted subscription. A wrong key reads like a pod that is not there."""
         sub = next((s for s in state.subs.values() if s.pod_name == pod_name), None)
+        if sub is not None and not secrets.compare_digest(key, sub.service_key):
+            sub = None
         if sub is None or state.status(sub, time.monotonic()) != "active":
             return JSONResponse({"error": {"message": f"pod {pod_name} is not running"}}, 503)
         if request.method == "GET":

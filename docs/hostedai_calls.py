@@ -73,7 +73,7 @@ def main() -> None:
     async def counted(scope, receive, send):  # every API call by endpoint (team ids and pod names folded)
         if scope["type"] == "http":
             path = re.sub(r"/gpuaas/[0-9a-f-]{36}/", "/gpuaas/{team_id}/", scope["path"])
-            path = re.sub(r"^/pods/[^/]+/v1/.*", "/pods/{pod}/v1/… (inference, OpenAI-compatible)", path)
+            path = re.sub(r"^/pods/[^/]+/[^/]+/v1/.*", "/pods/{pod}/v1/… (inference, OpenAI-compatible)", path)
             counts[phase[0]][f"{scope['method']} {path}"] += 1
         await app(scope, receive, send)
 

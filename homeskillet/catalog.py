@@ -33,11 +33,23 @@ def load_catalog(path: Path) -> Catalog:
         dupes = [n for n, c in Counter(names).items() if c > 1]
         if dupes:
             raise InvalidRequest(f"catalog {path} names {kind} {', '.join(dupes)} more than once")
+    aliases = tenant_aliases(catalog)
+    if aliases:
+        raise InvalidRequest(
+            f"catalog {path} names tenants {', '.join(map(repr, aliases))} that differ only in case: a tenant's "
+            f"hosted·ai Secret block is hostedai-<its id in lower case>, so they would use one another's credentials"
+        )
     for tenant in catalog.tenants:
         problem = covenant_problem(catalog, tenant.covenant)
         if problem:
             raise InvalidRequest(f"catalog {path} is invalid: tenant {tenant.id!r} covenant.{problem}")
     return catalog
+
+
+def tenant_aliases(catalog: Catalog) -> list[str]:
+    """Tenant ids that another tenant's id equals ignoring case (they would share a Secret block)."""
+    folded = Counter(t.id.lower() for t in catalog.tenants)
+    return [t.id for t in catalog.tenants if folded[t.id.lower()] > 1]
 
 
 def covenant_problem(catalog: Catalog, covenant: Covenant) -> str | None:

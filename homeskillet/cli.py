@@ -681,10 +681,12 @@ def bench_workers(
 def isolation_report(
     as_json: Annotated[bool, typer.Option("--json", help="Print the rows as JSON.")] = False,
 ) -> None:
-    """Try every way tenant globex could reach tenant acme's work; exit 1 unless all are refused."""
+    """Try every way tenant globex could reach tenant acme's work, locally and on hosted·ai (the
+    emulator, lent to both for the run); exit 1 unless all are refused (the operator's surfaces
+    are listed as such)."""
     try:
         use_local_prefect()
-        from homeskillet.isolation import broken, run_attacks
+        from homeskillet.isolation import OPERATOR, broken, run_attacks
 
         rows = asyncio.run(run_attacks())
     except HomeskilletError as exc:
@@ -696,7 +698,7 @@ def isolation_report(
         for column in ("attack", "path", "result", "detail"):
             table.add_column(column, overflow="fold")
         for r in rows:
-            style = "green" if r.result in ("refused", "n/a") else "bold red"
+            style = "green" if r.result in ("refused", "n/a", OPERATOR) else "bold red"
             table.add_row(r.attack, r.path, f"[{style}]{r.result}[/]", r.detail)
         console.print(table)
     if broken(rows):

@@ -1,36 +1,58 @@
 """`homeskillet isolation-report`: every way tenant B could reach tenant A's work, tried for real.
 
-A (acme) holds a slice and a finished request result; B (globex) then tries to release, list and
-read them through the backends, the ledger's listings and the MCP server (a real one on loopback,
-both transports' auth path), to ride on A's MCP session, and to reach the Prefect API from off the
-host. Each attack has a control — A doing the same to its own work — so a broken set-up can never
-pass for a refusal. Secrets are looked for where they must not be: reprs, the token table,
-Prometheus metrics, error messages.
+A (acme) holds a slice and a finished request result, locally and on hosted·ai (the emulator on
+loopback, each tenant its own team and key in its own Secret block); B (globex) then tries to
+release, list and read them through the backends, the ledger's listings, hosted·ai's API with its
+own key and the MCP server (a real one on loopback, both transports' auth path), to ride on A's
+MCP session and subscription, to reach A's pod, to run with A's tenant or Secret block, to read
+A's telemetry and spend, and to reach the Prefect API from off the host. Each attack has a
+control — A doing the same to its own work — so a broken set-up can never pass for a refusal.
+Secrets are looked for where they must not be: reprs, the token table, Prometheus metrics, B's
+answers and errors. What the README documents as the operator's (the cost report, the telemetry
+dataset, Prometheus) is a row "operator surface", not a tenant's way in.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
+import tempfile
 import uuid
-from dataclasses import dataclass
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
 import psutil
+import yaml
 
-from homeskillet.errors import AllocationNotFound
-from homeskillet.schemas import HostedAICredentials
-from homeskillet.settings import get_settings
-from tasks import runtime
+from connectors.hostedai import HostedAIClient, items
+from connectors.hostedai_backend import HostedAIBackend
+from connectors.ledger import new_allocation_id
+from homeskillet.errors import (
+    AllocationNotFound,
+    CovenantViolation,
+    HomeskilletError,
+    HostedAIError,
+    InvalidRequest,
+    MissingCredentials,
+)
+from homeskillet.schemas import Allocation, HostedAICredentials, ModelSpec
+from homeskillet.settings import Settings, get_settings
+from tasks import credentials, runtime
 
 A, B = "acme", "globex"
+GROUPS = ("backend", "results", "mcp", "network", "covenant", "hostedai", "secret_blocks", "telemetry", "secrets")
+# What is not refused but is not a tenant's way in either: the README documents it as the operator's.
+OPERATOR = "operator surface"
 
 
 @dataclass
 class Attack:
     attack: str
     path: str
-    result: str  # "refused", "ALLOWED" (the guarantee broke) or "control failed" (the test is void)
+    result: str  # "refused", "ALLOWED" (the guarantee broke), "control failed" (the test is void), "n/a", OPERATOR
     detail: str = ""
 
 
@@ -43,8 +65,42 @@ class _Report:
         self.rows.append(Attack(attack, path, result, detail))
 
 
-async def run_attacks(catalog_path: str | None = None) -> list[Attack]:
-    """Set up A's work, try every attack as B, clean up; the rows of the report."""
+@dataclass
+class _Hosted:
+    """A's and B's work on hosted·ai: one allocation each, on their own teams' subscriptions."""
+
+    backend: HostedAIBackend
+    pool: str  # the catalog pool
+    model: ModelSpec
+    allocations: dict[str, Allocation]
+    credentials: dict[str, HostedAICredentials]
+    subscriptions: dict[str, int]  # tenant → its subscription's id, as the backend made it
+    said_to_b: list[str] = field(default_factory=list)  # every answer and error B got: no key may be in it
+
+    def client(self, tenant: str, **update) -> HostedAIClient:
+        return HostedAIClient(self.credentials[tenant].model_copy(update=update))
+
+    def keys(self) -> list[str]:
+        return [c.api_key.get_secret_value() for c in self.credentials.values()]
+
+
+async def _refused(call: Awaitable, *errors: type[BaseException]) -> tuple[bool, str, object]:
+    """(refused, what was said, what came back) for one attempt."""
+    try:
+        value = await call
+    except errors as exc:
+        return True, str(exc), None
+    return False, "done", value
+
+
+async def run_attacks(
+    catalog_path: str | None = None, lend_emulator: bool = True, groups: tuple[str, ...] = GROUPS
+) -> list[Attack]:
+    """Set up A's work, try every attack of the groups as B, clean up; the rows of the report.
+
+    lend_emulator: start the hosted·ai emulator in this process and lend A and B its teams as their
+    Secret blocks for the run (where either has credentials already, the hosted·ai rows say n/a);
+    False: their blocks already point at an emulator (the tests' session one)."""
     from connectors.tokens import TokenStore
 
     report = _Report()
@@ -53,8 +109,6 @@ async def run_attacks(catalog_path: str | None = None) -> list[Attack]:
     model = next(m for m in services.catalog.models if m.serving.kind == "llama_cpp")
     pool = next(p for p in services.catalog.pools if p.backend == "local")
     request_id = "iso-" + uuid.uuid4().hex[:12]
-    from connectors.ledger import new_allocation_id
-
     allocation = await local.allocate(
         allocation_id=new_allocation_id(), tenant=A, request_id=request_id, pool=pool.id, model=model, wait_s=30
     )
@@ -63,12 +117,31 @@ async def run_attacks(catalog_path: str | None = None) -> list[Attack]:
     tokens = {tenant: token for tenant, (_, token) in made.items()}
     await store.save_result(A, request_id, {"request_id": request_id, "tenant": A, "answer": "A's answer"})
     try:
-        await _backend_attacks(report, services, allocation)
-        await _result_attacks(report, store, request_id)
-        await _mcp_attacks(report, catalog_path, tokens, allocation.allocation_id, request_id)
-        _network_attacks(report)
-        await _covenant_attacks(report, services)
-        await _secret_checks(report, store, tokens)
+        if "backend" in groups:
+            await _backend_attacks(report, services, allocation)
+        if "results" in groups:
+            await _result_attacks(report, store, request_id)
+        if "mcp" in groups:
+            await _mcp_attacks(report, catalog_path, tokens, allocation.allocation_id, request_id)
+        if "network" in groups:
+            _network_attacks(report)
+        if "covenant" in groups:
+            await _covenant_attacks(report, services)
+        hosted_groups = {"hostedai", "secret_blocks", "secrets"} & set(groups)
+        async with _hosted_work(services, request_id, lend_emulator, bool(hosted_groups)) as hosted:
+            if isinstance(hosted, str):
+                report.rows.append(Attack("reach A's work on hosted·ai", "hosted·ai emulator", "n/a", hosted))
+                hosted = None
+            elif hosted is not None and "hostedai" in groups:
+                await _hostedai_api_attacks(report, hosted)
+                await _pod_attacks(report, hosted)
+                await _hostedai_backend_attacks(report, hosted)  # last: a release that works ends A's share
+            if hosted is not None and "secret_blocks" in groups:
+                await _secret_block_attacks(report, services, hosted, catalog_path, tokens)
+            if "telemetry" in groups:
+                await _telemetry_attacks(report, services, catalog_path, tokens, allocation)
+            if "secrets" in groups:
+                await _secret_checks(report, store, tokens, hosted)
     finally:
         try:
             await local.release(allocation.allocation_id, A)
@@ -123,7 +196,9 @@ async def _result_attacks(report: _Report, store, request_id: str) -> None:
     )
 
 
-async def _mcp_attacks(report: _Report, catalog_path, tokens: dict, allocation_id: str, request_id: str) -> None:
+@contextlib.asynccontextmanager
+async def _mcp_server(catalog_path):
+    """A real MCP server on loopback for the attacks; yields a client maker (token, transport)."""
     from mcp import Client
     from mcp.client.streamable_http import streamable_http_client
     from mcp.shared._httpx_utils import create_mcp_http_client
@@ -135,17 +210,22 @@ async def _mcp_attacks(report: _Report, catalog_path, tokens: dict, allocation_i
     with serve_in_thread(create_app(catalog_path), "MCP server", log_level="error") as url:
         base = url.removeprefix("http://")
 
-        def http(token: str) -> Client:
+        def client(token: str, transport: str = "WebSocket") -> Client:
+            if transport == "WebSocket":
+                return Client(WebSocketTransport(f"ws://{base}/ws", token=token))
             headers = {"Authorization": f"Bearer {token}"}
             return Client(
                 streamable_http_client(f"http://{base}/mcp", http_client=create_mcp_http_client(headers=headers))
             )
 
-        def ws(token: str) -> Client:
-            return Client(WebSocketTransport(f"ws://{base}/ws", token=token))
+        client.base = base  # type: ignore[attr-defined]
+        yield client
 
-        for transport, client in (("Streamable HTTP", http), ("WebSocket", ws)):
-            async with client(tokens[A]) as a, client(tokens[B]) as b:
+
+async def _mcp_attacks(report: _Report, catalog_path, tokens: dict, allocation_id: str, request_id: str) -> None:
+    async with _mcp_server(catalog_path) as client:
+        for transport in ("Streamable HTTP", "WebSocket"):
+            async with client(tokens[A], transport) as a, client(tokens[B], transport) as b:
                 mine = (await a.call_tool("allocations", {})).structured_content
                 theirs = (await b.call_tool("allocations", {})).structured_content
                 report.check(
@@ -163,7 +243,7 @@ async def _mcp_attacks(report: _Report, catalog_path, tokens: dict, allocation_i
                     other is None,
                     control=own is not None and "A's answer" in own,
                 )
-        await _session_attacks(report, base, tokens)
+        await _session_attacks(report, client.base, tokens)
 
 
 async def _read(client, uri: str) -> str | None:
@@ -212,27 +292,29 @@ async def _session_attacks(report: _Report, base: str, tokens: dict) -> None:
             )
 
 
+@contextlib.contextmanager
+def _catalog_with(services, covenant_of_b: dict | None = None, extra_tenants: tuple[str, ...] = ()):
+    """A copy of the catalog (a temporary file) with B's covenant replaced and tenants added."""
+    data = yaml.safe_load(services.catalog_path.read_text())
+    for tenant in data["tenants"]:
+        if tenant["id"] == B and covenant_of_b is not None:
+            tenant["covenant"] = covenant_of_b
+    data["tenants"] += [{"id": t} for t in extra_tenants]
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "catalog.yaml"
+        path.write_text(yaml.safe_dump(data))
+        yield path
+
+
 async def _covenant_attacks(report: _Report, services) -> None:
     """B's covenant (in a copy of the catalog) allows one model on preemptible pools: asking for
     another model or tier through the flow is refused before anything is allocated, and a request
     that asks for nothing in particular is routed inside the covenant."""
-    import tempfile
-    from pathlib import Path
-
-    import yaml
-
     from flows.fusion import fuse_request
-    from homeskillet.errors import CovenantViolation
 
-    data = yaml.safe_load(services.catalog_path.read_text())
-    local = [m["name"] for m in data["models"] if m.get("serving", {}).get("kind", "llama_cpp") == "llama_cpp"]
+    local = [m.name for m in services.catalog.models if m.serving.kind == "llama_cpp"]
     allowed, other = local[0], local[-1]
-    for tenant in data["tenants"]:
-        if tenant["id"] == B:
-            tenant["covenant"] = {"allowed_models": [allowed], "allowed_tiers": ["preemptible"]}
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "catalog.yaml"
-        path.write_text(yaml.safe_dump(data))
+    with _catalog_with(services, {"allowed_models": [allowed], "allowed_tiers": ["preemptible"]}) as path:
         for term, constraints in (
             ("allowed_models", {"allowed_models": [other]}),
             ("allowed_tiers", {"tier": "dedicated"}),
@@ -283,16 +365,331 @@ def _network_attacks(report: _Report) -> None:
     )
 
 
-async def _secret_checks(report: _Report, store, tokens: dict) -> None:
+# --- hosted·ai ------------------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def _hosted_work(services, request_id: str, lend_emulator: bool, wanted: bool):
+    """A's and B's allocations on hosted·ai (None when no group needs them; a reason, as a string,
+    when the tenants hold credentials that are not the emulator's to lend)."""
+    if not wanted:
+        yield None
+        return
+    from homeskillet.loadtest import start_emulator
+
+    lent = None
+    if lend_emulator:
+        try:
+            lent = await start_emulator("", [A, B])
+        except InvalidRequest as exc:
+            yield f"not tried: {exc}"
+            return
+    backend = services.backend("hostedai")
+    pool = next(p for p in services.catalog.pools if p.backend == "hostedai")
+    model = next(m for m in services.catalog.models if m.serving.kind == "llama_cpp")
+    allocations: dict[str, Allocation] = {}
+    try:
+        for tenant in (A, B):
+            allocations[tenant] = await backend.allocate(
+                allocation_id=new_allocation_id(),
+                tenant=tenant,
+                request_id=request_id,
+                pool=pool.id,
+                model=model,
+                wait_s=30,
+            )
+        made = backend.subscriptions()
+        yield _Hosted(
+            backend,
+            pool.id,
+            model,
+            allocations,
+            {t: await credentials.hostedai_credentials(t) for t in (A, B)},
+            {t: made[(t, pool.id)] for t in (A, B)},
+        )
+    finally:
+        for tenant, allocation in allocations.items():
+            with contextlib.suppress(AllocationNotFound):
+                await backend.release(allocation.allocation_id, tenant)
+        await backend.shutdown()
+        if lent is not None:
+            await lent.stop()
+
+
+async def _hostedai_backend_attacks(report: _Report, hosted: _Hosted) -> None:
+    """B against A's hosted·ai allocation through the backend: list, verify, allocate in A's
+    ledger pool, share A's subscription, release."""
+    backend, mine = hosted.backend, hosted.allocations[A]
+    theirs = hosted.allocations[B]
+    report.check(
+        "list A's hosted·ai allocations as B",
+        "hostedai backend.held(tenant=B)",
+        mine.allocation_id not in [a.allocation_id for a in await backend.held(B)],
+        control=mine.allocation_id in [a.allocation_id for a in await backend.held(A)],
+    )
+    answer = await backend.verify(mine.model_copy(update={"tenant": B}))
+    report.check(
+        "verify A's hosted·ai allocation as B (and make A's share be forgotten)",
+        "hostedai backend.verify(A's id, tenant B)",
+        backend.subscriptions().get((A, hosted.pool)) == hosted.subscriptions[A],
+        detail=f"answered from B's own share ({answer}); A's share kept",
+    )
+    refused, detail, got = await _refused(
+        backend.allocate(
+            allocation_id=new_allocation_id(),
+            tenant=B,
+            request_id="iso-attack",
+            pool=mine.pool,
+            model=hosted.model,
+            wait_s=1,
+        ),
+        HomeskilletError,
+    )
+    if got is not None:
+        await backend.release(got.allocation_id, B)
+    hosted.said_to_b.append(detail)
+    report.check(
+        "allocate in A's hosted·ai share as B", f"hostedai backend.allocate(pool={mine.pool})", refused, detail=detail
+    )
+    a_team, b_team = hosted.client(A), hosted.client(B)
+    pool_of = {s.id: s.pool_id for s in await a_team.subscriptions()}
+    b_live = await b_team.find(pool_of.get(hosted.subscriptions[A], -1))
+    report.check(
+        "use A's hosted·ai subscription for B's fragments",
+        "HostedAIBackend share per (tenant, pool), made with B's own key",
+        hosted.subscriptions[B] != hosted.subscriptions[A]
+        and b_live is not None
+        and b_live.id == hosted.subscriptions[B]
+        and theirs.endpoint != mine.endpoint,
+        control=hosted.subscriptions[A] in pool_of,
+        detail=f"A's subscription {hosted.subscriptions[A]}, B's {hosted.subscriptions[B]} (B's team)",
+    )
+    refused, detail, _ = await _refused(backend.release(mine.allocation_id, B), AllocationNotFound)
+    hosted.said_to_b.append(detail)
+    kept = mine.allocation_id in [a.allocation_id for a in await backend.held(A)]
+    report.check(
+        "release A's hosted·ai allocation id as B",
+        "hostedai backend.release(A's id, B)",
+        refused and kept and await a_team.exists(hosted.subscriptions[A]),
+        detail=detail,
+    )
+
+
+async def _hostedai_api_attacks(report: _Report, hosted: _Hosted) -> None:
+    """B with its own key against A's subscription and team on hosted·ai's API."""
+    a_team, b_team = hosted.client(A), hosted.client(B)
+    sub = hosted.subscriptions[A]
+    pool_id = next((s.pool_id for s in await a_team.subscriptions() if s.id == sub), -1)
+    a_team_id = hosted.credentials[A].team_id
+    listed = await b_team.subscriptions()
+    hosted.said_to_b.append(repr(listed))
+    report.check(
+        "list A's hosted·ai subscriptions as B",
+        "HostedAIClient.subscriptions (B's key; the API's list carries other teams' items)",
+        all(s.team_id != a_team_id for s in listed),
+        control=pool_id != -1,
+    )
+    attempts = (
+        (
+            "read A's pod connection info as B",
+            "GET /gpuaas/connection-info (B's key, A's subscription)",
+            lambda: b_team.inference_url(sub),
+        ),
+        (
+            "retire A's subscription as B",
+            "POST /gpuaas/pool/unsubscribe (B's key, A's subscription)",
+            lambda: b_team.call(
+                "POST",
+                "/gpuaas/pool/unsubscribe",
+                body={"subscription_id": sub, "team_id": b_team.team_id, "pool_id": pool_id},
+            ),
+        ),
+        (
+            "act as A's team with B's key",
+            "GET /gpuaas/pool-subscription?team_id=A's team (B's key)",
+            lambda: hosted.client(B, team_id=a_team_id).subscriptions(),
+        ),
+    )
+    for attack, path, call in attempts:
+        refused, detail, _ = await _refused(call(), HostedAIError)
+        hosted.said_to_b.append(detail)
+        report.check(attack, path, refused and await a_team.exists(sub), detail=detail)
+
+
+async def _pod_attacks(report: _Report, hosted: _Hosted) -> None:
+    """B learns the name of A's pod from the API's leaky list and calls it at the URLs its own
+    pod's URL suggests."""
+    b_team = hosted.client(B)
+    data = await b_team.call("GET", "/gpuaas/pool-subscription", params={"team_id": b_team.team_id})
+    pods = {
+        str(i.get("team_id")): [p["pod_name"] for p in i.get("pods") or []] for i in items(data) if isinstance(i, dict)
+    }
+    theirs = hosted.allocations[B].endpoint
+    base = hosted.credentials[B].url.rstrip("/")
+    own = next((p for p in pods.get(hosted.credentials[B].team_id, []) if p in theirs), None)
+    guesses = [
+        url
+        for pod in pods.get(hosted.credentials[A].team_id, [])
+        for url in ({theirs.replace(own, pod)} if own else set()) | {f"{base}/pods/{pod}/v1"}
+    ]
+    headers = {"X-API-Key": hosted.credentials[B].api_key.get_secret_value()}
+    async with httpx.AsyncClient(timeout=10) as http:
+        control = (await http.get(f"{hosted.allocations[A].endpoint}/models")).status_code == 200
+        answers = {url: (await http.get(f"{url}/models", headers=headers)).status_code for url in guesses}
+    reached = [url for url, status in answers.items() if status == 200]
+    report.check(
+        "reach A's pod endpoint as B",
+        "the pod's OpenAI-compatible URL, A's pod name from the list",
+        not reached,
+        control=control,
+        detail=f"reached {reached}" if reached else f"tried {len(guesses)} URLs: HTTP {sorted(set(answers.values()))}",
+    )
+
+
+# --- Secret blocks across flow runs ---------------------------------------------------------
+
+
+async def _secret_block_attacks(report: _Report, services, hosted: _Hosted, catalog_path, tokens: dict) -> None:
+    """B's flow runs load B's Secret block only: B cannot name A's tenant or block in a request,
+    a tenant id cannot alias A's block, and B without a block gets no one else's."""
+    from homeskillet.catalog import load_catalog
+
+    fields = {"prompt": "Say hi.", "constraints": {"backend": "hostedai", "max_tokens": 2}}
+    async with _mcp_server(catalog_path) as client, client(tokens[B]) as b:
+        ran = await b.call_tool("fuse", {**fields, "tenant": A})
+        named = await b.call_tool(
+            "fuse", {**fields, "constraints": {**fields["constraints"], "credentials": credentials.block_name(A)}}
+        )
+    data = ran.structured_content or {}
+    said = [" ".join(getattr(c, "text", "") for c in answer.content) for answer in (ran, named)]
+    hosted.said_to_b += said
+    report.check(
+        "run B's request as tenant A (A's Secret block)",
+        "MCP fuse(tenant=A) with B's token, backend hostedai",
+        data.get("tenant") == B,
+        control=not ran.is_error,
+        detail=f"ran as {data.get('tenant')!r}",
+    )
+    report.check(
+        "name A's Secret block in B's request",
+        "MCP fuse constraints.credentials",
+        named.is_error,
+        detail=said[1],
+    )
+    with _catalog_with(services, extra_tenants=(A.upper(),)) as path:
+        try:
+            load_catalog(path)
+            refused, detail = False, "loaded: both tenants would load the same block"
+        except InvalidRequest as exc:
+            refused, detail = True, str(exc)
+    report.check(
+        "alias A's Secret block by a tenant id in another case",
+        f"catalog tenant {A.upper()!r} → Secret block {credentials.block_name(A.upper())!r}",
+        refused,
+        detail=detail,
+    )
+    await credentials.delete_hostedai_credentials(B)
+    try:
+        refused, detail, got = await _refused(credentials.hostedai_credentials(B), MissingCredentials)
+    finally:
+        await credentials.save_hostedai_credentials(B, hosted.credentials[B])
+    hosted.said_to_b.append(detail)
+    report.check(
+        "use A's Secret block when B has none",
+        "tasks.credentials.hostedai_credentials(B)",
+        refused and credentials.block_name(B) in detail,
+        detail=detail if refused else f"got team {got.team_id}",
+    )
+
+
+# --- telemetry and cost ---------------------------------------------------------------------
+
+
+async def _telemetry_attacks(report: _Report, services, catalog_path, tokens: dict, allocation) -> None:
+    """B asks for A's figures where a tenant can ask: MCP offers no telemetry, cost or spend, and
+    B's budget refusal names B's spend only. The cost report, the telemetry dataset, Prometheus and
+    `covenant show` are the operator's (README), rows of their own."""
+    from flows.fusion import fuse_request
+
+    words = ("telemetry", "cost", "spend", "usage", "metric", "report", "budget")
+    async with _mcp_server(catalog_path) as client, client(tokens[B]) as b:
+        names = [t.name for t in (await b.list_tools()).tools]
+        names += [str(r.uri) for r in (await b.list_resources()).resources]
+        names += [t.uri_template for t in (await b.list_resource_templates()).resource_templates]
+    exposing = [n for n in names if any(w in n.lower() for w in words)]
+    report.check(
+        "read A's telemetry or cost figures as B",
+        "MCP tools and resources (WebSocket)",
+        not exposing,
+        control=bool(names),
+        detail=f"B sees {', '.join(names)}",
+    )
+    ledger = await services.ledger()
+    spent = [(await ledger.spend(A))[0]]
+    with _catalog_with(services, {"budget_usd_per_day": 1e-12}) as path:
+
+        async def refusal() -> str:
+            request = fuse_request(prompt="Say hi.", tenant=B, constraints={"max_tokens": 2}, catalog_path=str(path))
+            refused, detail, _ = await _refused(request, CovenantViolation)
+            return detail if refused else "ran"
+
+        before = await refusal()
+        await ledger.record_spend(allocation.allocation_id, A, allocation.request_id, 5e-7)
+        spent.append((await ledger.spend(A))[0])
+        after = await refusal()
+    report.check(
+        "learn A's spend from B's budget refusal",
+        "CovenantViolation budget_usd_per_day, before and after A spends",
+        before == after != "ran",
+        control=spent[1] > spent[0],
+        detail=after,
+    )
+    for attack, path, documented in (
+        ("read A's cost figures", "homeskillet cost-report (flow cost-report)", "cost per tenant, for the operator"),
+        (
+            "read A's telemetry",
+            "Parquet dataset HOMESKILLET_HOME/telemetry, Prometheus on 127.0.0.1",
+            "records and series per tenant, for the operator",
+        ),
+        ("read A's usage and spend", "homeskillet covenant show acme", "usage per tenant, for the operator"),
+    ):
+        report.rows.append(Attack(attack, path, OPERATOR, f"README: {documented}; no tenant (MCP) path to it"))
+
+
+# --- secrets --------------------------------------------------------------------------------
+
+
+async def _secret_checks(report: _Report, store, tokens: dict, hosted: _Hosted | None) -> None:
+    """Keys and tokens where they must not be: reprs and dumps, the token table, Prometheus, and
+    everything B was answered on the way."""
+    from prefect.blocks.system import Secret
     from prometheus_client import generate_latest
 
     key = "hai-" + uuid.uuid4().hex
-    credentials = HostedAICredentials(url="https://panel.example/api", api_key=key, team_id="t")
-    report.check(
-        "see a hosted·ai key in a repr or dump",
-        "HostedAICredentials",
-        key not in repr(credentials) + str(credentials) + credentials.model_dump_json(),
-    )
+    made_up = HostedAICredentials(url="https://panel.example/api", api_key=key, team_id="t")
+    settings = Settings(hostedai_url=made_up.url, hostedai_api_key=key, hostedai_team_id="t")
+    for path, text in (
+        ("HostedAICredentials", repr(made_up) + str(made_up) + made_up.model_dump_json()),
+        ("Settings (HOMESKILLET_HOSTEDAI_API_KEY)", repr(settings) + str(settings) + settings.model_dump_json()),
+        ("HostedAIClient", repr(HostedAIClient(made_up))),
+    ):
+        report.check("see a hosted·ai key in a repr or dump", path, key not in text)
+    keys = [key, *(hosted.keys() if hosted else [])]
+    if hosted is not None:
+        secret = await Secret.aload(credentials.block_name(A))
+        backend = hosted.backend
+        report.check(
+            "see A's hosted·ai key in a repr",
+            f"HostedAIBackend and its shares, Secret block {credentials.block_name(A)!r}",
+            not any(k in repr(backend) + repr(vars(backend)) + repr(secret) + str(secret) for k in hosted.keys()),
+        )
+        report.check(
+            "find A's hosted·ai key in what B was answered",
+            "B's hosted·ai refusals, listings, MCP answers and errors",
+            not any(k in text for k in hosted.keys() for text in hosted.said_to_b),
+            control=bool(hosted.said_to_b),
+            detail=f"{len(hosted.said_to_b)} answers searched",
+        )
     conn = await store._connect()
     try:
         rows = json.dumps([dict(r) for r in await conn.fetch("SELECT * FROM api_tokens")], default=str)
@@ -307,10 +704,11 @@ async def _secret_checks(report: _Report, store, tokens: dict) -> None:
     metrics = generate_latest().decode()
     report.check(
         "see a token or key in the metrics",
-        "Prometheus /metrics",
-        not any(t in metrics for t in [*tokens.values(), key]),
+        "Prometheus /metrics (names, labels, values)",
+        not any(t in metrics for t in [*tokens.values(), *keys]),
+        detail=f"{len(keys)} hosted·ai keys and {len(tokens)} tokens looked for",
     )
 
 
 def broken(rows: list[Attack]) -> bool:
-    return any(r.result not in ("refused", "n/a") for r in rows)
+    return any(r.result not in ("refused", "n/a", OPERATOR) for r in rows)

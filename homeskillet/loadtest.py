@@ -109,7 +109,7 @@ async def _load(requests, concurrency, tenants, backend, faults, max_tokens, sam
         raise InvalidRequest("--faults needs --backend hostedai (they are the faults of the emulator it starts)")
     emulator = None
     if backend == "hostedai":
-        emulator = await _start_emulator(faults, names) if emulator_state is None else _Emulator(emulator_state, [])
+        emulator = await start_emulator(faults, names) if emulator_state is None else _Emulator(emulator_state, [])
     run = Run()
     stop = asyncio.Event()
     gate = asyncio.Semaphore(concurrency)
@@ -235,7 +235,9 @@ class _Emulator:
             await asyncio.to_thread(self.serving.close)
 
 
-async def _start_emulator(faults: str, tenants: list[str]) -> _Emulator:
+async def start_emulator(faults: str, tenants: list[str]) -> _Emulator:
+    """The hosted·ai emulator on loopback, each tenant lent its team as its Secret block for the
+    run (the load test's, the isolation report's); refused where a tenant has credentials already."""
     from connectors.hostedai_emulator import Faults, create_app, default_config
     from connectors.processes import serve_in_thread
     from homeskillet.schemas import HostedAICredentials
@@ -249,7 +251,7 @@ async def _start_emulator(faults: str, tenants: list[str]) -> _Emulator:
         if await has_credentials_block(tenant):
             raise InvalidRequest(
                 f"tenant {tenant!r} already has hosted·ai credentials (Secret block {block_name(tenant)!r}); "
-                "the emulator load test would replace them: run it with its own HOMESKILLET_HOME"
+                "lending it the emulator's team would replace them: run this with its own HOMESKILLET_HOME"
             )
     app = create_app(config)
     serving = contextlib.ExitStack()
