@@ -14,6 +14,8 @@ import yaml
 from cronsim import CronSim
 from prefect.flows import load_flow_from_entrypoint
 
+from connectors.prefect_server import RECORDER_BATCHING
+
 pytestmark = pytest.mark.usefixtures("local_services")  # flows, tasks or the Prefect API
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -59,6 +61,7 @@ def test_compose_file_runs_server_on_postgres_worker_emulator_and_mcp():
     services = compose["services"]
     assert {"postgres", "prefect-server", "worker", "emulator", "mcp"} <= set(services)
     assert "postgresql+asyncpg" in services["prefect-server"]["environment"]["PREFECT_SERVER_DATABASE_CONNECTION_URL"]
+    assert RECORDER_BATCHING.items() <= services["prefect-server"]["environment"].items()  # as the embedded one
     for name, service in services.items():
         assert service["healthcheck"]["test"], name  # `up --wait` waits for every one of them
         for port in service.get("ports", []):  # configurable, and on loopback only
