@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -81,9 +82,10 @@ def run_until_signalled(coro: Coroutine[Any, Any, T]) -> T:
     received: list[int] = []
 
     def on_signal(signum: int, _frame) -> None:
-        if not received:
+        if not received and not main.done():
             received.append(signum)
-            loop.call_soon_threadsafe(main.cancel)
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nothing left to cancel
+                loop.call_soon_threadsafe(main.cancel)
 
     def drive() -> None:
         with asyncio.Runner(loop_factory=lambda: loop) as runner:

@@ -139,13 +139,13 @@ def test_emulator_refuses_unknown_faults():
     assert done.returncode == 2 and "unknown fault" in done.stderr
 
 
-async def _held_by(tenant: str, count: int, proc: subprocess.Popen, timeout_s: float = 60) -> list:
+async def _held_by(catalog: str, tenant: str, count: int, proc: subprocess.Popen, timeout_s: float = 60) -> list:
     """The tenant's allocations once it holds `count` (the run is mid-inference)."""
     from tasks import runtime
 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and proc.poll() is None:
-        held = await runtime.services().held(tenant)
+        held = await runtime.services(catalog).held(tenant)
         if len(held) >= count:
             return held
         await asyncio.sleep(0.1)
@@ -188,7 +188,7 @@ async def test_a_signal_mid_inference_cancels_the_run_and_releases(signum, test_
         text=True,
         env=os.environ | {"HOMESKILLET_CATALOG": test_catalog},
     )
-    held = await _held_by("acme", 2, proc)
+    held = await _held_by(test_catalog, "acme", 2, proc)
     proc.send_signal(signum)
     try:
         out, err = proc.communicate(timeout=30)
