@@ -223,21 +223,9 @@ async def _held_by(backend, request_id: str, count: int, flow_run_id: str, timeo
     raise AssertionError(f"run {flow_run_id} never held {count} slices: {(await wait_done(flow_run_id, 1))['state']}")
 
 
-async def _ended_as(allocation_ids: list[str]) -> set[str]:
-    """How each allocation ended: 'released' by its process, 'expired' by the ledger's holder check."""
-    import asyncpg
-
-    from connectors import postgres
-
-    conn = await asyncpg.connect(postgres.dsn(get_settings().pgdata, "homeskillet"))
-    try:
-        rows = await conn.fetch("SELECT state FROM allocations WHERE allocation_id = ANY($1::text[])", allocation_ids)
-    finally:
-        await conn.close()
-    return {r["state"] for r in rows}
-
-
-async def test_a_run_cancelled_through_the_api_mid_inference_releases_its_slices(worker, test_catalog, monkeypatch):
+async def test_a_run_cancelled_through_the_api_mid_inference_releases_its_slices(
+    worker, test_catalog, ended_as, monkeypatch
+):
     """Cancel, as the UI does, a deployment run whose two fragments hold slices: the worker stops
     its process, the rollback hooks release both slices, the run ends Cancelled and the pool is
     whole again."""
@@ -266,7 +254,7 @@ async def test_a_run_cancelled_through_the_api_mid_inference_releases_its_slices
         await client.set_flow_run_state(run_id, Cancelling())
     run = await wait_done(run_id, timeout_s=120)
     assert run["state"]["type"] == "CANCELLED", run["state"]
-    assert await _ended_as([a.allocation_id for a in held]) == {"released"}  # by its rollback hooks
+    assert await ended_as([a.allocation_id for a in held]) == {"released"}  # by its rollback hooks
     roomy = cat.pool(runtime.catalog(test_catalog), "roomy")
     ledger = await backend.ledger()
     whole = await ledger.reserve(  # the pool's whole capacity, at once

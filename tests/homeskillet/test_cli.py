@@ -13,8 +13,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-from homeskillet.settings import get_settings
-
 pytestmark = pytest.mark.usefixtures("local_services", "assert_no_leaks")
 HOMESKILLET = str(Path(sys.executable).with_name("homeskillet"))
 
@@ -153,20 +151,6 @@ async def _held_by(catalog: str, tenant: str, count: int, proc: subprocess.Popen
     raise AssertionError(f"the run never held {count} allocation(s): {proc.communicate()}")
 
 
-async def _states_of(allocation_ids: list[str]) -> set[str]:
-    """How each allocation ended: 'released' by its process, or 'expired' by the ledger."""
-    import asyncpg
-
-    from connectors import postgres
-
-    conn = await asyncpg.connect(postgres.dsn(get_settings().pgdata, "homeskillet"))
-    try:
-        rows = await conn.fetch("SELECT state FROM allocations WHERE allocation_id = ANY($1::text[])", allocation_ids)
-    finally:
-        await conn.close()
-    return {r["state"] for r in rows}
-
-
 async def _runs_since(name: str, since: datetime) -> list[dict]:
     """The flow runs of that name created since then, through the REST API the UI uses."""
     body = {"flow_runs": {"name": {"any_": [name]}, "expected_start_time": {"after_": since.isoformat()}}}
@@ -175,7 +159,7 @@ async def _runs_since(name: str, since: datetime) -> list[dict]:
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-async def test_a_signal_mid_inference_cancels_the_run_and_releases(signum, test_catalog, monkeypatch):
+async def test_a_signal_mid_inference_cancels_the_run_and_releases(signum, test_catalog, ended_as, monkeypatch):
     """SIGTERM or SIGINT while the run holds its slices: the process says so in one line and exits
     non-zero, its rollback hooks release every slice (not the ledger's dead-holder check), and the
     flow run is not left Running."""
@@ -197,6 +181,6 @@ async def test_a_signal_mid_inference_cancels_the_run_and_releases(signum, test_
         raise AssertionError(f"still running 30 s after {signum.name}: {proc.communicate()}") from None
     assert proc.returncode == 128 + signum, err
     assert err.strip() == f"error: interrupted by {signum.name}: the request was cancelled"
-    assert await _states_of([a.allocation_id for a in held]) == {"released"}  # by its rollback hooks
+    assert await ended_as([a.allocation_id for a in held]) == {"released"}  # by its rollback hooks
     (flow_run,) = await _runs_since("fuse-acme", since)
     assert flow_run["state"]["type"] in ("CANCELLED", "CRASHED"), flow_run["state"]
