@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import signal
 import sys
+import threading
 import time
 import warnings
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -25,6 +29,7 @@ console = Console(width=None if sys.stdout.isatty() else 200)  # pipes and logs 
 errors = Console(stderr=True)
 
 warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
+T = TypeVar("T")
 
 
 def use_local_prefect() -> str:
@@ -53,6 +58,51 @@ def _fail(exc: Exception) -> None:
     errors.print(f"[bold red]error:[/] {exc}", highlight=False)
     served = isinstance(exc, HomeskilletError) and not isinstance(exc, InvalidRequest | CovenantViolation)
     raise typer.Exit(1 if served else 2)
+
+
+class Interrupted(Exception):
+    """SIGTERM or SIGINT cancelled the run."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(f"interrupted by {signal.Signals(signum).name}: the request was cancelled")
+
+
+def run_until_signalled(coro: Coroutine[Any, Any, T]) -> T:
+    """Run `coro` on an event loop in a thread of its own and return its result; SIGTERM or SIGINT
+    cancels it at its current await instead, so that the flow's rollback hooks release what it
+    holds and the run is not left Running, then raises Interrupted.
+
+    The loop runs outside the main thread because Prefect's flow engine replaces the main thread's
+    SIGTERM handler with one that raises wherever the thread happens to be; here both signals reach
+    this handler alone. A second signal while the cancellation unwinds is ignored, so that it
+    cannot cut the releases short.
+    """
+    loop = asyncio.new_event_loop()
+    main = loop.create_task(coro)
+    received: list[int] = []
+
+    def on_signal(signum: int, _frame) -> None:
+        if not received and not main.done():
+            received.append(signum)
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nothing left to cancel
+                loop.call_soon_threadsafe(main.cancel)
+
+    def drive() -> None:
+        with asyncio.Runner(loop_factory=lambda: loop) as runner:
+            runner.run(asyncio.wait([main]))
+
+    previous = {signum: signal.signal(signum, on_signal) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        worker = threading.Thread(target=drive, name="homeskillet-run")
+        worker.start()
+        worker.join()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if main.cancelled() and received:
+        raise Interrupted(received[0])
+    return main.result()
 
 
 @app.command()
@@ -106,8 +156,11 @@ def run(
             finally:
                 await runtime.shutdown()  # this process ends: give back subscriptions and model servers
 
-        state = asyncio.run(main())
+        state = run_until_signalled(main())
         result = state.result()
+    except Interrupted as exc:
+        errors.print(f"[bold red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(128 + exc.signum) from None
     except HomeskilletError as exc:
         _fail(exc)
     if as_json:

@@ -211,6 +211,28 @@ async def assert_no_leaks(test_catalog):
     assert not held, f"allocations leaked: {[(a.allocation_id, a.pool, a.model) for _, a in held.values()]}"
 
 
+@pytest.fixture(scope="session")
+def ended_as():
+    """`await ended_as(ids)`: how those allocations ended, as a set of ledger states: 'released' by
+    their process (a release or a rollback hook), 'expired' by the ledger (lease over, holder gone),
+    'active' while held. A test of a cancellation asks for {'released'}: the ledger's dead-holder
+    check must not pass for hooks that never ran."""
+    import asyncpg
+
+    from connectors import postgres
+    from homeskillet.settings import get_settings
+
+    async def states(allocation_ids: list[str]) -> set[str]:
+        conn = await asyncpg.connect(postgres.dsn(get_settings().pgdata, "homeskillet"))
+        try:
+            query = "SELECT state FROM allocations WHERE allocation_id = ANY($1::text[])"
+            return {r["state"] for r in await conn.fetch(query, allocation_ids)}
+        finally:
+            await conn.close()
+
+    return states
+
+
 @pytest.fixture
 def routing_measurements_restored():
     """The session's benchmarks/latest.json as it was before the test: a benchmark run through a

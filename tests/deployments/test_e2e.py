@@ -14,6 +14,7 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
 
+from connectors.ledger import new_allocation_id
 from connectors.telemetry import read_records
 from homeskillet.settings import get_settings
 
@@ -210,6 +211,64 @@ async def test_a_worker_killed_mid_flow_crashes_its_run_ends_its_leases_and_a_re
         finally:
             _kill_tree(again.pid)
         assert done["state"]["type"] == "COMPLETED", done["state"]
+
+
+async def _held_by(backend, request_id: str, count: int, flow_run_id: str, timeout_s: float = 180) -> list:
+    """The request's allocations once it holds `count` (its run is mid-inference)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        held = [a for a in await backend.held("acme") if a.request_id == request_id]
+        if len(held) == count:
+            return held
+        await asyncio.sleep(0.5)
+    raise AssertionError(f"run {flow_run_id} never held {count} slices: {(await wait_done(flow_run_id, 1))['state']}")
+
+
+async def test_a_run_cancelled_through_the_api_mid_inference_releases_its_slices(
+    worker, test_catalog, ended_as, monkeypatch
+):
+    """Cancel, as the UI does, a deployment run whose two fragments hold slices: the worker stops
+    its process, the rollback hooks release both slices, the run ends Cancelled and the pool is
+    whole again."""
+    import uuid
+
+    from prefect.states import Cancelling
+
+    from homeskillet import catalog as cat
+    from tasks import runtime
+
+    monkeypatch.setenv("ECHO_DELAY_S", "600")  # the echo double answers only after the cancellation
+    request_id = "cancel-" + uuid.uuid4().hex[:8]
+    run_id = await start_via_rest(
+        "fuse-request/fuse-request",
+        {
+            "prompt": "1. Say one.\n2. Say two.",
+            "tenant": "acme",
+            "request_id": request_id,
+            "catalog_path": test_catalog,
+            "constraints": {"allowed_models": ["echo"], "pool": "roomy"},
+        },
+    )
+    backend = runtime.backend(test_catalog)
+    held = await _held_by(backend, request_id, 2, run_id)
+    async with get_client() as client:
+        await client.set_flow_run_state(run_id, Cancelling())
+    run = await wait_done(run_id, timeout_s=120)
+    assert run["state"]["type"] == "CANCELLED", run["state"]
+    assert await ended_as([a.allocation_id for a in held]) == {"released"}  # by its rollback hooks
+    roomy = cat.pool(runtime.catalog(test_catalog), "roomy")
+    ledger = await backend.ledger()
+    whole = await ledger.reserve(  # the pool's whole capacity, at once
+        allocation_id=new_allocation_id(),
+        tenant="acme",
+        request_id=request_id,
+        pool=roomy.id,
+        model="echo",
+        tflops=roomy.tflops,
+        vram_gb=roomy.vram_gb,
+        wait_s=0,
+    )
+    await ledger.release(whole.allocation_id, "acme")
 
 
 @pytest.mark.parametrize("recordings", [None, RECORDINGS], ids=["local", "replay"])

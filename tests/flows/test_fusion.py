@@ -8,7 +8,9 @@ import httpx
 import pytest
 from prefect import flow
 
+from connectors.ledger import new_allocation_id
 from flows.fusion import _deployment_run, fuse_request
+from homeskillet import catalog as cat
 from homeskillet.errors import (
     CapacityTimeout,
     InferenceError,
@@ -206,3 +208,114 @@ async def test_a_model_server_killed_mid_inference_fails_the_request_clearly_and
         prompt="Say hello.", tenant="demo", constraints={"allowed_models": [smol.name], "max_tokens": 8}
     )
     assert again.fragments[0].tokens_out > 0
+
+
+@pytest.fixture
+def own_ledger_postgres():
+    """A state folder of this test's own, so that the ledger's PostgreSQL is not the one the
+    session's Prefect server runs on (restarting that would test Prefect, not the ledger): yields
+    a function that restarts it the way an operator would, from another process. The folder is
+    not under pytest's tmp_path: each pytest session on the machine chmods /tmp/pytest-of-<user>
+    back to 0700, which locks PostgreSQL's own user out of it."""
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from homeskillet.settings import get_settings
+
+    home = Path(tempfile.mkdtemp(prefix="hs-pg-restart-"))
+    pgdata = home / "pgdata"
+
+    def pg(action: str) -> None:
+        code = f"from pathlib import Path; from connectors import postgres; postgres.{action}_postgres(Path({str(pgdata)!r}))"
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, f"{action} PostgreSQL: {done.stderr[-2000:]}"
+
+    async def restart(down_s: float) -> None:
+        await asyncio.to_thread(pg, "stop")
+        await asyncio.sleep(down_s)
+        await asyncio.to_thread(pg, "ensure")
+
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("HOMESKILLET_HOME", str(home))
+        get_settings.cache_clear()
+        try:
+            yield restart
+        finally:
+            get_settings.cache_clear()  # the session's settings again, once the variable is restored
+    get_settings.cache_clear()
+    pg("stop")
+    shutil.rmtree(home, ignore_errors=True)
+
+
+async def _watch_capacity(ledger, seen: list[str], stop: asyncio.Event) -> None:
+    """Until stopped: every pool's active slices fit in the pool (each over-commit seen is noted)."""
+    capacity = await ledger.capacities()
+    while not stop.is_set():
+        used: dict[str, float] = {}
+        for a in await ledger.held():
+            used[a.pool] = used.get(a.pool, 0.0) + a.tflops
+        seen += [
+            f"{pool}: {t:g} TFLOPS held of {capacity[pool][0]:g}"
+            for pool, t in used.items()
+            if t > capacity[pool][0] + 1e-9
+        ]
+        await asyncio.sleep(0.1)
+
+
+async def test_a_postgresql_restart_under_concurrent_requests_leaves_the_ledger_consistent(
+    test_catalog, own_ledger_postgres, monkeypatch
+):
+    """Six two-fragment requests on a pool with room for eight slices, and the ledger's PostgreSQL
+    restarted while they hold and wait for slices: each request completes or fails with a clear
+    HomeskilletError, no slice is left, the pool is never over-committed and it is whole after."""
+    from homeskillet.errors import HomeskilletError
+    from homeskillet.schemas import FusionResult
+
+    monkeypatch.setenv("ECHO_DELAY_S", "1.5")
+    services = runtime.services(test_catalog)
+    ledger = await services.ledger()
+    roomy = cat.pool(services.catalog, "roomy")
+    room = int(roomy.tflops / cat.model(services.catalog, "echo").tflops)  # 8 slices of 1 TFLOPS
+    over_commits: list[str] = []
+    stop = asyncio.Event()
+    watcher = asyncio.create_task(_watch_capacity(ledger, over_commits, stop))
+    requests = [
+        asyncio.create_task(
+            fuse_request(
+                prompt=f"1. Say one ({i}).\n2. Say two ({i}).",
+                tenant="acme",
+                constraints={"allowed_models": ["echo"], "pool": "roomy", "capacity_wait_s": 60},
+                catalog_path=test_catalog,
+            )
+        )
+        for i in range(6)
+    ]
+    for _ in range(300):  # the pool is full and fragments wait for room
+        if len(await ledger.held("acme")) == room:
+            break
+        await asyncio.sleep(0.05)
+    assert len(await ledger.held("acme")) == room
+    await own_ledger_postgres(down_s=2.0)
+    outcomes = await asyncio.wait_for(asyncio.gather(*requests, return_exceptions=True), 80)
+    stop.set()
+    await watcher
+
+    unclear = [o for o in outcomes if not isinstance(o, FusionResult | HomeskilletError)]
+    assert unclear == [], unclear
+    assert over_commits == []
+    assert await ledger.held() == []
+    assert (await ledger.usage("acme"))["requests_running"] == 0
+    whole = await ledger.reserve(
+        allocation_id=new_allocation_id(),
+        tenant="acme",
+        request_id="after-restart",
+        pool=roomy.id,
+        model="echo",
+        tflops=roomy.tflops,
+        vram_gb=roomy.vram_gb,
+        wait_s=0,
+    )
+    await ledger.release(whole.allocation_id, "acme")

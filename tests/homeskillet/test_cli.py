@@ -1,11 +1,16 @@
 """The `homeskillet` command, run as a user runs it (a separate process)."""
 
+import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
+from datetime import UTC, datetime
 from pathlib import Path
 
+import httpx
 import pytest
 
 pytestmark = pytest.mark.usefixtures("local_services", "assert_no_leaks")
@@ -130,3 +135,52 @@ def test_run_on_hostedai_against_a_running_emulator(emulator_process):
 def test_emulator_refuses_unknown_faults():
     done = cli("emulator", "--faults", "meteor_rate=1")
     assert done.returncode == 2 and "unknown fault" in done.stderr
+
+
+async def _held_by(catalog: str, tenant: str, count: int, proc: subprocess.Popen, timeout_s: float = 60) -> list:
+    """The tenant's allocations once it holds `count` (the run is mid-inference)."""
+    from tasks import runtime
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and proc.poll() is None:
+        held = await runtime.services(catalog).held(tenant)
+        if len(held) >= count:
+            return held
+        await asyncio.sleep(0.1)
+    proc.kill()
+    raise AssertionError(f"the run never held {count} allocation(s): {proc.communicate()}")
+
+
+async def _runs_since(name: str, since: datetime) -> list[dict]:
+    """The flow runs of that name created since then, through the REST API the UI uses."""
+    body = {"flow_runs": {"name": {"any_": [name]}, "expected_start_time": {"after_": since.isoformat()}}}
+    async with httpx.AsyncClient(base_url=os.environ["PREFECT_API_URL"], timeout=30) as api:
+        return (await api.post("/flow_runs/filter", json=body)).raise_for_status().json()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+async def test_a_signal_mid_inference_cancels_the_run_and_releases(signum, test_catalog, ended_as, monkeypatch):
+    """SIGTERM or SIGINT while the run holds its slices: the process says so in one line and exits
+    non-zero, its rollback hooks release every slice (not the ledger's dead-holder check), and the
+    flow run is not left Running."""
+    monkeypatch.setenv("ECHO_DELAY_S", "30")  # the echo double answers only after the signal
+    since = datetime.now(UTC)
+    proc = subprocess.Popen(
+        [HOMESKILLET, "run", "1. Say one.\n2. Say two.", "--tenant", "acme", "--model", "echo", "--pool", "roomy"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=os.environ | {"HOMESKILLET_CATALOG": test_catalog},
+    )
+    held = await _held_by(test_catalog, "acme", 2, proc)
+    proc.send_signal(signum)
+    try:
+        out, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError(f"still running 30 s after {signum.name}: {proc.communicate()}") from None
+    assert proc.returncode == 128 + signum, err
+    assert err.strip() == f"error: interrupted by {signum.name}: the request was cancelled"
+    assert await ended_as([a.allocation_id for a in held]) == {"released"}  # by its rollback hooks
+    (flow_run,) = await _runs_since("fuse-acme", since)
+    assert flow_run["state"]["type"] in ("CANCELLED", "CRASHED"), flow_run["state"]
