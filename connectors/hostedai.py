@@ -28,6 +28,7 @@ from purgatory.domain.model import OpenedState
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
+from connectors import http_client
 from connectors.telemetry import BREAKER
 from homeskillet.errors import (
     AlreadySubscribed,
@@ -139,8 +140,14 @@ class HostedAIClient:
     ) -> Any:
         url = f"{self._base}{path}"
         try:
-            async with httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0))) as http:
-                response = await http.request(method, url, params=params, json=body, headers=self._headers())
+            response = await http_client.client().request(
+                method,
+                url,
+                params=params,
+                json=body,
+                headers=self._headers(),
+                timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
+            )
         except httpx.TimeoutException:
             raise HostedAIUnavailable(f"hosted·ai {method} {path} timed out after {timeout:g}s") from None
         except httpx.HTTPError as exc:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
-import weakref
 
 import httpx
 
+from connectors import http_client
 from homeskillet.errors import InferenceError
 from homeskillet.schemas import Completion
 
@@ -43,7 +42,7 @@ async def complete(
         body["stop"] = stop
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     timeout = httpx.Timeout(timeout_s, connect=10.0)
-    client = _client()
+    client = http_client.client()
     started = time.perf_counter()
     try:
         if not stream:
@@ -59,24 +58,6 @@ async def complete(
         raise InferenceError(f"{url} did not answer within {timeout_s:g}s") from None
     except httpx.HTTPError as exc:
         raise InferenceError(f"{url} failed: {type(exc).__name__}: {exc}") from None
-
-
-_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient] = weakref.WeakKeyDictionary()
-
-
-def _client() -> httpx.AsyncClient:
-    """The event loop's long-lived client: its connection pool keeps connections to the model
-    servers open between calls, and its TLS context is made once (a new client per call spent
-    ~8 % of a request's CPU building one). One per loop, since a client belongs to the loop that
-    opened its connections; it goes with its loop."""
-    loop = asyncio.get_running_loop()
-    client = _clients.get(loop)
-    if client is None:
-        for closed in [other for other in _clients if other.is_closed()]:
-            del _clients[closed]  # its loop is gone, and its connections with it
-        limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
-        client = _clients[loop] = httpx.AsyncClient(limits=limits)
-    return client
 
 
 def _check(response: httpx.Response, url: str) -> None:
