@@ -298,6 +298,16 @@ class HostedAIClient:
                 if isinstance(exc, CircuitOpen):
                     raise
                 log.warning("hosted·ai subscribe to pool %s: %s; reconciling", pool_id, exc)
+            except InsufficientResources:
+                raise  # nothing was made: the caller tries the next pool
+            except HostedAIRejected as exc:
+                # a refusal, or a fault after the subscription was made: hosted·ai answers both
+                # with an error code (e.g. 500 {50000001, "internal error"}); the list decides, once
+                log.warning("hosted·ai subscribe to pool %s: %s; reconciling before giving up", pool_id, exc)
+                found = await self._reconcile(pool_id)
+                if found is not None:
+                    return found.id
+                raise
             found = await self._reconcile(pool_id)
             if found is not None:
                 return found.id
@@ -367,12 +377,16 @@ class HostedAIClient:
         raise HostedAIUnavailable(f"hosted·ai pod of subscription {subscription_id} exposes no {service!r} service")
 
     async def unsubscribe(self, subscription_id: int, pool_id: int, wait: bool = True) -> None:
-        """Unsubscribe (asynchronous on hosted·ai) and, if `wait`, poll until the item is gone."""
+        """Unsubscribe (asynchronous on hosted·ai) and, if `wait`, poll until the item is gone.
+
+        Asking twice is safe (a second answers not-found, taken as done), so it retries like a read:
+        on any 5xx or error in the body that is not an auth or not-found refusal."""
         try:
             await self.call(
                 "POST",
                 "/gpuaas/pool/unsubscribe",
                 body={"subscription_id": subscription_id, "team_id": self.team_id, "pool_id": pool_id},
+                idempotent=True,
             )
         except HostedAIRejected as exc:
             if exc.code != 404:

@@ -51,6 +51,13 @@ class Faults(BaseModel):
         le=1,
         description=f"A read (GET, the estimate) answers 200 with an error object in the body (code {BODY_ERROR}).",
     )
+    write_error_after_rate: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description=f"A subscribe or unsubscribe takes effect, then answers HTTP 500 with the envelope "
+        f"{{code {INTERNAL}, 'internal error'}}.",
+    )
     fault_paths: list[str] = Field(
         [], description="When set, the per-call rate faults above hit only paths that start with one of these."
     )
@@ -487,6 +494,8 @@ def create_app(config: EmulatorConfig | None = None, model_endpoint=None) -> Fas
         if f.empty_subscribe_rate and state.rng.random() < f.empty_subscribe_rate:
             state.fired["empty_subscribe"] += 1
             return Response(status_code=200)  # done, but the body is empty
+        if written_then_failed():
+            return _error(500, "internal error", INTERNAL)  # done, but the answer says otherwise
         return {"subscription_id": sub.id}
 
     @app.get("/gpuaas/pool-subscription")
@@ -551,6 +560,14 @@ def create_app(config: EmulatorConfig | None = None, model_endpoint=None) -> Fas
             sub.services.append({"name": body.service_name, "port": str(body.port)})
         return {"service_name": body.service_name, "status": "exposed"}
 
+    def written_then_failed() -> bool:
+        """Whether a subscribe or unsubscribe that took effect is answered as an internal error."""
+        rate = state.faults.write_error_after_rate
+        if rate and state.rng.random() < rate:
+            state.fired["write_error_after"] += 1
+            return True
+        return False
+
     @app.post("/gpuaas/pool/unsubscribe")
     async def unsubscribe(body: UnsubscribeBody, team: TeamConfig = Depends(team_of)):
         same_team(team, body.team_id)
@@ -559,6 +576,8 @@ def create_app(config: EmulatorConfig | None = None, model_endpoint=None) -> Fas
             return business(f"Subscription {sub.id} is not in pool {body.pool_id}", 400)
         if sub.unsubscribed is None:
             sub.unsubscribed = time.monotonic()
+            if written_then_failed():
+                return _error(500, "internal error", INTERNAL)  # done, but the answer says otherwise
         return PlainTextResponse("OK")  # 200 with a body that is not JSON
 
     @app.get("/gpuaas/{team_id}/metrics")

@@ -105,6 +105,31 @@ async def test_no_duplicate_subscription_after_a_timed_out_subscribe(emulator, f
     await cleanup(c)
 
 
+async def test_a_subscribe_that_took_effect_but_answered_internal_error_is_adopted(emulator, faults):
+    """500 {50000001, "internal error"} after the subscription was made: the list shows it, and
+    it is adopted, not left behind as a paid subscription nobody retires."""
+    fired = emulator.state.fired["write_error_after"]
+    faults(write_error_after_rate=1.0)
+    c = client(emulator, reconcile_s=5, poll_s=0.05)
+    sub_id = await c.subscribe(201, vgpus=1)
+    assert emulator.state.fired["write_error_after"] > fired
+    assert [s.id for s in subs_of(emulator, "acme")] == [sub_id]
+    faults()
+    await cleanup(c)
+
+
+async def test_an_unsubscribe_that_took_effect_but_answered_internal_error_is_done(emulator, faults):
+    """Asking again is safe: the second answer (not found, or done) settles it at once."""
+    c = client(emulator, poll_s=0.05)
+    sub_id = await c.subscribe(201, vgpus=1)
+    fired = emulator.state.fired["write_error_after"]
+    faults(write_error_after_rate=1.0)
+    await c.unsubscribe(sub_id, 201)
+    assert emulator.state.fired["write_error_after"] > fired  # (other tests' retires may be answered so too)
+    assert subs_of(emulator, "acme") == [] or all(s.unsubscribed is not None for s in subs_of(emulator, "acme"))
+    faults()
+
+
 @pytest.mark.parametrize("in_2xx", [0.0, 1.0], ids=["as-500", "inside-200"])
 async def test_insufficient_resources_is_a_business_error_whatever_the_status(emulator, faults, in_2xx):
     faults(business_in_2xx_rate=in_2xx, insufficient_pools=[101])
