@@ -65,7 +65,7 @@ class Interrupted(Exception):
 
     def __init__(self, signum: int):
         self.signum = signum
-        super().__init__(f"interrupted by {signal.Signals(signum).name}: the request was cancelled")
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
 
 
 def run_until_signalled(coro: Coroutine[Any, Any, T]) -> T:
@@ -103,6 +103,16 @@ def run_until_signalled(coro: Coroutine[Any, Any, T]) -> T:
     if main.cancelled() and received:
         raise Interrupted(received[0])
     return main.result()
+
+
+def run_flows(coro: Coroutine[Any, Any, T], what: str = "the work") -> T:
+    """What every command that runs flows in this process runs them with: `run_until_signalled`,
+    and on SIGTERM or SIGINT one line ("… `what` was cancelled") and exit 128 + the signal's number."""
+    try:
+        return run_until_signalled(coro)
+    except Interrupted as exc:
+        errors.print(f"[bold red]error:[/] {exc}: {what} was cancelled", highlight=False)
+        raise typer.Exit(128 + exc.signum) from None
 
 
 @app.command()
@@ -156,11 +166,8 @@ def run(
             finally:
                 await runtime.shutdown()  # this process ends: give back subscriptions and model servers
 
-        state = run_until_signalled(main())
+        state = run_flows(main(), "the request")
         result = state.result()
-    except Interrupted as exc:
-        errors.print(f"[bold red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(128 + exc.signum) from None
     except HomeskilletError as exc:
         _fail(exc)
     if as_json:
@@ -440,7 +447,7 @@ def benchmark(
             finally:
                 await runtime.shutdown()
 
-        out = asyncio.run(main())
+        out = run_flows(main())
     except HomeskilletError as exc:
         _fail(exc)
     table = Table(title="benchmark across model sizes")
@@ -462,7 +469,7 @@ def cost_report(since_days: Annotated[int, typer.Option(help="Telemetry of the l
         use_local_prefect()
         from flows.cost_report import cost_report as cost_flow
 
-        path = asyncio.run(cost_flow(since_days=since_days))
+        path = run_flows(cost_flow(since_days=since_days))
     except HomeskilletError as exc:
         _fail(exc)
     console.print(open(path).read(), markup=False, highlight=False)
@@ -526,7 +533,7 @@ def eval_routing(
         for name, records in loaded.items():
             if through_flow:
                 workdir = get_settings().home / "eval-routing" / name
-                score, _ = asyncio.run(
+                score, _ = run_flows(
                     evaluate_through_flow(records, strategy, workdir, folds, model, limit, budget_share)
                 )
             else:
@@ -638,7 +645,7 @@ def bench_overhead(
         use_local_prefect()
         from homeskillet.overhead import report, run_benchmark, summary_line
 
-        figures = asyncio.run(run_benchmark(repeats=repeats, max_tokens=max_tokens, concurrency=concurrency))
+        figures = run_flows(run_benchmark(repeats=repeats, max_tokens=max_tokens, concurrency=concurrency))
     except HomeskilletError as exc:
         _fail(exc)
     console.print(report(figures), highlight=False, markup=False)
@@ -672,7 +679,7 @@ def loadtest(
         use_local_prefect()
         from homeskillet.loadtest import report, run_load, summary, violated
 
-        figures = asyncio.run(
+        figures = run_flows(
             run_load(requests, concurrency, tenants, backend, faults, max_tokens, recordings=recordings)
         )
     except HomeskilletError as exc:
@@ -709,7 +716,7 @@ def bench_workers(
         api_url = use_local_prefect()
         from homeskillet.scaling import run_scaling
 
-        rows = asyncio.run(
+        rows = run_flows(
             run_scaling(
                 api_url, counts, requests, limit, max_tokens, get_settings().home / "logs" / "bench-workers", recordings
             )
@@ -741,7 +748,7 @@ def isolation_report(
         use_local_prefect()
         from homeskillet.isolation import OPERATOR, broken, run_attacks
 
-        rows = asyncio.run(run_attacks())
+        rows = run_flows(run_attacks())
     except HomeskilletError as exc:
         _fail(exc)
     if as_json:

@@ -132,6 +132,27 @@ def test_run_on_hostedai_against_a_running_emulator(emulator_process):
     assert httpx.get(f"{emulator_process}/_emulator/state").json()["subscriptions"] == 0
 
 
+def test_loadtest_on_recordings_prints_its_figures_and_exits_0():
+    recordings = Path(__file__).resolve().parents[3] / "shared" / "data" / "routerbench" / "arc_challenge_train.csv"
+    done = cli(
+        "loadtest",
+        "--backend",
+        "replay",
+        "--recordings",
+        str(recordings),
+        "--requests",
+        "3",
+        "--concurrency",
+        "3",
+        "--tenants",
+        "2",
+        "--json",
+    )
+    assert done.returncode == 0, done.stderr
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    assert figures["ok"] == 3 and figures["leaked_allocations"] == 0 and figures["errors"] == {}
+
+
 def test_emulator_refuses_unknown_faults():
     done = cli("emulator", "--faults", "meteor_rate=1")
     assert done.returncode == 2 and "unknown fault" in done.stderr
