@@ -1,11 +1,13 @@
 """The telemetry dataset: one record per fragment attempt, safe under concurrent writers."""
 
-import multiprocessing
+import json
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from connectors.telemetry import read_records, write_records
+from connectors.telemetry import read_records
 from flows.fusion import fuse_request
 from homeskillet.errors import InferenceError
 from homeskillet.schemas import TelemetryRecord
@@ -37,20 +39,33 @@ def record(i: int, day: datetime) -> TelemetryRecord:
     )
 
 
-def _writer(root, start):
-    now = datetime.now(UTC)
-    for i in range(start, start + 20):
-        write_records(root, [record(i, now), record(i, now - timedelta(days=1))])
+# Each writer is a process of its own, as each flow run's process is: it writes its records in
+# pairs (today and yesterday), 20 times, into the same dataset as the others.
+WRITER = """
+import json, sys
+from pathlib import Path
+from connectors.telemetry import write_records
+from homeskillet.schemas import TelemetryRecord
+for pair in json.load(sys.stdin):
+    write_records(Path(sys.argv[1]), [TelemetryRecord.model_validate(r) for r in pair])
+"""
 
 
 def test_concurrent_writers_lose_nothing_and_partition_by_date(tmp_path):
-    spawn = multiprocessing.get_context("spawn")  # no fork of a process that runs threads
-    procs = [spawn.Process(target=_writer, args=(tmp_path, k * 100)) for k in range(4)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(60)
-        assert p.exitcode == 0
+    now = datetime.now(UTC)
+    writers = []
+    for k in range(4):
+        pairs = [
+            [record(i, day).model_dump(mode="json") for day in (now, now - timedelta(days=1))]
+            for i in range(k * 100, k * 100 + 20)
+        ]
+        proc = subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(tmp_path)], stdin=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        writers.append((proc, json.dumps(pairs)))
+    for proc, pairs in writers:
+        _, err = proc.communicate(pairs, timeout=120)
+        assert proc.returncode == 0, err
     frame = read_records(tmp_path)
     assert len(frame) == 4 * 20 * 2
     assert len({d.name for d in tmp_path.iterdir()}) == 2  # two date partitions
