@@ -20,7 +20,7 @@ import httpx
 from filelock import FileLock
 
 from connectors import postgres
-from connectors.processes import created, healthy, tail, terminate
+from connectors.processes import created, healthy, port_in_use, tail, terminate
 from homeskillet.errors import ServiceError
 
 PIDFILE = "prefect-server.json"
@@ -84,6 +84,11 @@ def ensure_prefect_server(home: Path, port: int, timeout_s: float = 120.0) -> st
             return info.api_url
         if info is not None:  # alive but unhealthy: replace it
             terminate(info.pid, group=True)
+        if port_in_use(port):  # another state folder's server would answer our health checks
+            raise ServiceError(
+                f"port {port} is taken by another process (another HOMESKILLET_HOME's Prefect server?): "
+                "give this state folder its own with HOMESKILLET_PREFECT_PORT"
+            )
         sock = postgres.ensure_postgres(home / "pgdata")
         log_path = home / "prefect-server.log"
         env = {

@@ -33,6 +33,18 @@ def healthy(url: str) -> bool:
         return False
 
 
+def port_in_use(port: int) -> bool:
+    """Whether something listens on 127.0.0.1:port (a bind there fails; connections of a server
+    that stopped, still in TIME_WAIT, do not count, as they do not for the next server's bind)."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+        return False
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

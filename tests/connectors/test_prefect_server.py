@@ -1,8 +1,12 @@
 """The embedded Prefect server, as `ensure_prefect_server` starts it."""
 
-import httpx
+import threading
 
-from connectors.prefect_server import RECORDER_BATCHING
+import httpx
+import pytest
+
+from connectors.prefect_server import RECORDER_BATCHING, ensure_prefect_server
+from homeskillet.errors import ServiceError
 
 
 def test_the_server_records_task_runs_in_batches(local_services):
@@ -15,3 +19,27 @@ def test_the_server_records_task_runs_in_batches(local_services):
     assert float(recorder["flush_interval"]) == float(
         RECORDER_BATCHING["PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL"]
     )
+
+
+def test_a_port_another_server_holds_is_refused_not_shared(tmp_path):
+    """A second state folder on the first one's port must not take that server, whose health
+    check answers, for its own: it says so, and starts nothing."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Healthy(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    other = ThreadingHTTPServer(("127.0.0.1", 0), Healthy)
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(ServiceError, match=rf"port {other.server_address[1]} is taken .*HOMESKILLET_PREFECT_PORT"):
+            ensure_prefect_server(tmp_path / "home", other.server_address[1])
+    finally:
+        other.shutdown()
+        other.server_close()
+    assert not (tmp_path / "home" / "pgdata").exists()  # nothing was started
