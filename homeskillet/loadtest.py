@@ -251,7 +251,7 @@ async def start_emulator(faults: str, tenants: list[str]) -> _Emulator:
         if await has_credentials_block(tenant):
             raise InvalidRequest(
                 f"tenant {tenant!r} already has hosted·ai credentials (Secret block {block_name(tenant)!r}); "
-                "lending it the emulator's team would replace them: run this with its own HOMESKILLET_HOME"
+                "lending it the emulator's team would replace them: run this with its own HOMESKILLET_HOME (and HOMESKILLET_PREFECT_PORT)"
             )
     app = create_app(config)
     serving = contextlib.ExitStack()
