@@ -1,0 +1,115 @@
+"""mutmut's hooks (mutmut 2.x reads this file from the repository root): which tests run against a mutant.
+
+Each mutant runs only the tests that exercise its file, in an order that puts the quick and
+discriminating ones first (pytest stops at the first failure, `-x`), and for a few functions that
+only a flow reaches, those flow tests. Every run is a new pytest process, so the session's
+PostgreSQL, Prefect server and model servers start from a clean state folder for each mutant.
+
+Why mutmut 2 and not 3: mutmut 3 does not mutate decorated functions (it skips any function with a
+decorator other than staticmethod/classmethod), and here that is nearly everything worth mutating:
+the ledger's methods are wrapped by `_reconnecting` (reserve, release, held, ...), the resources
+tasks by Prefect's `@task`. mutmut 2 edits the file in place and runs the test command as a
+subprocess, so decorators make no difference to it.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+from pathlib import Path
+
+PYTEST = "python -m pytest -x -q -p no:randomly -p no:cacheprovider --timeout=120"
+
+LEDGER_TESTS = [
+    "tests/connectors/test_ledger.py::test_allocation_ids_are_unguessable",
+    "tests/connectors/test_ledger.py::test_capacity_is_enforced_and_a_full_pool_fails_clearly_after_waiting",
+    "tests/connectors/test_ledger.py::test_only_the_owning_tenant_can_release",
+    "tests/connectors/test_ledger.py::test_a_slice_larger_than_the_pool_fails_at_once",
+    "tests/connectors/test_ledger.py::test_concurrent_reservations_never_overcommit",
+    "tests/connectors/test_ledger.py::test_a_waiting_allocation_gets_the_room_another_releases",
+    "tests/connectors/test_ledger.py::test_leases_expire",
+    "tests/connectors/test_ledger.py::test_a_vanished_holder_loses_its_lease_at_once",
+    "tests/connectors/test_ledger.py::test_pool_sync_reserve_and_listing_at_once_do_not_deadlock",
+    "tests/connectors/test_ledger.py::test_one_ledger_serves_several_event_loops_one_after_another",
+    "tests/tasks/test_covenant.py::test_the_tflops_quota_holds_across_two_processes_racing",
+    "tests/connectors/test_ledger.py::test_a_postgresql_restart_is_ridden_out_and_an_outage_fails_clearly",
+]
+
+# spend and usage are reached through a flow (recorded by fuse_request, read by the covenant
+# check and the CLI), set_endpoint through the local backend's allocate; DAY and MONTH are spend's
+LEDGER_FLOW_TESTS = [
+    "tests/tasks/test_covenant.py::test_a_budget_crossed_mid_request_stops_it_and_releases_everything",
+    "tests/tasks/test_covenant.py::test_the_cli_exits_2_naming_the_term_and_shows_the_usage",
+    "tests/tasks/test_covenant.py::test_a_request_is_routed_within_its_covenant_and_its_provenance_says_so",
+]
+
+RESOURCES_TESTS = [
+    "tests/connectors/test_openai_client.py::test_completion_prompts_end_with_one_answer_cue",
+    "tests/flows/test_fusion.py::test_a_failing_fragment_fails_the_request_and_releases_every_allocation",
+    "tests/flows/test_fusion.py::test_cancelling_a_request_mid_inference_releases_its_allocations",
+    "tests/flows/test_fusion.py::test_the_run_log_says_each_routing_decision_allocation_and_release",
+    "tests/connectors/test_hostedai_guarantees.py::test_a_preempted_fragment_errs_without_the_key",
+    "tests/flows/test_fusion.py::test_a_three_part_question_runs_on_real_models_and_releases_everything",
+]
+
+HOSTEDAI_TESTS = [
+    "tests/connectors/test_hostedai.py",
+    "tests/connectors/test_hostedai_guarantees.py",
+    "tests/connectors/test_hostedai_pools.py",
+    "tests/connectors/test_hostedai_emulator.py",
+]
+
+# file -> {function name (None: any other line) -> tests}
+TESTS = {
+    "connectors/ledger.py": {
+        None: LEDGER_TESTS,
+        "record_spend": LEDGER_FLOW_TESTS,
+        "spend": LEDGER_FLOW_TESTS,
+        "usage": LEDGER_FLOW_TESTS,
+        "set_endpoint": LEDGER_FLOW_TESTS,
+        "DAY": LEDGER_FLOW_TESTS,
+        "MONTH": LEDGER_FLOW_TESTS,
+    },
+    "tasks/resources.py": {None: RESOURCES_TESTS},
+    "connectors/hostedai.py": {None: HOSTEDAI_TESTS},
+    "connectors/hostedai_backend.py": {None: HOSTEDAI_TESTS},
+}
+
+
+@functools.cache
+def _scopes(filename: str) -> list[tuple[int, int, str]]:
+    """(first line, last line, name) of every function and module-level assignment in the file,
+    1-based, outer before inner."""
+    tree = ast.parse(Path(filename).read_text())
+    found = [
+        (node.lineno, node.end_lineno, node.name)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+    ]
+    found += [
+        (node.lineno, node.end_lineno, target.id)
+        for node in tree.body
+        if isinstance(node, ast.Assign)
+        for target in node.targets
+        if isinstance(target, ast.Name)
+    ]
+    return sorted(found)
+
+
+def tests_for(filename: str, line_number: int) -> list[str]:
+    """The tests for a mutant on this line (1-based) of this file: those of the innermost enclosing
+    function (or module-level name) that has its own list, else the file's."""
+    by_function = TESTS.get(filename.removeprefix("./"))
+    if by_function is None:
+        return []
+    enclosing = [name for first, last, name in _scopes(filename) if first <= line_number <= last]
+    for name in reversed(enclosing):
+        if name in by_function:
+            return by_function[name]
+    return by_function[None]
+
+
+def pre_mutation(context):
+    tests = tests_for(context.filename, context.mutation_id.line_number + 1)  # mutmut counts from 0
+    if tests:
+        context.config.test_command = f"{PYTEST} {' '.join(tests)}"
