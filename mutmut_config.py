@@ -32,7 +32,11 @@ LEDGER_TESTS = [
     "tests/connectors/test_ledger.py::test_pool_sync_reserve_and_listing_at_once_do_not_deadlock",
     "tests/connectors/test_ledger.py::test_one_ledger_serves_several_event_loops_one_after_another",
     "tests/tasks/test_covenant.py::test_the_tflops_quota_holds_across_two_processes_racing",
-    "tests/connectors/test_ledger.py::test_a_postgresql_restart_is_ridden_out_and_an_outage_fails_clearly",
+]
+# the slow one (two PostgreSQL restarts): for the reconnecting machinery, the decorators (a mutant
+# on a decorator line is outside its function) and module-level lines
+LEDGER_RESTART = [
+    "tests/connectors/test_ledger.py::test_a_postgresql_restart_is_ridden_out_and_an_outage_fails_clearly"
 ]
 
 # spend and usage are reached through a flow (recorded by fuse_request, read by the covenant
@@ -41,6 +45,7 @@ LEDGER_FLOW_TESTS = [
     "tests/tasks/test_covenant.py::test_a_budget_crossed_mid_request_stops_it_and_releases_everything",
     "tests/tasks/test_covenant.py::test_the_cli_exits_2_naming_the_term_and_shows_the_usage",
     "tests/tasks/test_covenant.py::test_a_request_is_routed_within_its_covenant_and_its_provenance_says_so",
+    *LEDGER_RESTART,
 ]
 
 RESOURCES_TESTS = [
@@ -59,16 +64,17 @@ HOSTEDAI_TESTS = [
     "tests/connectors/test_hostedai_emulator.py",
 ]
 
-# file -> {function name (None: any other line) -> tests}
+# file -> {name of the function or module-level assignment a mutant is in -> tests}; FUNCTION: any
+# other function's; None: any other line (module level, decorators)
+FUNCTION = "<function>"
+LEDGER_FLOW = ("record_spend", "spend", "usage", "set_endpoint", "capacities", "DAY", "MONTH")
+LEDGER_RECONNECT = ("_reconnecting", "call", "_lost_connection", "_connect", "open_ledger", "__init__")
 TESTS = {
     "connectors/ledger.py": {
-        None: LEDGER_TESTS,
-        "record_spend": LEDGER_FLOW_TESTS,
-        "spend": LEDGER_FLOW_TESTS,
-        "usage": LEDGER_FLOW_TESTS,
-        "set_endpoint": LEDGER_FLOW_TESTS,
-        "DAY": LEDGER_FLOW_TESTS,
-        "MONTH": LEDGER_FLOW_TESTS,
+        None: LEDGER_TESTS + LEDGER_RESTART,
+        FUNCTION: LEDGER_TESTS,
+        **dict.fromkeys(LEDGER_FLOW, LEDGER_FLOW_TESTS),
+        **dict.fromkeys(LEDGER_RECONNECT, LEDGER_TESTS + LEDGER_RESTART),
     },
     "tasks/resources.py": {None: RESOURCES_TESTS},
     "connectors/hostedai.py": {None: HOSTEDAI_TESTS},
@@ -77,17 +83,17 @@ TESTS = {
 
 
 @functools.cache
-def _scopes(filename: str) -> list[tuple[int, int, str]]:
-    """(first line, last line, name) of every function and module-level assignment in the file,
-    1-based, outer before inner."""
+def _scopes(filename: str) -> list[tuple[int, int, str, str | None]]:
+    """(first line, last line, name, FUNCTION or None) of every function and module-level
+    assignment in the file, 1-based, outer before inner."""
     tree = ast.parse(Path(filename).read_text())
     found = [
-        (node.lineno, node.end_lineno, node.name)
+        (node.lineno, node.end_lineno, node.name, FUNCTION)
         for node in ast.walk(tree)
         if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
     ]
     found += [
-        (node.lineno, node.end_lineno, target.id)
+        (node.lineno, node.end_lineno, target.id, None)
         for node in tree.body
         if isinstance(node, ast.Assign)
         for target in node.targets
@@ -98,14 +104,17 @@ def _scopes(filename: str) -> list[tuple[int, int, str]]:
 
 def tests_for(filename: str, line_number: int) -> list[str]:
     """The tests for a mutant on this line (1-based) of this file: those of the innermost enclosing
-    function (or module-level name) that has its own list, else the file's."""
+    function (or module-level name) that has its own list, else those for any function, else the
+    file's."""
     by_function = TESTS.get(filename.removeprefix("./"))
     if by_function is None:
         return []
-    enclosing = [name for first, last, name in _scopes(filename) if first <= line_number <= last]
-    for name in reversed(enclosing):
+    scopes = [(name, kind) for first, last, name, kind in _scopes(filename) if first <= line_number <= last]
+    for name, _ in reversed(scopes):
         if name in by_function:
             return by_function[name]
+    if any(kind == FUNCTION for _, kind in scopes):
+        return by_function.get(FUNCTION, by_function[None])
     return by_function[None]
 
 

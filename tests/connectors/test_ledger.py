@@ -11,8 +11,8 @@ import time
 import pytest
 
 from connectors.ledger import Ledger, new_allocation_id, open_ledger
-from homeskillet.errors import AllocationNotFound, CapacityTimeout, NoRoute, ServiceError
-from homeskillet.schemas import PoolSpec
+from homeskillet.errors import AllocationNotFound, CapacityTimeout, CovenantViolation, NoRoute, ServiceError
+from homeskillet.schemas import Covenant, PoolSpec
 from homeskillet.settings import get_settings
 
 
@@ -138,6 +138,31 @@ async def test_a_vanished_holder_loses_its_lease_at_once(ledger):
     await reserve(ledger, tflops=2.0, vram_gb=1.0)
 
 
+async def test_another_hosts_holder_keeps_its_lease_until_it_is_released(ledger):
+    """Whether a process on another machine lives cannot be seen from here: only its lease expiry
+    (or its release) ends its slice, however often this host looks."""
+    far = Ledger(ledger._dsn, lease_s=60)
+    far._holder = "another-host.example:1:0.000"  # that pid may not even exist here
+    theirs = await reserve(far, pool=ledger.pool)
+    assert [a.allocation_id for a in await held_in(ledger, ledger.pool)] == [theirs.allocation_id]
+    with pytest.raises(CapacityTimeout):  # and it still counts against the pool
+        await reserve(ledger, tflops=2.0, vram_gb=1.0)
+    await ledger.release(theirs.allocation_id, "acme")
+
+
+async def test_a_vram_only_quota_holds_and_names_its_term(ledger):
+    """A covenant with max_vram_gb and no max_tflops: the VRAM quota is checked on its own."""
+    tenant = f"vram-{ledger.pool}"
+    await ledger.end_request(await ledger.admit(tenant, "setup", Covenant(max_vram_gb=0.5)))
+    await reserve(ledger, tenant=tenant, tflops=0.5, vram_gb=0.25)
+    await reserve(ledger, tenant=tenant, tflops=0.5, vram_gb=0.25)
+    with pytest.raises(CovenantViolation, match=r"max_vram_gb: limit 0.5 GB held at once, current usage 0.5 GB held"):
+        await reserve(ledger, tenant=tenant, tflops=0.5, vram_gb=0.25)
+    with pytest.raises(CovenantViolation, match=r"max_vram_gb: .*one slice asks 0.75 GB") as caught:
+        await reserve(ledger, tenant=tenant, tflops=0.5, vram_gb=0.75, wait_s=30)  # at once, not after the wait
+    assert caught.value.term == "max_vram_gb"
+
+
 async def test_pool_sync_reserve_and_listing_at_once_do_not_deadlock(ledger):
     """Writers take pool rows in id order, so concurrent syncs, reservations and listings finish."""
     extra = [
@@ -178,8 +203,8 @@ def test_one_ledger_serves_several_event_loops_one_after_another(ledger):
 
 
 async def test_a_postgresql_restart_is_ridden_out_and_an_outage_fails_clearly(tmp_path):
-    """Its own PostgreSQL (the session's also serves Prefect): stopped under a held slice, the
-    release waits it out and completes once it is back; one that stays down is a ServiceError."""
+    """Its own PostgreSQL (the session's also serves Prefect): stopped under held slices, every
+    ledger call waits it out and completes once it is back; one that stays down is a ServiceError."""
     from connectors import postgres
 
     pgdata = tmp_path / "pgdata"
@@ -192,15 +217,42 @@ async def test_a_postgresql_restart_is_ridden_out_and_an_outage_fails_clearly(tm
     try:
         led = Ledger(postgres.dsn(pgdata, "homeskillet"), lease_s=60, retry_s=30)
         await led.create_schema()
-        await led.sync_pools([PoolSpec(id="p", tier="dedicated", tflops=2.0, vram_gb=1.0, price_per_hour=1.0)])
-        held = await reserve(led, pool="p")
+        pool = PoolSpec(id="p", tier="dedicated", tflops=2.0, vram_gb=1.0, price_per_hour=1.0)
+        await led.sync_pools([pool])
+        held = await reserve(led, pool="p", tflops=0.5, vram_gb=0.25)
+        other = await reserve(led, pool="p", tflops=0.5, vram_gb=0.25)
+        running = await led.admit("acme", "r1", Covenant(max_concurrent_requests=4))
         await asyncio.to_thread(pg, "stop")
-        release = asyncio.create_task(led.release(held.allocation_id, "acme"))
+        # every ledger call made while PostgreSQL is away waits for it, none fails
+        calls = {
+            "release": led.release(held.allocation_id, "acme"),
+            "reserve": reserve(led, pool="p", tflops=0.5, vram_gb=0.25),
+            "set_endpoint": led.set_endpoint(other.allocation_id, "http://127.0.0.1:9/v1"),
+            "sync_pools": led.sync_pools([pool]),
+            "capacities": led.capacities(),
+            "admit": led.admit("acme", "r2", Covenant(max_concurrent_requests=4)),
+            "end_request": led.end_request(running),
+            "record_spend": led.record_spend(other.allocation_id, "acme", "r1", 0.25),
+            "spend": led.spend("acme"),
+            "usage": led.usage("acme"),
+        }
+        waiting = {name: asyncio.create_task(call) for name, call in calls.items()}
         await asyncio.sleep(1.0)
-        assert not release.done()  # waiting for PostgreSQL, not failed
+        assert [name for name, task in waiting.items() if task.done()] == []  # waiting for PostgreSQL, not failed
         await asyncio.to_thread(pg, "ensure")
-        await asyncio.wait_for(release, 30)
-        assert await held_in(led, "p") == []
+        done = dict(zip(waiting, await asyncio.wait_for(asyncio.gather(*waiting.values()), 30)))
+        assert done["set_endpoint"].endpoint == "http://127.0.0.1:9/v1"
+        assert done["capacities"]["p"] == (2.0, 1.0)
+        assert done["admit"].startswith("req-")
+        assert {a.allocation_id for a in await held_in(led, "p")} == {
+            other.allocation_id,
+            done["reserve"].allocation_id,
+        }
+        assert (await led.spend("acme"))[1] == 0.25
+        assert (await led.usage("acme"))["requests_running"] == 1  # r2; r1 ended
+        for allocation in (other, done["reserve"]):
+            await led.release(allocation.allocation_id, "acme")
+        await led.end_request(done["admit"])
         again = await reserve(led, pool="p", tflops=2.0, vram_gb=1.0)  # the capacity is whole again
         await led.release(again.allocation_id, "acme")
 
