@@ -104,6 +104,16 @@ async def test_leases_expire(ledger):
     await reserve(ledger, tflops=2.0, vram_gb=1.0)  # the whole pool is free again
 
 
+async def test_a_process_opens_one_ledger_per_postgresql_and_lease_length():
+    """Services that share a PostgreSQL and a lease length share a ledger; another lease length
+    gets its own, so each catalog's leases last as long as its settings say."""
+    pgdata = get_settings().pgdata
+    first = await asyncio.to_thread(open_ledger, pgdata, 60.0)
+    assert await asyncio.to_thread(open_ledger, pgdata, 60.0) is first
+    short = await asyncio.to_thread(open_ledger, pgdata, 5.0)
+    assert short is not first and short._lease_s == 5.0
+
+
 def test_allocation_ids_are_unguessable():
     ids = {new_allocation_id() for _ in range(1000)}
     assert len(ids) == 1000
