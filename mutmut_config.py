@@ -50,6 +50,7 @@ LEDGER_FLOW_TESTS = [
 
 RESOURCES_TESTS = [
     "tests/connectors/test_openai_client.py::test_completion_prompts_end_with_one_answer_cue",
+    "tests/tasks/test_resources.py",
     "tests/flows/test_fusion.py::test_a_failing_fragment_fails_the_request_and_releases_every_allocation",
     "tests/flows/test_fusion.py::test_cancelling_a_request_mid_inference_releases_its_allocations",
     "tests/flows/test_fusion.py::test_the_run_log_says_each_routing_decision_allocation_and_release",
@@ -120,5 +121,8 @@ def tests_for(filename: str, line_number: int) -> list[str]:
 
 def pre_mutation(context):
     tests = tests_for(context.filename, context.mutation_id.line_number + 1)  # mutmut counts from 0
+    # a checkout without one of these files (an older one) runs the rest: pytest's "not found" exit
+    # status (4) would count as a surviving mutant, since mutmut 2 counts only status 1 as killed
+    tests = [t for t in tests if Path(t.split("::")[0]).exists()]
     if tests:
         context.config.test_command = f"{PYTEST} {' '.join(tests)}"
