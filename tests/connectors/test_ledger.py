@@ -8,6 +8,7 @@ import sys
 import textwrap
 import time
 
+import asyncpg
 import pytest
 
 from connectors.ledger import Ledger, new_allocation_id, open_ledger
@@ -93,6 +94,31 @@ async def test_only_the_owning_tenant_can_release(ledger):
     assert await ledger.release(mine.allocation_id, "acme") == ended  # idempotent for the owner
     with pytest.raises(AllocationNotFound):
         await ledger.release("alloc-does-not-exist", "acme")
+
+
+async def test_reserving_again_under_the_same_id_returns_the_first_reservation(ledger):
+    """What a retry after a lost reply does (the reservation committed, its answer did not arrive):
+    the same slice comes back, nothing more is held; another tenant never gets it."""
+    allocation_id = new_allocation_id()
+
+    async def again(tenant="acme"):
+        return await ledger.reserve(
+            allocation_id=allocation_id,
+            tenant=tenant,
+            request_id="r1",
+            pool=ledger.pool,
+            model="m",
+            tflops=1.0,
+            vram_gb=0.5,
+            wait_s=0,
+        )
+
+    first = await again()
+    assert await again() == first
+    assert [a.allocation_id for a in await held_in(ledger, ledger.pool)] == [allocation_id]
+    with pytest.raises(asyncpg.UniqueViolationError):  # the id is taken; its holder is not given away
+        await again("globex")
+    assert [(a.allocation_id, a.tenant) for a in await held_in(ledger, ledger.pool)] == [(allocation_id, "acme")]
 
 
 async def test_leases_expire(ledger):
