@@ -285,7 +285,9 @@ async def test_a_postgresql_restart_is_ridden_out_and_an_outage_fails_clearly(tm
             done["reserve"].allocation_id,
         }
         assert (await led.spend("acme"))[1] == 0.25
-        assert (await led.usage("acme"))["requests_running"] == 1  # r2; r1 ended
+        usage = await led.usage("acme")
+        assert usage["requests_running"] == 1  # r2; r1 ended
+        assert usage["synced_covenant_version"] == Covenant(max_concurrent_requests=4).version
         for allocation in (other, done["reserve"]):
             await led.release(allocation.allocation_id, "acme")
         await led.end_request(done["admit"])
