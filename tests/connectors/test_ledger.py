@@ -284,10 +284,15 @@ async def test_a_postgresql_restart_is_ridden_out_and_an_outage_fails_clearly(tm
             other.allocation_id,
             done["reserve"].allocation_id,
         }
-        assert (await led.spend("acme"))[1] == 0.25
-        usage = await led.usage("acme")
-        assert usage["requests_running"] == 1  # r2; r1 ended
-        assert usage["synced_covenant_version"] == Covenant(max_concurrent_requests=4).version
+        assert await led.usage("acme") == {
+            "held_slices": 2,
+            "tflops_held": 1.0,
+            "vram_gb_held": 0.5,
+            "spend_usd_today": 0.25,
+            "spend_usd_month": 0.25,
+            "requests_running": 1,  # r2; r1 ended
+            "synced_covenant_version": Covenant(max_concurrent_requests=4).version,
+        }
         for allocation in (other, done["reserve"]):
             await led.release(allocation.allocation_id, "acme")
         await led.end_request(done["admit"])
