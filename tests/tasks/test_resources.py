@@ -6,7 +6,7 @@ import pytest
 from connectors.ledger import new_allocation_id
 from homeskillet import catalog as cat
 from tasks import runtime
-from tasks.resources import infer
+from tasks.resources import infer, render
 
 pytestmark = pytest.mark.usefixtures("assert_no_leaks")
 
@@ -45,3 +45,11 @@ async def test_infer_sends_no_key_when_its_env_has_none(echo_allocation, echo_se
     monkeypatch.delenv("ECHO_API_KEY", raising=False)
     await infer.fn(services, allocation, "Say hi.", 8)
     assert echo_server.seen[-1]["auth"] is None
+
+
+def test_a_completion_prompt_carries_its_models_stop_sequences():
+    """Completion-style models (no chat template) stop where the catalog says, else they run on
+    into the next made-up question; a model with none sends no stop field value."""
+    gemma = cat.model(runtime.catalog(), "gemma3-270m")
+    assert gemma.stop and render(gemma, "What is 2 + 2?")["stop"] == gemma.stop
+    assert render(gemma.model_copy(update={"stop": []}), "What is 2 + 2?")["stop"] is None
