@@ -17,6 +17,8 @@ from __future__ import annotations
 import ast
 import functools
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 PYTEST = "python -m pytest -x -q -p no:randomly -p no:cacheprovider --timeout=120"
@@ -121,15 +123,33 @@ def tests_for(filename: str, line_number: int) -> list[str]:
     return by_function[None]
 
 
+def init():
+    """Before the run (source unmutated): every test named above must collect, else its mutants
+    would all look killed (pytest exits 4 on a name it cannot find)."""
+    tests = sorted(
+        {t for by_name in TESTS.values() for ts in by_name.values() for t in ts if Path(t.split("::")[0]).exists()}
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:randomly", *tests],
+        capture_output=True,
+        text=True,
+    )
+    collected = set(done.stdout.split())
+    missing = [t for t in tests if "::" in t and not any(c == t or c.startswith(t + "[") for c in collected)]
+    if done.returncode != 0 or missing:
+        raise SystemExit(f"mutmut_config.py names tests that do not collect: {missing}\n{done.stdout[-3000:]}")
+
+
 def pre_mutation(context):
     tests = tests_for(context.filename, context.mutation_id.line_number + 1)  # mutmut counts from 0
     # a checkout without one of these files (an older one) runs the rest: pytest's "not found" exit
     # status (4) would count as a surviving mutant, since mutmut 2 counts only status 1 as killed
     tests = [t for t in tests if Path(t.split("::")[0]).exists()]
     if tests:
-        # mutmut 2 counts only exit status 1 as killed; pytest exits 2 when a mutant breaks an import
-        # (collection errors) and 3 on an internal error: killed too. 4 (usage) and 5 (no tests)
-        # stay what they are, i.e. "survived", to be looked at.
+        # mutmut 2 counts only exit status 1 as killed. A mutant that breaks an import makes pytest
+        # exit 2 (collection errors) or 4 (the named tests are then "not found"), 3 is an internal
+        # error: all killed. `init` has checked that every listed test collects unmutated, so a 4
+        # is never a stale name here. 5 (nothing collected) stays a survivor, to be looked at.
         # (mutmut 2 splits the command and runs it without a shell, hence sh -c)
-        script = f"{PYTEST} {' '.join(tests)}; rc=$?; case $rc in 2|3) exit 1;; *) exit $rc;; esac"
+        script = f"{PYTEST} {' '.join(tests)}; rc=$?; case $rc in 2|3|4) exit 1;; *) exit $rc;; esac"
         context.config.test_command = f"sh -c {shlex.quote(script)}"
