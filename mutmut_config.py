@@ -21,7 +21,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-PYTEST = "python -m pytest -x -q -p no:randomly -p no:cacheprovider --timeout=120"
+# the interpreter mutmut runs under (the venv's), whatever `python` is on PATH
+PYTEST = f"{shlex.quote(sys.executable)} -m pytest -x -q -p no:randomly -p no:cacheprovider --timeout=120"
 
 # the whole file, so that a test added there runs against the ledger's mutants without editing this
 # list (a stale or missing name would make mutants look killed or survive unseen); the slow restart
