@@ -99,7 +99,8 @@ class _EchoHandler(BaseHTTPRequestHandler):
     def do_POST(self):  # noqa: N802
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         text = body["messages"][-1]["content"] if "messages" in body else body["prompt"]
-        self.server.seen.append({"path": self.path, "auth": self.headers.get("Authorization"), "text": text})
+        seen = {"path": self.path, "auth": self.headers.get("Authorization"), "model": body.get("model"), "text": text}
+        self.server.seen.append(seen)
         if "FAIL" in text:
             # fail only once the request's other fragments (same #tag) are in flight too
             tag = re.search(r"#\w+", text)

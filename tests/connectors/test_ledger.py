@@ -11,11 +11,12 @@ import textwrap
 import time
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from connectors.ledger import Ledger, new_allocation_id, open_ledger
-from homeskillet.errors import AllocationNotFound, CapacityTimeout, NoRoute, ServiceError
-from homeskillet.schemas import PoolSpec
+from homeskillet.errors import AllocationNotFound, CapacityTimeout, CovenantViolation, NoRoute, ServiceError
+from homeskillet.schemas import Covenant, PoolSpec
 from homeskillet.settings import get_settings
 
 
@@ -98,6 +99,31 @@ async def test_only_the_owning_tenant_can_release(ledger):
         await ledger.release("alloc-does-not-exist", "acme")
 
 
+async def test_reserving_again_under_the_same_id_returns_the_first_reservation(ledger):
+    """What a retry after a lost reply does (the reservation committed, its answer did not arrive):
+    the same slice comes back, nothing more is held; another tenant never gets it."""
+    allocation_id = new_allocation_id()
+
+    async def again(tenant="acme"):
+        return await ledger.reserve(
+            allocation_id=allocation_id,
+            tenant=tenant,
+            request_id="r1",
+            pool=ledger.pool,
+            model="m",
+            tflops=1.0,
+            vram_gb=0.5,
+            wait_s=0,
+        )
+
+    first = await again()
+    assert await again() == first
+    assert [a.allocation_id for a in await held_in(ledger, ledger.pool)] == [allocation_id]
+    with pytest.raises(asyncpg.UniqueViolationError):  # the id is taken; its holder is not given away
+        await again("globex")
+    assert [(a.allocation_id, a.tenant) for a in await held_in(ledger, ledger.pool)] == [(allocation_id, "acme")]
+
+
 async def test_leases_expire(ledger):
     short = Ledger(ledger._dsn, lease_s=0.5)
     await reserve(short, pool=ledger.pool)
@@ -105,6 +131,16 @@ async def test_leases_expire(ledger):
     await asyncio.sleep(1.0)
     assert await held_in(ledger, ledger.pool) == []
     await reserve(ledger, tflops=2.0, vram_gb=1.0)  # the whole pool is free again
+
+
+async def test_a_process_opens_one_ledger_per_postgresql_and_lease_length():
+    """Services that share a PostgreSQL and a lease length share a ledger; another lease length
+    gets its own, so each catalog's leases last as long as its settings say."""
+    pgdata = get_settings().pgdata
+    first = await asyncio.to_thread(open_ledger, pgdata, 60.0)
+    assert await asyncio.to_thread(open_ledger, pgdata, 60.0) is first
+    short = await asyncio.to_thread(open_ledger, pgdata, 5.0)
+    assert short is not first and short._lease_s == 5.0
 
 
 def test_allocation_ids_are_unguessable():
@@ -139,6 +175,31 @@ async def test_a_vanished_holder_loses_its_lease_at_once(ledger):
         proc.wait()
     assert await held_in(ledger, ledger.pool) == []
     await reserve(ledger, tflops=2.0, vram_gb=1.0)
+
+
+async def test_another_hosts_holder_keeps_its_lease_until_it_is_released(ledger):
+    """Whether a process on another machine lives cannot be seen from here: only its lease expiry
+    (or its release) ends its slice, however often this host looks."""
+    far = Ledger(ledger._dsn, lease_s=60)
+    far._holder = "another-host.example:1:0.000"  # that pid may not even exist here
+    theirs = await reserve(far, pool=ledger.pool)
+    assert [a.allocation_id for a in await held_in(ledger, ledger.pool)] == [theirs.allocation_id]
+    with pytest.raises(CapacityTimeout):  # and it still counts against the pool
+        await reserve(ledger, tflops=2.0, vram_gb=1.0)
+    await ledger.release(theirs.allocation_id, "acme")
+
+
+async def test_a_vram_only_quota_holds_and_names_its_term(ledger):
+    """A covenant with max_vram_gb and no max_tflops: the VRAM quota is checked on its own."""
+    tenant = f"vram-{ledger.pool}"
+    await ledger.end_request(await ledger.admit(tenant, "setup", Covenant(max_vram_gb=0.5)))
+    await reserve(ledger, tenant=tenant, tflops=0.5, vram_gb=0.25)
+    await reserve(ledger, tenant=tenant, tflops=0.5, vram_gb=0.25)
+    with pytest.raises(CovenantViolation, match=r"max_vram_gb: limit 0.5 GB held at once, current usage 0.5 GB held"):
+        await reserve(ledger, tenant=tenant, tflops=0.5, vram_gb=0.25)
+    with pytest.raises(CovenantViolation, match=r"max_vram_gb: .*one slice asks 0.75 GB") as caught:
+        await reserve(ledger, tenant=tenant, tflops=0.5, vram_gb=0.75, wait_s=30)  # at once, not after the wait
+    assert caught.value.term == "max_vram_gb"
 
 
 async def test_pool_sync_reserve_and_listing_at_once_do_not_deadlock(ledger):
@@ -181,8 +242,8 @@ def test_one_ledger_serves_several_event_loops_one_after_another(ledger):
 
 
 async def test_a_postgresql_restart_is_ridden_out_and_an_outage_fails_clearly():
-    """Its own PostgreSQL (the session's also serves Prefect): stopped under a held slice, the
-    release waits it out and completes once it is back; one that stays down is a ServiceError."""
+    """Its own PostgreSQL (the session's also serves Prefect): stopped under held slices, every
+    ledger call waits it out and completes once it is back; one that stays down is a ServiceError."""
     from connectors import postgres
 
     # not under pytest's tmp_path: another pytest session on the machine resets its root to 0700,
@@ -198,15 +259,49 @@ async def test_a_postgresql_restart_is_ridden_out_and_an_outage_fails_clearly():
     try:
         led = Ledger(postgres.dsn(pgdata, "homeskillet"), lease_s=60, retry_s=30)
         await led.create_schema()
-        await led.sync_pools([PoolSpec(id="p", tier="dedicated", tflops=2.0, vram_gb=1.0, price_per_hour=1.0)])
-        held = await reserve(led, pool="p")
+        pool = PoolSpec(id="p", tier="dedicated", tflops=2.0, vram_gb=1.0, price_per_hour=1.0)
+        await led.sync_pools([pool])
+        held = await reserve(led, pool="p", tflops=0.5, vram_gb=0.25)
+        other = await reserve(led, pool="p", tflops=0.5, vram_gb=0.25)
+        running = await led.admit("acme", "r1", Covenant(max_concurrent_requests=4))
         await asyncio.to_thread(pg, "stop")
-        release = asyncio.create_task(led.release(held.allocation_id, "acme"))
+        # every ledger call made while PostgreSQL is away waits for it, none fails
+        calls = {
+            "release": led.release(held.allocation_id, "acme"),
+            "reserve": reserve(led, pool="p", tflops=0.5, vram_gb=0.25),
+            "set_endpoint": led.set_endpoint(other.allocation_id, "http://127.0.0.1:9/v1"),
+            "sync_pools": led.sync_pools([pool]),
+            "capacities": led.capacities(),
+            "admit": led.admit("acme", "r2", Covenant(max_concurrent_requests=4)),
+            "end_request": led.end_request(running),
+            "record_spend": led.record_spend(other.allocation_id, "acme", "r1", 0.25),
+            "spend": led.spend("acme"),
+            "usage": led.usage("acme"),
+        }
+        waiting = {name: asyncio.create_task(call) for name, call in calls.items()}
         await asyncio.sleep(1.0)
-        assert not release.done()  # waiting for PostgreSQL, not failed
+        assert [name for name, task in waiting.items() if task.done()] == []  # waiting for PostgreSQL, not failed
         await asyncio.to_thread(pg, "ensure")
-        await asyncio.wait_for(release, 30)
-        assert await held_in(led, "p") == []
+        done = dict(zip(waiting, await asyncio.wait_for(asyncio.gather(*waiting.values()), 30)))
+        assert done["set_endpoint"].endpoint == "http://127.0.0.1:9/v1"
+        assert done["capacities"]["p"] == (2.0, 1.0)
+        assert done["admit"].startswith("req-")
+        assert {a.allocation_id for a in await held_in(led, "p")} == {
+            other.allocation_id,
+            done["reserve"].allocation_id,
+        }
+        assert await led.usage("acme") == {
+            "held_slices": 2,
+            "tflops_held": 1.0,
+            "vram_gb_held": 0.5,
+            "spend_usd_today": 0.25,
+            "spend_usd_month": 0.25,
+            "requests_running": 1,  # r2; r1 ended
+            "synced_covenant_version": Covenant(max_concurrent_requests=4).version,
+        }
+        for allocation in (other, done["reserve"]):
+            await led.release(allocation.allocation_id, "acme")
+        await led.end_request(done["admit"])
         again = await reserve(led, pool="p", tflops=2.0, vram_gb=1.0)  # the capacity is whole again
         await led.release(again.allocation_id, "acme")
 
