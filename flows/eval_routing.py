@@ -11,7 +11,7 @@ its task type is declared, as an API caller that knows its task would.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,10 +19,11 @@ from pathlib import Path
 import yaml
 
 from connectors.processes import serve_in_thread
-from connectors.replay import Record, ReplayProvider, create_app
+from connectors.replay import Record, ReplayProvider, create_app, load
 from flows.fusion import fuse_request
 from homeskillet.errors import InvalidRequest
 from homeskillet.schemas import FusionResult
+from tasks.decompose import classify
 from tasks.evaluation import BUDGET, Score, check_models, fit, fold_fits, fold_of, score
 from tasks.strategies import check_strategy
 
@@ -30,7 +31,7 @@ POOL = "replay"
 TENANT = "demo"
 
 
-def replay_catalog(models: list[str], base_url: str, tenants: list[str] = [TENANT]) -> dict:  # noqa: B006
+def replay_catalog(models: list[str], base_url: str, tenants: Sequence[str] = (TENANT,)) -> dict:
     """A catalog whose models are the recorded ones, served by the replay provider at base_url."""
     return {
         "models": [
@@ -81,11 +82,13 @@ class Replay:
 
 
 @contextmanager
-def replay_load(records: list[Record], tenants: list[str], workdir: Path) -> Iterator[Replay]:
-    """The recordings served on loopback for load and scaling runs: model calls cost no compute,
-    so the figures are the orchestration's own (Prefect, the ledger, the flow)."""
+def replay_load(path: Path, tenants: Sequence[str], workdir: Path) -> Iterator[Replay]:
+    """The recordings of a RouterBench file served on loopback for load and scaling runs: model
+    calls cost no compute, so the figures are the orchestration's own (Prefect, the ledger, the
+    flow). Records whose eval the file does not name are labelled by the request classifier."""
+    records = load(path, classify)
     if not records:
-        raise InvalidRequest("the recordings hold no records")
+        raise InvalidRequest(f"{path} holds no records")
     workdir.mkdir(parents=True, exist_ok=True)
     with serve_replay(records) as base_url:
         catalog = workdir / "replay-catalog.yaml"

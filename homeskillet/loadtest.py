@@ -83,20 +83,12 @@ async def run_load(
     if (backend == "replay") != (recordings is not None):
         raise InvalidRequest("--backend replay takes --recordings FILE (a RouterBench file), and only it does")
     if backend == "replay":
-        with _replay(recordings, tenants) as replay:
+        from flows.eval_routing import replay_load
+
+        names = [f"tenant-{i + 1}" for i in range(tenants)]
+        with replay_load(recordings, names, get_settings().home / "loadtest-replay") as replay:
             return await _load(requests, concurrency, tenants, backend, faults, max_tokens, sample_s, None, replay)
     return await _load(requests, concurrency, tenants, backend, faults, max_tokens, sample_s, emulator_state, None)
-
-
-@contextlib.contextmanager
-def _replay(recordings: Path, tenants: int):
-    from connectors.replay import load
-    from flows.eval_routing import replay_load
-    from tasks.decompose import classify
-
-    names = [f"tenant-{i + 1}" for i in range(tenants)]
-    with replay_load(load(recordings, classify), names, get_settings().home / "loadtest-replay") as replay:
-        yield replay
 
 
 async def _load(requests, concurrency, tenants, backend, faults, max_tokens, sample_s, emulator_state, replay) -> dict:

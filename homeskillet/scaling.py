@@ -114,11 +114,9 @@ async def run_scaling(
     with contextlib.ExitStack() as stack:
         replay = None
         if recordings is not None:
-            from connectors.replay import load
             from flows.eval_routing import replay_load
-            from tasks.decompose import classify
 
-            replay = stack.enter_context(replay_load(load(recordings, classify), [REPLAY_TENANT], log_dir / "replay"))
+            replay = stack.enter_context(replay_load(recordings, [REPLAY_TENANT], log_dir / "replay"))
         return await _rows(api_url, workers, requests, limit, max_tokens, log_dir, replay)
 
 
