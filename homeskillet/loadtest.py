@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from flows.clients import lend_clients
+from flows.eval_routing import replay_load
 from flows.fusion import fuse_request
 from homeskillet.errors import HomeskilletError, InvalidRequest
 from homeskillet.settings import get_settings
@@ -82,13 +83,14 @@ async def run_load(
         raise InvalidRequest(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
     if (backend == "replay") != (recordings is not None):
         raise InvalidRequest("--backend replay takes --recordings FILE (a RouterBench file), and only it does")
+    serving = contextlib.nullcontext()
     if backend == "replay":
-        from flows.eval_routing import replay_load
-
         names = [f"tenant-{i + 1}" for i in range(tenants)]
-        with replay_load(recordings, names, get_settings().home / "loadtest-replay") as replay:
-            return await _load(requests, concurrency, tenants, backend, faults, max_tokens, sample_s, None, replay)
-    return await _load(requests, concurrency, tenants, backend, faults, max_tokens, sample_s, emulator_state, None)
+        serving = replay_load(recordings, names, get_settings().home / "loadtest-replay")
+    with serving as replay:
+        return await _load(
+            requests, concurrency, tenants, backend, faults, max_tokens, sample_s, emulator_state, replay
+        )
 
 
 async def _load(requests, concurrency, tenants, backend, faults, max_tokens, sample_s, emulator_state, replay) -> dict:

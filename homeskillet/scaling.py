@@ -22,6 +22,7 @@ from pathlib import Path
 
 import httpx
 
+from flows.eval_routing import replay_load
 from homeskillet.errors import InvalidRequest, ServiceError
 
 POOL = "homeskillet-scaling"
@@ -111,12 +112,8 @@ async def run_scaling(
     if not workers or min(workers) < 1 or requests < 1 or limit < 1:
         raise InvalidRequest("workers, requests and limit must be at least 1")
     log_dir.mkdir(parents=True, exist_ok=True)
-    with contextlib.ExitStack() as stack:
-        replay = None
-        if recordings is not None:
-            from flows.eval_routing import replay_load
-
-            replay = stack.enter_context(replay_load(recordings, [REPLAY_TENANT], log_dir / "replay"))
+    serving = replay_load(recordings, [REPLAY_TENANT], log_dir / "replay") if recordings else contextlib.nullcontext()
+    with serving as replay:
         return await _rows(api_url, workers, requests, limit, max_tokens, log_dir, replay)
 
 

@@ -147,6 +147,24 @@ def echo_server():
     server.shutdown()
 
 
+@pytest.fixture
+def serve_http():
+    """Serve a request handler class on a loopback port for one test: `serve_http(Handler)` → the
+    (host, port) it listens on; every server started is stopped afterwards."""
+    servers: list[ThreadingHTTPServer] = []
+
+    def serve(handler: type[BaseHTTPRequestHandler]) -> tuple[str, int]:
+        server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return server.server_address[:2]
+
+    yield serve
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
 @pytest.fixture(scope="session")
 def test_catalog(echo_server, tmp_path_factory) -> str:
     """The packaged catalog's SmolLM2, an echo model behind a loopback endpoint, and small pools."""

@@ -1,8 +1,7 @@
 """The shared HTTP client: one per event loop, and it keeps no cookies between calls."""
 
 import asyncio
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 
@@ -25,12 +24,9 @@ class _SetsACookie(BaseHTTPRequestHandler):
 
 
 @pytest.fixture
-def cookie_server():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _SetsACookie)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+def cookie_server(serve_http):
+    host, port = serve_http(_SetsACookie)
+    return f"http://{host}:{port}"
 
 
 async def test_a_cookie_one_call_was_given_never_rides_on_the_next(cookie_server):

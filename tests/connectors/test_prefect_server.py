@@ -1,6 +1,6 @@
 """The embedded Prefect server, as `ensure_prefect_server` starts it."""
 
-import threading
+from http.server import BaseHTTPRequestHandler
 
 import httpx
 import pytest
@@ -21,10 +21,9 @@ def test_the_server_records_task_runs_in_batches(local_services):
     )
 
 
-def test_a_port_another_server_holds_is_refused_not_shared(tmp_path):
+def test_a_port_another_server_holds_is_refused_not_shared(tmp_path, serve_http):
     """A second state folder on the first one's port must not take that server, whose health
     check answers, for its own: it says so, and starts nothing."""
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     class Healthy(BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802
@@ -34,12 +33,7 @@ def test_a_port_another_server_holds_is_refused_not_shared(tmp_path):
         def log_message(self, *args):
             pass
 
-    other = ThreadingHTTPServer(("127.0.0.1", 0), Healthy)
-    threading.Thread(target=other.serve_forever, daemon=True).start()
-    try:
-        with pytest.raises(ServiceError, match=rf"port {other.server_address[1]} is taken .*HOMESKILLET_PREFECT_PORT"):
-            ensure_prefect_server(tmp_path / "home", other.server_address[1])
-    finally:
-        other.shutdown()
-        other.server_close()
+    _, port = serve_http(Healthy)
+    with pytest.raises(ServiceError, match=rf"port {port} is taken .*HOMESKILLET_PREFECT_PORT"):
+        ensure_prefect_server(tmp_path / "home", port)
     assert not (tmp_path / "home" / "pgdata").exists()  # nothing was started
