@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Coroutine
 from datetime import UTC, datetime
+from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import acreate_table_artifact
@@ -320,9 +322,6 @@ async def attempt_fragment(
         reason=choice.reason,
         attempts=attempt,
     )
-    await (await services.ledger()).record_spend(
-        allocation.allocation_id, request.tenant, request.request_id, result.cost_usd
-    )
     _keep(
         ctx.records,
         TelemetryRecord(
@@ -334,7 +333,25 @@ async def attempt_fragment(
             outcome="ok",
         ),
     )
+    await _uncancellable(_record_spend(ctx, result))
     return result
+
+
+async def _record_spend(ctx: RunContext, result: FragmentResult) -> None:
+    ledger = await ctx.services.ledger()
+    await ledger.record_spend(result.allocation_id, ctx.request.tenant, ctx.request.request_id, result.cost_usd)
+
+
+async def _uncancellable(work: Coroutine[Any, Any, None]) -> None:
+    """Finish `work` even if the caller is cancelled meanwhile, then let the cancellation go on: a
+    model call that completed is paid for, so its spend reaches the ledger (and the tenant's
+    budget) although the request it served was cancelled a moment later."""
+    task = asyncio.ensure_future(work)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await task
+        raise
 
 
 def _keep(records: list[TelemetryRecord], record: TelemetryRecord) -> None:

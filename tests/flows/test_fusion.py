@@ -8,7 +8,8 @@ import httpx
 import pytest
 from prefect import flow
 
-from connectors.ledger import new_allocation_id
+from connectors.ledger import Ledger, new_allocation_id
+from connectors.telemetry import read_records
 from flows.fusion import _deployment_run, fuse_request
 from homeskillet import catalog as cat
 from homeskillet.errors import (
@@ -19,6 +20,7 @@ from homeskillet.errors import (
     UnknownModel,
     UnknownTenant,
 )
+from homeskillet.settings import get_settings
 from tasks import runtime
 
 pytestmark = pytest.mark.usefixtures("local_services", "assert_no_leaks")
@@ -93,6 +95,43 @@ async def test_cancelling_a_request_mid_inference_releases_its_allocations(test_
     run.cancel()
     with pytest.raises(asyncio.CancelledError):
         await run
+
+
+async def test_a_request_cancelled_while_its_spend_is_written_still_records_the_spend(test_catalog, monkeypatch):
+    """The model call completed and is paid for: cancelling the request a moment later must not
+    lose its spend (the tenant's budget) or its telemetry record."""
+    monkeypatch.setenv("ECHO_DELAY_S", "0")
+    writing, go_on = asyncio.Event(), asyncio.Event()
+    real = Ledger.record_spend
+
+    async def held_up(self, *args, **kwargs):
+        writing.set()
+        await go_on.wait()
+        return await real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Ledger, "record_spend", held_up)
+    ledger = await runtime.backend(test_catalog).ledger()
+    _, before = await ledger.spend("acme")
+    run = asyncio.create_task(
+        fuse_request(
+            prompt="Say one.",
+            tenant="acme",
+            request_id="cancelled-while-paying",
+            constraints={"allowed_models": ["echo"], "pool": "roomy", "split": False},
+            catalog_path=test_catalog,
+        )
+    )
+    await asyncio.wait_for(writing.wait(), 60)
+    run.cancel()
+    await asyncio.sleep(0.2)  # the cancellation has reached the write, which is still held up
+    go_on.set()
+    with pytest.raises(asyncio.CancelledError):
+        await run
+    _, after = await ledger.spend("acme")
+    assert after > before
+    records = read_records(get_settings().telemetry)
+    mine = records[records.request_id == "cancelled-while-paying"]
+    assert list(mine.outcome) == ["ok"] and (mine.cost_usd > 0).all()
 
 
 async def test_a_request_that_does_not_fit_fails_clearly_after_the_wait(test_catalog):
