@@ -102,8 +102,9 @@ COLUMNS = (
 
 async def _settled(work: Awaitable[T]) -> T:
     """Run `work` to its end even when the caller is cancelled meanwhile, then pass the
-    cancellation on: a reservation is committed or rolled back before whoever was cancelled goes
-    on to release it (else a release could run before the reservation's commit lands, and miss it)."""
+    cancellation on. A reservation is committed or rolled back before whoever was cancelled goes
+    on to release it (else a release could run before the reservation's commit lands, and miss it);
+    a spend is written although the request it was spent for is being cancelled."""
     task = asyncio.ensure_future(work)
     try:
         return await asyncio.shield(task)
@@ -429,16 +430,22 @@ class Ledger:
 
     @_reconnecting
     async def record_spend(self, allocation_id: str, tenant: str, request_id: str, cost_usd: float) -> None:
-        """What one allocation cost its tenant (once per allocation)."""
-        async with self._connect() as conn:
-            await conn.execute(
-                "INSERT INTO spend (allocation_id, tenant, request_id, cost_usd) VALUES ($1, $2, $3, $4) "
-                "ON CONFLICT (allocation_id) DO NOTHING",
-                allocation_id,
-                tenant,
-                request_id,
-                cost_usd,
-            )
+        """What one allocation cost its tenant (once per allocation). Settled: the model call it
+        pays for is done, so a cancellation that lands meanwhile waits for the write (else a
+        request cancelled a moment after its call would have it free of the tenant's budget)."""
+
+        async def write() -> None:
+            async with self._connect() as conn:
+                await conn.execute(
+                    "INSERT INTO spend (allocation_id, tenant, request_id, cost_usd) VALUES ($1, $2, $3, $4) "
+                    "ON CONFLICT (allocation_id) DO NOTHING",
+                    allocation_id,
+                    tenant,
+                    request_id,
+                    cost_usd,
+                )
+
+        await _settled(write())
 
     @_reconnecting
     async def spend(self, tenant: str) -> tuple[float, float]:

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Coroutine
 from datetime import UTC, datetime
-from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import acreate_table_artifact
@@ -333,25 +331,11 @@ async def attempt_fragment(
             outcome="ok",
         ),
     )
-    await _uncancellable(_record_spend(ctx, result))
+    # kept before the spend is written: a cancellation landing now still leaves the attempt's record
+    await (await services.ledger()).record_spend(
+        allocation.allocation_id, request.tenant, request.request_id, result.cost_usd
+    )
     return result
-
-
-async def _record_spend(ctx: RunContext, result: FragmentResult) -> None:
-    ledger = await ctx.services.ledger()
-    await ledger.record_spend(result.allocation_id, ctx.request.tenant, ctx.request.request_id, result.cost_usd)
-
-
-async def _uncancellable(work: Coroutine[Any, Any, None]) -> None:
-    """Finish `work` even if the caller is cancelled meanwhile, then let the cancellation go on: a
-    model call that completed is paid for, so its spend reaches the ledger (and the tenant's
-    budget) although the request it served was cancelled a moment later."""
-    task = asyncio.ensure_future(work)
-    try:
-        await asyncio.shield(task)
-    except asyncio.CancelledError:
-        await task
-        raise
 
 
 def _keep(records: list[TelemetryRecord], record: TelemetryRecord) -> None:

@@ -4,11 +4,13 @@ import asyncio
 import json
 import os
 
+import asyncpg
 import httpx
 import pytest
 from prefect import flow
 
-from connectors.ledger import Ledger, new_allocation_id
+from connectors import postgres
+from connectors.ledger import new_allocation_id
 from connectors.telemetry import read_records
 from flows.fusion import _deployment_run, fuse_request
 from homeskillet import catalog as cat
@@ -99,32 +101,36 @@ async def test_cancelling_a_request_mid_inference_releases_its_allocations(test_
 
 async def test_a_request_cancelled_while_its_spend_is_written_still_records_the_spend(test_catalog, monkeypatch):
     """The model call completed and is paid for: cancelling the request a moment later must not
-    lose its spend (the tenant's budget) or its telemetry record."""
+    lose its spend (the tenant's budget) or its telemetry record. A table lock holds the spend
+    write up, so the cancellation lands while it waits."""
     monkeypatch.setenv("ECHO_DELAY_S", "0")
-    writing, go_on = asyncio.Event(), asyncio.Event()
-    real = Ledger.record_spend
-
-    async def held_up(self, *args, **kwargs):
-        writing.set()
-        await go_on.wait()
-        return await real(self, *args, **kwargs)
-
-    monkeypatch.setattr(Ledger, "record_spend", held_up)
     ledger = await runtime.backend(test_catalog).ledger()
     _, before = await ledger.spend("acme")
-    run = asyncio.create_task(
-        fuse_request(
-            prompt="Say one.",
-            tenant="acme",
-            request_id="cancelled-while-paying",
-            constraints={"allowed_models": ["echo"], "pool": "roomy", "split": False},
-            catalog_path=test_catalog,
+    blocker = await asyncpg.connect(postgres.dsn(get_settings().pgdata, "homeskillet"))
+    try:
+        hold = blocker.transaction()
+        await hold.start()
+        await blocker.execute("LOCK TABLE spend IN EXCLUSIVE MODE")  # reads go on; the INSERT waits
+        run = asyncio.create_task(
+            fuse_request(
+                prompt="Say one.",
+                tenant="acme",
+                request_id="cancelled-while-paying",
+                constraints={"allowed_models": ["echo"], "pool": "roomy", "split": False},
+                catalog_path=test_catalog,
+            )
         )
-    )
-    await asyncio.wait_for(writing.wait(), 60)
-    run.cancel()
-    await asyncio.sleep(0.2)  # the cancellation has reached the write, which is still held up
-    go_on.set()
+        waiting = "SELECT count(*) FROM pg_locks WHERE relation = 'spend'::regclass AND NOT granted"
+        for _ in range(600):
+            if await blocker.fetchval(waiting) or run.done():
+                break
+            await asyncio.sleep(0.05)
+        assert await blocker.fetchval(waiting) == 1
+        run.cancel()
+        await asyncio.sleep(0.2)  # the cancellation has reached the waiting write
+        await hold.rollback()
+    finally:
+        await blocker.close()
     with pytest.raises(asyncio.CancelledError):
         await run
     _, after = await ledger.spend("acme")
