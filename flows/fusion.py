@@ -242,6 +242,7 @@ async def attempt_fragment(
     try:
         async with atransaction():
             allocation = await allocate(services, request.tenant, request.request_id, choice, ctx.wait_s, allocation_id)
+            held_from = time.perf_counter()
             held.inc()
             tenant_held.inc()
             # before each model call, once its slice is held (calls waiting for room see the spend
@@ -268,8 +269,21 @@ async def attempt_fragment(
             t1 = time.perf_counter()
             completion = await infer(services, allocation, text, request.constraints.max_tokens, stream)
             t2 = time.perf_counter()
-            ended_at = await release(services, allocation)
+            # billed while the slice is still held, so a call waiting for this room checks the
+            # budget with this call's spend counted (released first, it could slip in before it)
+            tokens = completion.tokens_in + completion.tokens_out
+            model = cat.model(ctx.catalog, choice.model)
+            record.update(
+                tokens_in=completion.tokens_in,
+                tokens_out=completion.tokens_out,
+                cost_usd=fragment_cost(model, pool, time.perf_counter() - held_from, tokens, completion.cost_usd),
+            )
+            await (await services.ledger()).record_spend(
+                allocation.allocation_id, request.tenant, request.request_id, record["cost_usd"]
+            )
             t3 = time.perf_counter()
+            ended_at = await release(services, allocation)
+            t4 = time.perf_counter()
             ctx.log.info(
                 "fragment %s: released %s after %.2fs",
                 fragment.id,
@@ -301,10 +315,9 @@ async def attempt_fragment(
         if allocation is not None:
             held.dec()  # released by the release task or, on failure, by the rollback hook
             tenant_held.dec()
-    held_s = (ended_at - allocation.created_at).total_seconds()
-    tokens = completion.tokens_in + completion.tokens_out
-    timings = Timings(allocate_s=t1 - t0, first_token_s=completion.first_token_s, infer_s=t2 - t1, release_s=t3 - t2)
-    result = FragmentResult(
+    timings = Timings(allocate_s=t1 - t0, first_token_s=completion.first_token_s, infer_s=t2 - t1, release_s=t4 - t3)
+    _keep(ctx.records, TelemetryRecord(**record, **timings.model_dump(), outcome="ok"))
+    return FragmentResult(
         fragment_id=fragment.id,
         task_type=fragment.task_type,
         text=completion.text,
@@ -316,26 +329,10 @@ async def attempt_fragment(
         tokens_in=completion.tokens_in,
         tokens_out=completion.tokens_out,
         timings=timings,
-        cost_usd=fragment_cost(cat.model(ctx.catalog, choice.model), pool, held_s, tokens, completion.cost_usd),
+        cost_usd=record["cost_usd"],
         reason=choice.reason,
         attempts=attempt,
     )
-    _keep(
-        ctx.records,
-        TelemetryRecord(
-            **record,
-            **timings.model_dump(),
-            tokens_in=result.tokens_in,
-            tokens_out=result.tokens_out,
-            cost_usd=result.cost_usd,
-            outcome="ok",
-        ),
-    )
-    # kept before the spend is written: a cancellation landing now still leaves the attempt's record
-    await (await services.ledger()).record_spend(
-        allocation.allocation_id, request.tenant, request.request_id, result.cost_usd
-    )
-    return result
 
 
 def _keep(records: list[TelemetryRecord], record: TelemetryRecord) -> None:

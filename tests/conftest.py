@@ -252,6 +252,53 @@ def ended_as():
     return states
 
 
+class SpendWritesHeld:
+    """A table lock on the ledger's `spend` that holds every spend write up (reads go on) until
+    `let_go`; `writer_waiting(run)` waits until a write is stuck on it (or `run` ended)."""
+
+    async def hold(self) -> None:
+        import asyncpg
+
+        from connectors import postgres
+        from homeskillet.settings import get_settings
+
+        self._conn = await asyncpg.connect(postgres.dsn(get_settings().pgdata, "homeskillet"))
+        self._hold = self._conn.transaction()
+        await self._hold.start()
+        await self._conn.execute("LOCK TABLE spend IN EXCLUSIVE MODE")
+
+    async def writer_waiting(self, run: asyncio.Task, timeout_s: float = 30) -> bool:
+        query = "SELECT count(*) FROM pg_locks WHERE relation = 'spend'::regclass AND NOT granted"
+        deadline = time.monotonic() + timeout_s
+        while not await self._conn.fetchval(query):
+            if run.done() or time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
+
+    async def let_go(self) -> None:
+        if self._hold is not None:
+            await self._hold.rollback()
+            self._hold = None
+
+    async def close(self) -> None:
+        await self._conn.close()
+
+
+@pytest.fixture
+async def spend_writes_held(local_services):
+    """Spend writes held up until the test calls `let_go` (or ends)."""
+    from tasks import runtime
+
+    await runtime.backend(PACKAGED_CATALOG).ledger()  # its tables exist
+    held = SpendWritesHeld()
+    await held.hold()
+    try:
+        yield held
+    finally:
+        await held.close()
+
+
 @pytest.fixture
 def routing_measurements_restored():
     """The session's benchmarks/latest.json as it was before the test: a benchmark run through a

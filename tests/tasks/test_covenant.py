@@ -299,6 +299,35 @@ def test_the_cost_report_shows_spend_against_budget():
 
 
 @pytest.mark.usefixtures("assert_no_leaks")
+async def test_a_call_waiting_for_room_counts_the_spend_of_the_call_before_it(
+    covenant_catalog, echo_server, spend_writes_held
+):
+    """The spend is written while the slice is still held. With the first call's spend write held
+    up, the second call, waiting for the one-slice pool, must not get the room and run before that
+    spend, which leaves too little budget for it, is counted."""
+    catalog = runtime.catalog(covenant_catalog.path)
+    echo = next(m for m in catalog.models if m.name == "echo")
+    tiny = next(p for p in catalog.pools if p.id == "tiny")
+    path = covenant_catalog(cov_turns={"budget_usd_per_day": 1.5 * estimate_cost(echo, tiny, 5, 128)})
+    seen = len(echo_server.seen)
+    run = asyncio.create_task(
+        fuse_request(
+            prompt="1. Say one.\n2. Say two.",
+            tenant="cov-turns",
+            constraints={"allowed_models": ["echo"], "pool": "tiny"},
+            catalog_path=path,
+        )
+    )
+    assert await spend_writes_held.writer_waiting(run)
+    await asyncio.sleep(1.5)  # the second call looks for room meanwhile (every ≤ 0.5 s)
+    assert len(echo_server.seen) - seen == 1
+    await spend_writes_held.let_go()
+    with pytest.raises(CovenantViolation, match="budget_usd_per_day"):
+        await run
+    assert len(echo_server.seen) - seen == 1
+
+
+@pytest.mark.usefixtures("assert_no_leaks")
 async def test_prometheus_counts_spend_per_tenant(covenant_catalog):
     from prometheus_client import REGISTRY
 
