@@ -229,16 +229,20 @@ async def test_a_covenant_change_holds_from_the_next_request_without_a_restart(c
     assert second.fragments[0].covenant_version != first.fragments[0].covenant_version
 
 
+def one_echo_call_on_tiny(catalog_path) -> float:
+    """The estimated cost of one short echo call on the one-slice pool `tiny`."""
+    catalog = runtime.catalog(catalog_path)
+    echo = next(m for m in catalog.models if m.name == "echo")
+    tiny = next(p for p in catalog.pools if p.id == "tiny")
+    return estimate_cost(echo, tiny, 5, 128)
+
+
 @pytest.mark.usefixtures("assert_no_leaks")
 async def test_a_budget_crossed_mid_request_stops_it_and_releases_everything(covenant_catalog, echo_server):
     """Three fragments that take turns on the one-slice pool `tiny`: the first spends more than
     the budget has left for another call, so the second is refused once its slice is held, and
     the request stops with everything released."""
-    catalog = runtime.catalog(covenant_catalog.path)
-    echo = next(m for m in catalog.models if m.name == "echo")
-    tiny = next(p for p in catalog.pools if p.id == "tiny")
-    one_call = estimate_cost(echo, tiny, 5, 128)
-    path = covenant_catalog(cov_budget={"budget_usd_per_day": 1.5 * one_call})
+    path = covenant_catalog(cov_budget={"budget_usd_per_day": 1.5 * one_echo_call_on_tiny(covenant_catalog.path)})
     seen = len(echo_server.seen)
     with pytest.raises(CovenantViolation, match="covenant term budget_usd_per_day: limit .* spent today"):
         await fuse_request(
@@ -305,10 +309,7 @@ async def test_a_call_waiting_for_room_counts_the_spend_of_the_call_before_it(
     """The spend is written while the slice is still held. With the first call's spend write held
     up, the second call, waiting for the one-slice pool, must not get the room and run before that
     spend, which leaves too little budget for it, is counted."""
-    catalog = runtime.catalog(covenant_catalog.path)
-    echo = next(m for m in catalog.models if m.name == "echo")
-    tiny = next(p for p in catalog.pools if p.id == "tiny")
-    path = covenant_catalog(cov_turns={"budget_usd_per_day": 1.5 * estimate_cost(echo, tiny, 5, 128)})
+    path = covenant_catalog(cov_turns={"budget_usd_per_day": 1.5 * one_echo_call_on_tiny(covenant_catalog.path)})
     seen = len(echo_server.seen)
     run = asyncio.create_task(
         fuse_request(
