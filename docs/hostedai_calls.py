@@ -55,9 +55,9 @@ def main() -> None:
     os.environ.pop("HOMESKILLET_CATALOG", None)
     import uvicorn
 
-    from connectors.hostedai_emulator import Faults, create_app, default_config
     from connectors.model_server import ModelServers
     from connectors.prefect_server import ensure_prefect_server, stop_prefect_server
+    from doubles.hostedai_emulator import Faults, create_app, default_config
 
     config = default_config().model_copy(update={"faults": Faults.parse(args.faults)})
     demo = config.teams[0]

@@ -19,7 +19,8 @@ from pathlib import Path
 import yaml
 
 from connectors.processes import serve_in_thread
-from connectors.replay import Record, ReplayProvider, create_app, load
+from connectors.recordings import Record, Recordings, load
+from doubles.replay import create_app
 from flows.fusion import fuse_request
 from homeskillet.errors import InvalidRequest
 from homeskillet.schemas import FusionResult
@@ -57,7 +58,7 @@ def replay_catalog(models: list[str], base_url: str, tenants: Sequence[str] = (T
 @contextmanager
 def serve_replay(records: list[Record]) -> Iterator[str]:
     """The replay provider on a free loopback port, in a thread of this process; yields its /v1 URL."""
-    with serve_in_thread(create_app(ReplayProvider(records)), "replay provider") as url:
+    with serve_in_thread(create_app(Recordings(records)), "replay provider") as url:
         yield f"{url}/v1"
 
 

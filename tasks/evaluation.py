@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-from connectors.replay import Record, ReplayProvider
+from connectors.recordings import Record, Recordings
 from homeskillet.errors import InvalidRequest, NoRoute
 from tasks.cascade import Outcomes, is_valid, learn_plan
 from tasks.strategies import Decision, Stats, check_strategy, decide, normalise
@@ -96,7 +96,7 @@ def evaluate(
     """
     check_strategy(strategy)
     allowed = check_models(records, allowed)
-    provider = ReplayProvider(records)
+    provider = Recordings(records)
     n = len(records[:limit])
     decisions: list[Decision] = [Decision("")] * n
     total_cost = 0.0

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import yaml
 
-from connectors.replay import Record, load
+from connectors.recordings import Record, load
 from tasks.decompose import classify
 from tasks.strategies import normalise
 

@@ -344,7 +344,7 @@ def emulator(echo_server):
     import asyncio
     from types import SimpleNamespace
 
-    from connectors.hostedai_emulator import create_app, default_config
+    from doubles.hostedai_emulator import create_app, default_config
     from homeskillet import catalog as cat
     from tasks import runtime
 
@@ -370,7 +370,7 @@ def faults(emulator):
     they caused: the circuit breakers (one per base URL, process-wide) start closed and counting
     from zero in every test that uses faults, whatever ran before it."""
     from connectors.hostedai import BREAKERS
-    from connectors.hostedai_emulator import Faults
+    from doubles.hostedai_emulator import Faults
 
     def set_faults(**values):
         emulator.state.set_faults(Faults(**values))

@@ -156,7 +156,7 @@ def other_account(emulator, asgi_server):
     """A second emulator: same teams, pools named as nobody typed them; pods serve the same models."""
     from types import SimpleNamespace
 
-    from connectors.hostedai_emulator import create_app, other_account_config
+    from doubles.hostedai_emulator import create_app, other_account_config
 
     config = other_account_config()
     app = create_app(config, model_endpoint=emulator.endpoint)

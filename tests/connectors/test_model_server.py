@@ -138,7 +138,7 @@ def test_server_status_lists_model_servers_and_server_stop_stops_them(servers, t
     servers.endpoint(SMOL, slots=2)
     (record,) = servers.running()
     env = {**os.environ, "HOMESKILLET_HOME": str(tmp_path)}
-    cli = [sys.executable, "-m", "homeskillet.cli"]
+    cli = [sys.executable, "-m", "apps.cli"]
     status = subprocess.run([*cli, "server", "status", "--json"], env=env, capture_output=True, text=True)
     assert status.returncode == 1  # no Prefect server in this state folder
     (listed,) = json.loads(status.stdout)["model_servers"]

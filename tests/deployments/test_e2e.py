@@ -273,7 +273,7 @@ async def test_a_run_cancelled_through_the_api_mid_inference_releases_its_slices
 
 @pytest.mark.parametrize("recordings", [None, RECORDINGS], ids=["local", "replay"])
 async def test_the_workers_benchmark_completes_its_runs_and_reports_figures(worker, tmp_path, recordings):
-    from homeskillet.scaling import run_scaling
+    from apps.scaling import run_scaling
 
     (row,) = await run_scaling(API, [1], requests=2, limit=2, max_tokens=4, log_dir=tmp_path, recordings=recordings)
     assert (row["workers"], row["requests"], row["completed"]) == (1, 2, 2)

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("local_services", "assert_no_leaks")
 
 @pytest.fixture
 def mcp_server(test_catalog):
-    from homeskillet.mcp_server import create_app
+    from apps.mcp_server import create_app
 
     port = free_port()
     server = uvicorn.Server(

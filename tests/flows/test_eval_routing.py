@@ -11,7 +11,8 @@ import httpx
 import pandas as pd
 import pytest
 
-from connectors.replay import ReplayProvider, create_app, load
+from connectors.recordings import Recordings, load
+from doubles.replay import create_app
 from homeskillet.errors import InvalidRequest, NoRoute
 from tasks.evaluation import evaluate, fit, is_correct, oracle, single_models
 from tasks.strategies import Stats, normalise
@@ -145,7 +146,7 @@ async def test_replay_provider_serves_recorded_answers_over_the_openai_api(tmp_p
             tmp_path / "arc_challenge_train.csv", [dict(gold="A", **{"cheap-a": "B", "cheap-b": "A", "big": "A"})]
         )
     )
-    app = create_app(ReplayProvider(records))
+    app = create_app(Recordings(records))
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://replay") as client:
         body = {"model": "cheap-a", "messages": [{"role": "user", "content": records[0].prompt}]}
         answer = (await client.post("/v1/chat/completions", json=body)).json()
@@ -167,7 +168,7 @@ def test_an_aggregator_prompt_gets_the_answer_recorded_for_its_question(tmp_path
             * 6,
         )
     )
-    provider = ReplayProvider(records)
+    provider = Recordings(records)
     question = records[11].prompt  # "Q11?…", whose text extends no other record's ("Q1?…" is not its prefix)
     aggregate = f"{question}\n\nCandidate answers from other models:\n1. B\n\nUsing them, give the single best answer."
     assert provider.answer("big", aggregate) == ("C", 10.0)

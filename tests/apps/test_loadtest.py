@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
+from apps.loadtest import Run, _sample, quantile, run_load
 from connectors.ledger import new_allocation_id
 from homeskillet.errors import InvalidRequest
-from homeskillet.loadtest import Run, _sample, quantile, run_load
 from tasks import runtime
 
 pytestmark = pytest.mark.usefixtures("local_services")

@@ -2,8 +2,8 @@
 
 import pytest
 
+from apps.isolation import broken, run_attacks
 from connectors.local_backend import LocalBackend
-from homeskillet.isolation import broken, run_attacks
 
 pytestmark = pytest.mark.usefixtures("local_services", "assert_no_leaks")
 

@@ -378,7 +378,7 @@ def emulator(
     """Run the hosted·ai emulator; its OpenAPI document is at /openapi.json."""
     import uvicorn
 
-    from connectors.hostedai_emulator import Faults, create_app, default_config
+    from doubles.hostedai_emulator import Faults, create_app, default_config
 
     try:
         config = default_config().model_copy(update={"faults": Faults.parse(faults)})
@@ -518,14 +518,16 @@ def eval_routing(
     """Replay every record through a routing strategy (k-fold), against every single model and the oracle."""
     from pathlib import Path
 
-    from connectors import replay
+    from connectors import recordings
     from tasks.decompose import classify as task_of
     from tasks.evaluation import combine, evaluate, oracle, single_models
     from tasks.strategies import check_strategy
 
     try:
         check_strategy(strategy)
-        loaded = {Path(f).stem: replay.load(Path(f), task_of) for f in files}  # all inputs checked before any output
+        loaded = {
+            Path(f).stem: recordings.load(Path(f), task_of) for f in files
+        }  # all inputs checked before any output
         if through_flow:
             use_local_prefect()
             from flows.eval_routing import evaluate_through_flow
@@ -610,12 +612,12 @@ def learn_routing(
     """Learn quality and cost per task type and model, and each task type's cascade, from records."""
     from pathlib import Path
 
-    from connectors import replay
+    from connectors import recordings
     from tasks.decompose import classify as task_of
     from tasks.evaluation import fit
 
     try:
-        records = [r for f in files for r in replay.load(Path(f), task_of)]
+        records = [r for f in files for r in recordings.load(Path(f), task_of)]
         stats = fit(records, budget_share)
     except HomeskilletError as exc:
         _fail(exc)
@@ -643,7 +645,7 @@ def bench_overhead(
     one request at a time and CONCURRENCY at once."""
     try:
         use_local_prefect()
-        from homeskillet.overhead import report, run_benchmark, summary_line
+        from apps.overhead import report, run_benchmark, summary_line
 
         figures = run_flows(run_benchmark(repeats=repeats, max_tokens=max_tokens, concurrency=concurrency))
     except HomeskilletError as exc:
@@ -677,7 +679,7 @@ def loadtest(
     hosted·ai subscriptions while it runs; exit 1 if any of them broke."""
     try:
         use_local_prefect()
-        from homeskillet.loadtest import report, run_load, summary, violated
+        from apps.loadtest import report, run_load, summary, violated
 
         figures = run_flows(
             run_load(requests, concurrency, tenants, backend, faults, max_tokens, recordings=recordings)
@@ -714,7 +716,7 @@ def bench_workers(
         _fail(ValueError(f"--workers must be numbers separated by commas, not {workers!r}"))
     try:
         api_url = use_local_prefect()
-        from homeskillet.scaling import run_scaling
+        from apps.scaling import run_scaling
 
         rows = run_flows(
             run_scaling(
@@ -746,7 +748,7 @@ def isolation_report(
     are listed as such)."""
     try:
         use_local_prefect()
-        from homeskillet.isolation import OPERATOR, broken, run_attacks
+        from apps.isolation import OPERATOR, broken, run_attacks
 
         rows = run_flows(run_attacks())
     except HomeskilletError as exc:
@@ -820,7 +822,7 @@ def mcp_serve(
     api_url = use_local_prefect()
     import uvicorn
 
-    from homeskillet.mcp_server import create_app
+    from apps.mcp_server import create_app
 
     errors.print(f"MCP on http://{host}:{port}/mcp and ws://{host}:{port}/ws · Prefect {api_url}", highlight=False)
     uvicorn.run(

@@ -1,9 +1,8 @@
-"""The replay provider: RouterBench's recorded answers of 11 real LLMs, served as models.
+"""Recordings: RouterBench's recorded answers of 11 real LLMs, read and looked up.
 
 A known prompt asked of a recorded model gets that model's recorded response and recorded cost,
-so routing and fusion run offline over real model behaviour. `ReplayProvider` is the lookup;
-`create_app` serves it as an OpenAI-compatible endpoint (`/v1/chat/completions`, with the
-recorded cost in `usage.cost_usd`).
+so routing is evaluated offline over real model behaviour. `Recordings` is the lookup;
+`doubles.replay` serves it as an OpenAI-compatible endpoint.
 
 A record's task type comes from its `eval_name` (ARC and Winogrande are multiple choice, MBPP is
 code); an eval this module does not know is labelled by the request classifier, as a live
@@ -19,9 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
-from fastapi import FastAPI
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel
 
 from homeskillet.errors import InvalidRequest
 
@@ -112,7 +108,7 @@ def prompt_key(prompt: str) -> str:
 HEAD = 200  # characters of a prompt that index it for prefix lookups
 
 
-class ReplayProvider:
+class Recordings:
     """Answers a recorded prompt with a recorded model's response and cost.
 
     A prompt that extends a recorded one (an aggregator's prompt: the question, then the
@@ -144,34 +140,3 @@ class ReplayProvider:
         if model not in record.responses:
             raise LookupError(f"model {model!r} has no recording; recorded: {', '.join(self.models)}")
         return record.responses[model], record.cost[model]
-
-
-class _Chat(BaseModel):
-    model: str
-    messages: list[dict]
-    max_tokens: int | None = None
-    stream: bool = False
-
-
-def create_app(provider: ReplayProvider) -> FastAPI:
-    app = FastAPI(title="RouterBench replay provider")
-
-    @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [{"id": m, "object": "model"} for m in provider.models]}
-
-    @app.post("/v1/chat/completions")
-    async def chat(body: _Chat):
-        prompt = str(body.messages[-1].get("content", "")) if body.messages else ""
-        try:
-            text, cost = provider.answer(body.model, prompt)
-        except LookupError as exc:
-            return JSONResponse({"error": {"message": str(exc)}}, 404)
-        return {
-            "object": "chat.completion",
-            "model": body.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": len(prompt.split()), "completion_tokens": len(text.split()), "cost_usd": cost},
-        }
-
-    return app

@@ -203,9 +203,9 @@ async def _mcp_server(catalog_path):
     from mcp.client.streamable_http import streamable_http_client
     from mcp.shared._httpx_utils import create_mcp_http_client
 
+    from apps.mcp_server import create_app
     from connectors.processes import serve_in_thread
     from connectors.ws_transport import WebSocketTransport
-    from homeskillet.mcp_server import create_app
 
     with serve_in_thread(create_app(catalog_path), "MCP server", log_level="error") as url:
         base = url.removeprefix("http://")
@@ -375,7 +375,7 @@ async def _hosted_work(services, request_id: str, lend_emulator: bool, wanted: b
     if not wanted:
         yield None
         return
-    from homeskillet.loadtest import start_emulator
+    from apps.loadtest import start_emulator
 
     lent = None
     if lend_emulator:

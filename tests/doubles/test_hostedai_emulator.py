@@ -7,7 +7,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from connectors.hostedai_emulator import create_app, default_config
+from doubles.hostedai_emulator import create_app, default_config
 
 CONFIG = default_config()
 APP = create_app(CONFIG, model_endpoint=lambda name: None)

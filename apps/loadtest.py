@@ -232,8 +232,8 @@ class _Emulator:
 async def start_emulator(faults: str, tenants: list[str]) -> _Emulator:
     """The hosted·ai emulator on loopback, each tenant lent its team as its Secret block for the
     run (the load test's, the isolation report's); refused where a tenant has credentials already."""
-    from connectors.hostedai_emulator import Faults, create_app, default_config
     from connectors.processes import serve_in_thread
+    from doubles.hostedai_emulator import Faults, create_app, default_config
     from homeskillet.schemas import HostedAICredentials
     from tasks.credentials import block_name, has_credentials_block, save_hostedai_credentials
 

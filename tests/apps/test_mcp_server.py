@@ -49,7 +49,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(test_catalog):
-    from homeskillet.mcp_server import create_app
+    from apps.mcp_server import create_app
 
     port = _free_port()
     app = create_app(test_catalog, max_concurrent=2)
