@@ -29,11 +29,11 @@ from flows.clients import lend_clients
 from flows.eval_routing import replay_load
 from flows.fusion import fuse_request
 from homeskillet.errors import HomeskilletError, InvalidRequest
+from homeskillet.schemas import EPS
 from homeskillet.settings import get_settings
 from tasks import runtime
 
 log = logging.getLogger(__name__)
-EPS = 1e-6
 BACKENDS = ("local", "hostedai", "replay")
 PROMPTS = [
     "What is the capital of France?",

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import uuid
 from contextlib import asynccontextmanager
 from typing import Any
@@ -45,7 +44,7 @@ class _Server(MCPServer):
         return await super().call_tool(name, arguments, context)
 
 
-class Limits:
+class FuseSlots:
     """A cap on each tenant's concurrent fuse calls: beyond it, an error at once (no queue)."""
 
     def __init__(self, per_tenant: int):
@@ -98,7 +97,7 @@ async def _with_shared_clients(flow_run):
     return await flow_run
 
 
-def build_mcp(catalog_path: str | None, store_ref: dict, limits: Limits) -> _Server:
+def build_mcp(catalog_path: str | None, store_ref: dict, slots: FuseSlots) -> _Server:
     from tasks import runtime
 
     mcp = _Server(
@@ -130,7 +129,7 @@ def build_mcp(catalog_path: str | None, store_ref: dict, limits: Limits) -> _Ser
         from tasks import progress
 
         tenant = tenant_of(ctx)
-        async with limits.slot(tenant):
+        async with slots.slot(tenant):
             request_id = "mcp-" + uuid.uuid4().hex[:16]
             events: asyncio.Queue[dict] = asyncio.Queue()
             with prefect.tags(f"tenant:{tenant}", "mcp"):
@@ -200,33 +199,19 @@ def build_mcp(catalog_path: str | None, store_ref: dict, limits: Limits) -> _Ser
     async def plan(
         prompt: str, ctx: Context, strategy: str = "single", constraints: dict[str, Any] | None = None
     ) -> types.CallToolResult:
-        """The fragments, their task types, chosen models and pools, and the cost estimate;
-        nothing is allocated."""
-        from flows.fusion import make_request
-        from homeskillet import catalog as cat
-        from tasks.context import RunContext
-        from tasks.decompose import decompose_prompt
-        from tasks.routing import fragment_budget, max_context, preview
+        """The fragments, their task types, chosen models and pools, and the cost estimate, as
+        `fuse` would run them under your covenant; nothing is allocated."""
+        from tasks.preparation import make_request, prepare
 
         tenant = tenant_of(ctx)
-        limits_ = constraints_of(constraints)
-        services = runtime.services(catalog_path)
-        catalog = services.catalog
         try:
-            cat.check_tenant(catalog, tenant)
-            request = make_request(prompt, tenant, strategy, limits_, "plan-" + uuid.uuid4().hex[:8])
-            the_plan = decompose_prompt(
-                request.prompt,
-                request.request_id,
-                max_context(catalog, limits_),
-                limits_.max_tokens,
-                limits_.split,
-                limits_.task_type,
+            request = make_request(
+                prompt, tenant, strategy, constraints_of(constraints), "plan-" + uuid.uuid4().hex[:8]
             )
-            run = RunContext(request, services, catalog, log, fragment_budget(the_plan, limits_))
-            choices = preview(the_plan, run)
+            prepared = await prepare(request, runtime.services(catalog_path), log)
         except HomeskilletError as exc:
             raise ToolError(f"{type(exc).__name__}: {exc}") from None
+        choices = prepared.choices
         fragments = [
             {
                 "id": f.id,
@@ -239,14 +224,15 @@ def build_mcp(catalog_path: str | None, store_ref: dict, limits: Limits) -> _Ser
                 "est_cost_usd": choices[f.id].est_cost_usd,
                 "reason": choices[f.id].reason,
             }
-            for f in the_plan.fragments
+            for f in prepared.plan.fragments
         ]
         return _structured(
             {
                 "strategy": strategy,
-                "fusion": the_plan.fusion,
+                "fusion": prepared.plan.fusion,
                 "fragments": fragments,
-                "est_cost_usd": sum(f["est_cost_usd"] for f in fragments),
+                "est_cost_usd": prepared.est_cost_usd,
+                "covenant_terms": prepared.ctx.covenant_terms,
             }
         )
 
@@ -347,9 +333,9 @@ def create_app(
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
 ):
     """The ASGI app. `store`: an opened TokenStore (default: opened on first request)."""
-    limits = Limits(max_concurrent or int(os.environ.get("HOMESKILLET_MCP_MAX_CONCURRENT", "2")))
+    slots = FuseSlots(max_concurrent or get_settings().mcp_max_concurrent)
     store_ref: dict[str, Any] = {"store": store}
-    mcp = build_mcp(catalog_path, store_ref, limits)
+    mcp = build_mcp(catalog_path, store_ref, slots)
     app = mcp.streamable_http_app(streamable_http_path="/mcp", host=host, max_request_body_size=max_message_bytes)
     lowlevel = mcp._lowlevel_server
 
@@ -367,5 +353,5 @@ def create_app(
         await auth(scope, receive, send)
 
     asgi.mcp = mcp  # type: ignore[attr-defined]
-    asgi.limits = limits  # type: ignore[attr-defined]
+    asgi.slots = slots  # type: ignore[attr-defined]
     return asgi

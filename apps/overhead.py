@@ -20,14 +20,12 @@ import time
 
 from connectors import openai_client
 from flows.clients import lend_clients
-from flows.fusion import fuse_request, make_request
+from flows.fusion import fuse_request
 from homeskillet import catalog as cat
 from homeskillet.schemas import Constraints, Fragment, Plan
 from tasks import runtime
-from tasks.context import RunContext
-from tasks.decompose import decompose_prompt
+from tasks.preparation import make_request, prepare
 from tasks.resources import render
-from tasks.routing import max_context, preview
 
 PROMPTS = [
     "What is the capital of France? Who wrote Romeo and Juliet? Write a haiku about the sea.",
@@ -39,34 +37,28 @@ log = logging.getLogger(__name__)
 class _Direct:
     """The flow's routing for a plan, and direct calls to the same warm servers."""
 
-    def __init__(self, limits: Constraints):
+    def __init__(self, constraints: Constraints):
         self.services = runtime.services()
-        self.limits = limits
+        self.constraints = constraints
         self.endpoints: dict[str, str] = {}
 
     async def plan(self, prompt: str, request_id: str) -> tuple[Plan, dict]:
-        catalog = self.services.catalog
-        request = make_request(prompt, "demo", constraints=self.limits, request_id=request_id)
-        plan = decompose_prompt(
-            request.prompt,
-            request_id,
-            max_context(catalog, self.limits),
-            self.limits.max_tokens,
-            self.limits.split,
-            self.limits.task_type,
-        )
-        choices = preview(plan, RunContext(request, self.services, catalog, log))
-        for choice in choices.values():
+        request = make_request(prompt, "demo", constraints=self.constraints, request_id=request_id)
+        prepared = await prepare(request, self.services, log)
+        for choice in prepared.choices.values():
             if choice.model not in self.endpoints:
-                model = cat.model(catalog, choice.model)
+                model = cat.model(self.services.catalog, choice.model)
                 await self.services.local.warm_up(model)
                 self.endpoints[model.name] = await asyncio.to_thread(self.services.local.model_endpoint, model)
-        return plan, choices
+        return prepared.plan, prepared.choices
 
     async def call(self, fragment: Fragment, model_name: str) -> int:
         model = cat.model(self.services.catalog, model_name)
         out = await openai_client.complete(
-            self.endpoints[model.name], model.name, max_tokens=self.limits.max_tokens, **render(model, fragment.text)
+            self.endpoints[model.name],
+            model.name,
+            max_tokens=self.constraints.max_tokens,
+            **render(model, fragment.text),
         )
         return out.tokens_out
 
@@ -76,8 +68,8 @@ async def run_benchmark(repeats: int = 3, max_tokens: int = 48, concurrency: int
     in any long-lived process that runs requests (`flows.clients.lend_clients`)."""
     await lend_clients()
     # the dedicated pool holds a request's fragments at once: no capacity queueing in the figures
-    limits = Constraints(max_tokens=max_tokens, tier="dedicated")
-    direct = _Direct(limits)
+    constraints = Constraints(max_tokens=max_tokens, tier="dedicated")
+    direct = _Direct(constraints)
     work = [(prompt, *await direct.plan(prompt, f"bench-{i}")) for i, prompt in enumerate(PROMPTS)]
     for plan, _ in [w[1:] for w in work]:
         assert all(not f.depends_on for f in plan.fragments), "the benchmark prompts have independent fragments"
@@ -86,7 +78,7 @@ async def run_benchmark(repeats: int = 3, max_tokens: int = 48, concurrency: int
     for round_ in range(repeats + 1):  # round 0 warms both paths and is not counted
         for prompt, plan, choices in work:
             t0 = time.perf_counter()
-            await fuse_request(prompt=prompt, tenant="demo", constraints=limits)
+            await fuse_request(prompt=prompt, tenant="demo", constraints=constraints)
             t1 = time.perf_counter()
             await asyncio.gather(*(direct.call(f, choices[f.id].model) for f in plan.fragments))
             t2 = time.perf_counter()
@@ -114,8 +106,8 @@ async def run_benchmark(repeats: int = 3, max_tokens: int = 48, concurrency: int
 
 async def _concurrent(direct: _Direct, concurrency: int, repeats: int) -> dict:
     """C single-fragment requests at once through the flow, and C direct calls at once."""
-    limits = direct.limits.model_copy(update={"split": False, "task_type": "chat"})
-    one = _Direct(limits)
+    constraints = direct.constraints.model_copy(update={"split": False, "task_type": "chat"})
+    one = _Direct(constraints)
     one.endpoints = direct.endpoints
     texts = [STORY_PROMPTS[i % len(STORY_PROMPTS)] for i in range(concurrency)]
     planned = [await one.plan(text, f"bench-c{i}") for i, text in enumerate(texts)]
@@ -123,7 +115,7 @@ async def _concurrent(direct: _Direct, concurrency: int, repeats: int) -> dict:
     flow_s = direct_s = 0.0
     for round_ in range(repeats + 1):
         t0 = time.perf_counter()
-        results = await asyncio.gather(*(fuse_request(prompt=t, tenant="demo", constraints=limits) for t in texts))
+        results = await asyncio.gather(*(fuse_request(prompt=t, tenant="demo", constraints=constraints) for t in texts))
         t1 = time.perf_counter()
         tokens = await asyncio.gather(
             *(one.call(plan.fragments[0], choices[plan.fragments[0].id].model) for plan, choices in planned)

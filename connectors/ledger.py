@@ -33,9 +33,8 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_e
 
 from connectors import postgres
 from homeskillet.errors import AllocationNotFound, CapacityTimeout, CovenantViolation, NoRoute, ServiceError
-from homeskillet.schemas import Allocation, Covenant, PoolSpec
+from homeskillet.schemas import EPS, Allocation, Covenant, PoolSpec
 
-EPS = 1e-9
 T = TypeVar("T")
 HOST = socket.gethostname()
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from dataclasses import replace
 from datetime import UTC, datetime
 
 from prefect import flow, get_run_logger
@@ -21,13 +22,13 @@ from prefect.artifacts import (
     aupdate_progress_artifact,
 )
 
-from flows.fusion import attempt_fragment, make_request
 from homeskillet import catalog as cat
-from homeskillet.schemas import Fragment, LlamaCppServing
+from homeskillet.schemas import Fragment, InferenceRequest, LlamaCppServing
 from tasks import runtime
 from tasks.benchmarking import PROMPTS, chart, sample, summarise_benchmark
-from tasks.context import RunContext
 from tasks.decompose import estimate_tokens
+from tasks.model_call import call_model
+from tasks.preparation import make_request, prepare
 from tasks.quality import accuracy, is_right, load_set, per_task_type
 from tasks.routing import candidates, route_fragment
 from tasks.telemetry import record_telemetry
@@ -72,18 +73,12 @@ async def benchmark(
     progress = await acreate_progress_artifact(progress=0.0, description="benchmark samples done")
     done, rows, records, answers = 0, [], [], []
     for spec in specs:
-        request = make_request(
-            "benchmark", tenant, constraints={"max_tokens": max_tokens, "tier": tier, "allowed_models": [spec.name]}
-        )
-        ctx = RunContext(request, services, catalog, log, records=records)
-        model_list, pools = candidates(catalog, request.constraints)
-        warm = Fragment(id="warm-up", text=PROMPTS[0], task_type="chat", est_prompt_tokens=estimate_tokens(PROMPTS[0]))
-        await attempt_fragment(  # not measured: starts the model server
-            warm,
-            warm.text,
-            route_fragment(warm, model_list, pools, max_tokens, None),
-            RunContext(request, services, catalog, log),  # its record is not kept
-        )
+        # the tenant's covenant holds for the benchmark too: a model or tier it forbids is refused
+        warm_up = await prepare(_request(PROMPTS[0], tenant, max_tokens, tier, spec.name), services, log)
+        ctx = replace(warm_up.ctx, records=records)
+        model_list, pools = candidates(ctx.allowed, ctx.constraints)
+        (warm,) = warm_up.plan.fragments
+        await call_model(warm, warm.text, warm_up.choices[warm.id], warm_up.ctx)  # not measured, not kept
         for level in concurrency:
             for rep in range(repetitions):
                 fragments = [
@@ -97,19 +92,15 @@ async def benchmark(
                 ]
                 results = await asyncio.gather(
                     *(
-                        attempt_fragment(
-                            f, f.text, route_fragment(f, model_list, pools, max_tokens, None), ctx, stream=True
-                        )
+                        call_model(f, f.text, route_fragment(f, model_list, pools, max_tokens, None), ctx, stream=True)
                         for f in fragments
                     )
                 )
                 rows += [sample(r, spec.parameters_m, level, rep) for r in results]
                 done += level
                 await aupdate_progress_artifact(progress, progress=100.0 * done / total)
-        short = make_request(
-            "benchmark", tenant, constraints={"max_tokens": ANSWER_TOKENS, "tier": tier, "allowed_models": [spec.name]}
-        )
-        short_ctx = RunContext(short, services, catalog, log, records=records)
+        short = await prepare(_request(PROMPTS[0], tenant, ANSWER_TOKENS, tier, spec.name), services, log)
+        short_ctx = replace(short.ctx, records=records)
         for item in labelled:
             fragment = Fragment(
                 id=f"q-{item['id']}"[:64],
@@ -118,7 +109,7 @@ async def benchmark(
                 est_prompt_tokens=estimate_tokens(item["question"]),
             )
             choice = route_fragment(fragment, model_list, pools, ANSWER_TOKENS, None)
-            result = await attempt_fragment(fragment, fragment.text, choice, short_ctx)
+            result = await call_model(fragment, fragment.text, choice, short_ctx)
             answers.append(
                 {
                     "model": spec.name,
@@ -162,3 +153,15 @@ async def benchmark(
         key="benchmark-files", markdown=f"Samples: `{parquet}`\n\nChart: `{png}`\n\nRouter speeds: {speeds}"
     )
     return {"parquet": str(parquet), "chart": str(png), "summary": summary.to_dict("records"), "quality": quality}
+
+
+def _request(prompt: str, tenant: str, max_tokens: int, tier: str, model: str) -> InferenceRequest:
+    """One benchmark request: the prompt whole, as chat, on one model and tier."""
+    constraints = {
+        "max_tokens": max_tokens,
+        "tier": tier,
+        "allowed_models": [model],
+        "split": False,
+        "task_type": "chat",
+    }
+    return make_request(prompt, tenant, constraints=constraints)

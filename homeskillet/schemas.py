@@ -10,7 +10,9 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 Tier = Literal["dedicated", "preemptible"]
-Backend = Literal["local", "hostedai"]
+EPS = 1e-9  # tolerance when comparing sums of TFLOPS, GB or US$: float rounding, never a margin
+
+BackendName = Literal["local", "hostedai"]  # `connectors.backend.Backend` is the interface
 PromptStyle = Literal["chat", "completion"]
 # what the request classifier tells apart, plus "reduce" (the combining step of a map-reduce plan)
 TaskType = Literal[
@@ -34,8 +36,8 @@ class Constraints(_Frozen):
     pool: str | None = Field(None, description="Run every fragment on this pool.")
     max_tokens: int = Field(128, ge=1, le=4096, description="Output tokens per fragment.")
     capacity_wait_s: float | None = Field(None, ge=0, description="How long to wait for pool capacity.")
-    backend: Backend = Field("local", description="Where GPU shares come from: this machine or hosted·ai.")
-    fallback_backend: Backend | None = Field(None, description="Used while the backend's circuit is open.")
+    backend: BackendName = Field("local", description="Where GPU shares come from: this machine or hosted·ai.")
+    fallback_backend: BackendName | None = Field(None, description="Used while the backend's circuit is open.")
     on_preemption: Literal["same_tier", "dedicated"] = Field(
         "same_tier", description="Where a preempted fragment is re-run."
     )
@@ -164,7 +166,7 @@ class PoolSpec(_Frozen):
     or, when the account offers none of those, from the pools that `hostedai_match` finds."""
 
     id: str
-    backend: Backend = "local"
+    backend: BackendName = "local"
     tier: Tier
     tflops: float = Field(gt=0)
     vram_gb: float = Field(gt=0)
@@ -194,7 +196,7 @@ class Covenant(_Frozen):
     Its version is a short hash of its content: any change to a term is a new version."""
 
     allowed_models: list[str] | None = Field(None, description="Only these catalog models.")
-    allowed_backends: list[Backend] | None = Field(None, description="Only these providers of GPU shares.")
+    allowed_backends: list[BackendName] | None = Field(None, description="Only these providers of GPU shares.")
     allowed_tiers: list[Tier] | None = Field(None, description="Only pools of these tiers.")
     allowed_pools: list[str] | None = Field(None, description="Only these catalog pools.")
     allowed_regions: list[str] | None = Field(None, description="Only pools in these regions.")
@@ -244,7 +246,7 @@ class HostedAICredentials(_Frozen):
 class ModelChoice(_Frozen):
     fragment_id: str
     model: str
-    backend: Backend = "local"
+    backend: BackendName = "local"
     pool: str
     tier: Tier
     tflops: float
@@ -260,7 +262,7 @@ class Allocation(_Frozen):
     allocation_id: str
     tenant: str
     request_id: str
-    backend: Backend = "local"
+    backend: BackendName = "local"
     pool: str
     model: str
     tflops: float
@@ -283,7 +285,7 @@ class FragmentResult(_Frozen):
     task_type: TaskType
     text: str
     model: str
-    backend: Backend = "local"
+    backend: BackendName = "local"
     pool: str
     tier: Tier
     allocation_id: str
@@ -333,7 +335,7 @@ class TelemetryRecord(_Frozen):
     task_type: TaskType
     strategy: str
     model: str
-    backend: Backend
+    backend: BackendName
     pool: str
     tier: Tier
     allocation_id: str | None

@@ -34,6 +34,7 @@ class Settings(BaseSettings):
         None, description="Parquet dataset of fragment records (default: home/telemetry)."
     )
     metrics_port: int | None = Field(None, description="Serve Prometheus /metrics on 127.0.0.1:PORT.")
+    mcp_max_concurrent: int = Field(2, ge=1, description="Concurrent fuse calls per tenant on the MCP server.")
 
     @property
     def pgdata(self) -> Path:

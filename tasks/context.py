@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from homeskillet.schemas import Catalog, Constraints, Covenant, InferenceRequest, TelemetryRecord
-from tasks.runtime import Services
 from tasks.strategies import Stats
+
+if TYPE_CHECKING:  # the pure routing core imports this module and stays Prefect-free
+    from tasks.runtime import Services
 
 MAX_CALLS = {"single": 1, "cascade": 3, "ensemble": 3, "moa": 4, "auto": 3}  # model calls a strategy may make
 
@@ -16,7 +19,7 @@ MAX_CALLS = {"single": 1, "cascade": 3, "ensemble": 3, "moa": 4, "auto": 3}  # m
 class RunContext:
     request: InferenceRequest
     services: Services
-    catalog: Catalog
+    allowed: Catalog  # the catalog as the tenant's covenant allows it (`Services.catalog` is the whole one)
     log: logging.Logger | logging.LoggerAdapter
     budget_usd: float | None = None  # each fragment's share of max_cost_usd
     learned: Stats | None = None  # routing figures from a file (`homeskillet learn-routing`)
@@ -25,7 +28,7 @@ class RunContext:
     covenant_terms: list[str] = field(default_factory=list)  # its terms that narrowed `catalog`
 
     @property
-    def limits(self) -> Constraints:
+    def constraints(self) -> Constraints:
         return self.request.constraints
 
     @property
@@ -36,5 +39,5 @@ class RunContext:
     @property
     def wait_s(self) -> float:
         """How long an allocation waits for room in its pool."""
-        wait = self.limits.capacity_wait_s
+        wait = self.constraints.capacity_wait_s
         return self.services.settings.capacity_wait_s if wait is None else wait

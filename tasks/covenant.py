@@ -12,10 +12,8 @@
 from __future__ import annotations
 
 from homeskillet.errors import CovenantViolation
-from homeskillet.schemas import Catalog, Covenant, InferenceRequest, Plan, PoolSpec
+from homeskillet.schemas import EPS, Catalog, Covenant, InferenceRequest, Plan, PoolSpec
 from tasks.context import RunContext
-
-EPS = 1e-12
 
 
 def _allows(allowed: list | None, value: object) -> bool:

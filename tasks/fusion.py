@@ -40,3 +40,24 @@ def fuse_results(plan: Plan, results: dict[str, FragmentResult], tenant: str, wa
 @task(name="fuse", cache_policy=NO_CACHE, persist_result=False)
 async def fuse(plan: Plan, results: dict[str, FragmentResult], tenant: str, wall_s: float) -> FusionResult:
     return fuse_results(plan, results, tenant, wall_s)
+
+
+def fragment_row(result: FragmentResult) -> dict:
+    """One row of the fragments table (artifact and CLI)."""
+    return {
+        "fragment": result.fragment_id,
+        "task_type": result.task_type,
+        "model": result.model,
+        "backend": result.backend,
+        "pool": result.pool,
+        "tier": result.tier,
+        "allocation_id": result.allocation_id,
+        "latency_s": round(result.timings.allocate_s + result.timings.infer_s + result.timings.release_s, 3),
+        "tokens_in": result.tokens_in,
+        "tokens_out": result.tokens_out,
+        "attempts": result.attempts,
+        "strategy": result.strategy,
+        "models_called": ",".join(result.models_called),
+        "confidence": result.confidence,
+        "cost_usd": round(result.cost_usd, 8),
+    }

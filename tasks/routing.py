@@ -9,11 +9,19 @@ from collections.abc import Awaitable, Callable
 
 from homeskillet import catalog as cat
 from homeskillet.errors import CircuitOpen, HostedAIUnavailable, NoRoute, Preempted
-from homeskillet.schemas import Catalog, Constraints, Fragment, FragmentResult, ModelChoice, ModelSpec, Plan, PoolSpec
+from homeskillet.schemas import (
+    EPS,
+    Catalog,
+    Constraints,
+    Fragment,
+    FragmentResult,
+    ModelChoice,
+    ModelSpec,
+    Plan,
+    PoolSpec,
+)
 from tasks.context import RunContext
 from tasks.strategies import Stats, decide, single_model
-
-EPS = 1e-9
 
 
 def slice_rate(model: ModelSpec, pool: PoolSpec) -> float:
@@ -123,11 +131,11 @@ def preview(plan: Plan, ctx: RunContext) -> dict[str, ModelChoice]:
     a fragment has no model and pool within the constraints and its budget."""
     choices = {}
     for fragment in plan.fragments:
-        stats = figures(fragment, ctx)
+        stats = stats_for(fragment, ctx)
         model = single_model(fragment.task_type, stats, list(stats.quality[fragment.task_type]))
-        only = ctx.limits.model_copy(update={"allowed_models": [model]})
+        only = ctx.constraints.model_copy(update={"allowed_models": [model]})
         choices[fragment.id] = route_fragment(
-            fragment, *candidates(ctx.catalog, only), ctx.limits.max_tokens, ctx.per_call_usd
+            fragment, *candidates(ctx.allowed, only), ctx.constraints.max_tokens, ctx.per_call_usd
         )
     return choices
 
@@ -165,25 +173,25 @@ def live_stats(fragment: Fragment, catalog: Catalog, constraints: Constraints) -
 
 MAX_ATTEMPTS = 3  # per model call: the first try and two re-runs after preemption or fallback
 
-# attempt(choice, text, attempt number) → the answer of one model call on one allocation
-Attempt = Callable[[ModelChoice, str, int], Awaitable[FragmentResult]]
+# call(choice, text, its number among the fragment's calls) → the answer of one model call
+ModelCall = Callable[[ModelChoice, str, int], Awaitable[FragmentResult]]
 
 
-def figures(fragment: Fragment, ctx: RunContext) -> Stats:
-    """The figures a fragment is routed by: the learned ones (a routing-stats file) for the
+def stats_for(fragment: Fragment, ctx: RunContext) -> Stats:
+    """The routing stats a fragment is routed by: the learned ones (a routing-stats file) for the
     allowed models that have them, else the catalog's measured or prior quality and its cost
     estimates. NoRoute when the constraints leave no model for it."""
-    stats = live_stats(fragment, ctx.catalog, ctx.limits)
+    stats = live_stats(fragment, ctx.allowed, ctx.constraints)
     if ctx.learned is None:
         return stats
     return ctx.learned.only(fragment.task_type, list(stats.quality[fragment.task_type]))
 
 
-async def route(fragment: Fragment, text: str, ctx: RunContext, attempt: Attempt) -> FragmentResult:
+async def route(fragment: Fragment, text: str, ctx: RunContext, call: ModelCall) -> FragmentResult:
     """Run one fragment where it belongs; every routing decision of a fragment is made here.
 
-    1. The strategy (the request's, or for "auto" the one the figures favour for this task type)
-       decides which models to ask, from the figures, and whose answer stands.
+    1. The strategy (the request's, or for "auto" the one the stats favour for this task type)
+       decides which models to ask, from the stats, and whose answer stands.
     2. Each model call goes to the cheapest pool that fits the model within the call's share of
        the budget (`route_fragment`), under the request's constraints.
     3. A call whose GPU share is preempted re-runs on another pool of the same backend (dedicated
@@ -191,29 +199,29 @@ async def route(fragment: Fragment, text: str, ctx: RunContext, attempt: Attempt
        re-runs on the request's fallback backend. At most MAX_ATTEMPTS tries per call.
     The result keeps every call in its provenance, and the run log says what was decided, why.
     """
-    limits = ctx.limits
-    stats = figures(fragment, ctx)
+    constraints = ctx.constraints
+    stats = stats_for(fragment, ctx)
     allowed = list(stats.quality[fragment.task_type])
     calls: list[FragmentResult] = []
 
     async def ask(model: str, prompt: str | None = None) -> str:
-        only = limits.model_copy(update={"allowed_models": [model]})
-        choice = route_fragment(fragment, *candidates(ctx.catalog, only), limits.max_tokens, ctx.per_call_usd)
+        only = constraints.model_copy(update={"allowed_models": [model]})
+        choice = route_fragment(fragment, *candidates(ctx.allowed, only), constraints.max_tokens, ctx.per_call_usd)
         for number in range(1, MAX_ATTEMPTS + 1):
             ctx.log.info(
                 "fragment %s: %s on %s pool %s (%s)", fragment.id, choice.model, choice.tier, choice.pool, choice.reason
             )
             try:
-                result = await attempt(choice, prompt or text, number)
+                result = await call(choice, prompt or text, number)
                 break
             except Preempted:
                 if number == MAX_ATTEMPTS:
                     raise
-                tier = "dedicated" if limits.on_preemption == "dedicated" else choice.tier
+                tier = "dedicated" if constraints.on_preemption == "dedicated" else choice.tier
                 why = f"attempt {number} on {choice.pool} was preempted; re-run on {tier}"
                 choice = _reroute(fragment, ctx, only, why, tier=tier, backend=choice.backend)
             except HostedAIUnavailable as exc:
-                fallback = limits.fallback_backend
+                fallback = constraints.fallback_backend
                 if fallback is None or fallback == choice.backend or number == MAX_ATTEMPTS:
                     raise
                 state = "circuit open" if isinstance(exc, CircuitOpen) else "unavailable"
@@ -242,8 +250,8 @@ async def route(fragment: Fragment, text: str, ctx: RunContext, attempt: Attempt
     )
 
 
-def _reroute(fragment: Fragment, ctx: RunContext, limits: Constraints, why: str, **changes) -> ModelChoice:
+def _reroute(fragment: Fragment, ctx: RunContext, constraints: Constraints, why: str, **changes) -> ModelChoice:
     """A new pool for the same model call under changed constraints (another tier or backend)."""
-    choice = reroute(fragment, ctx.catalog, limits, ctx.per_call_usd, why, **changes)
+    choice = reroute(fragment, ctx.allowed, constraints, ctx.per_call_usd, why, **changes)
     ctx.log.warning("fragment %s: %s", fragment.id, why)
     return choice

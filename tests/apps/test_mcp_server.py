@@ -12,13 +12,14 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 import uvicorn
 import websockets
+import yaml
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
@@ -47,13 +48,10 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(test_catalog):
-    from apps.mcp_server import create_app
-
+@contextmanager
+def serving(app):
+    """The app on a real uvicorn in a thread, on a free loopback port: yields host:port."""
     port = _free_port()
-    app = create_app(test_catalog, max_concurrent=2)
-    APP["app"] = app
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", ws_max_size=1 << 24))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
@@ -61,9 +59,21 @@ def server(test_catalog):
     while not srv.started and time.monotonic() < deadline:
         time.sleep(0.05)
     assert srv.started
-    yield f"127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(10)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def server(test_catalog):
+    from apps.mcp_server import create_app
+
+    app = create_app(test_catalog, max_concurrent=2)
+    APP["app"] = app
+    with serving(app) as where:
+        yield where
 
 
 @pytest.fixture(scope="module")
@@ -226,11 +236,11 @@ async def test_a_socket_closed_mid_call_releases_everything(server, tokens, monk
         with pytest.raises(BaseException):  # noqa: B017 (whatever the closed socket raises in the client)
             await asyncio.wait_for(call, 10)
     for _ in range(60):  # the server cancels the flow run; its rollback hooks release
-        if not await backend.held("acme") and not APP["app"].limits.running.get("acme"):
+        if not await backend.held("acme") and not APP["app"].slots.running.get("acme"):
             break
         await asyncio.sleep(0.1)
     assert await backend.held("acme") == []
-    assert APP["app"].limits.running.get("acme") == 0  # the call ended with its socket
+    assert APP["app"].slots.running.get("acme") == 0  # the call ended with its socket
 
 
 async def test_cancelling_a_call_cancels_the_flow_and_releases(server, tokens, monkeypatch, assert_no_leaks):
@@ -251,9 +261,9 @@ async def test_cancelling_a_call_cancels_the_flow_and_releases(server, tokens, m
             await asyncio.sleep(0.1)
         assert await backend.held("acme") == []
         t0 = time.monotonic()
-        while APP["app"].limits.running.get("acme") and time.monotonic() - t0 < 20:
+        while APP["app"].slots.running.get("acme") and time.monotonic() - t0 < 20:
             await asyncio.sleep(0.1)
-        assert APP["app"].limits.running.get("acme") == 0  # the call has ended
+        assert APP["app"].slots.running.get("acme") == 0  # the call has ended
         # the connection is still usable
         assert (await client.call_tool("classify", {"prompt": "What is 2 + 2?"})).structured_content["label"]
 
@@ -306,6 +316,32 @@ async def test_bad_input_gets_json_rpc_errors_and_the_socket_stays_usable(server
         bad = await client.call_tool("fuse", {"prompt": "  ", "constraints": ECHO})
         assert bad.is_error and "prompt is empty" in bad.content[0].text
         assert (await client.call_tool("classify", {"prompt": "Translate 'hello' to French"})).structured_content
+
+
+async def test_plan_shows_only_what_the_covenant_allows_and_refuses_what_it_forbids(tokens, test_catalog, tmp_path):
+    """`plan` prepares a request as `fuse` does: under a covenant that allows one model and one
+    strategy it shows that model for every fragment, and refuses a forbidden strategy or model."""
+    from apps.mcp_server import create_app
+
+    raw = yaml.safe_load(Path(test_catalog).read_text())
+    one_model = {"allowed_models": ["echo-lite"], "allowed_strategies": ["single"]}
+    raw["tenants"] = [{"id": "acme", "covenant": one_model}, {"id": "globex"}]
+    path = tmp_path / "covenants.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with serving(create_app(str(path))) as where:
+        async with ws_client(where, tokens["globex"]) as client:  # the control: no covenant
+            free = (await client.call_tool("plan", {"prompt": THREE})).structured_content
+        assert {f["model"] for f in free["fragments"]} != {"echo-lite"}, free  # routing alone picks others
+        async with ws_client(where, tokens["acme"]) as client:
+            bound = (await client.call_tool("plan", {"prompt": THREE})).structured_content
+            assert [f["id"] for f in bound["fragments"]] == ["f1", "f2", "f3"]
+            assert {f["model"] for f in bound["fragments"]} == {"echo-lite"}, bound
+            assert bound["covenant_terms"] == ["allowed_models"]
+            strategy = await client.call_tool("plan", {"prompt": THREE, "strategy": "cascade"})
+            assert strategy.is_error and "allowed_strategies" in strategy.content[0].text, strategy
+            model = await client.call_tool("plan", {"prompt": THREE, "constraints": {"allowed_models": ["echo"]}})
+            assert model.is_error and "allowed_models" in model.content[0].text, model
+    assert await runtime.backend(runtime.catalog_path()).held("acme") == []
 
 
 async def test_figures_classify_round_trip_and_fuse_overhead(server, tokens, test_catalog, monkeypatch, capsys):

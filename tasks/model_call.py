@@ -1,0 +1,154 @@
+"""One model call, the unit of work every fragment is made of: allocate a GPU share → infer →
+record the spend → release.
+
+It runs inside a Prefect transaction: if anything fails or is cancelled before the release, the
+allocate task's rollback hook releases the slice. The spend is written while the slice is still
+held, so a call waiting for that room checks the budget with it counted. A crashed process runs no
+hooks; the ledger's lease expiry and holder check are the backstop. Every call, success or
+failure, leaves one telemetry record in the run context.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+
+from prefect.transactions import atransaction
+
+from connectors.ledger import new_allocation_id
+from connectors.telemetry import HELD, TENANT_HELD, observe
+from homeskillet import catalog as cat
+from homeskillet.schemas import Fragment, FragmentResult, ModelChoice, TelemetryRecord, Timings
+from tasks import progress
+from tasks.context import RunContext
+from tasks.covenant import within_budget
+from tasks.resources import allocate, infer, release, release_if_reserved
+from tasks.routing import fragment_cost
+
+
+async def call_model(
+    fragment: Fragment, text: str, choice: ModelChoice, ctx: RunContext, number: int = 1, stream: bool = False
+) -> FragmentResult:
+    """One model call for a fragment: allocate → infer → record spend → release, inside a
+    transaction whose rollback releases. `number` is the call's place among the fragment's calls;
+    `stream` measures time to first token (and counts tokens from chunks)."""
+    request, services = ctx.request, ctx.services
+    pool = cat.pool(ctx.allowed, choice.pool)
+    record = dict(
+        ts=datetime.now(UTC),
+        request_id=request.request_id,
+        tenant=request.tenant,
+        fragment_id=fragment.id,
+        task_type=fragment.task_type,
+        strategy=request.strategy,
+        model=choice.model,
+        backend=pool.backend,
+        pool=pool.id,
+        tier=pool.tier,
+        allocation_id=None,
+        tflops=choice.tflops,
+        vram_gb=choice.vram_gb,
+    )
+    allocation_id = new_allocation_id()
+    t0 = time.perf_counter()
+    held, tenant_held = HELD.labels(pool.backend), TENANT_HELD.labels(request.tenant)
+    allocation = None
+    try:
+        async with atransaction():
+            allocation = await allocate(services, request.tenant, request.request_id, choice, ctx.wait_s, allocation_id)
+            held_from = time.perf_counter()
+            held.inc()
+            tenant_held.inc()
+            # before each model call, once its slice is held (calls waiting for room see the spend
+            # of those before them): would it overrun the budget? If so the rollback releases it
+            await within_budget(ctx, choice.est_cost_usd)
+            ctx.log.info(
+                "fragment %s: allocated %s on %s (%g TFLOPS, %g GB)",
+                fragment.id,
+                allocation.allocation_id,
+                allocation.pool,
+                allocation.tflops,
+                allocation.vram_gb,
+            )
+            progress.emit(
+                request.request_id,
+                "allocated",
+                fragment_id=fragment.id,
+                model=allocation.model,
+                pool=allocation.pool,
+                allocation_id=allocation.allocation_id,
+            )
+            record["allocation_id"] = allocation.allocation_id
+            record["queue_s"] = max(0.0, (allocation.created_at - record["ts"]).total_seconds())
+            t1 = time.perf_counter()
+            completion = await infer(services, allocation, text, request.constraints.max_tokens, stream)
+            t2 = time.perf_counter()
+            # billed while the slice is still held, so a call waiting for this room checks the
+            # budget with this call's spend counted (released first, it could slip in before it)
+            tokens = completion.tokens_in + completion.tokens_out
+            model = cat.model(ctx.allowed, choice.model)
+            record.update(
+                tokens_in=completion.tokens_in,
+                tokens_out=completion.tokens_out,
+                cost_usd=fragment_cost(model, pool, time.perf_counter() - held_from, tokens, completion.cost_usd),
+            )
+            await (await services.ledger()).record_spend(
+                allocation.allocation_id, request.tenant, request.request_id, record["cost_usd"]
+            )
+            t3 = time.perf_counter()
+            ended_at = await release(services, allocation)
+            t4 = time.perf_counter()
+            ctx.log.info(
+                "fragment %s: released %s after %.2fs",
+                fragment.id,
+                allocation.allocation_id,
+                (ended_at - allocation.created_at).total_seconds(),
+            )
+            progress.emit(
+                request.request_id,
+                "completed",
+                fragment_id=fragment.id,
+                model=allocation.model,
+                pool=allocation.pool,
+                allocation_id=allocation.allocation_id,
+                tokens_out=completion.tokens_out,
+            )
+    except BaseException as exc:
+        if allocation is None:
+            # allocate did not hand its slice back (it failed, or was cancelled after reserving and
+            # then crashed, and a crashed task stages no rollback hook): release it here, if reserved
+            await release_if_reserved(services, choice.backend, allocation_id, request.tenant)
+        _keep(
+            ctx.records,
+            TelemetryRecord(
+                **record, allocate_s=time.perf_counter() - t0, outcome="error", error_class=type(exc).__name__
+            ),
+        )
+        raise
+    finally:
+        if allocation is not None:
+            held.dec()  # released by the release task or, on failure, by the rollback hook
+            tenant_held.dec()
+    timings = Timings(allocate_s=t1 - t0, first_token_s=completion.first_token_s, infer_s=t2 - t1, release_s=t4 - t3)
+    _keep(ctx.records, TelemetryRecord(**record, **timings.model_dump(), outcome="ok"))
+    return FragmentResult(
+        fragment_id=fragment.id,
+        task_type=fragment.task_type,
+        text=completion.text,
+        model=allocation.model,
+        backend=pool.backend,
+        pool=pool.id,
+        tier=pool.tier,
+        allocation_id=allocation.allocation_id,
+        tokens_in=completion.tokens_in,
+        tokens_out=completion.tokens_out,
+        timings=timings,
+        cost_usd=record["cost_usd"],
+        reason=choice.reason,
+        attempts=number,
+    )
+
+
+def _keep(records: list[TelemetryRecord], record: TelemetryRecord) -> None:
+    observe(record)
+    records.append(record)

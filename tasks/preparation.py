@@ -1,0 +1,110 @@
+"""The request preamble, written once: a request becomes the validated, covenant-restricted plan
+and run context before anything is allocated.
+
+`prepare` is what the flow, the MCP `plan` tool and the benchmarks call, so what `plan` shows is
+what `fuse` runs: the same covenant checks, the same restricted catalog, the same routing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from pydantic import ValidationError
+
+from homeskillet.errors import InvalidRequest
+from homeskillet.schemas import Constraints, InferenceRequest, ModelChoice, Plan, TaskType
+from tasks import runtime
+from tasks.context import RunContext
+from tasks.covenant import check_request, check_size, restrict
+from tasks.decompose import decompose_prompt, estimate_tokens
+from tasks.routing import fragment_budget, max_context, preview
+from tasks.runtime import Services
+
+# prompt, request_id, max_context, max_tokens, split, task_type → the plan
+Decomposer = Callable[[str, str, int, int, bool, TaskType | None], Awaitable[Plan]]
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A request ready to run: its context (request, restricted catalog, covenant, budget), its plan,
+    and each fragment's first choice of model and pool."""
+
+    ctx: RunContext
+    plan: Plan
+    choices: dict[str, ModelChoice]
+
+    @property
+    def est_cost_usd(self) -> float:
+        return sum(c.est_cost_usd for c in self.choices.values())
+
+
+def make_request(
+    prompt: str,
+    tenant: str,
+    strategy: str = "single",
+    constraints: Constraints | dict | None = None,
+    request_id: str | None = None,
+) -> InferenceRequest:
+    """The validated request, or InvalidRequest naming each problem."""
+    fields = {"prompt": prompt, "tenant": tenant, "strategy": strategy, "constraints": constraints or {}}
+    if request_id:
+        fields["request_id"] = request_id
+    try:
+        return InferenceRequest.model_validate(fields)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'request'}: {e['msg'].removeprefix('Value error, ')}"
+            for e in exc.errors()
+        )
+        raise InvalidRequest(f"invalid request: {problems}") from None
+
+
+async def split_here(
+    prompt: str, request_id: str, max_context: int, max_tokens: int, split: bool, task_type: TaskType | None
+) -> Plan:
+    """Decomposition in this process, with no task run (the default outside a flow)."""
+    return decompose_prompt(prompt, request_id, max_context, max_tokens, split, task_type)
+
+
+async def prepare(
+    request: InferenceRequest,
+    services: Services,
+    log: logging.Logger | logging.LoggerAdapter,
+    routing_stats: str | None = None,
+    decomposer: Decomposer = split_here,
+) -> Prepared:
+    """Check the request against its tenant's covenant, restrict the catalog to what the covenant
+    allows, decompose, check the plan's size, and choose each fragment's model and pool.
+
+    Raises UnknownTenant, CovenantViolation (the request asks for what its covenant forbids, or is
+    too large), InvalidRequest (a bad routing-stats file) or NoRoute (a fragment has no model
+    within the constraints), all before anything is allocated. `decomposer` is where the plan is
+    made: the flow passes its `decompose` task so the split shows as a task run.
+    """
+    covenant = services.covenant(request.tenant)  # the tenant's covenant now (an unknown tenant fails here)
+    check_request(request, covenant, services.catalog)  # asks for nothing the covenant forbids
+    allowed, terms = restrict(services.catalog, covenant)  # routed only where the covenant allows
+    constraints = request.constraints
+    learned = runtime.routing_stats(routing_stats) if routing_stats is not None else None  # a bad file fails here
+    plan = await decomposer(
+        request.prompt,
+        request.request_id,
+        max_context(allowed, constraints),
+        constraints.max_tokens,
+        constraints.split,
+        constraints.task_type,
+    )
+    check_size(request.tenant, covenant, estimate_tokens(request.prompt), plan)
+    ctx = RunContext(
+        request,
+        services,
+        allowed,
+        log,
+        fragment_budget(plan, constraints),
+        learned,
+        covenant=covenant,
+        covenant_terms=terms,
+    )
+    return Prepared(ctx, plan, preview(plan, ctx))  # every fragment has a model before anything is allocated
