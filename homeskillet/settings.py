@@ -9,6 +9,8 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PACKAGED_CATALOG = Path(__file__).with_name("catalog.yaml")
+# RouterBench recordings of 11 real LLMs (see its SOURCE.md): routing evaluation and training data
+RECORDINGS = Path(__file__).with_name("data") / "routerbench"
 
 
 class Settings(BaseSettings):

@@ -11,7 +11,7 @@ Choices and numbers are compared after the evaluation's normalisation. The figur
 benchmark's `latest.json`, where the catalog loader takes them as the model's quality for that
 task type in place of the catalog's typed-in prior.
 
-Rebuild the set: `python -m tasks.quality ../shared/data/routerbench [PER_FILE]`.
+Rebuild the set: `python -m tasks.quality homeskillet/data/routerbench [PER_FILE]`.
 """
 
 from __future__ import annotations

@@ -1,13 +1,13 @@
 """`homeskillet loadtest`: the figures it reports, and that its invariant checks see a break."""
 
 import asyncio
-from pathlib import Path
 
 import pytest
 
 from apps.loadtest import Run, _sample, quantile, run_load
 from connectors.ledger import new_allocation_id
 from homeskillet.errors import InvalidRequest
+from homeskillet.settings import RECORDINGS as ROUTERBENCH
 from tasks import runtime
 
 pytestmark = pytest.mark.usefixtures("local_services")
@@ -19,7 +19,7 @@ def broken(figures: dict) -> dict:
     return {name: figures[name] for name in INVARIANTS if figures[name] != 0}
 
 
-RECORDINGS = Path(__file__).resolve().parents[3] / "shared" / "data" / "routerbench" / "arc_challenge_train.csv"
+RECORDINGS = ROUTERBENCH / "arc_challenge_train.csv"
 
 
 async def test_a_small_load_on_the_local_models_keeps_every_invariant(assert_no_leaks):

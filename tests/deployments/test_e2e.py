@@ -16,10 +16,11 @@ from prefect.deployments import run_deployment
 
 from connectors.ledger import new_allocation_id
 from connectors.telemetry import read_records
+from homeskillet.settings import RECORDINGS as ROUTERBENCH
 from homeskillet.settings import get_settings
 
 ROOT = Path(__file__).resolve().parents[2]
-RECORDINGS = ROOT.parent / "shared" / "data" / "routerbench" / "arc_challenge_train.csv"
+RECORDINGS = ROUTERBENCH / "arc_challenge_train.csv"
 BIN = Path(sys.executable).parent
 API = os.environ["PREFECT_API_URL"]
 pytestmark = pytest.mark.usefixtures("local_services", "assert_no_leaks")

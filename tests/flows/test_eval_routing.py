@@ -14,12 +14,12 @@ import pytest
 from connectors.recordings import Recordings, load
 from doubles.replay import create_app
 from homeskillet.errors import InvalidRequest, NoRoute
+from homeskillet.settings import RECORDINGS as ROUTERBENCH
 from tasks.evaluation import evaluate, fit, is_correct, oracle, single_models
 from tasks.strategies import Stats, normalise
 
 pytestmark = pytest.mark.usefixtures("local_services")  # flows, tasks or the Prefect API
 
-ROUTERBENCH = Path(__file__).resolve().parents[3] / "shared" / "data" / "routerbench"
 HOMESKILLET = str(Path(sys.executable).with_name("homeskillet"))
 
 
@@ -46,7 +46,6 @@ def test_normalisation_per_task_type():
     assert normalise("code", "Sure:\n```python\ndef f():\n    return 1\n```") == "def f(): return 1"
 
 
-@pytest.mark.skipif(not ROUTERBENCH.exists(), reason="the shared RouterBench files are not beside the checkout")
 def test_records_take_their_task_type_from_the_eval_name():
     arc = load(ROUTERBENCH / "arc_challenge_train.csv")[:3]
     mbpp = load(ROUTERBENCH / "mbpp_train.csv")[:3]
@@ -225,7 +224,6 @@ async def test_through_flow_gives_the_in_process_figures(tmp_path, strategy, ass
         assert 0 < expected.accuracy < 1 and any("escalated" in f.fragments[0].reason for f in fused)
 
 
-@pytest.mark.skipif(not ROUTERBENCH.exists(), reason="the shared RouterBench files are not beside the checkout")
 def test_eval_routing_command_prints_figures_and_ends_with_json():
     files = [str(ROUTERBENCH / f) for f in ("arc_challenge_train.csv", "mbpp_train.csv")]
     done = subprocess.run(
@@ -253,7 +251,6 @@ def test_eval_routing_command_prints_figures_and_ends_with_json():
     assert bad.returncode == 2 and "unknown strategy" in bad.stderr and bad.stdout.strip() == ""
 
 
-@pytest.mark.skipif(not ROUTERBENCH.exists(), reason="the shared RouterBench files are not beside the checkout")
 def test_eval_routing_through_flow_matches_in_process_on_real_records():
     arc = str(ROUTERBENCH / "arc_challenge_train.csv")
     figures = []
@@ -272,7 +269,6 @@ def test_eval_routing_through_flow_matches_in_process_on_real_records():
     assert through_flow["cost"] == pytest.approx(in_process["cost"]) and in_process["cost"] > 0
 
 
-@pytest.mark.skipif(not ROUTERBENCH.exists(), reason="the shared RouterBench files are not beside the checkout")
 def test_learn_routing_writes_stats_the_flow_can_use(tmp_path):
     out = tmp_path / "stats.json"
     done = subprocess.run(
