@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import httpx
 
+from connectors.processes import terminate
 from flows.eval_routing import replay_load
 from homeskillet.errors import InvalidRequest, ServiceError
 
@@ -138,8 +138,6 @@ async def _rows(api_url, workers, requests, limit, max_tokens, log_dir, replay) 
                     }
                 )
             finally:
-                for p in procs:
-                    os.killpg(p.pid, signal.SIGTERM)
-                for p in procs:
-                    p.wait(30)
+                for p in procs:  # a worker and the flow runs it still runs, SIGKILLed after the grace
+                    terminate(p.pid, grace_s=20, group=True)
     return rows

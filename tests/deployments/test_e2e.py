@@ -3,7 +3,6 @@ a worker, and runs started through the REST API and through run_deployment."""
 
 import asyncio
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
 
 from connectors.ledger import new_allocation_id
+from connectors.processes import terminate
 from connectors.telemetry import read_records
 from homeskillet.settings import RECORDINGS as ROUTERBENCH
 from homeskillet.settings import get_settings
@@ -53,8 +53,7 @@ def worker(tmp_path_factory):
         env=os.environ | {"PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "2"},
     )
     yield proc
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(30)
+    terminate(proc.pid, grace_s=20, group=True)  # a run still in it is killed with it; leases end it
 
 
 async def start_via_rest(name: str, parameters: dict) -> str:
