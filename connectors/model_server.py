@@ -40,8 +40,8 @@ from homeskillet.schemas import LlamaCppServing, ModelSpec, PoolSpec
 
 # Every request starts from an empty sequence, so an answer at temperature 0 depends on its prompt
 # alone, not on what the server served before: no prompt cache (`--cache-prompt`, on by default),
-# no RAM cache of idle slots (`--cache-ram`), KV buffers per slot (`--no-kv-unified`). Issue 9's
-# changing answers came from llama-cpp-python's prefix reuse; llama-server's own reuse gave the same
+# no RAM cache of idle slots (`--cache-ram`), KV buffers per slot (`--no-kv-unified`). Answers that
+# changed between runs came from llama-cpp-python's prefix reuse; llama-server's own reuse gave the same
 # answers in our checks, but re-decoding only a prompt's tail is a different computation, and a
 # 34-token prompt costs ~90 ms more without it. (Requests batched at the same moment can still
 # change Gemma's answers: see the README.)

@@ -68,7 +68,7 @@ class ServerInfo:
 
 # The server records each task run from its state events. One event per database transaction is
 # Prefect's default; batching them costs the UI up to a second of delay and saves the server CPU
-# that the model servers on the same cores need (measured with py-spy in issue 10's note).
+# that the model servers on the same cores need (py-spy: the recorder was the server's largest CPU share per request).
 RECORDER_BATCHING = {
     "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE": "100",
     "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL": "1.0",

@@ -405,7 +405,7 @@ def _cli(*args: str, **kw) -> subprocess.CompletedProcess:
 
 
 async def test_the_command_line_serves_mcp_and_manages_tokens(assert_no_leaks, tmp_path):
-    """Done-when of issue 11: `homeskillet mcp serve`, a token per tenant from `tokens create`, a
+    """End to end as a user runs it: `homeskillet mcp serve`, a token per tenant from `tokens create`, a
     WebSocket client runs a three-part question on the real local models."""
     made = [json.loads(_cli("tokens", "create", "--tenant", t, "--json").stdout) for t in ("demo", "globex")]
     assert [m["tenant"] for m in made] == ["demo", "globex"] and all(m["token"].startswith("hs_") for m in made)

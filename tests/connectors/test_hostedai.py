@@ -280,7 +280,7 @@ async def _raw(emulator, tenant, method, path, **kwargs) -> httpx.Response:
         return await http.request(method, path, headers={"X-API-Key": emulator.teams[tenant].api_key}, **kwargs)
 
 
-# --- idempotent reads: retried on any 5xx and on an error inside a 2xx body (issue 13 a, b) ---
+# --- idempotent reads: retried on any 5xx and on an error inside a 2xx body ---
 
 
 @pytest.mark.parametrize("fault", ["read_error_rate", "read_error_in_body_rate"])
@@ -336,7 +336,7 @@ def response(status: int, body=None, text: str | None = None, headers=None) -> h
 @pytest.mark.parametrize(
     ("status", "body", "read", "raised"),
     [
-        # the issue's two failures: retried on a read...
+        # a read's failures: retried...
         (500, {"code": 50000001, "message": "internal error"}, True, HostedAIUnavailable),
         (200, {"code": 12370004, "message": "internal error"}, True, HostedAIUnavailable),
         (503, {"code": 503, "message": "busy"}, True, HostedAIUnavailable),

@@ -1,4 +1,4 @@
-"""Guarantees of the hosted·ai client and backend that a one-line break must fail (issue 13, item 0):
+"""Guarantees of the hosted·ai client and backend that a one-line break must fail:
 the API key absent from every error, warning and log line on every fault path; the circuit
 breaker counting only "hosted·ai is not answering", never a business refusal; retire leaving
 alone a subscription that another process still uses; `homeskillet allocations` showing another

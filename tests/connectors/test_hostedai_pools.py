@@ -1,4 +1,4 @@
-"""Pool choice on a hosted·ai account whose pool names nobody typed into the catalog (issue 13 c):
+"""Pool choice on a hosted·ai account whose pool names nobody typed into the catalog:
 the catalog's names first, else rules (tier from name/label patterns, GPU type, price), else an
 error that lists what the account offers. Pure rules first, then a real backend against an
 emulator of such an account over loopback."""
@@ -80,7 +80,7 @@ def test_the_catalogs_names_win_when_the_account_offers_them():
 
 
 def test_preemptible_pools_are_found_by_their_names_and_labels():
-    """The issue's case: the catalog names l4-spot and a10-spot, the account has neither."""
+    """The catalog names l4-spot and a10-spot; the account has neither."""
     chosen = choose_pools(pool("preemptible", ["l4-spot", "a10-spot"]), OTHER, CARDS)
     # cheapest first; the B200 is cheaper still, but no card in the catalog can size it
     assert names(chosen) == ["rtx-a10-community", "gpu-l4-interruptible"]

@@ -11,7 +11,7 @@ from homeskillet.errors import ServiceError
 
 def test_the_server_records_task_runs_in_batches(local_services):
     """One database transaction per task-run event was most of the server's CPU per request
-    (issue 10's profile); the server the session started runs with the batching settings."""
+    (seen in py-spy profiles); the server the session started runs with the batching settings."""
     settings = httpx.get(f"{local_services}/admin/settings", timeout=10).raise_for_status().json()
     recorder = settings["server"]["services"]["task_run_recorder"]
     assert str(recorder["batch_size"]) == RECORDER_BATCHING["PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE"]
