@@ -1,7 +1,7 @@
 """One pair of Prefect API clients per event loop for every flow run a long-lived process makes
 (the MCP server, benchmarks, load tests). Without it each flow run opens its own: a new
 connection pool and TLS context per run, and a sync client for the server's default result
-storage lookup — about a tenth of a request's orchestration time here, by py-spy."""
+storage lookup (its share of a request's time: docs/scaling.md)."""
 
 from __future__ import annotations
 

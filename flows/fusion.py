@@ -97,7 +97,7 @@ async def fuse_request(
 def _deployment_run() -> bool:
     """Whether this flow run was started from a deployment, read from the run's own context.
     (`prefect.runtime.deployment.id` reads the flow run back over the API with a new client, and
-    blocks the event loop while it does: 11 % of the process's CPU in `bench-overhead`.)"""
+    blocks the event loop while it does.)"""
     run = FlowRunContext.get()
     return run is not None and run.flow_run is not None and run.flow_run.deployment_id is not None
 
