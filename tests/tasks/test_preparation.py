@@ -1,0 +1,82 @@
+"""The request preamble: covenant checks, the restricted catalog, decomposition, size checks and the
+first choice of model per fragment, before anything is allocated. Pure: no server is started (the
+services' backends are never touched)."""
+
+import logging
+from pathlib import Path
+
+import pytest
+import yaml
+
+from homeskillet.errors import CovenantViolation, InvalidRequest, UnknownTenant
+from homeskillet.settings import PACKAGED_CATALOG
+from tasks.preparation import make_request, prepare, split_here
+from tasks.runtime import Services
+
+LOG = logging.getLogger("test")
+TWO_QUESTIONS = "What is the capital of France? Who wrote Romeo and Juliet?"
+
+
+@pytest.fixture
+def services(tmp_path):
+    """The packaged catalog with covenants: acme may run SmolLM2 alone and only `single`, globex
+    at most one fragment per request, demo anything."""
+    raw = yaml.safe_load(PACKAGED_CATALOG.read_text())
+    raw["tenants"] = [
+        {"id": "demo"},
+        {"id": "acme", "covenant": {"allowed_models": ["smollm2-135m"], "allowed_strategies": ["single"]}},
+        {"id": "globex", "covenant": {"max_fragments": 1}},
+    ]
+    path = tmp_path / "catalog.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return Services(catalog_path=path, home=tmp_path / "home")
+
+
+async def test_a_one_model_covenant_routes_every_fragment_to_that_model(services):
+    free = await prepare(make_request(TWO_QUESTIONS, "demo"), services, LOG)
+    assert {c.model for c in free.choices.values()} != {"smollm2-135m"}  # unrestricted, QA goes elsewhere
+    bound = await prepare(make_request(TWO_QUESTIONS, "acme"), services, LOG)
+    assert [f.id for f in bound.plan.fragments] == [f.id for f in free.plan.fragments] and len(bound.choices) == 2
+    assert {c.model for c in bound.choices.values()} == {"smollm2-135m"}
+    assert [m.name for m in bound.ctx.allowed.models] == ["smollm2-135m"]
+    assert len(services.catalog.models) > 1  # the whole catalog is left as it was
+    assert bound.ctx.covenant_terms == ["allowed_models"] and bound.ctx.covenant.allowed_strategies == ["single"]
+    assert bound.est_cost_usd == pytest.approx(sum(c.est_cost_usd for c in bound.choices.values()))
+    assert not Path(services.home).exists()  # nothing was started or written: no ledger, no state
+
+
+async def test_what_the_covenant_forbids_is_refused_before_the_prompt_is_split(services):
+    split: list[str] = []
+
+    async def watching(prompt, *args):
+        split.append(prompt)
+        return await split_here(prompt, *args)
+
+    with pytest.raises(CovenantViolation, match="allowed_strategies.*strategy cascade"):
+        await prepare(make_request(TWO_QUESTIONS, "acme", "cascade"), services, LOG, decomposer=watching)
+    asked = make_request(TWO_QUESTIONS, "acme", constraints={"allowed_models": ["gemma3-270m"]})
+    with pytest.raises(CovenantViolation, match="allowed_models.*model gemma3-270m"):
+        await prepare(asked, services, LOG, decomposer=watching)
+    assert split == []
+    await prepare(make_request(TWO_QUESTIONS, "demo", "cascade"), services, LOG, decomposer=watching)
+    assert split == [TWO_QUESTIONS]  # the decomposer given is the one used
+
+
+async def test_a_plan_larger_than_the_covenant_allows_is_refused(services):
+    with pytest.raises(CovenantViolation, match="max_fragments.*splits into 2"):
+        await prepare(make_request(TWO_QUESTIONS, "globex"), services, LOG)
+    one = await prepare(make_request(TWO_QUESTIONS, "globex", constraints={"split": False}), services, LOG)
+    assert len(one.plan.fragments) == 1
+
+
+async def test_an_unknown_tenant_or_a_bad_routing_stats_file_is_named(services, tmp_path):
+    with pytest.raises(UnknownTenant, match="'initech'"):
+        await prepare(make_request(TWO_QUESTIONS, "initech"), services, LOG)
+    with pytest.raises(InvalidRequest, match="routing stats .*missing.json"):
+        await prepare(make_request(TWO_QUESTIONS, "demo"), services, LOG, routing_stats=str(tmp_path / "missing.json"))
+
+
+def test_a_bad_request_names_each_problem():
+    with pytest.raises(InvalidRequest, match=r"prompt: .*empty.*; strategy: "):
+        make_request("  ", "demo", strategy="random")
+    assert make_request("Hi?", "demo", request_id="mine").request_id == "mine"
