@@ -33,7 +33,7 @@ stop: $(BIN)/homeskillet
 
 # The staging stack on Docker (opt-in, not part of `make test`): builds every image locally, starts
 # deployments/compose.yaml, sends one request through run_deployment and one through the MCP
-# server, prints where each service listens, and tears it all down. See README "Staging with Docker".
+# server, prints where each service listens, and tears it all down. See docs/staging.md.
 .PHONY: staging staging-down
 staging:
 	bash deployments/staging.sh

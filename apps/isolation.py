@@ -8,7 +8,7 @@ MCP session and subscription, to reach A's pod, to run with A's tenant or Secret
 A's telemetry and spend, and to reach the Prefect API from off the host. Each attack has a
 control — A doing the same to its own work — so a broken set-up can never pass for a refusal.
 Secrets are looked for where they must not be: reprs, the token table, Prometheus metrics, B's
-answers and errors. What the README documents as the operator's (the cost report, the telemetry
+answers and errors. What docs/operating.md documents as the operator's (the cost report, the telemetry
 dataset, Prometheus) is a row "operator surface", not a tenant's way in.
 """
 
@@ -44,7 +44,7 @@ from tasks import credentials, runtime
 
 A, B = "acme", "globex"
 GROUPS = ("backend", "results", "mcp", "network", "covenant", "hostedai", "secret_blocks", "telemetry", "secrets")
-# What is not refused but is not a tenant's way in either: the README documents it as the operator's.
+# What is not refused but is not a tenant's way in either: docs/operating.md documents it as the operator's.
 OPERATOR = "operator surface"
 
 
@@ -608,7 +608,7 @@ async def _secret_block_attacks(report: _Report, services, hosted: _Hosted, cata
 async def _telemetry_attacks(report: _Report, services, catalog_path, tokens: dict, allocation) -> None:
     """B asks for A's figures where a tenant can ask: MCP offers no telemetry, cost or spend, and
     B's budget refusal names B's spend only. The cost report, the telemetry dataset, Prometheus and
-    `covenant show` are the operator's (README), rows of their own."""
+    `covenant show` are the operator's (docs/operating.md), rows of their own."""
     from flows.fusion import fuse_request
 
     words = ("telemetry", "cost", "spend", "usage", "metric", "report", "budget")
@@ -653,7 +653,7 @@ async def _telemetry_attacks(report: _Report, services, catalog_path, tokens: di
         ),
         ("read A's usage and spend", "homeskillet covenant show acme", "usage per tenant, for the operator"),
     ):
-        report.rows.append(Attack(attack, path, OPERATOR, f"README: {documented}; no tenant (MCP) path to it"))
+        report.rows.append(Attack(attack, path, OPERATOR, f"docs: {documented}; no tenant (MCP) path to it"))
 
 
 # --- secrets --------------------------------------------------------------------------------

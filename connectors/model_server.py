@@ -44,7 +44,7 @@ from homeskillet.schemas import LlamaCppServing, ModelSpec, PoolSpec
 # changed between runs came from llama-cpp-python's prefix reuse; llama-server's own reuse gave the same
 # answers in our checks, but re-decoding only a prompt's tail is a different computation, and a
 # 34-token prompt costs ~90 ms more without it. (Requests batched at the same moment can still
-# change Gemma's answers: see the README.)
+# change Gemma's answers: see docs/architecture.md.)
 SERVER_FLAGS = ["--no-cache-prompt", "--cache-ram", "0", "--no-kv-unified", "--metrics", "--no-webui"]
 # ggml's worker threads (OpenMP) spin while they wait; libgomp's default spin (300,000 rounds)
 # lets two servers batching at once steal each other's cores. A short spin, then sleep: on 2 cores,

@@ -1,7 +1,8 @@
 """The local Prefect server on the embedded PostgreSQL, started on demand and stopped by command.
 
-Prefect's own temporary server and its SQLite server stall on small machines (see
-shared/design/prefect-notes.md), so the embedded default is `prefect server start` on the
+Prefect's own temporary server and its SQLite server stall on small machines (the temporary one
+adds 10-15 s to a process's first flow; SQLite answers 503 `database is locked` under task load:
+docs/architecture.md), so the embedded default is `prefect server start` on the
 PostgreSQL of `connectors.postgres`. Both outlive the process that starts them: the pid file
 in the state folder lets any later command reuse or stop them.
 """
