@@ -1,13 +1,29 @@
-"""A fuzzing pass over the emulator's API (hypothesis): whatever the body or query, the emulator
-answers with a status and body of the documented kinds, never an unhandled error, and its
-books stay consistent (no pool over-committed, no negative availability)."""
+"""The hosted·ai emulator on its own. A fuzzing pass over its API (hypothesis): whatever the body or
+query, the emulator answers with a status and body of the documented kinds, never an unhandled
+error, and its books stay consistent (no pool over-committed, no negative availability). Then its
+parts without HTTP: the state machine's timings, the fault model's parsing and draws, and
+handlers called directly, where what a call did to the books can be read next to its answer."""
+
+import json
 
 import httpx
 import pytest
+from fastapi import HTTPException
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from doubles.hostedai_emulator import create_app, default_config
+from doubles.hostedai_emulator import (
+    INSUFFICIENT,
+    INTERNAL,
+    Faults,
+    State,
+    SubscribeBody,
+    Subscription,
+    UnsubscribeBody,
+    create_app,
+    default_config,
+    routes,
+)
 
 CONFIG = default_config()
 APP = create_app(CONFIG, model_endpoint=lambda name: None)
@@ -84,3 +100,120 @@ async def test_posts_never_crash(api, path, body, key):
 @given(path=st.sampled_from(GETS), query=QUERIES, key=KEYS)
 async def test_gets_never_crash(api, path, query, key):
     check(await api.get(path, params=query, headers={"X-API-Key": key}))
+
+
+# -- the parts on their own
+
+
+def state_with(**faults) -> State:
+    return State(default_config().model_copy(update={"faults": Faults(**faults)}))
+
+
+@pytest.mark.parametrize(
+    "age, status",
+    [(0.0, None), (0.19, None), (0.2, "subscribing"), (0.49, "subscribing"), (0.5, "active"), (3600.0, "active")],
+)
+def test_a_new_subscription_is_hidden_then_subscribing_then_active(age, status):
+    state = state_with(visibility_s=0.2, activation_s=0.5)
+    sub = Subscription(id=1, team_id=TEAM.id, pool_id=101, vgpus=1, created=0.0)
+    assert state.status(sub, age) == status
+
+
+def test_sweep_ends_an_unsubscribe_once_its_un_subscribing_time_is_over_and_gives_the_vgpus_back():
+    state = state_with(unsubscribe_s=0.5)
+    pool = state.pools[101]
+    staying = Subscription(id=1, team_id=TEAM.id, pool_id=101, vgpus=1, created=0.0)
+    leaving = Subscription(id=2, team_id=CONFIG.teams[2].id, pool_id=101, vgpus=2, created=0.0, unsubscribed=100.0)
+    state.subs = {1: staying, 2: leaving}
+
+    state.sweep(now=100.4)
+    assert state.status(leaving, 100.4) == "un_subscribing"
+    assert sorted(state.subs) == [1, 2] and state.available(pool) == 4 - 3 and state.history == []
+
+    state.sweep(now=100.5)
+    assert sorted(state.subs) == [1]  # an old subscription nobody unsubscribed stays
+    assert state.available(pool) == 4 - 1
+    assert [(h["subscription_id"], h["team_id"], h["ended"]) for h in state.history] == [
+        (2, CONFIG.teams[2].id, "unsubscribed")
+    ]
+
+
+def test_faults_parse_reads_numbers_lists_and_strings_and_nothing_is_no_fault():
+    faults = Faults.parse('error_rate=0.2, insufficient_pools=[101],seed=7,fault_paths=["/gpuaas/pool"]')
+    assert (faults.error_rate, faults.insufficient_pools, faults.seed) == (0.2, [101], 7)
+    assert faults.fault_paths == ["/gpuaas/pool"]
+    assert Faults.parse("") == Faults() == Faults.parse(" , ")
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("error_rate", "fault 'error_rate' is not key=value"),
+        ("eror_rate=0.2", "unknown fault(s) ['eror_rate']; known: ['activation_s', "),
+        ("error_rate=2", "error_rate\n  Input should be less than or equal to 1"),
+        ('{"latency_s": -1}', "latency_s\n  Input should be greater than or equal to 0"),
+    ],
+)
+def test_faults_parse_refuses_a_bad_spec_with_a_value_error_that_names_the_fault(spec, message):
+    with pytest.raises(ValueError) as refused:  # what the CLI and the load test catch
+        Faults.parse(spec)
+    assert message in str(refused.value)
+
+
+def test_a_fault_that_is_off_draws_nothing_from_the_seeded_sequence():
+    state, twin = state_with(seed=5), state_with(seed=5)
+    assert not state.fires("error", 0.0)
+    assert state.rng.random() == twin.rng.random()  # the seeded run is the same with a fault off
+    assert state.fired == {}
+    assert state.fires("error", 1.0) and state.fires("error", 1.0)
+    assert state.fired == {"error": 2}
+
+
+@pytest.mark.parametrize("in_2xx_rate, status", [(0.0, 500), (1.0, 200)])
+def test_a_business_error_keeps_its_code_whether_sent_as_500_or_inside_a_200(in_2xx_rate, status):
+    state = state_with(business_in_2xx_rate=in_2xx_rate)
+    answer = routes.business(state, "Insufficient resources", INSUFFICIENT)
+    assert answer.status_code == status
+    assert json.loads(answer.body) == {"code": INSUFFICIENT, "message": "Insufficient resources", "errors": []}
+    assert state.fired["business_in_2xx"] == (1 if status == 200 else 0)
+
+
+async def test_a_subscribe_answered_as_an_internal_error_has_taken_the_vgpus_and_a_retry_meets_it():
+    state = state_with(write_error_after_rate=1.0)
+    body = SubscribeBody(pool_id=101, team_id=TEAM.id, vgpus=3)
+
+    answer = await routes.subscribe(body, team=TEAM, state=state)
+    assert answer.status_code == 500
+    assert json.loads(answer.body) == {"code": INTERNAL, "message": "internal error", "errors": []}
+    assert [(s.team_id, s.pool_id, s.vgpus) for s in state.subs.values()] == [(TEAM.id, 101, 3)]
+    assert state.available(state.pools[101]) == 4 - 3
+    assert state.fired["write_error_after"] == 1
+
+    retry = await routes.subscribe(body, team=TEAM, state=state)  # 409, not "Insufficient resources"
+    assert retry.status_code == 409 and json.loads(retry.body)["message"] == "Already subscribed"
+    assert len(state.subs) == 1
+
+
+async def test_a_repeated_unsubscribe_keeps_its_first_time_and_answers_ok_without_a_second_fault():
+    state = state_with(write_error_after_rate=1.0)
+    sub = state.subs[7] = Subscription(id=7, team_id=TEAM.id, pool_id=201, vgpus=1)
+    body = UnsubscribeBody(subscription_id=7, team_id=TEAM.id, pool_id=201)
+
+    first = await routes.unsubscribe(body, team=TEAM, state=state)
+    assert first.status_code == 500 and sub.unsubscribed is not None
+    when = sub.unsubscribed
+
+    second = await routes.unsubscribe(body, team=TEAM, state=state)
+    assert (second.status_code, second.body) == (200, b"OK")
+    assert sub.unsubscribed == when  # a retry does not put the end off
+    assert state.fired["write_error_after"] == 1
+
+
+def test_another_teams_subscription_reads_as_missing_not_forbidden():
+    state = state_with()
+    globex = CONFIG.teams[2]
+    state.subs[9] = Subscription(id=9, team_id=globex.id, pool_id=101, vgpus=1)
+    assert routes.own_subscription(state, globex, 9) is state.subs[9]
+    with pytest.raises(HTTPException) as refused:
+        routes.own_subscription(state, TEAM, 9)
+    assert (refused.value.status_code, refused.value.detail) == (404, "Subscription not found")
