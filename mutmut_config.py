@@ -57,7 +57,7 @@ HOSTEDAI_TESTS = [
     "tests/connectors/test_hostedai.py",
     "tests/connectors/test_hostedai_guarantees.py",
     "tests/connectors/test_hostedai_pools.py",
-    "tests/connectors/test_hostedai_emulator.py",
+    "tests/doubles/test_hostedai_emulator.py",
 ]
 
 # file -> {name of the function or module-level assignment a mutant is in -> tests}; FUNCTION: any

@@ -24,7 +24,7 @@ from doubles.hostedai_emulator.faults import BODY_ERROR, INTERNAL
 from doubles.hostedai_emulator.state import State
 
 # the OpenAPI document's description of the emulated API
-DESCRIPTION = """A stateful local emulator of the hosted·ai GPUaaS API (shared/design/hostedai-api.md).
+DESCRIPTION = """A stateful local emulator of the hosted·ai GPUaaS API (what is known of it: docs/hostedai-integration.md).
 
 It keeps teams with API keys, regions, pools of shared GPUs and subscriptions, and reproduces
 the quirks the real API shows: subscribe answers slowly or with an empty body, a subscription
