@@ -1,6 +1,7 @@
 """Offline evaluation of the routing strategies over recorded answers (RouterBench-style files):
-learn the figures (`fit`), replay a strategy fold by fold (`evaluate`), score it against each
-single model and the oracle. The strategies themselves live in `tasks.strategies`.
+learn the figures (`fit`), replay a strategy fold by fold (`evaluate`), and set its score beside
+each single model's and the oracle's (`compare`; several files as one: `overall`). The strategies
+themselves live in `tasks.strategies`.
 """
 
 from __future__ import annotations
@@ -141,3 +142,41 @@ def oracle(records: list[Record]) -> Score:
         hits += bool(right)
         cost += min(r.cost[m] for m in (right or r.cost))
     return Score(hits / len(records), cost)
+
+
+def best_single(singles: dict[str, Score]) -> str | None:
+    """The most accurate single model, the cheaper of two as accurate; None when there is none."""
+    return max(singles, key=lambda m: (singles[m].accuracy, -singles[m].cost), default=None)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A strategy's score on some records beside every single model's and the oracle's there."""
+
+    records: int
+    score: Score
+    singles: dict[str, Score]
+    best: str | None  # the best single model (`best_single`)
+    oracle: Score
+
+
+def compare(records: list[Record], score: Score, limit: int | None = None) -> Comparison:
+    """`score`, what a strategy scored on the first `limit` records (all by default), beside every
+    single model and the oracle on those same records."""
+    decided = records[:limit]
+    singles = single_models(decided)
+    return Comparison(len(decided), score, singles, best_single(singles), oracle(decided))
+
+
+def overall(parts: list[Comparison]) -> Comparison:
+    """Comparisons on several files as one (`combine`); single models only where every file
+    recorded them."""
+    shared = sorted(set.intersection(*(set(p.singles) for p in parts)))
+    singles = {m: combine([(p.records, p.singles[m]) for p in parts]) for m in shared}
+    return Comparison(
+        sum(p.records for p in parts),
+        combine([(p.records, p.score) for p in parts]),
+        singles,
+        best_single(singles),
+        combine([(p.records, p.oracle) for p in parts]),
+    )

@@ -1,0 +1,174 @@
+"""Measurements run from this process: the `benchmark` and `cost-report` flows, the orchestration's
+overhead (`bench-overhead`), load from several tenants (`loadtest`) and throughput by worker count
+(`bench-workers`). The measuring is in flows/ and apps.overhead, apps.loadtest, apps.scaling; this
+module runs it and prints what it found.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from apps.cli.running import console, fail, run_flows, use_local_prefect
+from homeskillet.errors import HomeskilletError
+from homeskillet.settings import get_settings
+
+
+def benchmark(
+    repetitions: Annotated[int, typer.Option(help="Samples per model and concurrency level.")] = 3,
+    concurrency: Annotated[list[int], typer.Option(help="Concurrency level (repeatable).")] = [1, 2],  # noqa: B006
+    max_tokens: Annotated[int, typer.Option(help="Output tokens per sample.")] = 32,
+    quality_questions: Annotated[
+        int, typer.Option(min=0, help="Labelled questions per task type and model (0: none).")
+    ] = 25,
+) -> None:
+    """Run the benchmark flow here (the scheduled deployment runs the same flow)."""
+    try:
+        use_local_prefect()
+        from flows.benchmark import benchmark as benchmark_flow
+        from tasks import runtime
+
+        async def main():
+            try:
+                return await benchmark_flow(
+                    repetitions=repetitions,
+                    concurrency=concurrency,
+                    max_tokens=max_tokens,
+                    quality_questions=quality_questions,
+                )
+            finally:
+                await runtime.shutdown()
+
+        out = run_flows(main())
+    except HomeskilletError as exc:
+        fail(exc)
+    table = Table(title="benchmark across model sizes")
+    for column in out["summary"][0]:
+        table.add_column(column)
+    for row in out["summary"]:
+        table.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()))
+    console.print(table)
+    for model, figures in out["quality"].items():
+        shares = ", ".join(f"{task} {share:.2f}" for task, share in figures.items())
+        console.print(f"quality of {model} (share right, now the router's figure): {shares}")
+    console.print(f"samples {out['parquet']} · chart {out['chart']}")
+
+
+def cost_report(since_days: Annotated[int, typer.Option(help="Telemetry of the last N days.")] = 7) -> None:
+    """Run the cost report flow here and print the report."""
+    try:
+        use_local_prefect()
+        from flows.cost_report import cost_report as cost_flow
+
+        path = run_flows(cost_flow(since_days=since_days))
+    except HomeskilletError as exc:
+        fail(exc)
+    console.print(open(path).read(), markup=False, highlight=False)
+    console.print(f"written to {path}")
+
+
+def bench_overhead(
+    repeats: Annotated[int, typer.Option(min=1, help="Runs of each side.")] = 3,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Output tokens per fragment.")] = 48,
+    concurrency: Annotated[int, typer.Option(min=1, help="Single-fragment requests at once, in the second part.")] = 8,
+    as_json: Annotated[bool, typer.Option("--json", help="End with one JSON line of the headline figures.")] = False,
+) -> None:
+    """Orchestration overhead: the same fragments through fuse_request and as direct llama.cpp calls,
+    one request at a time and CONCURRENCY at once."""
+    try:
+        use_local_prefect()
+        from apps.overhead import report, run_benchmark, summary_line
+
+        figures = run_flows(run_benchmark(repeats=repeats, max_tokens=max_tokens, concurrency=concurrency))
+    except HomeskilletError as exc:
+        fail(exc)
+    console.print(report(figures), highlight=False, markup=False)
+    if as_json:
+        print(summary_line(figures))
+
+
+def loadtest(
+    requests: Annotated[int, typer.Option(min=1, help="Requests in all.")] = 50,
+    concurrency: Annotated[int, typer.Option(min=1, help="Requests in flight at once.")] = 8,
+    tenants: Annotated[int, typer.Option(min=1, help="Tenants taking turns (the catalog's first T).")] = 3,
+    backend: Annotated[
+        str,
+        typer.Option(
+            help="local (this machine's models), hostedai (the emulator, started here) or replay "
+            "(recorded answers from --recordings: the orchestration's own ceiling)."
+        ),
+    ] = "local",
+    faults: Annotated[str, typer.Option(help="hosted·ai emulator faults, e.g. error_rate=0.2,preempt_rate=0.1.")] = "",
+    max_tokens: Annotated[int, typer.Option(min=1, help="Output tokens per fragment.")] = 16,
+    recordings: Annotated[
+        Path | None,
+        typer.Option(exists=True, dir_okay=False, help="A RouterBench file (CSV or Parquet) for --backend replay."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="End with one JSON line of the figures.")] = False,
+) -> None:
+    """Load through the real flow from several tenants, checking capacity, isolation, leaks and
+    hosted·ai subscriptions while it runs; exit 1 if any of them broke."""
+    try:
+        use_local_prefect()
+        from apps.loadtest import report, run_load, summary, violated
+
+        figures = run_flows(
+            run_load(requests, concurrency, tenants, backend, faults, max_tokens, recordings=recordings)
+        )
+    except HomeskilletError as exc:
+        fail(exc)
+    console.print(report(figures), highlight=False, markup=False)
+    if as_json:
+        print(summary(figures))
+    if violated(figures):
+        raise typer.Exit(1)
+
+
+SCALING_COLUMNS = ("workers", "limit", "completed", "rps", "latency_p50_s", "latency_p95_s", "wall_s")
+
+
+def bench_workers(
+    workers: Annotated[str, typer.Option(help="Worker counts to measure, comma-separated.")] = "1,2,4",
+    requests: Annotated[int, typer.Option(min=1, help="Flow runs submitted at once, per worker count.")] = 12,
+    limit: Annotated[int, typer.Option(min=1, help="Flow runs each worker runs at once.")] = 2,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Output tokens per request.")] = 16,
+    recordings: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True,
+            dir_okay=False,
+            help="Answer from these RouterBench recordings instead of the local models (no model compute).",
+        ),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the rows as JSON.")] = False,
+) -> None:
+    """Requests/s through deployments with 1, 2, 4… process workers (each run its own process)."""
+    try:
+        counts = [int(w) for w in workers.split(",") if w.strip()]
+    except ValueError:
+        fail(ValueError(f"--workers must be numbers separated by commas, not {workers!r}"))
+    try:
+        api_url = use_local_prefect()
+        from apps.scaling import run_scaling
+
+        rows = run_flows(
+            run_scaling(
+                api_url, counts, requests, limit, max_tokens, get_settings().home / "logs" / "bench-workers", recordings
+            )
+        )
+    except HomeskilletError as exc:
+        fail(exc)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    answers = f"recordings {recordings.name}" if recordings else f"local models, max_tokens {max_tokens}"
+    table = Table(title=f"{requests} requests per row through the fuse-request deployment, {answers}")
+    for column in SCALING_COLUMNS:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*(str(row[c]) for c in SCALING_COLUMNS))
+    console.print(table)

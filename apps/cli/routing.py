@@ -1,0 +1,162 @@
+"""Commands that measure and learn routing from recorded answers (RouterBench-format files):
+`eval-routing` replays a strategy and sets it beside every single model and the oracle,
+`learn-routing` writes the figures a run can route by, `train-classifier` trains the request
+classifier. The figures come from `tasks.evaluation` and `tasks.classifier`; this module prints them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.table import Table
+
+from apps.cli.running import console, fail, run_flows, use_local_prefect
+from homeskillet.errors import HomeskilletError
+from homeskillet.settings import get_settings
+
+if TYPE_CHECKING:  # the commands import the layers below only when they run: --help stays quick
+    from tasks.evaluation import Comparison
+
+
+def train_classifier(
+    routerbench: Annotated[str, typer.Option(help="Folder of RouterBench CSVs.")] = "../shared/data/routerbench",
+    out: Annotated[str | None, typer.Option(help="Weights file to write.")] = None,
+    folds: Annotated[int, typer.Option(help="Folds of the cross-validation printed first.")] = 5,
+) -> None:
+    """Train the request classifier on the seed examples and RouterBench prompts; print k-fold accuracy."""
+    from tasks.classifier import WEIGHTS, cross_validate, train, training_examples
+
+    texts, labels = training_examples(Path(routerbench))
+    scores = cross_validate(texts, labels, folds)
+    table = Table(title=f"{folds}-fold cross-validated accuracy on {len(texts)} examples")
+    table.add_column("label")
+    table.add_column("accuracy")
+    for label, score in scores.items():
+        table.add_row(label, f"{score:.3f}")
+    console.print(table)
+    path = Path(out) if out else WEIGHTS
+    train(texts, labels).save(path)
+    console.print(f"weights written to {path} ({path.stat().st_size // 1024} KiB)")
+
+
+def eval_routing(
+    files: Annotated[list[str], typer.Argument(help="RouterBench-format CSV files.")],
+    strategy: Annotated[str, typer.Option(help="single, cascade, ensemble, moa or auto.")] = "cascade",
+    as_json: Annotated[bool, typer.Option("--json", help="End with one JSON line of the figures.")] = False,
+    folds: Annotated[int, typer.Option(min=2, help="Cross-validation folds.")] = 5,
+    model: Annotated[list[str] | None, typer.Option(help="Allowed model (repeatable).")] = None,
+    through_flow: Annotated[
+        bool, typer.Option("--through-flow", help="Run every record as a fuse_request flow run (local Prefect server).")
+    ] = False,
+    limit: Annotated[int | None, typer.Option(min=1, help="Decide only the first N records of each file.")] = None,
+    budget_share: Annotated[
+        float, typer.Option(min=0.0, help="A learned cascade may cost this share of the best model's mean cost.")
+    ] = 0.25,
+) -> None:
+    """Replay every record through a routing strategy (k-fold), against every single model and the oracle."""
+    from connectors import recordings
+    from tasks.decompose import classify as task_of
+    from tasks.evaluation import compare, evaluate, overall
+    from tasks.strategies import check_strategy
+
+    try:
+        check_strategy(strategy)
+        loaded = {
+            Path(f).stem: recordings.load(Path(f), task_of) for f in files
+        }  # all inputs checked before any output
+        if through_flow:
+            use_local_prefect()
+            from flows.eval_routing import evaluate_through_flow
+        figures: dict[str, Comparison] = {}
+        for name, records in loaded.items():
+            if through_flow:
+                workdir = get_settings().home / "eval-routing" / name
+                score, _ = run_flows(
+                    evaluate_through_flow(records, strategy, workdir, folds, model, limit, budget_share)
+                )
+            else:
+                score, _ = evaluate(records, strategy, folds, model, limit, budget_share)
+            figures[name] = compare(records, score, limit)
+    except HomeskilletError as exc:
+        fail(exc)
+    how = "through fuse_request" if through_flow else "in process"
+    for name, figure in figures.items():
+        console.print(
+            _routing_table(
+                f"{name}: {figure.records} records, strategy {strategy}, {folds}-fold, {how}", strategy, figure
+            )
+        )
+    total = overall(list(figures.values()))
+    if len(figures) > 1:
+        console.print(_routing_table(f"overall: {total.records} records", strategy, total))
+    console.print(f"overall: accuracy {total.score.accuracy:.3f}, cost ${total.score.cost:.4f}")
+    if as_json:
+        print(json.dumps(_figures_json(figures, total)))
+
+
+def _routing_table(title: str, strategy: str, figure: Comparison) -> Table:
+    """A strategy's accuracy and cost beside the oracle's and every single model's."""
+    table = Table(title=title)
+    for column in ("router", "accuracy", "cost_usd"):
+        table.add_column(column)
+    table.add_row(f"[bold]{strategy}[/]", f"{figure.score.accuracy:.3f}", f"{figure.score.cost:.4f}")
+    table.add_row("oracle", f"{figure.oracle.accuracy:.3f}", f"{figure.oracle.cost:.4f}")
+    for m, single in sorted(figure.singles.items(), key=lambda kv: -kv[1].accuracy):
+        table.add_row(
+            m + (" (best single)" if m == figure.best else ""), f"{single.accuracy:.3f}", f"{single.cost:.4f}"
+        )
+    return table
+
+
+def _figures_json(figures: dict[str, Comparison], total: Comparison) -> dict:
+    """The line `eval-routing --json` ends with: per file the strategy, its best single model and
+    the oracle; overall the strategy."""
+    return {
+        "files": {
+            name: {
+                "accuracy": f.score.accuracy,
+                "cost": f.score.cost,
+                "best_single": {
+                    "model": f.best,
+                    "accuracy": f.singles[f.best].accuracy,
+                    "cost": f.singles[f.best].cost,
+                },
+                "oracle": {"accuracy": f.oracle.accuracy, "cost": f.oracle.cost},
+            }
+            for name, f in figures.items()
+        },
+        "overall": {"accuracy": total.score.accuracy, "cost": total.score.cost},
+    }
+
+
+def learn_routing(
+    files: Annotated[list[str], typer.Argument(help="RouterBench-format CSV files.")],
+    out: Annotated[str, typer.Option("--out", "-o", help="Where to write the routing-stats JSON.")],
+    budget_share: Annotated[
+        float, typer.Option(min=0.0, help="A learned cascade may cost this share of the best model's mean cost.")
+    ] = 0.25,
+) -> None:
+    """Learn quality and cost per task type and model, and each task type's cascade, from records."""
+    from connectors import recordings
+    from tasks.decompose import classify as task_of
+    from tasks.evaluation import fit
+
+    try:
+        records = [r for f in files for r in recordings.load(Path(f), task_of)]
+        stats = fit(records, budget_share)
+    except HomeskilletError as exc:
+        fail(exc)
+    stats.save(Path(out))
+    for task, quality in stats.quality.items():
+        table = Table(title=f"{task}: {sum(r.task == task for r in records)} records")
+        for column in ("model", "quality", "mean_cost_usd"):
+            table.add_column(column)
+        for m, q in sorted(quality.items(), key=lambda kv: -kv[1]):
+            table.add_row(m, f"{q:.3f}", f"{stats.cost[task][m]:.6f}")
+        console.print(table)
+        if task in stats.plans:
+            console.print(f"cascade for {task}: {stats.plans[task].describe()}")
+    console.print(f"routing stats written to {out}")
