@@ -21,6 +21,8 @@ from decimal import Context, Decimal
 from functools import lru_cache
 from pathlib import Path
 
+from homeskillet.errors import InvalidRequest
+
 LABELS = ("multiple_choice", "factual_qa", "math", "code", "summarize", "translate", "chat", "extract")
 DIM = 4096
 WEIGHTS = Path(__file__).resolve().parents[1] / "homeskillet" / "classifier.json"
@@ -236,7 +238,8 @@ def last_question(prompt_cell: str) -> str:
 
 
 def training_examples(routerbench: Path | None, per_file: int = 150) -> tuple[list[str], list[str]]:
-    """The seed examples plus the first `per_file` prompts of each RouterBench file found."""
+    """The seed examples plus the first `per_file` prompts of each RouterBench file in the folder
+    (None: the seed examples alone); a folder without them is an error, not a smaller set."""
     import pandas as pd
     import yaml
 
@@ -244,10 +247,12 @@ def training_examples(routerbench: Path | None, per_file: int = 150) -> tuple[li
     for label, examples in yaml.safe_load(SEED.read_text()).items():
         texts += examples
         labels += [label] * len(examples)
-    for name, label in ROUTERBENCH_LABELS.items():
-        path = routerbench / name if routerbench else None
-        if path is not None and path.exists():
-            prompts = pd.read_csv(path, usecols=["prompt"])["prompt"].head(per_file)
+    if routerbench is not None:
+        missing = [name for name in ROUTERBENCH_LABELS if not (routerbench / name).exists()]
+        if missing:
+            raise InvalidRequest(f"{routerbench}: no RouterBench file {', '.join(missing)}")
+        for name, label in ROUTERBENCH_LABELS.items():
+            prompts = pd.read_csv(routerbench / name, usecols=["prompt"])["prompt"].head(per_file)
             texts += [last_question(p) for p in prompts]
             labels += [label] * len(prompts)
     return texts, labels

@@ -23,7 +23,9 @@ def serve(
     ] = None,
     max_concurrent: Annotated[
         int | None,
-        typer.Option(min=1, help="Concurrent fuse calls per tenant (default: HOMESKILLET_MCP_MAX_CONCURRENT, else 2)."),
+        typer.Option(
+            min=1, help="Concurrent fuse calls per tenant (default: the HOMESKILLET_MCP_MAX_CONCURRENT setting, 2)."
+        ),
     ] = None,
 ) -> None:
     """Serve MCP (tools fuse, plan, classify, allocations) to clients holding a token."""

@@ -73,7 +73,7 @@ def run(
     if as_json:
         print(result.model_dump_json(indent=2))
         return
-    from flows.fusion import fragment_row
+    from tasks.fusion import fragment_row
 
     console.print(result.answer, highlight=False, markup=False)
     table = Table(title=f"request {result.request_id} · tenant {result.tenant} · fusion {result.fusion}")

@@ -15,21 +15,23 @@ from rich.table import Table
 
 from apps.cli.running import console, fail, run_flows, use_local_prefect
 from homeskillet.errors import HomeskilletError
-from homeskillet.settings import get_settings
+from homeskillet.settings import RECORDINGS, get_settings
 
 if TYPE_CHECKING:  # the commands import the layers below only when they run: --help stays quick
     from tasks.evaluation import Comparison
 
 
 def train_classifier(
-    routerbench: Annotated[str, typer.Option(help="Folder of RouterBench CSVs.")] = "../shared/data/routerbench",
+    routerbench: Annotated[
+        Path, typer.Option(exists=True, file_okay=False, help="Folder of RouterBench CSVs.")
+    ] = RECORDINGS,
     out: Annotated[str | None, typer.Option(help="Weights file to write.")] = None,
     folds: Annotated[int, typer.Option(help="Folds of the cross-validation printed first.")] = 5,
 ) -> None:
     """Train the request classifier on the seed examples and RouterBench prompts; print k-fold accuracy."""
     from tasks.classifier import WEIGHTS, cross_validate, train, training_examples
 
-    texts, labels = training_examples(Path(routerbench))
+    texts, labels = training_examples(routerbench)
     scores = cross_validate(texts, labels, folds)
     table = Table(title=f"{folds}-fold cross-validated accuracy on {len(texts)} examples")
     table.add_column("label")

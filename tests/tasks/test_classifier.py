@@ -1,12 +1,9 @@
 """The request classifier: deterministic features, committed weights, reproducible training."""
 
-from pathlib import Path
-
 import pytest
 
+from homeskillet.settings import RECORDINGS as ROUTERBENCH
 from tasks.classifier import WEIGHTS, Classifier, cross_validate, features, train, training_examples
-
-ROUTERBENCH = Path(__file__).resolve().parents[3] / "shared" / "data" / "routerbench"
 
 
 def test_features_are_deterministic_sparse_and_normalised():
@@ -38,7 +35,6 @@ def test_weights_round_trip_through_the_file(tmp_path):
     assert again.probabilities(text) == pytest.approx(model.probabilities(text))
 
 
-@pytest.mark.skipif(not ROUTERBENCH.exists(), reason="the shared RouterBench files are not beside the checkout")
 def test_training_command_reproduces_the_committed_model():
     texts, labels = training_examples(ROUTERBENCH)
     retrained, committed = train(texts, labels), Classifier.load(WEIGHTS)
