@@ -1,8 +1,14 @@
 """Test session: real PostgreSQL, a real Prefect server and real model servers, all on loopback
-under a temporary state folder, started once and stopped at the end.
+under a temporary state folder, started on first use and stopped at the end.
 
 Prefect reads its settings at import, so the environment is set here, before any test module
 imports prefect.
+
+Each test is marked by what it needs, from the fixtures it uses (see NEEDS): `services`
+(PostgreSQL, the Prefect server, the ledger), `models` (real llama.cpp model servers), `docker`.
+`make test-fast` runs the rest (`-m "not services and not models and not docker"`); when `-m`
+leaves services out, starting one (or the `homeskillet` or `prefect` executable, which reach them)
+fails the test that did it and the session.
 """
 
 from __future__ import annotations
@@ -12,7 +18,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import tempfile
 import threading
 import time
@@ -22,15 +27,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
+from connectors.processes import free_port  # imports neither Prefect nor the settings
 
 STATE = Path(tempfile.mkdtemp(prefix="hs-test-"))
-PORT = _free_port()
+PORT = free_port()
 os.environ.update(
     HOMESKILLET_HOME=str(STATE),
     HOMESKILLET_PREFECT_PORT=str(PORT),
@@ -55,15 +55,145 @@ os.environ.update(
 )
 os.environ.pop("HOMESKILLET_CATALOG", None)
 
-from connectors.prefect_server import ensure_prefect_server, stop_prefect_server  # noqa: E402
-from homeskillet.settings import PACKAGED_CATALOG  # noqa: E402
+from connectors.prefect_server import ensure_prefect_server, stop_prefect_server
+from homeskillet.settings import PACKAGED_CATALOG
+from tests.support import serve_app
+
+# What a test needs, told by the fixtures it uses (item.fixturenames: the whole closure, so a
+# test's own fixture that asks for one of these counts too). A test that runs a flow, a task, the
+# `homeskillet` or `prefect` executable or the Prefect API asks for `local_services`; one that only
+# uses the ledger's PostgreSQL asks for `postgres`; one that reaches a real model, `local_models`
+# (the session's model servers) or `llama_server` (model servers of its own). A test that needs
+# none of them but takes tens of seconds of CPU is marked `slow` by hand.
+NEEDS = {
+    "services": {"local_services", "postgres", "assert_no_leaks", "ended_as", "spend_writes_held", "hostedai_tenants"},
+    "models": {"local_models", "llama_server"},
+    "docker": {"docker"},
+}
+LEFT_OUT: set[str] = set()  # what `-m` leaves out of this session (set at configure)
+REFUSED: list[str] = []  # what a test tried to start although `-m` left it out
+RUNNING = {"test": "(no test)"}
+GUARDED = {}  # subprocess.Popen._execute_child as it was, while the guard is on
+
+
+def _left_out(markexpr: str) -> set[str]:
+    """The needs that `-m` deselects: a test with that one mark would not run."""
+    if not markexpr:
+        return set()
+    from _pytest.mark.expression import Expression
+
+    expr = Expression.compile(markexpr)
+
+    def selected(need: str) -> bool:
+        return expr.evaluate(lambda name, /, **kwargs: name == need)
+
+    return {need for need in NEEDS if not selected(need)}
+
+
+def _words(argv) -> list[str]:
+    if isinstance(argv, bytes):
+        argv = argv.decode(errors="replace")
+    return str(argv).split() if isinstance(argv, str | os.PathLike) else [str(a) for a in argv]
+
+
+def _server_in(argv) -> str | None:
+    """The kind of local server a command line (or a process's) runs, if any."""
+    words = _words(argv)
+    if not words:
+        return None
+    program = Path(words[0]).name.rstrip(":")  # PostgreSQL's own processes: "postgres: checkpointer"
+    if program == "llama-server" or "connectors.model_server_main" in words:
+        return "models"
+    if program in ("postgres", "postmaster", "pg_ctl", "initdb", "psql"):
+        return "services"
+    if "server" in words and any(Path(w).name == "prefect" for w in words[:4]):  # prefect server start
+        return "services"
+    return None
+
+
+def _needs_of(argv) -> str | None:
+    """What running a command needs: a server it is, or the services the `homeskillet` and
+    `prefect` executables reach (the ledger, the Prefect API)."""
+    words = _words(argv)
+    if words and Path(words[0]).name in ("homeskillet", "prefect"):
+        return "services"
+    return _server_in(words)
+
+
+def _guard_subprocesses() -> None:
+    """Every child process this session starts passes here: one that `-m` leaves out is refused,
+    and remembered for the end of the session (a test may swallow the error)."""
+    import subprocess
+
+    execute = GUARDED["execute"] = subprocess.Popen._execute_child
+
+    def guarded(self, args, *rest, **kwargs):
+        need = _needs_of(args)
+        if need in LEFT_OUT:
+            what = args if isinstance(args, str) else " ".join(map(str, args))
+            REFUSED.append(f"{RUNNING['test']}: {what[:200]}")
+            raise RuntimeError(f"this session leaves {need!r} out (-m), but a test runs: {what[:200]}")
+        return execute(self, args, *rest, **kwargs)
+
+    subprocess.Popen._execute_child = guarded
+
+
+def _servers_left_out() -> list[str]:
+    """This session's local servers of a kind `-m` leaves out that still run: started under its
+    state folder or with its environment."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            argv = proc.info["cmdline"] or []
+            if _server_in(argv) not in LEFT_OUT:
+                continue
+            line = " ".join(argv)
+            if str(STATE) in line or proc.environ().get("HOMESKILLET_HOME") == str(STATE):
+                found.append(f"pid {proc.pid}: {line[:200]}")
+        except psutil.Error:
+            continue
+    return found
+
+
+def pytest_configure(config):
+    LEFT_OUT.update(_left_out(config.getoption("markexpr")))
+    if "services" in LEFT_OUT:
+        _guard_subprocesses()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Marks each test by its needs before `-m` selects (tryfirst: the mark plugin deselects after)."""
+    for item in items:
+        for need, fixtures in NEEDS.items():
+            if fixtures.intersection(item.fixturenames):
+                item.add_marker(need)
+
+
+def pytest_runtest_logstart(nodeid, location):
+    RUNNING["test"] = nodeid
+
+
+def _refuse_when_left_out(need: str, request) -> None:
+    if need in LEFT_OUT:
+        what = f"{RUNNING['test']} asks for {request.fixturename!r}"
+        REFUSED.append(what)
+        pytest.fail(f"this session leaves {need!r} out (-m), but {what}")
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _session_state():
     """Starts nothing. At the end of the session, stops whatever the tests started under the test
-    state folder (model servers, the Prefect server, PostgreSQL) and removes the folder."""
+    state folder (model servers, the Prefect server, PostgreSQL) and removes the folder; a session
+    that left services out (-m) fails if a test started one or tried to."""
     yield
+    started = _servers_left_out() if "services" in LEFT_OUT else []
+    if GUARDED:  # stopping what a test started anyway runs pg_ctl
+        import subprocess
+
+        subprocess.Popen._execute_child = GUARDED.pop("execute")
     try:
         from tasks import runtime
 
@@ -71,13 +201,33 @@ def _session_state():
     finally:  # whatever failed above, leave no server behind
         stop_prefect_server(STATE)
         shutil.rmtree(STATE, ignore_errors=True)
+    if started or REFUSED:
+        pytest.fail(
+            "tests of a session that leaves services out started (or tried to start) these; mark them by "
+            "asking for the fixture they need (see NEEDS in tests/conftest.py):\n  " + "\n  ".join(started + REFUSED),
+            pytrace=False,
+        )
 
 
 @pytest.fixture(scope="session")
-def local_services(_session_state):
+def postgres(_session_state, request):
+    """The session's PostgreSQL (the ledger's), started on first use: its data folder. For the
+    tests that use the ledger without flows or the Prefect server."""
+    _refuse_when_left_out("services", request)
+    from connectors.postgres import ensure_postgres
+    from homeskillet.settings import get_settings
+
+    pgdata = get_settings().pgdata
+    ensure_postgres(pgdata)
+    return pgdata
+
+
+@pytest.fixture(scope="session")
+def local_services(_session_state, request):
     """PostgreSQL + Prefect server for the rest of the session, for the tests that ask for it (flows,
-    tasks, Secret blocks, the CLI); `_session_state` stops them at the end. Pure tests and tests
-    that only need PostgreSQL (the ledger starts it) do without."""
+    tasks, Secret blocks, the `homeskillet` and `prefect` executables); `_session_state` stops them
+    at the end. Pure tests and tests that only need PostgreSQL (`postgres`) do without."""
+    _refuse_when_left_out("services", request)
     try:
         url = ensure_prefect_server(STATE, PORT)
     except BaseException:
@@ -87,6 +237,34 @@ def local_services(_session_state):
     from prefect.logging.handlers import APILogHandler
 
     APILogHandler().flush()  # deliver the run logs while the server still listens
+
+
+@pytest.fixture(scope="session")
+def local_models(_session_state, request):
+    """The real llama.cpp model servers of the packaged catalog: its backend, which starts one per
+    model on first use (`_session_state` stops them at the end)."""
+    _refuse_when_left_out("models", request)
+    from tasks import runtime
+
+    return runtime.backend(PACKAGED_CATALOG)
+
+
+@pytest.fixture(scope="session")
+def llama_server(request) -> Path:
+    """The llama.cpp server binary the set-up builds, for the tests that run model servers of their
+    own."""
+    _refuse_when_left_out("models", request)
+    from connectors.model_server import llama_server_binary
+    from homeskillet.settings import get_settings
+
+    return llama_server_binary(get_settings().llama_server)
+
+
+@pytest.fixture(scope="session")
+def docker():
+    """The Docker engine, for the staging round trip: only with HOMESKILLET_DOCKER_TESTS=1."""
+    if os.environ.get("HOMESKILLET_DOCKER_TESTS") != "1":
+        pytest.skip("the Docker round trip (make staging) runs with HOMESKILLET_DOCKER_TESTS=1")
 
 
 class _EchoHandler(BaseHTTPRequestHandler):
@@ -311,24 +489,6 @@ def routing_measurements_restored():
         latest.unlink(missing_ok=True)
     else:
         latest.write_bytes(before)
-
-
-def serve_app(app):
-    """An ASGI app on a free loopback port (real HTTP), in a thread of this process: (url, stop)."""
-    import uvicorn
-
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-
-    def stop():
-        server.should_exit = True
-        thread.join(10)
-
-    return f"http://127.0.0.1:{port}", stop
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -13,8 +12,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.support import HOMESKILLET, free_port
+
 pytestmark = pytest.mark.usefixtures("local_services", "assert_no_leaks")
-HOMESKILLET = str(Path(sys.executable).with_name("homeskillet"))
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
@@ -86,14 +86,11 @@ def test_server_status_reports_the_running_server():
 @pytest.fixture
 def emulator_process(tmp_path):
     """`homeskillet emulator` as a user starts it, on a free port."""
-    import socket
     import time
 
     import httpx
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     log = open(tmp_path / "emulator.log", "w")
     proc = subprocess.Popen([HOMESKILLET, "emulator", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"

@@ -10,7 +10,6 @@ from homeskillet.errors import InvalidRequest
 from homeskillet.settings import RECORDINGS as ROUTERBENCH
 from tasks import runtime
 
-pytestmark = pytest.mark.usefixtures("local_services")
 INVARIANTS = ("leaked_allocations", "capacity_violations", "cross_tenant", "duplicate_subscriptions")
 
 
@@ -22,6 +21,7 @@ def broken(figures: dict) -> dict:
 RECORDINGS = ROUTERBENCH / "arc_challenge_train.csv"
 
 
+@pytest.mark.usefixtures("local_services")  # flows
 async def test_a_small_load_on_the_local_models_keeps_every_invariant(assert_no_leaks):
     figures = await run_load(requests=6, concurrency=3, tenants=2, max_tokens=8, sample_s=0.05)
     assert figures["ok"] + sum(figures["errors"].values()) == 6
@@ -31,6 +31,7 @@ async def test_a_small_load_on_the_local_models_keeps_every_invariant(assert_no_
     assert 0 < figures["latency_s"]["p50"] <= figures["latency_s"]["p95"] <= figures["latency_s"]["p99"]
 
 
+@pytest.mark.usefixtures("local_services")  # flows
 async def test_a_replayed_load_answers_from_the_recordings_and_keeps_every_invariant(assert_no_leaks):
     figures = await run_load(
         requests=9, concurrency=3, tenants=3, backend="replay", recordings=RECORDINGS, sample_s=0.05
@@ -53,6 +54,7 @@ async def test_a_load_that_cannot_run_as_asked_says_why(backend, recordings, pro
         await run_load(requests=1, concurrency=1, tenants=1, backend=backend, recordings=recordings)
 
 
+@pytest.mark.usefixtures("postgres")  # the ledger
 async def test_the_sampler_sees_cross_tenant_holdings_and_overfull_pools(test_catalog):
     services = runtime.services(test_catalog)
     ledger = await services.local.ledger()

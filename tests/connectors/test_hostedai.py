@@ -18,14 +18,9 @@ from homeskillet.errors import (
     InsufficientResources,
 )
 from homeskillet.schemas import HostedAICredentials
+from tests.support import emulator_client as client
 
 pytestmark = pytest.mark.usefixtures("no_subscriptions_left")
-
-
-def client(emulator, tenant="acme", url=None, **policy) -> HostedAIClient:
-    team = emulator.teams[tenant]
-    creds = HostedAICredentials(url=url or emulator.url, api_key=team.api_key, team_id=team.id)
-    return HostedAIClient(creds, Policy(**policy) if policy else None)
 
 
 async def cleanup(c: HostedAIClient) -> None:
@@ -57,7 +52,7 @@ def test_list_shapes_and_vgpu_sizing():
     assert vgpus_for(1, 50, 121, 24, 4) == 3  # memory: 50 / 24 → 3
 
 
-async def test_subscription_life_cycle_reaches_a_real_model(emulator):
+async def test_subscription_life_cycle_reaches_a_real_model(emulator, local_models):
     c = client(emulator)
     sub_id = await c.subscribe(201, vgpus=1)
     ready = await c.wait_ready(sub_id)

@@ -17,11 +17,10 @@ import textwrap
 import time
 import traceback
 import warnings
-from pathlib import Path
 
 import pytest
 
-from connectors.hostedai import BREAKERS, HostedAIClient, Policy
+from connectors.hostedai import BREAKERS, Policy
 from connectors.hostedai_backend import HostedAIBackend
 from connectors.ledger import new_allocation_id
 from homeskillet.errors import (
@@ -37,25 +36,17 @@ from homeskillet.errors import (
 )
 from homeskillet.schemas import HostedAICredentials
 from tasks import runtime
+from tests.support import HOMESKILLET, free_port
+from tests.support import emulator_client as client
+from tests.support import emulator_credentials as creds
 
 pytestmark = pytest.mark.usefixtures("no_subscriptions_left")
-HOMESKILLET = str(Path(sys.executable).with_name("homeskillet"))
 WRONG_KEY = "hai-WRONG-7f3a9c1e-secret"
 
 
-def creds(emulator, tenant="acme", url=None, key=None, team=None, auth_header="x-api-key") -> HostedAICredentials:
-    t = emulator.teams[tenant]
-    return HostedAICredentials(
-        url=url or emulator.url, api_key=key or t.api_key, team_id=team or t.id, auth_header=auth_header
-    )
-
-
-def client(emulator, tenant="acme", **kwargs) -> HostedAIClient:
-    policy = {k: kwargs.pop(k) for k in list(kwargs) if k in Policy.model_fields}
-    return HostedAIClient(creds(emulator, tenant, **kwargs), Policy(**policy) if policy else None)
-
-
 def backend(emulator, test_catalog, tenant="acme", policy: Policy | None = None) -> HostedAIBackend:
+    """A hosted·ai backend of its own (its ledger on the session's PostgreSQL: a test that makes
+    one asks for `postgres`)."""
     from homeskillet.settings import get_settings
     from tasks import runtime
 
@@ -178,11 +169,7 @@ async def test_no_failed_call_shows_the_key(emulator, faults, sweep, path, auth_
 
 
 async def test_a_refused_connection_does_not_show_the_key(emulator, sweep):
-    import socket
-
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # a port nothing listens on
     c = client(emulator, url=f"http://127.0.0.1:{port}", attempts=2, backoff_initial_s=0.01)
     with pytest.raises(HostedAIUnavailable, match="ConnectError") as caught:
         await c.regions()
@@ -205,6 +192,7 @@ async def test_an_unclear_subscribe_logs_its_warning_without_the_key(emulator, f
     sweep.check(emulator.teams["acme"].api_key)
 
 
+@pytest.mark.usefixtures("postgres")
 async def test_insufficient_everywhere_names_the_pools_not_the_key(emulator, faults, sweep, test_catalog):
     faults(insufficient_pools=[101, 102])
     b = backend(emulator, test_catalog)
@@ -225,6 +213,7 @@ async def test_insufficient_everywhere_names_the_pools_not_the_key(emulator, fau
     assert await b.held("acme") == []
 
 
+@pytest.mark.usefixtures("postgres")
 async def test_an_unsubscribe_that_fails_is_logged_without_the_key_and_retried_later(
     emulator, faults, sweep, test_catalog
 ):
@@ -258,6 +247,7 @@ async def test_an_unsubscribe_that_fails_is_logged_without_the_key_and_retried_l
     sweep.check(emulator.teams["acme"].api_key)
 
 
+@pytest.mark.usefixtures("postgres")
 async def test_a_preempted_fragment_errs_without_the_key(emulator, faults, sweep, test_catalog):
     from connectors import openai_client
     from homeskillet import catalog as cat
@@ -388,6 +378,7 @@ def cli_allocations(*args: str) -> list[dict]:
     return json.loads(done.stdout)
 
 
+@pytest.mark.usefixtures("postgres")  # `homeskillet allocations` reads the ledger
 async def test_retire_leaves_a_subscription_another_process_uses_and_the_cli_shows_both(emulator, test_catalog):
     from homeskillet import catalog as cat
 
@@ -459,6 +450,7 @@ async def test_retire_leaves_a_subscription_another_process_uses_and_the_cli_sho
     assert cli_allocations("--tenant", "acme") == []
 
 
+@pytest.mark.usefixtures("postgres")
 async def test_verify_tells_a_live_share_from_a_vanished_one_and_does_not_guess(emulator, faults, test_catalog):
     """verify() says True for a live subscription and when hosted·ai cannot be asked (not a
     preemption), False once the subscription is gone; the hosted·ai backend lists only its own

@@ -198,6 +198,7 @@ async def test_a_backend_on_an_account_with_other_pool_names_allocates_infers_an
         assert all(s.unsubscribed is not None for s in other_account.state.subs.values())
 
 
+@pytest.mark.usefixtures("postgres")  # the backend's ledger
 async def test_a_backend_that_finds_no_pool_says_what_the_account_offers(other_account, test_catalog):
     from homeskillet import catalog as cat
     from homeskillet.settings import get_settings

@@ -21,9 +21,9 @@ from homeskillet.settings import get_settings
 
 
 @pytest.fixture
-async def ledger(request):
+async def ledger(request, postgres):
     """A ledger with one fresh pool of 2 TFLOPS / 1 GB for this test."""
-    led = Ledger((await asyncio.to_thread(open_ledger, get_settings().pgdata, 60.0))._dsn, lease_s=60)
+    led = Ledger((await asyncio.to_thread(open_ledger, postgres, 60.0))._dsn, lease_s=60)
     pool = f"pool-{request.node.name[:40]}"
     await led.sync_pools([PoolSpec(id=pool, tier="dedicated", tflops=2.0, vram_gb=1.0, price_per_hour=1.0)])
     led.pool = pool
@@ -133,6 +133,7 @@ async def test_leases_expire(ledger):
     await reserve(ledger, tflops=2.0, vram_gb=1.0)  # the whole pool is free again
 
 
+@pytest.mark.usefixtures("postgres")
 async def test_a_process_opens_one_ledger_per_postgresql_and_lease_length():
     """Services that share a PostgreSQL and a lease length share a ledger; another lease length
     gets its own, so each catalog's leases last as long as its settings say."""
@@ -241,6 +242,7 @@ def test_one_ledger_serves_several_event_loops_one_after_another(ledger):
     assert len(ledger._pools) <= 2  # the closed loops' pools were dropped (the fixture's loop may hold one)
 
 
+@pytest.mark.services  # a PostgreSQL of its own, not the session's
 async def test_a_postgresql_restart_is_ridden_out_and_an_outage_fails_clearly():
     """Its own PostgreSQL (the session's also serves Prefect): stopped under held slices, every
     ledger call waits it out and completes once it is back; one that stays down is a ServiceError."""

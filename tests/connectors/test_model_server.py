@@ -16,11 +16,11 @@ import httpx
 import psutil
 import pytest
 
-from connectors.model_server import ModelServers, llama_server_binary, read_record, slots_for, threads_for
+from connectors.model_server import ModelServers, read_record, slots_for, threads_for
 from homeskillet import catalog as cat
 from homeskillet.catalog import load_catalog
 from homeskillet.schemas import OpenAIServing
-from homeskillet.settings import PACKAGED_CATALOG, get_settings
+from homeskillet.settings import PACKAGED_CATALOG
 
 SMOL = cat.model(load_catalog(PACKAGED_CATALOG), "smollm2-135m")
 ASK = textwrap.dedent(
@@ -39,7 +39,7 @@ ASK = textwrap.dedent(
 
 
 @pytest.fixture
-def servers(tmp_path):
+def servers(tmp_path, llama_server):
     servers = ModelServers(tmp_path, idle_s=300)
     yield servers
     servers.stop_all()
@@ -118,7 +118,7 @@ def test_a_server_that_died_is_noticed_and_replaced(servers):
     assert servers.running()[0].server_pid not in (first.server_pid, second.server_pid)
 
 
-def test_an_idle_server_stops_and_a_busy_one_does_not(tmp_path):
+def test_an_idle_server_stops_and_a_busy_one_does_not(tmp_path, llama_server):
     servers = ModelServers(tmp_path, idle_s=2.0)
     try:
         endpoint = servers.endpoint(SMOL)
@@ -166,11 +166,10 @@ def test_threads_are_shared_out_among_local_models_and_slots_follow_pool_capacit
 
 
 @pytest.mark.skipif(shutil.which("objdump") is None, reason="objdump (binutils) is not installed")
-def test_the_llama_server_build_uses_no_instruction_beyond_avx2():
+def test_the_llama_server_build_uses_no_instruction_beyond_avx2(llama_server):
     """The set-up's build runs on any x86-64 CPU with AVX2: no AMX (crashed on CPUs with it), no
     AVX-512 (illegal instruction on CPUs without it), whatever CPU built it."""
-    binary = llama_server_binary(get_settings().llama_server)
-    listing = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(binary)], capture_output=True, text=True)
+    listing = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(llama_server)], capture_output=True, text=True)
     assert listing.returncode == 0, listing.stderr
     beyond = re.findall(r"\b(?:ldtilecfg|tdpb\w+|tileloadd\w*|tilestored)\b|%zmm\d+|\{%k[1-7]\}", listing.stdout)
     assert beyond == [], sorted(set(beyond))[:10]

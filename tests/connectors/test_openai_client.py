@@ -8,14 +8,12 @@ from homeskillet.errors import InferenceError
 from tasks import runtime
 from tasks.resources import render
 
-pytestmark = pytest.mark.usefixtures("local_services")  # flows, tasks or the Prefect API
-
 SMOL = cat.model(runtime.catalog(), "smollm2-135m")
 
 
 @pytest.fixture(scope="module")
-def smol_endpoint():
-    return runtime.backend().model_endpoint(SMOL)
+def smol_endpoint(local_models):
+    return local_models.model_endpoint(SMOL)
 
 
 async def test_chat_completion_reports_text_and_usage(smol_endpoint):
@@ -60,9 +58,9 @@ async def test_an_answer_does_not_depend_on_what_the_server_served_before(smol_e
     assert await ask("Name a color.", stream=True) == first
 
 
-async def test_a_completion_prompt_is_answered_the_same_after_others():
+async def test_a_completion_prompt_is_answered_the_same_after_others(local_models):
     gemma = cat.model(runtime.catalog(), "gemma3-270m")
-    endpoint = runtime.backend().model_endpoint(gemma)
+    endpoint = local_models.model_endpoint(gemma)
 
     async def ask(question):
         out = await openai_client.complete(endpoint, gemma.name, max_tokens=16, **render(gemma, question))

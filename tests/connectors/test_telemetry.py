@@ -12,8 +12,7 @@ from flows.fusion import fuse_request
 from homeskillet.errors import InferenceError
 from homeskillet.schemas import TelemetryRecord
 from homeskillet.settings import get_settings
-
-pytestmark = pytest.mark.usefixtures("local_services")  # flows, tasks or the Prefect API
+from tests.support import free_port
 
 
 def record(i: int, day: datetime) -> TelemetryRecord:
@@ -77,7 +76,7 @@ def test_an_empty_dataset_reads_as_an_empty_frame(tmp_path):
     assert frame.empty and "allocation_id" in frame.columns
 
 
-@pytest.mark.usefixtures("assert_no_leaks")
+@pytest.mark.usefixtures("local_services", "assert_no_leaks")
 async def test_every_fragment_attempt_is_recorded_success_or_failure(test_catalog, echo_server, monkeypatch):
     monkeypatch.setenv("ECHO_DELAY_S", "0.05")
     ok = await fuse_request(
@@ -104,18 +103,14 @@ async def test_every_fragment_attempt_is_recorded_success_or_failure(test_catalo
     assert failed.loc["f1", "outcome"] == "ok" or failed.loc["f1", "error_class"] == "CancelledError"
 
 
-@pytest.mark.usefixtures("assert_no_leaks")
+@pytest.mark.usefixtures("local_services", "assert_no_leaks")
 async def test_prometheus_metrics_count_fragments(test_catalog, monkeypatch):
-    import socket
-
     import httpx
 
     from connectors.telemetry import serve_metrics
 
     monkeypatch.setenv("ECHO_DELAY_S", "0.05")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     serve_metrics(port)
 
     def fragments_ok() -> float:

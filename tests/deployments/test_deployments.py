@@ -16,8 +16,6 @@ from prefect.flows import load_flow_from_entrypoint
 
 from connectors.prefect_server import RECORDER_BATCHING
 
-pytestmark = pytest.mark.usefixtures("local_services")  # flows, tasks or the Prefect API
-
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 CONFIG = yaml.safe_load((ROOT / "prefect.yaml").read_text())
@@ -120,10 +118,7 @@ def test_staging_stand_ins_and_script_inputs_exist():
     assert done.returncode == 0, done.stderr
 
 
-@pytest.mark.skipif(
-    os.environ.get("HOMESKILLET_DOCKER_TESTS") != "1",
-    reason="the Docker round trip (make staging) runs with HOMESKILLET_DOCKER_TESTS=1",
-)
+@pytest.mark.usefixtures("docker")
 @pytest.mark.timeout(3600)
 def test_make_staging_answers_a_request_and_leaves_nothing_running():
     # without this session's own settings (its Prefect server's port, its state folder)
@@ -144,6 +139,7 @@ def test_make_staging_answers_a_request_and_leaves_nothing_running():
     assert left.stdout.strip() == "" or left.returncode != 0  # no container, or no engine left at all
 
 
+@pytest.mark.usefixtures("local_services")  # the `prefect` executable and the Prefect API
 def test_kubernetes_job_template_is_accepted_and_requests_gpus():
     template = ROOT / "deployments" / "k8s-base-job-template.json"
     spec = json.loads(template.read_text())

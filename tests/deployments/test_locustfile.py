@@ -4,14 +4,11 @@ import json
 import os
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
-import uvicorn
 
-from connectors.processes import free_port
+from connectors.processes import serve_in_thread
 from connectors.tokens import TokenStore
 from homeskillet.settings import get_settings
 
@@ -23,17 +20,8 @@ pytestmark = pytest.mark.usefixtures("local_services", "assert_no_leaks")
 def mcp_server(test_catalog):
     from apps.mcp_server import create_app
 
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(test_catalog, max_concurrent=4), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
+    with serve_in_thread(create_app(test_catalog, max_concurrent=4), "MCP server") as url:
+        yield url
 
 
 async def test_locust_loads_both_mcp_transports_without_a_failure(mcp_server, monkeypatch):

@@ -4,7 +4,6 @@ import asyncio
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -17,10 +16,7 @@ from homeskillet.errors import InvalidRequest, NoRoute
 from homeskillet.settings import RECORDINGS as ROUTERBENCH
 from tasks.evaluation import evaluate, fit, is_correct, oracle, single_models
 from tasks.strategies import Stats, normalise
-
-pytestmark = pytest.mark.usefixtures("local_services")  # flows, tasks or the Prefect API
-
-HOMESKILLET = str(Path(sys.executable).with_name("homeskillet"))
+from tests.support import HOMESKILLET
 
 
 def write_bench(path: Path, rows: list[dict], eval_name: str = "arc-challenge") -> Path:
@@ -203,6 +199,7 @@ THROUGH_FLOW_ROWS = (
 )
 
 
+@pytest.mark.usefixtures("local_services")  # flows
 @pytest.mark.parametrize("strategy", ["cascade", "moa"])
 async def test_through_flow_gives_the_in_process_figures(tmp_path, strategy, assert_no_leaks):
     """Each record as a real fuse_request run (replay provider on loopback, recorded costs reported
@@ -224,6 +221,7 @@ async def test_through_flow_gives_the_in_process_figures(tmp_path, strategy, ass
         assert 0 < expected.accuracy < 1 and any("escalated" in f.fragments[0].reason for f in fused)
 
 
+@pytest.mark.usefixtures("local_services")  # the `homeskillet` executable
 def test_eval_routing_command_prints_figures_and_ends_with_json():
     files = [str(ROUTERBENCH / f) for f in ("arc_challenge_train.csv", "mbpp_train.csv")]
     done = subprocess.run(
@@ -251,6 +249,7 @@ def test_eval_routing_command_prints_figures_and_ends_with_json():
     assert bad.returncode == 2 and "unknown strategy" in bad.stderr and bad.stdout.strip() == ""
 
 
+@pytest.mark.usefixtures("local_services")  # the `homeskillet` executable
 def test_eval_routing_through_flow_matches_in_process_on_real_records():
     arc = str(ROUTERBENCH / "arc_challenge_train.csv")
     figures = []
@@ -269,6 +268,7 @@ def test_eval_routing_through_flow_matches_in_process_on_real_records():
     assert through_flow["cost"] == pytest.approx(in_process["cost"]) and in_process["cost"] > 0
 
 
+@pytest.mark.usefixtures("local_services")  # the `homeskillet` executable
 def test_learn_routing_writes_stats_the_flow_can_use(tmp_path):
     out = tmp_path / "stats.json"
     done = subprocess.run(

@@ -35,6 +35,7 @@ def test_weights_round_trip_through_the_file(tmp_path):
     assert again.probabilities(text) == pytest.approx(model.probabilities(text))
 
 
+@pytest.mark.slow  # trains on all the recordings, then three more times to cross-validate
 def test_training_command_reproduces_the_committed_model():
     texts, labels = training_examples(ROUTERBENCH)
     retrained, committed = train(texts, labels), Classifier.load(WEIGHTS)

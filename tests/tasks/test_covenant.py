@@ -21,8 +21,7 @@ from homeskillet.schemas import Covenant, PoolSpec
 from homeskillet.settings import get_settings
 from tasks import runtime
 from tasks.routing import estimate_cost
-
-HOMESKILLET = str(Path(sys.executable).with_name("homeskillet"))
+from tests.support import HOMESKILLET
 
 
 def write_catalog(path: Path, base: str, covenants: dict[str, dict]) -> str:
@@ -63,7 +62,7 @@ def test_a_bad_covenant_fails_on_load_naming_the_tenant_and_the_field(tmp_path, 
 
 
 @pytest.fixture
-async def ledger(request):
+async def ledger(request, postgres):
     """A ledger with two roomy pools of its own."""
     led = Ledger((await asyncio.to_thread(open_ledger, get_settings().pgdata, 60.0))._dsn, lease_s=60)
     name = request.node.name[:30]

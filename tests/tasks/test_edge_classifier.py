@@ -10,7 +10,6 @@ import random
 import shutil
 import struct
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -28,11 +27,11 @@ from tasks.classifier import (
 )
 from tasks.edge_build import WASM, build, sha256
 from tasks.edge_classifier import WasmClassifier, js_number, to_json
+from tests.support import HOMESKILLET
 
 ROOT = Path(__file__).resolve().parents[2]
 EDGE = ROOT / "edge"
 ROUTERBENCH = ROOT.parent / "shared" / "data" / "routerbench"
-HOMESKILLET = str(Path(sys.executable).with_name("homeskillet"))
 NODE = shutil.which("node")
 needs_node = pytest.mark.skipif(NODE is None, reason="node is not installed")
 
@@ -295,6 +294,7 @@ def cli(*args: str, stdin: bytes | None = None) -> str:
 
 
 @needs_node
+@pytest.mark.usefixtures("local_services")  # the `homeskillet` executable
 def test_cli_json_equals_node(tmp_path, reference):
     lines = [
         b"Solve 4x - 8 = 12 for x.",
