@@ -7,9 +7,7 @@ import asyncio
 import json
 import os
 import socket
-import statistics
 import subprocess
-import sys
 import threading
 import time
 from contextlib import asynccontextmanager, contextmanager
@@ -29,10 +27,10 @@ from connectors.tokens import TokenStore, token_hash
 from connectors.ws_transport import WebSocketTransport
 from homeskillet.settings import get_settings
 from tasks import runtime
+from tests.support import HOMESKILLET, free_port
 
 pytestmark = pytest.mark.usefixtures("local_services")  # flows, tasks or the Prefect API
 
-HOMESKILLET = str(Path(sys.executable).with_name("homeskillet"))
 THREE_PARTS = "What is the capital of France? Who wrote Romeo and Juliet? Write a haiku about the sea."
 
 THREE = "1. Say one.\n2. Say two.\n3. Say three."
@@ -42,16 +40,10 @@ ECHO = {"allowed_models": ["echo"], "pool": "roomy", "max_tokens": 16}
 APP: dict = {}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextmanager
 def serving(app):
     """The app on a real uvicorn in a thread, on a free loopback port: yields host:port."""
-    port = _free_port()
+    port = free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", ws_max_size=1 << 24))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
@@ -344,36 +336,6 @@ async def test_plan_shows_only_what_the_covenant_allows_and_refuses_what_it_forb
     assert await runtime.backend(runtime.catalog_path()).held("acme") == []
 
 
-async def test_figures_classify_round_trip_and_fuse_overhead(server, tokens, test_catalog, monkeypatch, capsys):
-    """Not a pass/fail check of speed: prints the figures for the issue's note."""
-    from flows.fusion import fuse_request
-
-    monkeypatch.setenv("ECHO_DELAY_S", "0.2")
-    figures = {}
-    for name, make in CLIENTS.items():
-        async with make(server, tokens["acme"]) as client:
-            samples = []
-            for _ in range(30):
-                t0 = time.perf_counter()
-                await client.call_tool("classify", {"prompt": "What is the capital of France?"})
-                samples.append(time.perf_counter() - t0)
-            figures[f"classify_{name}_ms"] = statistics.median(samples) * 1000
-            samples = []
-            for _ in range(5):
-                t0 = time.perf_counter()
-                await client.call_tool("fuse", {"prompt": THREE, "constraints": ECHO})
-                samples.append(time.perf_counter() - t0)
-            figures[f"fuse_{name}_median_s"] = statistics.median(samples)
-    samples = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        await fuse_request(prompt=THREE, tenant="acme", constraints=ECHO, catalog_path=test_catalog)
-        samples.append(time.perf_counter() - t0)
-    figures["fuse_direct_median_s"] = statistics.median(samples)
-    with capsys.disabled():
-        print("\nMCP figures:", json.dumps({k: round(v, 3) for k, v in figures.items()}))
-
-
 @asynccontextmanager
 async def mcp_serve(port: int, log_path: Path):
     """`homeskillet mcp serve` as its own process (output to a file, never an unread pipe), once it listens."""
@@ -419,7 +381,7 @@ async def test_the_command_line_serves_mcp_and_manages_tokens(assert_no_leaks, t
     t0 = time.perf_counter()
     await fuse_request(prompt=THREE_PARTS, tenant="demo", constraints={"max_tokens": 16})
     direct = time.perf_counter() - t0
-    port = _free_port()
+    port = free_port()
     async with mcp_serve(port, tmp_path / "serve-1.log"):
         progress: list[str] = []
 
