@@ -3,16 +3,11 @@ SDK's client) and over WebSocket (ours), against the same request as a direct `f
 
 The MCP server app runs in this process on a free loopback port (real HTTP and WebSocket), with
 a token of its own for the tenant, revoked at the end. `run_benchmark` returns the medians
-(`report` words them); `python -m apps.bench_mcp` starts or reuses the local Prefect server and
-prints them, then one JSON line.
+(`report` words them); `homeskillet bench-mcp` runs it on the local Prefect server and prints them.
 """
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import json
-import os
 import statistics
 import time
 from collections.abc import Awaitable, Callable
@@ -102,37 +97,3 @@ def report(figures: dict[str, float]) -> str:
     lines += [f"fuse over {t}: {figures[f'fuse_{t}_median_s']:.3f} s (median)" for t in ("http", "ws")]
     lines.append(f"fuse_request directly: {figures['fuse_direct_median_s']:.3f} s (median)")
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m apps.bench_mcp", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--catalog", help="catalog file (default: HOMESKILLET_CATALOG or the packaged one)")
-    parser.add_argument("--tenant", default="demo", help="the catalog tenant the calls act as")
-    parser.add_argument("--prompt", default=PROMPT, help="the request fused on each side")
-    parser.add_argument("--max-tokens", type=int, default=16, help="output tokens per fragment")
-    parser.add_argument("--classify-rounds", type=int, default=30, help="classify calls per transport")
-    parser.add_argument("--fuse-rounds", type=int, default=5, help="fuse calls per transport, and direct")
-    args = parser.parse_args(argv)
-    if "PREFECT_API_URL" not in os.environ:  # before anything imports Prefect: it reads this at import
-        from connectors.prefect_server import ensure_prefect_server
-
-        settings = get_settings()
-        os.environ["PREFECT_API_URL"] = ensure_prefect_server(settings.home, settings.prefect_port)
-        os.environ.setdefault("PREFECT_HOME", str(settings.home / "prefect"))
-        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
-    figures = asyncio.run(
-        run_benchmark(
-            catalog_path=args.catalog,
-            tenant=args.tenant,
-            prompt=args.prompt,
-            constraints={"max_tokens": args.max_tokens},
-            classify_rounds=args.classify_rounds,
-            fuse_rounds=args.fuse_rounds,
-        )
-    )
-    print(report(figures))
-    print(json.dumps(figures))
-
-
-if __name__ == "__main__":
-    main()

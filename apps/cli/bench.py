@@ -1,6 +1,6 @@
 """Measurements run from this process: the `benchmark` and `cost-report` flows, the orchestration's
 overhead (`bench-overhead`), load from several tenants (`loadtest`) and throughput by worker count
-(`bench-workers`). The measuring is in flows/ and apps.overhead, apps.loadtest, apps.scaling; this
+(`bench-workers`), and what the MCP layer adds (`bench-mcp`). The measuring is in flows/ and apps.overhead, apps.loadtest, apps.scaling, apps.bench_mcp; this
 module runs it and prints what it found.
 """
 
@@ -89,6 +89,34 @@ def bench_overhead(
     console.print(report(figures), highlight=False, markup=False)
     if as_json:
         print(summary_line(figures))
+
+
+def bench_mcp(
+    tenant: Annotated[str, typer.Option(help="The catalog tenant the calls act as.")] = "demo",
+    max_tokens: Annotated[int, typer.Option(min=1, help="Output tokens per fragment.")] = 16,
+    classify_rounds: Annotated[int, typer.Option(min=1, help="classify calls per transport.")] = 30,
+    fuse_rounds: Annotated[int, typer.Option(min=1, help="fuse calls per transport, and direct.")] = 5,
+    as_json: Annotated[bool, typer.Option("--json", help="End with one JSON line of the figures.")] = False,
+) -> None:
+    """What the MCP layer adds: classify and fuse round trips over Streamable HTTP and WebSocket,
+    against the same request as a direct fuse_request call."""
+    try:
+        use_local_prefect()
+        from apps.bench_mcp import report, run_benchmark
+
+        figures = run_flows(
+            run_benchmark(
+                tenant=tenant,
+                constraints={"max_tokens": max_tokens},
+                classify_rounds=classify_rounds,
+                fuse_rounds=fuse_rounds,
+            )
+        )
+    except HomeskilletError as exc:
+        fail(exc)
+    console.print(report(figures), highlight=False, markup=False)
+    if as_json:
+        print(json.dumps(figures))
 
 
 def loadtest(

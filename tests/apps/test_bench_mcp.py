@@ -1,4 +1,4 @@
-"""The MCP benchmark (`python -m apps.bench_mcp`) end to end, a few rounds on the echo double."""
+"""The MCP benchmark (`homeskillet bench-mcp`) end to end, a few rounds on the echo double."""
 
 import pytest
 

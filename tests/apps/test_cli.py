@@ -7,11 +7,11 @@ import signal
 import subprocess
 import time
 from datetime import UTC, datetime
-from pathlib import Path
 
 import httpx
 import pytest
 
+from homeskillet.settings import RECORDINGS
 from tests.support import HOMESKILLET, free_port
 
 pytestmark = pytest.mark.usefixtures("local_services", "assert_no_leaks")
@@ -130,7 +130,7 @@ def test_run_on_hostedai_against_a_running_emulator(emulator_process):
 
 
 def test_loadtest_on_recordings_prints_its_figures_and_exits_0():
-    recordings = Path(__file__).resolve().parents[3] / "shared" / "data" / "routerbench" / "arc_challenge_train.csv"
+    recordings = RECORDINGS / "arc_challenge_train.csv"
     done = cli(
         "loadtest",
         "--backend",

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from homeskillet.settings import RECORDINGS as ROUTERBENCH
 from tasks.classifier import (
     LABELS,
     MAX_INPUT,
@@ -31,7 +32,6 @@ from tests.support import HOMESKILLET
 
 ROOT = Path(__file__).resolve().parents[2]
 EDGE = ROOT / "edge"
-ROUTERBENCH = ROOT.parent / "shared" / "data" / "routerbench"
 NODE = shutil.which("node")
 needs_node = pytest.mark.skipif(NODE is None, reason="node is not installed")
 
@@ -116,7 +116,7 @@ def hostile(rng: random.Random, n: int) -> list[str]:
 
 @pytest.fixture(scope="module")
 def prompts() -> list[str | bytes]:
-    texts, _ = training_examples(ROUTERBENCH if ROUTERBENCH.exists() else None)
+    texts, _ = training_examples(ROUTERBENCH)
     rng = random.Random(12)
     emoji_at_cut = "a" * (MAX_INPUT - 2) + "😀" + "tail"  # the 65,536-byte cut splits a 4-byte character
     pair_at_cut = "b" * MAX_INPUT + "😀"  # the string cut at MAX_INPUT + 1 units splits a surrogate pair
