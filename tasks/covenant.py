@@ -36,23 +36,23 @@ def pool_allowed(covenant: Covenant, pool: PoolSpec) -> str | None:
 def check_request(request: InferenceRequest, covenant: Covenant, catalog: Catalog) -> None:
     """CovenantViolation for the first thing the request explicitly asks for and the covenant
     forbids; nothing is allocated before this passes."""
-    tenant, limits = request.tenant, request.constraints
+    tenant, constraints = request.tenant, request.constraints
 
     def refuse(term: str, asked: object) -> None:
         raise CovenantViolation(tenant, term, getattr(covenant, term), f"the request asks for {asked}")
 
     if not _allows(covenant.allowed_strategies, request.strategy):
         refuse("allowed_strategies", f"strategy {request.strategy}")
-    forbidden = [m for m in limits.allowed_models or [] if not _allows(covenant.allowed_models, m)]
+    forbidden = [m for m in constraints.allowed_models or [] if not _allows(covenant.allowed_models, m)]
     if forbidden:
         refuse("allowed_models", f"model {', '.join(forbidden)}")
-    for backend in (limits.backend, limits.fallback_backend):
+    for backend in (constraints.backend, constraints.fallback_backend):
         if backend is not None and not _allows(covenant.allowed_backends, backend):
             refuse("allowed_backends", f"backend {backend}")
-    if limits.tier is not None and not _allows(covenant.allowed_tiers, limits.tier):
-        refuse("allowed_tiers", f"tier {limits.tier}")
-    if limits.pool is not None:
-        pool = next((p for p in catalog.pools if p.id == limits.pool), None)
+    if constraints.tier is not None and not _allows(covenant.allowed_tiers, constraints.tier):
+        refuse("allowed_tiers", f"tier {constraints.tier}")
+    if constraints.pool is not None:
+        pool = next((p for p in catalog.pools if p.id == constraints.pool), None)
         term = pool_allowed(covenant, pool) if pool is not None else None
         if term is not None:
             refuse(term, f"pool {pool.id} ({pool.backend}, {pool.tier}, region {pool.region})")
