@@ -24,14 +24,14 @@ from pathlib import Path
 # the interpreter mutmut runs under (the venv's), whatever `python` is on PATH
 PYTEST = f"{shlex.quote(sys.executable)} -m pytest -x -q -p no:randomly -p no:cacheprovider --timeout=120"
 
-# the whole file, so that a test added there runs against the ledger's mutants without editing this
-# list (a stale or missing name would make mutants look killed or survive unseen); the slow restart
-# test (two PostgreSQL restarts, the last in the file) only for the reconnecting machinery, the
-# decorators (a mutant on a decorator line is outside its function) and module-level lines
+# the whole file (quotas across processes included), so that a test added there runs against the
+# ledger's mutants without editing this list (a stale or missing name would make mutants look killed
+# or survive unseen); the slow restart test (two PostgreSQL restarts, the last in the file) only for
+# the reconnecting machinery, the decorators (a mutant on a decorator line is outside its function)
+# and module-level lines
 LEDGER_RESTART = "tests/connectors/test_ledger.py::test_a_postgresql_restart_is_ridden_out_and_an_outage_fails_clearly"
-LEDGER_RACER = "tests/tasks/test_covenant.py::test_the_tflops_quota_holds_across_two_processes_racing"
-LEDGER_TESTS = ["tests/connectors/test_ledger.py", f"--deselect={LEDGER_RESTART}", LEDGER_RACER]
-LEDGER_ALL = ["tests/connectors/test_ledger.py", LEDGER_RACER]
+LEDGER_TESTS = ["tests/connectors/test_ledger.py", f"--deselect={LEDGER_RESTART}"]
+LEDGER_ALL = ["tests/connectors/test_ledger.py"]
 
 # spend and usage are reached through a flow (recorded by fuse_request, read by the covenant
 # check and the CLI), set_endpoint through the local backend's allocate; DAY and MONTH are spend's
@@ -43,20 +43,19 @@ LEDGER_FLOW_TESTS = [
 ]
 
 # (not the three-part request on the real models: it adds a minute per surviving mutant and reaches
-# no line of resources.py that these do not; llama-server ignores the request's model name)
+# no line of resources.py that these do not; llama-server ignores the request's model name). The
+# pure `render` tests come first in test_resources.py.
 RESOURCES_TESTS = [
-    "tests/connectors/test_openai_client.py::test_completion_prompts_end_with_one_answer_cue",
     "tests/tasks/test_resources.py",
     "tests/flows/test_fusion.py::test_a_failing_fragment_fails_the_request_and_releases_every_allocation",
     "tests/flows/test_fusion.py::test_cancelling_a_request_mid_inference_releases_its_allocations",
     "tests/flows/test_fusion.py::test_the_run_log_says_each_routing_decision_allocation_and_release",
-    "tests/connectors/test_hostedai_guarantees.py::test_a_preempted_fragment_errs_without_the_key",
+    "tests/connectors/test_hostedai_backend.py::test_a_preempted_fragment_errs_without_the_key",
 ]
 
 HOSTEDAI_TESTS = [
     "tests/connectors/test_hostedai.py",
-    "tests/connectors/test_hostedai_guarantees.py",
-    "tests/connectors/test_hostedai_pools.py",
+    "tests/connectors/test_hostedai_backend.py",
     "tests/doubles/test_hostedai_emulator.py",
 ]
 

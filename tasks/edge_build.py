@@ -3,7 +3,7 @@
 The weights header is generated from homeskillet/classifier.json (raw float16 weight bits, raw
 float32 bias bits, the float32 table of 1 + ln n) into a temporary folder, so the tree holds only
 the kernel source and the built binary. The toolchain is the PyPI package `ziglang` (pinned by its
-version): the same inputs give the same bytes, and tests/tasks/test_edge_classifier.py rebuilds and
+version): the same inputs give the same bytes, and tests/tasks/test_edge_build.py rebuilds and
 compares sha256 with the committed file.
 
     python -m tasks.edge_build            # rebuild edge/classifier.wasm from the committed weights

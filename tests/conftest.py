@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import re
 import shutil
 import tempfile
 import threading
 import time
+import warnings
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -57,7 +59,7 @@ os.environ.pop("HOMESKILLET_CATALOG", None)
 
 from connectors.prefect_server import ensure_prefect_server, stop_prefect_server
 from homeskillet.settings import PACKAGED_CATALOG
-from tests.support import serve_app
+from tests.support import NARROW, Sweep, serve_app, write_catalog
 
 # What a test needs, told by the fixtures it uses (item.fixturenames: the whole closure, so a
 # test's own fixture that asks for one of these counts too). A test that runs a flow, a task, the
@@ -489,6 +491,55 @@ def routing_measurements_restored():
         latest.unlink(missing_ok=True)
     else:
         latest.write_bytes(before)
+
+
+@pytest.fixture
+def covenant_catalog(tmp_path, test_catalog, local_services):
+    """A catalog file whose tenants have covenants; `write(**covenants)` rewrites them."""
+    path = tmp_path / "covenants.yaml"
+
+    def write(**covenants):
+        return write_catalog(path, test_catalog, {"acme": {}, **{t.replace("_", "-"): c for t, c in covenants.items()}})
+
+    write.path = write(cov_narrow=NARROW)
+    return write
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """The request classifier's Python reference, with the committed weights."""
+    from tasks.classifier import Classifier
+
+    return Classifier.load()
+
+
+@pytest.fixture(scope="module")
+def wasm():
+    """The request classifier through edge/classifier.wasm (wasmtime)."""
+    from tasks.edge_classifier import WasmClassifier
+
+    return WasmClassifier()
+
+
+@pytest.fixture
+def sweep():
+    """What the test's fault paths leave behind for a person or a log shipper to read (a `Sweep`):
+    every logger at DEBUG and every warning while the test runs; `sweep.check(secret)` looks in them."""
+    s = Sweep()
+    loggers = [logging.getLogger(name) for name in Sweep.LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.addHandler(s.handler)
+        lg.setLevel(logging.DEBUG)
+    try:
+        with warnings.catch_warnings(record=True) as warned:
+            warnings.simplefilter("always")
+            yield s
+            s.warned = list(warned)
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.removeHandler(s.handler)
+            lg.setLevel(level)
 
 
 @pytest.fixture(scope="session")

@@ -7,20 +7,34 @@ Prefect reads at import, before any test module is imported.
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
+import traceback
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+import pandas as pd
+import yaml
+
 from connectors.hostedai import HostedAIClient, Policy
 from connectors.processes import free_port, serve_in_thread
-from homeskillet.schemas import HostedAICredentials
+from homeskillet.schemas import Fragment, HostedAICredentials, Plan
 
 __all__ = [
     "HOMESKILLET",
+    "NARROW",
+    "Sweep",
     "emulator_client",
     "emulator_credentials",
+    "frag",
     "free_port",
+    "one_echo_call_on_tiny",
+    "plan",
     "serve_app",
+    "write_bench",
+    "write_catalog",
 ]
 
 HOMESKILLET = str(Path(sys.executable).with_name("homeskillet"))
@@ -57,3 +71,96 @@ def emulator_client(emulator, tenant: str = "acme", **kwargs) -> HostedAIClient:
     (attempts, breaker_threshold, ...) make its policy, the rest go to `emulator_credentials`."""
     policy = {k: kwargs.pop(k) for k in list(kwargs) if k in Policy.model_fields}
     return HostedAIClient(emulator_credentials(emulator, tenant, **kwargs), Policy(**policy) if policy else None)
+
+
+def frag(fid, text, deps=()):
+    """A chat fragment, depending on the fragments named in deps."""
+    return Fragment(id=fid, text=text, task_type="chat", depends_on=list(deps), est_prompt_tokens=3)
+
+
+def plan(*pairs):
+    """A plan of fragments f0, f1, … from (text, task type) pairs, in order."""
+    return Plan(
+        request_id="r",
+        fusion="ordered",
+        fragments=[Fragment(id=f"f{i}", text=t, task_type=k, est_prompt_tokens=10) for i, (t, k) in enumerate(pairs)],
+    )
+
+
+def write_bench(path: Path, rows: list[dict], eval_name: str = "arc-challenge") -> Path:
+    """A RouterBench-format file: models cheap-a, cheap-b (cost 1) and big (cost 10)."""
+    table = []
+    for i, r in enumerate(rows):
+        row = {"sample_id": f"s{i}", "prompt": str([f"Q{i}?\nA) x\nB) y\nAnswer:"]), "eval_name": eval_name}
+        for model, cost in (("cheap-a", 1.0), ("cheap-b", 1.0), ("big", 10.0)):
+            answer = r[model]
+            row[model] = 1.0 if answer == r["gold"] else 0.0
+            row[f"{model}|model_response"] = str([answer])
+            row[f"{model}|total_cost"] = cost
+        table.append(row)
+    pd.DataFrame(table).to_csv(path)
+    return path
+
+
+# the covenant of tenant cov-narrow in the `covenant_catalog` fixture
+NARROW = {"allowed_models": ["echo", "echo-lite"], "allowed_tiers": ["preemptible"], "allowed_regions": ["local"]}
+
+
+def write_catalog(path: Path, base: str, covenants: dict[str, dict]) -> str:
+    """The test catalog with these tenants and covenants; a rewrite gets a later mtime."""
+    raw = yaml.safe_load(Path(base).read_text())
+    raw["tenants"] = [{"id": t, "covenant": c} for t, c in covenants.items()]
+    before = path.stat().st_mtime_ns if path.exists() else 0
+    path.write_text(yaml.safe_dump(raw))
+    os.utime(path, ns=(before + 10**9, before + 10**9))  # a changed file, whatever the clock's resolution
+    return str(path)
+
+
+def one_echo_call_on_tiny(catalog_path) -> float:
+    """The estimated cost of one short echo call on the one-slice pool `tiny`."""
+    from tasks import runtime  # Prefect, imported once the test session has set its environment
+    from tasks.routing import estimate_cost
+
+    catalog = runtime.catalog(catalog_path)
+    echo = next(m for m in catalog.models if m.name == "echo")
+    tiny = next(p for p in catalog.pools if p.id == "tiny")
+    return estimate_cost(echo, tiny, 5, 128)
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+        self.setFormatter(logging.Formatter("%(levelname)s %(name)s %(message)s"))
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+class Sweep:
+    """Everything a fault path left behind that a person or a log shipper could read: the errors
+    handed to it, every log record of every logger at DEBUG (on the loggers themselves: Prefect's
+    logging set-up stops `connectors` from propagating to the root), every warning."""
+
+    LOGGERS = ("", "connectors", "httpx", "httpcore", "prefect", "tasks", "flows")
+
+    def __init__(self):
+        self.handler = _Records()
+        self.texts: list[str] = []
+        self.warned: list[warnings.WarningMessage] = []
+
+    @property
+    def records(self) -> list[logging.LogRecord]:
+        return self.handler.records
+
+    def error(self, exc: BaseException) -> BaseException:
+        self.texts += [str(exc), repr(exc), "".join(traceback.format_exception(exc)), repr(vars(exc))]
+        return exc
+
+    def seen(self, level: int, words: str) -> bool:
+        return any(r.levelno >= level and words in r.getMessage() for r in self.records)
+
+    def check(self, secret: str) -> None:
+        logged = [f"{self.handler.format(r)} {r.args!r}" for r in self.records]
+        warned = [f"{w.message} {w.category}" for w in self.warned]
+        assert secret not in "\n".join(self.texts + logged + warned)

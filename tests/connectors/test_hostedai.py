@@ -1,5 +1,7 @@
-"""The hosted·ai client against the emulator over real HTTP on loopback: every quirk of the API
-notes, the retry rules, the circuit breaker's three states, tenant isolation, secrets."""
+"""The hosted·ai client (`connectors.hostedai`) against the emulator over real HTTP on loopback:
+every quirk of the API notes, the retry rules, the circuit breaker's three states (counting only
+"hosted·ai is not answering", never a business refusal), tenant isolation, and the API key absent
+from every error, warning and log line on every fault path."""
 
 import asyncio
 import logging
@@ -13,14 +15,17 @@ from homeskillet.errors import (
     AlreadySubscribed,
     CircuitOpen,
     HostedAIAuthError,
+    HostedAIError,
     HostedAIRejected,
     HostedAIUnavailable,
     InsufficientResources,
 )
 from homeskillet.schemas import HostedAICredentials
 from tests.support import emulator_client as client
+from tests.support import free_port
 
 pytestmark = pytest.mark.usefixtures("no_subscriptions_left")
+WRONG_KEY = "hai-WRONG-7f3a9c1e-secret"
 
 
 async def cleanup(c: HostedAIClient) -> None:
@@ -439,3 +444,132 @@ async def test_exists_is_about_that_subscription(emulator):
     assert await c.exists(sub_id) and not await c.exists(sub_id + 1000)
     await c.unsubscribe(sub_id, 202)
     assert not await c.exists(sub_id)
+
+
+def own_url(emulator, tag: int) -> str:
+    """The emulator under a base URL of its own (localhost spelled in another case), so that the
+    test gets a circuit breaker of its own: one exists per base URL."""
+    host = "".join(c.upper() if tag >> i & 1 else c for i, c in enumerate("localhost"))
+    return emulator.url.replace("127.0.0.1", host)
+
+
+# --- secrets on every fault path ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("auth_header", ["x-api-key", "bearer"])
+@pytest.mark.parametrize(
+    "path",
+    ["timeout", "401", "403", "429", "5xx", "5xx-envelope", "error-in-body", "circuit-open"],
+)
+async def test_no_failed_call_shows_the_key(emulator, faults, sweep, path, auth_header):
+    key = emulator.teams["acme"].api_key
+    kwargs = dict(auth_header=auth_header, attempts=2, backoff_initial_s=0.01, backoff_max_s=0.02)
+    expected: type[HostedAIError] = HostedAIUnavailable
+    if path == "timeout":
+        faults(latency_s=0.5)
+        c = client(emulator, timeout_s=0.1, **kwargs)
+    else:
+        c = client(emulator, **kwargs)
+    if path == "401":
+        key, expected = WRONG_KEY, HostedAIAuthError
+        c = client(emulator, key=WRONG_KEY, **kwargs)
+    elif path == "403":
+        expected = HostedAIAuthError
+        c = client(emulator, team=emulator.teams["globex"].id, **kwargs)
+    elif path == "429":
+        faults(rate_limit_rate=1.0, retry_after_s=0.01)
+    elif path == "5xx":
+        faults(error_rate=1.0)
+    elif path == "5xx-envelope":
+        faults(read_error_rate=1.0)
+    elif path == "error-in-body":
+        faults(read_error_in_body_rate=1.0)
+    elif path == "circuit-open":
+        expected = CircuitOpen
+        c = client(emulator, url=own_url(emulator, 1 + (auth_header == "bearer")), breaker_threshold=1, **kwargs)
+        faults(error_rate=1.0)
+        with pytest.raises(HostedAIUnavailable) as first:
+            await c.regions()
+        sweep.error(first.value)
+    with pytest.raises(expected) as caught:
+        await c.pools()
+    assert type(caught.value) is expected
+    sweep.error(caught.value)
+    sweep.check(key)
+    assert key not in repr(c) and key not in repr(c.credentials) and key not in str(c.credentials)
+
+
+async def test_a_refused_connection_does_not_show_the_key(emulator, sweep):
+    port = free_port()  # a port nothing listens on
+    c = client(emulator, url=f"http://127.0.0.1:{port}", attempts=2, backoff_initial_s=0.01)
+    with pytest.raises(HostedAIUnavailable, match="ConnectError") as caught:
+        await c.regions()
+    sweep.error(caught.value)
+    sweep.check(emulator.teams["acme"].api_key)
+
+
+@pytest.mark.parametrize("path", ["empty-body", "subscribe-timeout"])
+async def test_an_unclear_subscribe_logs_its_warning_without_the_key(emulator, faults, sweep, path):
+    if path == "empty-body":
+        faults(empty_subscribe_rate=1.0, visibility_s=0.2)
+        c = client(emulator)
+    else:
+        faults(timeout_rate=1.0, timeout_s=1.0, visibility_s=0.2)
+        c = client(emulator, subscribe_timeout_s=0.2)
+    sub_id = await c.subscribe(201, vgpus=1)
+    assert sweep.seen(logging.WARNING, "reconciling")  # the path did run
+    faults()
+    await c.unsubscribe(sub_id, 201)
+    sweep.check(emulator.teams["acme"].api_key)
+
+
+# --- the circuit breaker counts unavailability only ---------------------------------------------
+
+
+async def test_business_refusals_never_open_the_breaker(emulator, faults):
+    url = own_url(emulator, 5)
+    c = client(emulator, url=url, attempts=1, breaker_threshold=2, breaker_ttl_s=60)
+    acme = emulator.teams["acme"]
+    refusals = [
+        (HostedAIRejected, lambda: c.estimate(999, vgpus=1, hours=1)),  # not found, in a body
+        (
+            HostedAIRejected,
+            lambda: c.call("GET", "/gpuaas/connection-info", params={"team_id": acme.id, "subscription_id": 1}),
+        ),  # 404
+        (
+            InsufficientResources,
+            lambda: c.call(
+                "POST", "/gpuaas/pool/subscribe", retry=False, body={"pool_id": 202, "team_id": acme.id, "vgpus": 60}
+            ),
+        ),
+        (
+            HostedAIAuthError,
+            lambda: client(
+                emulator, url=url, team=emulator.teams["globex"].id, attempts=1, breaker_threshold=2
+            ).regions(),
+        ),
+        (
+            HostedAIAuthError,
+            lambda: client(emulator, url=url, key=WRONG_KEY, attempts=1, breaker_threshold=2).regions(),
+        ),
+    ]
+    for expected, call in refusals * 2:  # ten refusals in a row, threshold two
+        with pytest.raises(expected):
+            await call()
+        assert (await BREAKERS.get_breaker(url)).context.state == "closed"
+    sub_id = await c.subscribe(202, vgpus=1)
+    for _ in range(3):
+        with pytest.raises(AlreadySubscribed):
+            await c.call(
+                "POST", "/gpuaas/pool/subscribe", body={"pool_id": 202, "team_id": acme.id, "vgpus": 1}, retry=False
+            )
+    assert (await BREAKERS.get_breaker(url)).context.state == "closed"
+    assert len(await c.regions()) == 1
+    await c.unsubscribe(sub_id, 202)
+    # and the same breaker does open on what it is for
+    faults(error_rate=1.0)
+    for _ in range(2):
+        with pytest.raises(HostedAIUnavailable):
+            await c.regions()
+    with pytest.raises(CircuitOpen):
+        await c.regions()

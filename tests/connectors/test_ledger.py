@@ -1,4 +1,6 @@
-"""The allocation ledger on the real embedded PostgreSQL."""
+"""The allocation ledger (`connectors.ledger`) on the real embedded PostgreSQL: capacity under
+concurrency and across processes, ownership, leases and their holders, tenants' quotas (a
+TFLOPS quota that holds with two processes racing, a VRAM-only one), and PostgreSQL restarts."""
 
 import asyncio
 import os
@@ -22,14 +24,18 @@ from homeskillet.settings import get_settings
 
 @pytest.fixture
 async def ledger(request, postgres):
-    """A ledger with one fresh pool of 2 TFLOPS / 1 GB for this test."""
+    """A ledger with fresh pools of this test's own: one of 2 TFLOPS / 1 GB (`ledger.pool`), and two
+    roomy ones of 8 TFLOPS / 8 GB (`ledger.pools`: one per process, for processes racing)."""
     led = Ledger((await asyncio.to_thread(open_ledger, postgres, 60.0))._dsn, lease_s=60)
     pool = f"pool-{request.node.name[:40]}"
-    await led.sync_pools([PoolSpec(id=pool, tier="dedicated", tflops=2.0, vram_gb=1.0, price_per_hour=1.0)])
-    led.pool = pool
+    led.pool, led.pools = pool, [f"{pool}-a", f"{pool}-b"]
+    await led.sync_pools(
+        [PoolSpec(id=pool, tier="dedicated", tflops=2.0, vram_gb=1.0, price_per_hour=1.0)]
+        + [PoolSpec(id=p, tier="dedicated", tflops=8, vram_gb=8, price_per_hour=1) for p in led.pools]
+    )
     yield led
     for a in await led.held():
-        if a.pool == pool:
+        if a.pool in (pool, *led.pools):
             await led.release(a.allocation_id, a.tenant)
 
 
@@ -201,6 +207,90 @@ async def test_a_vram_only_quota_holds_and_names_its_term(ledger):
     with pytest.raises(CovenantViolation, match=r"max_vram_gb: .*one slice asks 0.75 GB") as caught:
         await reserve(ledger, tenant=tenant, tflops=0.5, vram_gb=0.75, wait_s=30)  # at once, not after the wait
     assert caught.value.term == "max_vram_gb"
+
+
+RACER = textwrap.dedent(
+    """
+    import asyncio, sys
+    from connectors.ledger import Ledger, new_allocation_id
+    from homeskillet.errors import CovenantViolation
+    from homeskillet.schemas import Covenant
+    dsn, tenant, pool = sys.argv[1:4]
+    async def main():
+        led = Ledger(dsn, lease_s=3600)
+        granted, refused = 0, []
+        for _ in range(4):
+            try:
+                await led.reserve(allocation_id=new_allocation_id(), tenant=tenant, request_id="r", pool=pool,
+                                  model="m", tflops=0.5, vram_gb=0.1, wait_s=0.3)
+                granted += 1
+            except CovenantViolation as exc:
+                refused.append(exc.term)
+        await led.admit(tenant, "r", Covenant(max_tflops=2.0, max_concurrent_requests=2))
+        print(granted, ",".join(refused), flush=True)
+        sys.stdin.readline()  # hold everything until told
+    asyncio.run(main())
+    """
+)
+
+
+async def test_the_tflops_quota_holds_across_two_processes_racing(ledger):
+    tenant = "cov-racer"
+    await ledger.end_request(await ledger.admit(tenant, "setup", Covenant(max_tflops=2.0, max_concurrent_requests=2)))
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", RACER, ledger._dsn, tenant, pool],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=os.getcwd(),
+        )
+        for pool in ledger.pools
+    ]
+    try:
+        lines = [p.stdout.readline().split() for p in procs]
+        granted = sum(int(line[0]) for line in lines)
+        refused = ",".join(line[1] for line in lines if len(line) > 1).split(",")
+        assert granted == 4  # 2 TFLOPS in 0.5 TFLOPS slices, whichever process got them
+        assert refused == ["max_tflops"] * 4
+        held = [a for a in await ledger.held(tenant)]
+        assert sum(a.tflops for a in held) == pytest.approx(2.0)
+        # both racers hold a running request, and the cap is 2: a third is refused, naming the term,
+        # and so is the next try (a refusal ends none of the running requests)
+        for _ in range(2):
+            with pytest.raises(
+                CovenantViolation, match="max_concurrent_requests: limit 2 at once, current usage 2 run"
+            ):
+                await ledger.admit(tenant, "third", Covenant(max_tflops=2.0, max_concurrent_requests=2))
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGKILL)
+            p.wait()
+    # the dead processes' slices and requests count no more
+    assert await ledger.held(tenant) == []
+    await ledger.end_request(await ledger.admit(tenant, "after", Covenant(max_tflops=2.0, max_concurrent_requests=1)))
+    allocation = await ledger.reserve(
+        allocation_id=new_allocation_id(),
+        tenant=tenant,
+        request_id="r",
+        pool=ledger.pools[0],
+        model="m",
+        tflops=2.0,
+        vram_gb=0.1,
+        wait_s=0,
+    )
+    await ledger.release(allocation.allocation_id, tenant)
+    with pytest.raises(CovenantViolation, match="max_tflops: limit 2 TFLOPS held at once.*one slice asks 3"):
+        await ledger.reserve(
+            allocation_id=new_allocation_id(),
+            tenant=tenant,
+            request_id="r",
+            pool=ledger.pools[0],
+            model="m",
+            tflops=3.0,
+            vram_gb=0.1,
+            wait_s=5,
+        )
 
 
 async def test_pool_sync_reserve_and_listing_at_once_do_not_deadlock(ledger):

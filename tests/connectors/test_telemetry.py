@@ -1,4 +1,5 @@
-"""The telemetry dataset: one record per fragment attempt, safe under concurrent writers."""
+"""Telemetry (`connectors.telemetry`): the dataset, one record per fragment attempt, safe under
+concurrent writers; the Prometheus metrics, fragments counted and spend per tenant."""
 
 import json
 import subprocess
@@ -132,3 +133,21 @@ async def test_prometheus_metrics_count_fragments(test_catalog, monkeypatch):
     assert fragments_ok() == before + 2
     text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
     assert 'homeskillet_allocations_held{backend="local"} 0.0' in text
+
+
+@pytest.mark.usefixtures("assert_no_leaks")
+async def test_prometheus_counts_spend_per_tenant(covenant_catalog):
+    from prometheus_client import REGISTRY
+
+    def spent() -> float:
+        return REGISTRY.get_sample_value("homeskillet_tenant_spend_usd_total", {"tenant": "cov-metrics"}) or 0.0
+
+    before = spent()
+    result = await fuse_request(
+        prompt="Say hi.",
+        tenant="cov-metrics",
+        constraints={"max_tokens": 8},
+        catalog_path=covenant_catalog(cov_metrics={}),
+    )
+    assert spent() - before == pytest.approx(result.cost_usd)
+    assert REGISTRY.get_sample_value("homeskillet_tenant_allocations_held", {"tenant": "cov-metrics"}) == 0

@@ -1,9 +1,25 @@
-"""The request classifier: deterministic features, committed weights, reproducible training."""
+"""The request classifier's Python reference (`tasks.classifier`): deterministic features and
+byte-level text rules, exp and log without a math library, committed weights, reproducible
+training."""
+
+import math
+import random
 
 import pytest
 
 from homeskillet.settings import RECORDINGS as ROUTERBENCH
-from tasks.classifier import WEIGHTS, Classifier, cross_validate, features, train, training_examples
+from tasks.classifier import (
+    MAX_TEXT,
+    WEIGHTS,
+    Classifier,
+    _exp_neg,
+    cross_validate,
+    f32,
+    features,
+    log_table,
+    train,
+    training_examples,
+)
 
 
 def test_features_are_deterministic_sparse_and_normalised():
@@ -44,3 +60,29 @@ def test_training_command_reproduces_the_committed_model():
     assert agree == len(probe)
     scores = cross_validate(texts, labels, folds=3)
     assert scores["overall"] > 0.85 and scores["multiple_choice"] > 0.95 and scores["code"] > 0.9
+
+
+def test_text_rules_are_byte_level(reference):
+    from tasks.classifier import features
+
+    same = reference.probabilities
+    assert same("HeLLo   WORLD\t\n") == same("hello world")  # ASCII case, ASCII whitespace runs
+    assert same("İ") != same("i̇")  # no Unicode case mapping
+    assert same("a\u00a0b") != same("a b") and same("a\u0085b") != same("a b")  # NBSP, NEL are not spaces
+    assert same("a\x0bb") == same("a b")  # vertical tab is
+    assert features("") == {}
+    x = features("Translate 'hello' into French.")
+    assert list(x) == sorted(x) and all(f32(v) == v for v in x.values())
+    assert sum(v * v for v in x.values()) == pytest.approx(1.0, abs=1e-6)
+    # only the first MAX_TEXT bytes of normalised text count
+    assert features("q" * MAX_TEXT + " solve") == features("q" * MAX_TEXT + " translate")
+
+
+def test_exp_and_log_are_accurate_without_a_math_library():
+    rng = random.Random(3)
+    for d in [0.0, -1e-30, -0.5, -1.0, -10.0, -87.0, -103.0] + [-rng.uniform(0, 104) for _ in range(2_000)]:
+        assert _exp_neg(d) == pytest.approx(math.exp(d), rel=2e-15, abs=1e-300)
+    assert _exp_neg(-105.0) == 0.0 and _exp_neg(0.0) == 1.0
+    table = log_table()
+    for n in range(1, len(table)):
+        assert abs(table[n] - (1 + math.log(n))) <= 2**-20 * (1 + math.log(n))  # within a float32 ulp

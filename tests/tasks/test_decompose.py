@@ -1,7 +1,13 @@
+"""Decomposition (`tasks.decompose`): a prompt becomes a plan of fragments (numbered items,
+several questions, map-reduce for long text to summarise), each classified by the request
+classifier (the .wasm, else the Python reference); sizes and limits are checked."""
+
 import pytest
 
 from homeskillet.errors import InvalidRequest
+from tasks.classifier import Classifier
 from tasks.decompose import MAX_FRAGMENTS, classify, decompose_prompt, estimate_tokens, fill
+from tasks.edge_classifier import WasmClassifier
 
 
 def texts(plan):
@@ -124,3 +130,29 @@ def test_a_request_may_keep_its_prompt_whole_and_declare_its_task_type():
     assert declared.task_type == "code"
     with pytest.raises(InvalidRequest, match="beyond every allowed model's context"):
         decompose_prompt("Summarize: " + "word " * 3000, "r", 2048, 64, split=False)  # no map-reduce either
+
+
+def test_the_flow_classifies_through_the_wasm(wasm, reference):
+    from tasks import decompose
+
+    assert isinstance(decompose.request_classifier(), WasmClassifier)
+    text = "Translate 'where is the station' into Spanish."
+    assert decompose.classify(text) == wasm.predict(text)[0] == reference.predict(text)[0] == "translate"
+
+
+def test_without_the_wasm_the_flow_falls_back_to_the_reference(monkeypatch, wasm):
+    from tasks import decompose, edge_classifier
+
+    def missing():
+        raise FileNotFoundError("edge/classifier.wasm")
+
+    monkeypatch.setattr(decompose, "wasm_classifier", missing)
+    decompose.request_classifier.cache_clear()
+    try:
+        assert isinstance(decompose.request_classifier(), Classifier)
+        text = "Write a SQL query that lists customers by city."
+        assert decompose.request_classifier().probabilities(text) == wasm.probabilities(text)
+    finally:
+        decompose.request_classifier.cache_clear()
+    monkeypatch.undo()
+    assert decompose.request_classifier() is edge_classifier.wasm_classifier()

@@ -1,7 +1,11 @@
+"""Fusion (`tasks.fusion`): fragment answers become one answer, in prompt order or the reduce step's,
+with per-fragment provenance and the costs added."""
+
 import pytest
 
-from homeskillet.schemas import Fragment, FragmentResult, Plan, Timings
+from homeskillet.schemas import FragmentResult, Plan, Timings
 from tasks.fusion import fuse_results
+from tests.support import frag
 
 
 def result(fid, text, cost=0.5):
@@ -19,10 +23,6 @@ def result(fid, text, cost=0.5):
         cost_usd=cost,
         reason="r",
     )
-
-
-def frag(fid, text, deps=()):
-    return Fragment(id=fid, text=text, task_type="chat", depends_on=list(deps), est_prompt_tokens=3)
 
 
 def test_ordered_fusion_keeps_the_prompt_order_and_adds_costs():
@@ -48,8 +48,3 @@ def test_fusion_refuses_missing_results():
     plan = Plan(request_id="r", fusion="ordered", fragments=[frag("f1", "a"), frag("f2", "b")])
     with pytest.raises(ValueError, match="f2"):
         fuse_results(plan, {"f1": result("f1", "x")}, "acme", 1.0)
-
-
-def test_plans_must_list_dependencies_first():
-    with pytest.raises(ValueError, match="do not come before"):
-        Plan(request_id="r", fusion="reduce", fragments=[frag("f1", "{f2}", deps=["f2"]), frag("f2", "b")])

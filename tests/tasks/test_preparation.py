@@ -1,4 +1,4 @@
-"""The request preamble: covenant checks, the restricted catalog, decomposition, size checks and the
+"""The request preamble (`tasks.preparation`): covenant checks, the restricted catalog, decomposition, size checks and the
 first choice of model per fragment, before anything is allocated. Pure: no server is started (the
 services' backends are never touched)."""
 

@@ -1,3 +1,7 @@
+"""Routing (`tasks.routing`): each fragment's model and pool from the catalog's figures and the
+request's constraints, costs by the larger share of the pool, and `route` running the call the
+preview shows, re-running after a preemption or falling back when asked."""
+
 import logging
 
 import pytest
@@ -9,6 +13,7 @@ from homeskillet.settings import PACKAGED_CATALOG
 from tasks.context import RunContext
 from tasks.routing import candidates, estimate_cost, fragment_budget, fragment_cost, preview, route, slice_rate
 from tasks.runtime import Services
+from tests.support import plan
 
 CATALOG = load_catalog(PACKAGED_CATALOG)
 GEMMA_FOR_QA = "gemma3-270m"  # the catalog's prior: 0.6 against SmolLM2's 0.5, past the 90 % line
@@ -24,14 +29,6 @@ def context(constraints: Constraints, strategy: str = "single", budget: float | 
 def route_plan(the_plan: Plan, catalog, constraints: Constraints):
     assert catalog is CATALOG
     return preview(the_plan, context(constraints, budget=fragment_budget(the_plan, constraints)))
-
-
-def plan(*pairs):
-    return Plan(
-        request_id="r",
-        fusion="ordered",
-        fragments=[Fragment(id=f"f{i}", text=t, task_type=k, est_prompt_tokens=10) for i, (t, k) in enumerate(pairs)],
-    )
 
 
 def test_each_task_type_goes_to_its_most_suitable_model_on_the_cheapest_pool():
@@ -160,21 +157,3 @@ async def test_auto_picks_a_cascade_for_closed_answers_and_single_for_free_text(
     assert out_free.strategy == "single" and "chat answers cannot be compared" in out_free.reason
     # two local models: no two cheaper ones to agree, so the single best-value model
     assert out_closed.strategy == "single" and "fewer than two cheaper models" in out_closed.reason
-
-
-def test_a_new_benchmark_changes_routing_without_a_restart(tmp_path):
-    import json
-    import os
-
-    services = Services(catalog_path=PACKAGED_CATALOG, home=tmp_path)
-    fragment = plan(("12 times 12?", "math"))
-    assert services.catalog.models == CATALOG.models  # no benchmark yet: the catalog's priors
-    latest = tmp_path / "benchmarks" / "latest.json"
-    latest.parent.mkdir()
-    latest.write_text(json.dumps({"quality": {"gemma3-270m": {"math": 0.9}, "smollm2-135m": {"math": 0.1}}}))
-    ctx = RunContext(InferenceRequest(tenant="demo", prompt="p"), services, services.catalog, LOG)
-    assert preview(fragment, ctx)["f0"].model == "gemma3-270m"
-    latest.write_text(json.dumps({"quality": {"gemma3-270m": {"math": 0.1}, "smollm2-135m": {"math": 0.9}}}))
-    os.utime(latest, ns=(1, latest.stat().st_mtime_ns + 1_000_000))  # a later write, even within one tick
-    ctx = RunContext(InferenceRequest(tenant="demo", prompt="p"), services, services.catalog, LOG)
-    assert preview(fragment, ctx)["f0"].model == "smollm2-135m"

@@ -1,11 +1,47 @@
-"""Routing strategies in the live flow: each model call has its own allocation, provenance keeps
-them all, and the answer is the one the policy chose."""
+"""The routing strategies (`tasks.strategies`): answers normalised per task type, routing stats
+that round-trip through their file and are narrowed to what a request allows; then in the live
+flow, where each model call has its own allocation, provenance keeps them all, and the answer is
+the one the policy chose."""
 
 import pytest
 
+from connectors.recordings import load
 from flows.fusion import fuse_request
+from homeskillet.errors import InvalidRequest, NoRoute
+from tasks.evaluation import fit
+from tasks.strategies import Stats, normalise
+from tests.support import write_bench
 
-pytestmark = pytest.mark.usefixtures("local_services", "assert_no_leaks")
+LIVE = pytest.mark.usefixtures("local_services", "assert_no_leaks")  # the flow
+
+
+def test_normalisation_per_task_type():
+    assert normalise("multiple_choice", "The answer is C.") == "C"
+    assert normalise("multiple_choice", "2") == "B"  # Winogrande's options 1/2 are A/B
+    assert normalise("multiple_choice", "I cannot tell") == ""
+    assert normalise("math", "12 apples, so 1,234.5 in all") == "1234.5"
+    assert normalise("code", "Sure:\n```python\ndef f():\n    return 1\n```") == "def f(): return 1"
+
+
+def test_routing_stats_round_trip_and_bad_files(tmp_path):
+    records = load(
+        write_bench(
+            tmp_path / "arc_challenge_train.csv", [dict(gold="A", **{"cheap-a": "A", "cheap-b": "B", "big": "A"})] * 5
+        )
+    )
+    stats = fit(records)
+    stats.save(tmp_path / "stats.json")
+    assert Stats.load(tmp_path / "stats.json") == stats
+    assert stats.quality["multiple_choice"] == {"big": 1.0, "cheap-a": 1.0, "cheap-b": 0.0}
+    narrowed = stats.only("multiple_choice", ["big", "smollm2-135m"])
+    assert narrowed.quality == {"multiple_choice": {"big": 1.0}}
+    with pytest.raises(NoRoute, match="no figures for task type 'code'"):
+        stats.only("code", ["big"])
+    with pytest.raises(NoRoute, match="no allowed model has routing figures"):
+        stats.only("multiple_choice", ["smollm2-135m"])
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    with pytest.raises(InvalidRequest, match="not a routing-stats file"):
+        Stats.load(tmp_path / "bad.json")
 
 
 async def run(test_catalog, prompt, strategy, **constraints):
@@ -18,6 +54,7 @@ async def run(test_catalog, prompt, strategy, **constraints):
     )
 
 
+@LIVE
 async def test_cascade_accepts_when_two_cheap_models_agree(test_catalog, monkeypatch):
     monkeypatch.setenv("ECHO_DELAY_S", "0")
     result = await run(test_catalog, "What is 2 + 2?", "cascade")
@@ -28,6 +65,7 @@ async def test_cascade_accepts_when_two_cheap_models_agree(test_catalog, monkeyp
     assert len(set(fragment.allocation_ids)) == 2 and fragment.strategy == "cascade"
 
 
+@LIVE
 async def test_cascade_sends_free_text_straight_to_the_best_model(test_catalog, monkeypatch):
     """A haiku gives no signal a probe could be judged by: no probe is paid for."""
     monkeypatch.setenv("ECHO_DELAY_S", "0")
@@ -39,6 +77,7 @@ async def test_cascade_sends_free_text_straight_to_the_best_model(test_catalog, 
     assert fragment.cost_usd > 0 and len(fragment.allocation_ids) == 1
 
 
+@LIVE
 async def test_cascade_escalates_code_that_is_not_valid(test_catalog, monkeypatch):
     """The echo models answer with the prompt, which is no Python function: escalated."""
     monkeypatch.setenv("ECHO_DELAY_S", "0")
@@ -48,6 +87,7 @@ async def test_cascade_escalates_code_that_is_not_valid(test_catalog, monkeypatc
     assert fragment.confidence == 0.0 and "no probe gave valid code" in fragment.reason
 
 
+@LIVE
 async def test_ensemble_votes_and_moa_aggregates(test_catalog, monkeypatch):
     monkeypatch.setenv("ECHO_DELAY_S", "0")
     voted = (await run(test_catalog, "What is 2 + 2?", "ensemble")).fragments[0]
@@ -56,6 +96,7 @@ async def test_ensemble_votes_and_moa_aggregates(test_catalog, monkeypatch):
     assert mixed.models_called[-1] == "smollm2-135m" and "aggregator smollm2-135m" in mixed.reason
 
 
+@LIVE
 async def test_unknown_strategy_is_refused(test_catalog):
     from homeskillet.errors import InvalidRequest
 
@@ -63,6 +104,7 @@ async def test_unknown_strategy_is_refused(test_catalog):
         await run(test_catalog, "Hi?", "magic")
 
 
+@LIVE
 async def test_learned_routing_stats_decide_instead_of_the_catalog(test_catalog, tmp_path, monkeypatch):
     """A routing-stats file (learned figures) overrides the catalog's priors; one that does not
     cover the fragment's task type is a clear error, with nothing left allocated."""
