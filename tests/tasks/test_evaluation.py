@@ -1,6 +1,7 @@
 """Offline evaluation of the routing strategies over recorded answers (`tasks.evaluation`): the
 figures fitted per fold, a strategy replayed record by record (a learned cascade, auto),
-correctness after normalisation, bad inputs named; and the `eval-routing` and `learn-routing`
+correctness after normalisation, bad inputs named, a strategy's score set beside every single
+model's and the oracle's (and several files as one); and the `eval-routing` and `learn-routing`
 commands that print those figures and write them for the flow."""
 
 import json
@@ -12,7 +13,7 @@ import pytest
 from connectors.recordings import load
 from homeskillet.errors import InvalidRequest, NoRoute
 from homeskillet.settings import RECORDINGS as ROUTERBENCH
-from tasks.evaluation import evaluate, is_correct, oracle, single_models
+from tasks.evaluation import Comparison, Score, compare, evaluate, is_correct, oracle, overall, single_models
 from tasks.strategies import Stats
 from tests.support import HOMESKILLET, write_bench
 
@@ -136,3 +137,33 @@ def test_learn_routing_writes_stats_the_flow_can_use(tmp_path):
         timeout=120,
     )
     assert bad.returncode == 2 and "missing.csv" in bad.stderr
+
+
+def test_a_strategy_is_set_beside_every_single_model_and_the_oracle_and_files_add_up(tmp_path):
+    records = load(
+        write_bench(
+            tmp_path / "arc_challenge_train.csv",
+            [
+                dict(gold="A", **{"cheap-a": "A", "cheap-b": "B", "big": "A"}),
+                dict(gold="B", **{"cheap-a": "A", "cheap-b": "B", "big": "B"}),
+                dict(gold="A", **{"cheap-a": "A", "cheap-b": "A", "big": "A"}),
+                dict(gold="B", **{"cheap-a": "A", "cheap-b": "A", "big": "A"}),
+            ],
+        )
+    )
+    first = compare(records, Score(1.0, 4.0), limit=3)  # the strategy's score on the first 3 records
+    assert (first.records, first.score) == (3, Score(1.0, 4.0))
+    assert first.singles == {
+        "big": Score(1.0, 30.0),
+        "cheap-a": Score(pytest.approx(2 / 3), 3.0),
+        "cheap-b": Score(pytest.approx(2 / 3), 3.0),
+    }
+    assert first.best == "big" and first.oracle == Score(1.0, 3.0)  # the cheapest right model each time
+    assert compare(records, Score(1.0, 1.0), limit=1).best == "cheap-a"  # as accurate as big, and cheaper
+    assert compare(records, Score(0.0, 0.0)).oracle == Score(0.75, 4.0)  # none right: the cheapest one counts
+    other_file = Comparison(1, Score(0.0, 2.0), {"big": Score(0.0, 10.0)}, "big", Score(0.0, 1.0))
+    both = overall([first, other_file])
+    assert both.records == 4
+    assert both.score == Score(0.75, 6.0)  # accuracy weighted by records, costs added
+    assert both.singles == {"big": Score(0.75, 40.0)}  # only the models every file recorded
+    assert both.best == "big" and both.oracle == Score(0.75, 4.0)
