@@ -90,21 +90,31 @@ def terminate(pid: int, grace_s: float = 15.0, group: bool = False) -> None:
         kill(target, signal.SIGTERM)
     except ProcessLookupError:
         return
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline:
+    if _gone(pid, target, kill, group, time.monotonic() + grace_s):
+        return
+    try:
+        kill(target, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    _gone(pid, target, kill, group, time.monotonic() + KILL_WAIT_S)  # SIGKILL lands within moments
+
+
+KILL_WAIT_S = 5.0
+
+
+def _gone(pid: int, target: int, kill, group: bool, deadline: float) -> bool:
+    """Whether the process (or its group) is gone by the deadline, reaping our own child."""
+    while True:
         _reap(pid)
         try:
             kill(target, 0)
         except ProcessLookupError:
-            return
+            return True
         if not group and created(pid) is None:
-            return  # a zombie that is not ours to reap
+            return True  # a zombie that is not ours to reap
+        if time.monotonic() >= deadline:
+            return False
         time.sleep(0.1)
-    try:
-        kill(target, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    _reap(pid)
 
 
 def _reap(pid: int) -> None:

@@ -8,7 +8,7 @@ import time
 
 import psutil
 
-from connectors.processes import created, port_in_use, tail, terminate
+from connectors.processes import port_in_use, tail, terminate
 
 SLEEPER = "import signal, time; {ignore}print('ready', flush=True); time.sleep(60)"
 
@@ -46,9 +46,5 @@ def test_terminate_kills_a_process_that_ignores_sigterm_after_the_grace_period()
     proc = start(ignore_sigterm=True)
     started = time.monotonic()
     terminate(proc.pid, grace_s=0.5)
-    assert 0.5 <= time.monotonic() - started < 5
-    deadline = time.monotonic() + 5  # SIGKILL was sent; terminate does not wait for it to land
-    while created(proc.pid) is not None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert created(proc.pid) is None  # dead (a zombie until reaped)
-    assert proc.wait(5) == -9
+    assert time.monotonic() - started >= 0.5
+    assert not psutil.pid_exists(proc.pid)  # killed and reaped by the time terminate returns
