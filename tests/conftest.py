@@ -7,8 +7,8 @@ imports prefect.
 Each test is marked by what it needs, from the fixtures it uses (see NEEDS): `services`
 (PostgreSQL, the Prefect server, the ledger), `models` (real llama.cpp model servers), `docker`.
 `make test-fast` runs the rest (`-m "not services and not models and not docker"`); when `-m`
-leaves services out, starting one (or the `homeskillet` or `prefect` executable, which reach them)
-fails the test that did it and the session.
+leaves services out, a test that asks for one fails, and a server of this session still running at
+its end fails the session.
 """
 
 from __future__ import annotations
@@ -75,7 +75,6 @@ NEEDS = {
 LEFT_OUT: set[str] = set()  # what `-m` leaves out of this session (set at configure)
 REFUSED: list[str] = []  # what a test tried to start although `-m` left it out
 RUNNING = {"test": "(no test)"}
-GUARDED = {}  # subprocess.Popen._execute_child as it was, while the guard is on
 
 
 def _left_out(markexpr: str) -> set[str]:
@@ -92,15 +91,8 @@ def _left_out(markexpr: str) -> set[str]:
     return {need for need in NEEDS if not selected(need)}
 
 
-def _words(argv) -> list[str]:
-    if isinstance(argv, bytes):
-        argv = argv.decode(errors="replace")
-    return str(argv).split() if isinstance(argv, str | os.PathLike) else [str(a) for a in argv]
-
-
-def _server_in(argv) -> str | None:
-    """The kind of local server a command line (or a process's) runs, if any."""
-    words = _words(argv)
+def _server_in(words: list[str]) -> str | None:
+    """The kind of local server a process's command line runs, if any."""
     if not words:
         return None
     program = Path(words[0]).name.rstrip(":")  # PostgreSQL's own processes: "postgres: checkpointer"
@@ -111,33 +103,6 @@ def _server_in(argv) -> str | None:
     if "server" in words and any(Path(w).name == "prefect" for w in words[:4]):  # prefect server start
         return "services"
     return None
-
-
-def _needs_of(argv) -> str | None:
-    """What running a command needs: a server it is, or the services the `homeskillet` and
-    `prefect` executables reach (the ledger, the Prefect API)."""
-    words = _words(argv)
-    if words and Path(words[0]).name in ("homeskillet", "prefect"):
-        return "services"
-    return _server_in(words)
-
-
-def _guard_subprocesses() -> None:
-    """Every child process this session starts passes here: one that `-m` leaves out is refused,
-    and remembered for the end of the session (a test may swallow the error)."""
-    import subprocess
-
-    execute = GUARDED["execute"] = subprocess.Popen._execute_child
-
-    def guarded(self, args, *rest, **kwargs):
-        need = _needs_of(args)
-        if need in LEFT_OUT:
-            what = args if isinstance(args, str) else " ".join(map(str, args))
-            REFUSED.append(f"{RUNNING['test']}: {what[:200]}")
-            raise RuntimeError(f"this session leaves {need!r} out (-m), but a test runs: {what[:200]}")
-        return execute(self, args, *rest, **kwargs)
-
-    subprocess.Popen._execute_child = guarded
 
 
 def _servers_left_out() -> list[str]:
@@ -161,8 +126,6 @@ def _servers_left_out() -> list[str]:
 
 def pytest_configure(config):
     LEFT_OUT.update(_left_out(config.getoption("markexpr")))
-    if "services" in LEFT_OUT:
-        _guard_subprocesses()
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -192,10 +155,6 @@ def _session_state():
     that left services out (-m) fails if a test started one or tried to."""
     yield
     started = _servers_left_out() if "services" in LEFT_OUT else []
-    if GUARDED:  # stopping what a test started anyway runs pg_ctl
-        import subprocess
-
-        subprocess.Popen._execute_child = GUARDED.pop("execute")
     try:
         from tasks import runtime
 
