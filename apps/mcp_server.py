@@ -20,6 +20,7 @@ import mcp_types as types
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ResourceNotFoundError, ToolError
 from mcp.shared.exceptions import MCPError
+from pydantic import ValidationError
 from starlette.responses import JSONResponse
 from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket
@@ -27,6 +28,7 @@ from starlette.websockets import WebSocket
 from connectors.tokens import TokenStore
 from connectors.ws_transport import DEFAULT_MAX_MESSAGE_BYTES, SUBPROTOCOL, token_from_subprotocols, websocket_server
 from homeskillet.errors import HomeskilletError
+from homeskillet.schemas import Constraints
 from homeskillet.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -97,28 +99,26 @@ async def _with_shared_clients(flow_run):
     return await flow_run
 
 
-def build_mcp(catalog_path: str | None, store_ref: dict, slots: FuseSlots) -> _Server:
-    from tasks import runtime
+class Tools:
+    """The MCP tools and resources, as methods over what they share: the catalog file, the token
+    store (`store`, opened on the first request when not given) and the per-tenant cap. Each is
+    a plain method: it can be imported, read and called on its own."""
 
-    mcp = _Server(
-        name="homeskillet",
-        instructions="Homeskillet: decompose a request, run each part on its own GPU share, fuse the answers.",
-        log_level="WARNING",
-    )
+    def __init__(self, catalog_path: str | None, slots: FuseSlots, store: TokenStore | None = None):
+        self.catalog_path = catalog_path
+        self.slots = slots
+        self.store = store
 
-    def constraints_of(constraints: dict | None):
-        from pydantic import ValidationError
+    @property
+    def services(self):
+        """The run services of this server's catalog (imported on use: Prefect, beneath them, reads
+        its settings at import, which the command line sets first)."""
+        from tasks import runtime
 
-        from homeskillet.schemas import Constraints
+        return runtime.services(self.catalog_path)
 
-        try:
-            return Constraints.model_validate(constraints or {})
-        except ValidationError as exc:
-            raise ToolError(f"invalid constraints: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}") from None
-
-    @mcp.tool()
     async def fuse(
-        prompt: str, ctx: Context, strategy: str = "single", constraints: dict[str, Any] | None = None
+        self, prompt: str, ctx: Context, strategy: str = "single", constraints: dict[str, Any] | None = None
     ) -> types.CallToolResult:
         """Run one request through the fuse_request flow (decompose, allocate a GPU share per
         fragment, infer, release, fuse). Progress: one notification per fragment allocated and
@@ -129,7 +129,7 @@ def build_mcp(catalog_path: str | None, store_ref: dict, slots: FuseSlots) -> _S
         from tasks import progress
 
         tenant = tenant_of(ctx)
-        async with slots.slot(tenant):
+        async with self.slots.slot(tenant):
             request_id = "mcp-" + uuid.uuid4().hex[:16]
             events: asyncio.Queue[dict] = asyncio.Queue()
             with prefect.tags(f"tenant:{tenant}", "mcp"):
@@ -143,7 +143,7 @@ def build_mcp(catalog_path: str | None, store_ref: dict, slots: FuseSlots) -> _S
                             strategy=strategy,
                             constraints=constraints,
                             request_id=request_id,
-                            catalog_path=catalog_path,
+                            catalog_path=self.catalog_path,
                         )
                     )
                 )
@@ -168,25 +168,25 @@ def build_mcp(catalog_path: str | None, store_ref: dict, slots: FuseSlots) -> _S
                     run.cancel()
                     with anyio.CancelScope(shield=True):
                         await asyncio.wait({run})
-                        await _release_leftovers(tenant, request_id)
+                        await self._release_leftovers(tenant, request_id)
                     raise
             try:
                 result = run.result()
             except BaseException as exc:
-                await _release_leftovers(tenant, request_id)
+                await self._release_leftovers(tenant, request_id)
                 if isinstance(exc, HomeskilletError):
                     raise ToolError(f"{type(exc).__name__}: {exc}") from None
                 raise
             data = result.model_dump(mode="json")
-            await store_ref["store"].save_result(tenant, result.request_id, data)
+            await self.store.save_result(tenant, result.request_id, data)
             return types.CallToolResult(
                 content=[types.TextContent(type="text", text=result.answer)], structured_content=data
             )
 
-    async def _release_leftovers(tenant: str, request_id: str) -> None:
+    async def _release_leftovers(self, tenant: str, request_id: str) -> None:
         """Backstop after a failed or cancelled run: release what the request still holds (its
         rollback hooks normally have; a cancellation racing a reservation must not leak one)."""
-        services = runtime.services(catalog_path)
+        services = self.services
         try:
             for allocation in await services.held(tenant):
                 if allocation.request_id == request_id:
@@ -195,9 +195,8 @@ def build_mcp(catalog_path: str | None, store_ref: dict, slots: FuseSlots) -> _S
         except Exception:
             log.exception("could not check request %s for leftover allocations", request_id)
 
-    @mcp.tool()
     async def plan(
-        prompt: str, ctx: Context, strategy: str = "single", constraints: dict[str, Any] | None = None
+        self, prompt: str, ctx: Context, strategy: str = "single", constraints: dict[str, Any] | None = None
     ) -> types.CallToolResult:
         """The fragments, their task types, chosen models and pools, and the cost estimate, as
         `fuse` would run them under your covenant; nothing is allocated."""
@@ -208,7 +207,7 @@ def build_mcp(catalog_path: str | None, store_ref: dict, slots: FuseSlots) -> _S
             request = make_request(
                 prompt, tenant, strategy, constraints_of(constraints), "plan-" + uuid.uuid4().hex[:8]
             )
-            prepared = await prepare(request, runtime.services(catalog_path), log)
+            prepared = await prepare(request, self.services, log)
         except HomeskilletError as exc:
             raise ToolError(f"{type(exc).__name__}: {exc}") from None
         choices = prepared.choices
@@ -236,25 +235,22 @@ def build_mcp(catalog_path: str | None, store_ref: dict, slots: FuseSlots) -> _S
             }
         )
 
-    @mcp.tool()
-    async def classify(prompt: str) -> types.CallToolResult:
+    async def classify(self, prompt: str) -> types.CallToolResult:
         """The request classifier's task type for a text, and every label's probability."""
         from tasks.decompose import request_classifier
 
         probs = request_classifier().probabilities(prompt.encode())
         return _structured({"label": max(probs, key=probs.get), "probabilities": probs})
 
-    @mcp.tool()
-    async def allocations(ctx: Context) -> types.CallToolResult:
+    async def allocations(self, ctx: Context) -> types.CallToolResult:
         """The GPU shares your tenant holds now."""
         tenant = tenant_of(ctx)
-        held = await runtime.services(catalog_path).held(tenant)
+        held = await self.services.held(tenant)
         return _structured({"tenant": tenant, "allocations": [a.model_dump(mode="json") for a in held]})
 
-    @mcp.resource("homeskillet://catalog", mime_type="application/json")
-    def catalog_resource() -> str:
+    def catalog(self) -> str:
         """Models, pools (tier, capacity, price per hour) and tenants."""
-        catalog = runtime.catalog(catalog_path)
+        catalog = self.services.catalog
         return json.dumps(
             {
                 "models": [m.model_dump(mode="json") for m in catalog.models],
@@ -263,23 +259,42 @@ def build_mcp(catalog_path: str | None, store_ref: dict, slots: FuseSlots) -> _S
             }
         )
 
-    @mcp.resource("homeskillet://requests/{request_id}", mime_type="application/json")
-    async def request_resource(request_id: str, ctx: Context) -> str:
+    async def request(self, request_id: str, ctx: Context) -> str:
         """A finished request's fusion result (your tenant's only)."""
-        data = await store_ref["store"].result(tenant_of(ctx), request_id)
+        data = await self.store.result(tenant_of(ctx), request_id)
         if data is None:
             raise ResourceNotFoundError(f"no request {request_id!r}")
         return json.dumps(data)
 
+
+def constraints_of(constraints: dict | None) -> Constraints:
+    """A tool's constraints argument, validated, or a ToolError naming the first problem."""
+    try:
+        return Constraints.model_validate(constraints or {})
+    except ValidationError as exc:
+        raise ToolError(f"invalid constraints: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}") from None
+
+
+def build_mcp(tools: Tools) -> _Server:
+    """The MCP server: the four tools and two resources of `tools`."""
+    mcp = _Server(
+        name="homeskillet",
+        instructions="Homeskillet: decompose a request, run each part on its own GPU share, fuse the answers.",
+        log_level="WARNING",
+    )
+    for tool in (tools.fuse, tools.plan, tools.classify, tools.allocations):
+        mcp.tool()(tool)
+    mcp.resource("homeskillet://catalog", mime_type="application/json")(tools.catalog)
+    mcp.resource("homeskillet://requests/{request_id}", mime_type="application/json")(tools.request)
     return mcp
 
 
 class BearerAuth:
     """ASGI middleware: resolve the bearer token to its tenant before anything else runs."""
 
-    def __init__(self, app, store_ref: dict):
+    def __init__(self, app, tools: Tools):
         self.app = app
-        self.store_ref = store_ref
+        self.tools = tools  # its token store resolves the token
         self.sessions: dict[str, str] = {}  # Streamable HTTP session id → tenant
 
     async def __call__(self, scope, receive, send):
@@ -293,7 +308,7 @@ class BearerAuth:
         if token is None and scope["type"] == "websocket":
             protocols = [p.strip() for p in headers.get("sec-websocket-protocol", "").split(",") if p.strip()]
             token = token_from_subprotocols(protocols)
-        tenant = await self.store_ref["store"].tenant_of(token) if token else None
+        tenant = await self.tools.store.tenant_of(token) if token else None
         if tenant is None:
             why = "missing bearer token" if not token else "invalid or revoked token"
             if scope["type"] == "websocket":
@@ -334,8 +349,8 @@ def create_app(
 ):
     """The ASGI app. `store`: an opened TokenStore (default: opened on first request)."""
     slots = FuseSlots(max_concurrent or get_settings().mcp_max_concurrent)
-    store_ref: dict[str, Any] = {"store": store}
-    mcp = build_mcp(catalog_path, store_ref, slots)
+    tools = Tools(catalog_path, slots, store)
+    mcp = build_mcp(tools)
     app = mcp.streamable_http_app(streamable_http_path="/mcp", host=host, max_request_body_size=max_message_bytes)
     lowlevel = mcp._lowlevel_server
 
@@ -345,13 +360,14 @@ def create_app(
             await lowlevel.run(read, write, lowlevel.create_initialization_options())
 
     app.router.routes.append(WebSocketRoute("/ws", ws_endpoint))
-    auth = BearerAuth(app, store_ref)
+    auth = BearerAuth(app, tools)
 
     async def asgi(scope, receive, send):
-        if store_ref["store"] is None:
-            store_ref["store"] = await TokenStore.open(get_settings().pgdata)
+        if tools.store is None:
+            tools.store = await TokenStore.open(get_settings().pgdata)
         await auth(scope, receive, send)
 
     asgi.mcp = mcp  # type: ignore[attr-defined]
     asgi.slots = slots  # type: ignore[attr-defined]
+    asgi.tools = tools  # type: ignore[attr-defined]
     return asgi

@@ -29,7 +29,7 @@ from homeskillet.settings import get_settings
 from tasks import runtime
 from tests.support import HOMESKILLET, free_port
 
-pytestmark = pytest.mark.usefixtures("local_services")  # flows, tasks or the Prefect API
+SERVED = pytest.mark.usefixtures("local_services")  # flows, tasks or the Prefect API
 
 THREE_PARTS = "What is the capital of France? Who wrote Romeo and Juliet? Write a haiku about the sea."
 
@@ -90,6 +90,7 @@ def ws_client(server: str, token: str | None, **kw) -> Client:
 CLIENTS = {"http": http_client, "ws": ws_client}
 
 
+@SERVED
 @pytest.mark.parametrize("transport", ["http", "ws"])
 async def test_four_tools_and_two_resources_are_listed(server, tokens, transport):
     async with CLIENTS[transport](server, tokens["acme"]) as client:
@@ -104,6 +105,7 @@ async def test_four_tools_and_two_resources_are_listed(server, tokens, transport
         assert {p["id"] for p in catalog["pools"]} >= {"tiny", "roomy"} and "price_per_hour" in catalog["pools"][0]
 
 
+@SERVED
 @pytest.mark.parametrize("transport", ["http", "ws"])
 async def test_fuse_sends_progress_before_its_result_and_only_its_tenant_reads_it(
     server, tokens, transport, assert_no_leaks
@@ -151,6 +153,7 @@ async def test_fuse_sends_progress_before_its_result_and_only_its_tenant_reads_i
         )
 
 
+@SERVED
 async def test_a_tenant_sees_only_its_own_allocations(server, tokens, monkeypatch, assert_no_leaks):
     monkeypatch.setenv("ECHO_DELAY_S", "3")
     backend = runtime.backend(runtime.catalog_path())  # noqa: F841 (warm)
@@ -167,6 +170,7 @@ async def test_a_tenant_sees_only_its_own_allocations(server, tokens, monkeypatc
         assert not (await call).is_error
 
 
+@SERVED
 async def test_bad_missing_and_revoked_tokens_are_refused_on_both_transports(server, tokens):
     async with httpx.AsyncClient() as http:
         body = {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}
@@ -213,6 +217,7 @@ async def test_bad_missing_and_revoked_tokens_are_refused_on_both_transports(ser
     assert len(token_hash(tokens["acme"])) == 64
 
 
+@SERVED
 async def test_a_socket_closed_mid_call_releases_everything(server, tokens, monkeypatch, assert_no_leaks):
     monkeypatch.setenv("ECHO_DELAY_S", "10")  # released well before the answers would come: cancelled
     backend = runtime.backend(runtime.catalog_path())
@@ -235,6 +240,7 @@ async def test_a_socket_closed_mid_call_releases_everything(server, tokens, monk
     assert APP["app"].slots.running.get("acme") == 0  # the call ended with its socket
 
 
+@SERVED
 async def test_cancelling_a_call_cancels_the_flow_and_releases(server, tokens, monkeypatch, assert_no_leaks):
     monkeypatch.setenv("ECHO_DELAY_S", "10")
     backend = runtime.backend(runtime.catalog_path())
@@ -260,6 +266,7 @@ async def test_cancelling_a_call_cancels_the_flow_and_releases(server, tokens, m
         assert (await client.call_tool("classify", {"prompt": "What is 2 + 2?"})).structured_content["label"]
 
 
+@SERVED
 async def test_the_per_tenant_cap_answers_a_clear_error(server, tokens, monkeypatch, assert_no_leaks):
     monkeypatch.setenv("ECHO_DELAY_S", "4")
     one = {"prompt": "Say one.", "constraints": ECHO}
@@ -277,6 +284,7 @@ async def test_the_per_tenant_cap_answers_a_clear_error(server, tokens, monkeypa
         assert all(not r.is_error for r in await asyncio.gather(*running))
 
 
+@SERVED
 async def test_bad_input_gets_json_rpc_errors_and_the_socket_stays_usable(server, tokens):
     headers = {"Authorization": f"Bearer {tokens['acme']}"}
     async with websockets.connect(f"ws://{server}/ws", subprotocols=["mcp"], additional_headers=headers) as ws:
@@ -310,6 +318,7 @@ async def test_bad_input_gets_json_rpc_errors_and_the_socket_stays_usable(server
         assert (await client.call_tool("classify", {"prompt": "Translate 'hello' to French"})).structured_content
 
 
+@SERVED
 async def test_plan_shows_only_what_the_covenant_allows_and_refuses_what_it_forbids(tokens, test_catalog, tmp_path):
     """`plan` prepares a request as `fuse` does: under a covenant that allows one model and one
     strategy it shows that model for every fragment, and refuses a forbidden strategy or model."""
@@ -366,6 +375,7 @@ def _cli(*args: str, **kw) -> subprocess.CompletedProcess:
     )
 
 
+@SERVED
 async def test_the_command_line_serves_mcp_and_manages_tokens(assert_no_leaks, tmp_path):
     """End to end as a user runs it: `homeskillet mcp serve`, a token per tenant from `tokens create`, a
     WebSocket client runs a three-part question on the real local models."""
@@ -422,3 +432,18 @@ async def test_the_command_line_serves_mcp_and_manages_tokens(assert_no_leaks, t
         async with http_client(f"127.0.0.1:{port}", made[0]["token"]) as client:
             again = await client.read_resource(f"homeskillet://requests/{fused['request_id']}")
             assert json.loads(again.contents[0].text) == fused
+
+
+async def test_the_handlers_are_methods_that_run_on_their_own():
+    """A tool is a plain method of `Tools`: called here without a server, a transport or a token."""
+    from mcp.server.mcpserver.exceptions import ToolError
+
+    from apps.mcp_server import FuseSlots, Tools, constraints_of
+
+    tools = Tools(None, FuseSlots(1))
+    result = await tools.classify("Write a Python function that returns the sum of a list of numbers.")
+    assert result.structured_content["label"] == "code"
+    assert sum(result.structured_content["probabilities"].values()) == pytest.approx(1.0)
+    assert json.loads(tools.catalog())["tenants"] == ["demo", "acme", "globex"]
+    with pytest.raises(ToolError, match="invalid constraints: .*max_tokens"):
+        constraints_of({"max_tokens": -1})
