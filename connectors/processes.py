@@ -110,8 +110,9 @@ def _gone(pid: int, target: int, kill, group: bool, deadline: float) -> bool:
             kill(target, 0)
         except ProcessLookupError:
             return True
-        if not group and created(pid) is None:
-            return True  # a zombie that is not ours to reap
+        if not group and created(pid) is None:  # a zombie: reaped if it is our child (it may have
+            _reap(pid)  # exited just after the reap above), else its parent's to reap
+            return True
         if time.monotonic() >= deadline:
             return False
         time.sleep(0.1)
