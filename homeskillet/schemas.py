@@ -9,6 +9,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from homeskillet.urls import check_url
+
 Tier = Literal["dedicated", "preemptible"]
 EPS = 1e-9  # tolerance when comparing sums of TFLOPS, GB or US$: float rounding, never a margin
 
@@ -112,6 +114,13 @@ class OpenAIServing(_Frozen):
     base_url: str = Field(description="Base URL ending in /v1.")
     model: str = Field(description="Model name the endpoint expects.")
     api_key_env: str | None = Field(None, description="Environment variable holding the API key.")
+
+    @field_validator("base_url")
+    @classmethod
+    def _base_url_is_a_base(cls, value: str) -> str:
+        # the operator writes the catalog, and local model servers listen on loopback: private
+        # hosts are allowed; a scheme other than http(s), credentials, a query or a fragment are not
+        return check_url(value, what="serving.base_url", allow_private=True)
 
 
 class ModelSpec(_Frozen):
