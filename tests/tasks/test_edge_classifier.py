@@ -325,12 +325,12 @@ const routed = createWorker({{ endpoints: {{ math: "https://math.example/pool", 
   fetch: async (req) => {{ seen.push([req.url, req.headers.get("x-homeskillet-task-type"), await req.text()]);
                            return new Response("forwarded"); }} }});
 for (const prompt of texts) {{
-  const r = await routed.fetch(new Request("https://edge.example/v1/run?tenant=a", {{ method: "POST",
+  const r = await routed.fetch(new Request("https://edge.example/v1/chat/completions", {{ method: "POST",
     headers: {{ "content-type": "application/json" }}, body: JSON.stringify({{ prompt }}) }}));
   out.forwarded.push(await r.text());
 }}
 out.seen = seen;
-const none = await createWorker({{ endpoints: {{}} }}).fetch(new Request("https://edge.example/x", {{ method: "POST", body: "hi" }}));
+const none = await createWorker({{ endpoints: {{}} }}).fetch(new Request("https://edge.example/v1/completions", {{ method: "POST", body: "hi" }}));
 out.unrouted = none.status;
 console.log(JSON.stringify(out));
 """
@@ -344,9 +344,9 @@ console.log(JSON.stringify(out));
     assert [body["probabilities"] for _, body in result["classify"]] == [wasm.probabilities(t) for t in texts]
     assert result["forwarded"] == ["forwarded"] * 3
     assert [s[0] for s in result["seen"]] == [
-        "https://math.example/pool/v1/run?tenant=a",
-        "https://hs.example/v1/run?tenant=a",
-        "https://hs.example/v1/run?tenant=a",
+        "https://math.example/pool/v1/chat/completions",
+        "https://hs.example/v1/chat/completions",
+        "https://hs.example/v1/chat/completions",
     ]
     assert [s[1] for s in result["seen"]] == labels
     assert [json.loads(s[2])["prompt"] for s in result["seen"]] == texts
