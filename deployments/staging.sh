@@ -7,6 +7,8 @@
 #   deployments/staging.sh down    stop and remove the stack (and dockerd, if this script started it)
 #
 # HOMESKILLET_STAGING_KEEP=1 leaves the stack up after the smoke requests (then `make staging-down`).
+# The Prefect API's auth string: HOMESKILLET_STAGING_PREFECT_AUTH if set, else the one in
+# $STATE/prefect-auth (made here on first use, readable by its owner only; never in the repository).
 # Host ports (127.0.0.1 only): HOMESKILLET_STAGING_PREFECT_PORT, HOMESKILLET_STAGING_EMULATOR_PORT,
 # HOMESKILLET_STAGING_MCP_PORT; unset, each is 4200 / 8700 / 8765, or a free port if that one is taken.
 #
@@ -29,6 +31,20 @@ export HOMESKILLET_IMAGE=${HOMESKILLET_IMAGE:-homeskillet:latest}
 COMPOSE=(docker compose -f deployments/compose.yaml)
 mkdir -p "$STATE"
 TIMINGS=()
+
+prefect_auth() {  # the API's auth string (user:password): compose requires it for every command
+  local file=$STATE/prefect-auth secret
+  if [ -z "${HOMESKILLET_STAGING_PREFECT_AUTH:-}" ]; then
+    if [ ! -s "$file" ]; then
+      secret=$(openssl rand -hex 24 2>/dev/null || python3 -c 'import secrets; print(secrets.token_hex(24))')
+      (umask 077 && printf 'homeskillet:%s\n' "$secret" >"$file")
+    fi
+    chmod 600 "$file"
+    HOMESKILLET_STAGING_PREFECT_AUTH=$(cat "$file")
+  fi
+  export HOMESKILLET_STAGING_PREFECT_AUTH
+}
+prefect_auth
 
 step() {  # step NAME COMMAND...: run it, note how long it took
   local name=$1 t0 t1
@@ -142,11 +158,20 @@ smoke_mcp() {
 where() {
   local prefect=http://127.0.0.1:$HOMESKILLET_STAGING_PREFECT_PORT emulator=http://127.0.0.1:$HOMESKILLET_STAGING_EMULATOR_PORT
   local mcp=http://127.0.0.1:$HOMESKILLET_STAGING_MCP_PORT
-  curl -fsS "$prefect/api/health" >/dev/null
+  curl -fsS "$prefect/api/health" >/dev/null  # open to probes; the rest of the API wants the auth string:
+  local flows=(-X POST -H 'Content-Type: application/json' -d '{}' "$prefect/api/flows/filter")
+  [ "$(curl -s -o /dev/null -w '%{http_code}' "${flows[@]}")" = 401 ]
+  # the auth string through a config on a pipe, not an argument that `ps` shows
+  curl -fsS -o /dev/null -K <(printf 'user = "%s"\n' "$HOMESKILLET_STAGING_PREFECT_AUTH") "${flows[@]}"
+  if curl -s -D - -o /dev/null -X OPTIONS -H 'Origin: http://evil.example' -H 'Access-Control-Request-Method: POST' \
+      "$prefect/api/flows/filter" | grep -qi '^access-control-allow-origin:'; then
+    echo "the Prefect API allows cross-origin calls from http://evil.example" >&2
+    return 1
+  fi
   curl -fsS "$emulator/openapi.json" >/dev/null
   [ "$(curl -s -o /dev/null -w '%{http_code}' "$mcp/mcp")" = 401 ]  # it answers, and wants a token
   cat <<WHERE
-Prefect UI and API   $prefect  (PREFECT_API_URL=$prefect/api)
+Prefect UI and API   $prefect  (PREFECT_API_URL=$prefect/api; auth string, which the UI asks for: $STATE/prefect-auth)
 hosted·ai emulator   $emulator  (OpenAPI: $emulator/openapi.json)
 MCP server           $mcp/mcp and ws://127.0.0.1:$HOMESKILLET_STAGING_MCP_PORT/ws  (token: docker compose -f deployments/compose.yaml exec mcp homeskillet tokens create --tenant demo)
 PostgreSQL           inside the stack only (postgres:5432)

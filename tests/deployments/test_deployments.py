@@ -76,6 +76,53 @@ def test_compose_file_runs_server_on_postgres_worker_emulator_and_mcp():
     assert "--with-healthcheck" in services["worker"]["command"]
 
 
+def test_compose_puts_the_prefect_api_behind_an_auth_string_and_allows_no_foreign_origin():
+    """The server listens on its container's every address: whoever reaches it would read every
+    Secret block. It wants an auth string that has no default (compose refuses to start without
+    it); its clients, and only they, send the same one; cross-origin calls come from the UI only."""
+    compose = yaml.safe_load((ROOT / "deployments" / "compose.yaml").read_text())
+    services = compose["services"]
+    required = re.compile(r"\$\{HOMESKILLET_STAGING_PREFECT_AUTH:\?[^}]+\}")
+    server = services["prefect-server"]["environment"]
+    assert "--host 0.0.0.0" in services["prefect-server"]["command"]  # hence the auth string
+    assert required.fullmatch(server["PREFECT_SERVER_API_AUTH_STRING"])
+    # every service with the API's URL calls it, except the emulator (its URL comes from the shared block)
+    clients = {name for name, service in services.items() if "PREFECT_API_URL" in service.get("environment", {})}
+    assert {"worker", "mcp"} <= clients
+    for name in clients - {"emulator"}:
+        assert required.fullmatch(services[name]["environment"]["PREFECT_API_AUTH_STRING"]), name
+    assert "PREFECT_API_AUTH_STRING" not in services["emulator"]["environment"]  # it never calls the API
+    origins = server["PREFECT_SERVER_API_CORS_ALLOWED_ORIGINS"].split(",")
+    assert "*" not in origins and all(
+        re.fullmatch(r"http://(127\.0\.0\.1|localhost):\$\{HOMESKILLET_STAGING_PREFECT_PORT:-4200\}", o)
+        for o in origins
+    )
+    assert server["PREFECT_UI_API_URL"] == "http://127.0.0.1:${HOMESKILLET_STAGING_PREFECT_PORT:-4200}/api"
+    assert "HOMESKILLET_STAGING_PREFECT_AUTH:-" not in (ROOT / "deployments" / "compose.yaml").read_text()
+
+
+def test_staging_script_makes_the_auth_string_once_private_and_reuses_it(tmp_path):
+    """staging.sh's `prefect_auth`, run alone: a random user:password in a file only its owner
+    reads, made once and the same on the next run; one given in the environment wins."""
+    script = (ROOT / "deployments" / "staging.sh").read_text()
+    function = re.search(r"^prefect_auth\(\) \{.*?^\}$", script, re.S | re.M).group(0)
+    assert script.index("\nprefect_auth\n") < script.index('if [ "${1:-}" = down ]')  # `down` needs it too
+    run = f'{function}\nprefect_auth\nprintf %s "$HOMESKILLET_STAGING_PREFECT_AUTH"'
+    env = {k: v for k, v in os.environ.items() if k != "HOMESKILLET_STAGING_PREFECT_AUTH"} | {"STATE": str(tmp_path)}
+
+    def made() -> str:
+        done = subprocess.run(["bash", "-c", "set -euo pipefail\n" + run], env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    first = made()
+    assert re.fullmatch(r"homeskillet:[0-9a-f]{48}", first)
+    assert (tmp_path / "prefect-auth").stat().st_mode & 0o777 == 0o600
+    assert made() == first
+    env["HOMESKILLET_STAGING_PREFECT_AUTH"] = "operator:given"
+    assert made() == "operator:given"
+
+
 def test_dockerfile_is_multi_stage_non_root_and_builds_llama_portably():
     text = (ROOT / "deployments" / "Dockerfile").read_text()
     stages = [line for line in text.splitlines() if line.startswith("FROM ")]
@@ -146,6 +193,10 @@ def test_kubernetes_job_template_is_accepted_and_requests_gpus():
     container = spec["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]["containers"][0]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "{{ gpu_count }}"
     assert spec["variables"]["properties"]["gpu_count"]["default"] == 1
+    # the pod's Prefect auth string comes from a Secret, never as a value in the Job
+    (auth,) = [e for e in container["env"] if e["name"] == "PREFECT_API_AUTH_STRING"]
+    assert "value" not in auth and auth["valueFrom"]["secretKeyRef"]["name"] == "{{ prefect_auth_secret }}"
+    assert spec["variables"]["properties"]["prefect_auth_secret"]["default"]
     done = subprocess.run(
         [
             str(BIN / "prefect"),
