@@ -13,6 +13,16 @@ once start one server.
 `llama-server` serves the OpenAI-compatible API with continuous batching over `slots` parallel
 sequences, each with the model's full context, and no prompt cache: an answer at temperature 0
 does not depend on what the server served before (see `SERVER_FLAGS`).
+
+Loopback is not a boundary on a shared machine: every local user and every local process (a
+browser page's request included) reaches 127.0.0.1. So each server wants an API key, and serves
+no `/slots` (which shows the prompts of requests in flight). The key is one per state folder, in
+`models/servers/api-key` (0600): any process of the state folder can reuse a server another one
+started, so the key must be findable by all of them and by no one else; a per-server key would
+only add a second secret file per record. llama-server reads it from that file
+(`--api-key-file`), so it never appears on a command line, which any local user can read. A
+process that resolves a server's endpoint (`ModelServers.endpoint`) remembers its key for that
+address; `openai_client` and `auth_headers` send it to that address only.
 """
 
 from __future__ import annotations
@@ -23,9 +33,11 @@ import importlib
 import importlib.util
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from functools import cache, cached_property
@@ -33,6 +45,7 @@ from pathlib import Path
 
 import httpx
 from filelock import FileLock
+from pydantic import SecretStr
 
 from connectors.processes import created, free_port, healthy, tail, terminate
 from homeskillet.errors import ServiceError
@@ -45,13 +58,64 @@ from homeskillet.schemas import LlamaCppServing, ModelSpec, PoolSpec
 # answers in our checks, but re-decoding only a prompt's tail is a different computation, and a
 # 34-token prompt costs ~90 ms more without it. (Requests batched at the same moment can still
 # change Gemma's answers: see docs/architecture.md.)
-SERVER_FLAGS = ["--no-cache-prompt", "--cache-ram", "0", "--no-kv-unified", "--metrics", "--no-webui"]
+# `--no-slots`: `/slots` lists each slot's prompt and its sampling settings, which are the tenants'.
+SERVER_FLAGS = ["--no-cache-prompt", "--cache-ram", "0", "--no-kv-unified", "--metrics", "--no-webui", "--no-slots"]
 # ggml's worker threads (OpenMP) spin while they wait; libgomp's default spin (300,000 rounds)
 # lets two servers batching at once steal each other's cores. A short spin, then sleep: on 2 cores,
 # 2 Gemma + 1 SmolLM2 requests at once 91-95 tokens/s in all instead of 60-65; one server's 8
 # concurrent requests unchanged (194-216 tokens/s).
 SERVER_ENV = {"GOMP_SPINCOUNT": "1000"}
 MAX_SLOTS = 16
+API_KEY_FILE = "api-key"  # in the servers' folder of the state folder (models/servers)
+
+# The key of each model server this process resolved, by its address (scheme://host:port): sent to
+# that address only, never to whatever else listens on loopback.
+_KEYS: dict[str, SecretStr] = {}
+
+
+def ensure_api_key(path: Path) -> SecretStr:
+    """The API key in `path`, generated there (readable by its owner only) if there is none.
+
+    Lock-free: the key is written to a private temporary file and linked into place, which
+    fails when another process linked its key first; both then read the same one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "w") as out:
+                out.write(secrets.token_urlsafe(32) + "\n")
+            os.link(tmp, path)
+        except FileExistsError:
+            pass  # another process made the key first: use that one
+        finally:
+            tmp.unlink(missing_ok=True)
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise ServiceError(
+            f"the model servers' API key file {path} is open to other users (mode {mode:o}): "
+            "stop the model servers (`homeskillet server stop`) and delete it, and a new one is made"
+        )
+    key = path.read_text().strip()
+    if not key:
+        raise ServiceError(f"the model servers' API key file {path} is empty: delete it, and a new one is made")
+    return SecretStr(key)
+
+
+def _address(url: str) -> str:
+    parsed = httpx.URL(url)
+    return f"{parsed.scheme}://{parsed.host}:{parsed.port}"
+
+
+def api_key_for(url: str) -> SecretStr | None:
+    """The API key of the model server at `url`, if this process resolved that server."""
+    return _KEYS.get(_address(url))
+
+
+def auth_headers(url: str) -> dict[str, str]:
+    """The header that a call to the model server at `url` needs (none for any other address)."""
+    key = api_key_for(url)
+    return {"Authorization": f"Bearer {key.get_secret_value()}"} if key else {}
 
 
 @cache
@@ -144,6 +208,7 @@ class ServerConfig:
     threads: int  # for decoding one sequence
     threads_batch: int  # for batches: prompts, concurrent sequences
     binary: str
+    api_key_file: str  # where llama-server reads its API key (the path only: the key stays in the file)
 
     @property
     def key(self) -> str:
@@ -169,6 +234,8 @@ class ServerConfig:
             str(self.threads),
             "--threads-batch",
             str(self.threads_batch),
+            "--api-key-file",
+            self.api_key_file,
             *SERVER_FLAGS,
         ]
 
@@ -217,7 +284,13 @@ class ModelServers:
             threads=self._threads,
             threads_batch=max(self._threads, os.cpu_count() or 1),
             binary=str(self.binary),
+            api_key_file=str(self.dir / API_KEY_FILE),
         )
+
+    @cached_property
+    def api_key(self) -> SecretStr:
+        """The API key of this state folder's model servers (made on first use)."""
+        return ensure_api_key(self.dir / API_KEY_FILE)
 
     @cached_property
     def binary(self) -> Path:
@@ -227,13 +300,14 @@ class ModelServers:
     def endpoint(self, spec: ModelSpec, slots: int = 1, start_timeout_s: float = 120.0) -> str:
         """The OpenAI-compatible endpoint of the model's server, started if none runs. Blocking."""
         config = self.config(spec, slots)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        key = self.api_key  # before the server starts: it reads the key file
         with FileLock(self._lock_path(config.key)):
             record = read_record(self._record_path(config.key))
             if record is None or not record.alive():
                 record = self._start(config, start_timeout_s)
             self._used_path(config.key).touch()  # the supervisor counts idle time from here too
-            return record.endpoint
+        _KEYS[_address(record.endpoint)] = key
+        return record.endpoint
 
     def running(self) -> list[ServerRecord]:
         """Live servers, oldest first."""
@@ -334,8 +408,17 @@ def check_build(binary: Path, gguf: Path, timeout_s: float = 60.0) -> str:
     """Run one multi-token chat completion on a fresh llama-server of this build; return the answer.
 
     The set-up's smoke check: a build whose CPU code does not fit this machine crashes on the
-    first batch of more than one token, which a health check alone would not show.
+    first batch of more than one token, which a health check alone would not show. The server
+    runs as the model servers do (a throwaway API key, `--no-slots`), and the build must refuse a
+    call without the key: one that ignored it would leave every model server open.
     """
+    with tempfile.TemporaryDirectory(prefix="hs-check-") as folder:
+        key_file = Path(folder) / API_KEY_FILE
+        key = ensure_api_key(key_file)
+        return _check_build(binary, gguf, key_file, key, timeout_s)
+
+
+def _check_build(binary: Path, gguf: Path, key_file: Path, key: SecretStr, timeout_s: float) -> str:
     port = free_port()
     cmd = [
         str(binary),
@@ -349,6 +432,8 @@ def check_build(binary: Path, gguf: Path, timeout_s: float = 60.0) -> str:
         "512",
         "--parallel",
         "1",
+        "--api-key-file",
+        str(key_file),
         *SERVER_FLAGS,
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
@@ -361,11 +446,15 @@ def check_build(binary: Path, gguf: Path, timeout_s: float = 60.0) -> str:
             time.sleep(0.2)
         body = {"messages": [{"role": "user", "content": "Name three colors."}], "max_tokens": 8, "temperature": 0}
         try:
-            data = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=timeout_s).json()
+            unkeyed = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=timeout_s).status_code
+            headers = {"Authorization": f"Bearer {key.get_secret_value()}"}
+            data = httpx.post(f"{base}/v1/chat/completions", json=body, headers=headers, timeout=timeout_s).json()
         except httpx.HTTPError as exc:
             raise ServiceError(
                 f"llama-server failed a chat completion ({type(exc).__name__}, exit code {proc.poll()})"
             ) from None
+        if unkeyed != 401:
+            raise ServiceError(f"llama-server answered HTTP {unkeyed} to a call without its API key, not 401")
         text = data["choices"][0]["message"]["content"]
         if data["usage"]["completion_tokens"] < 2 or not text.strip():
             raise ServiceError(f"llama-server answered with fewer than 2 tokens: {data}")

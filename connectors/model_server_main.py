@@ -3,7 +3,8 @@
 Started by `connectors.model_server.ModelServers` in its own session, it runs `llama-server`
 as its child (which gets SIGKILL if the supervisor dies, so no server outlives its record),
 writes the record once the server answers `/health`, and then once a second:
-- reads the server's request counters (`/metrics`); any change, or a request in flight, counts
+- reads the server's request counters (`/metrics`, with the server's API key, which it reads
+  from the key file like the server does); any change, or a request in flight, counts
   as use and touches the `used` file that clients touch when they ask for the endpoint;
 - stops the server, under the same lock clients take, when that file is older than `idle_s`
   and no request is in flight;
@@ -37,10 +38,13 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def activity(base_url: str) -> tuple[float, ...] | None:
+def activity(base_url: str, headers: dict[str, str]) -> tuple[float, ...] | None:
     """The server's request counters and in-flight gauges, or None when it does not answer."""
     try:
-        text = httpx.get(f"{base_url}/metrics", timeout=2.0).text
+        response = httpx.get(f"{base_url}/metrics", headers=headers, timeout=2.0)
+        if response.status_code != 200:
+            return None
+        text = response.text
     except httpx.HTTPError:
         return None
     names = ("prompt_tokens_total", "tokens_predicted_total", "requests_processing", "requests_deferred")
@@ -63,6 +67,7 @@ def main() -> None:
     args = parser.parse_args()
     config = ServerConfig(**json.loads(args.config))
     base = f"http://127.0.0.1:{args.port}"
+    headers = {"Authorization": f"Bearer {Path(config.api_key_file).read_text().strip()}"}
     print(f"supervisor {os.getpid()}: starting {' '.join(config.command(args.port))}", flush=True)
     env = {**SERVER_ENV, **os.environ}  # an operator's own GOMP_SPINCOUNT wins
     server = subprocess.Popen(config.command(args.port), stdin=subprocess.DEVNULL, env=env, preexec_fn=_die_with_parent)
@@ -100,20 +105,20 @@ def main() -> None:
     tmp.write_text(json.dumps(record))
     tmp.replace(args.record)
 
-    last = activity(base)
+    last = activity(base, headers)
     while True:
         time.sleep(1.0)
         if server.poll() is not None:
             print(f"supervisor: llama-server exited with code {server.returncode}", flush=True)
             _remove_record_if_ours(args.record)
             sys.exit(1)
-        now = activity(base)
+        now = activity(base, headers)
         if now is not None and (now != last or now[2] or now[3]):
             args.used.touch()
             last = now
         if time.time() - args.used.stat().st_mtime > args.idle_s:
             with FileLock(args.lock):  # clients touch `used` under this lock before they use the server
-                current = activity(base)
+                current = activity(base, headers)
                 if time.time() - args.used.stat().st_mtime > args.idle_s and not (
                     current and (current[2] or current[3])
                 ):

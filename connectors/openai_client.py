@@ -7,7 +7,7 @@ import time
 
 import httpx
 
-from connectors import http_client
+from connectors import http_client, model_server
 from homeskillet.errors import InferenceError
 from homeskillet.schemas import Completion
 
@@ -29,6 +29,7 @@ async def complete(
 
     Streaming measures time to first token; when the server reports no usage in the stream,
     tokens_out counts the content chunks (one token each on llama.cpp) and tokens_in is 0.
+    Without `api_key`, a local model server this process resolved gets its own key.
     """
     if (prompt is None) == (messages is None):
         raise ValueError("pass exactly one of prompt or messages")
@@ -40,7 +41,7 @@ async def complete(
         body["stream_options"] = {"include_usage": True}  # OpenAI's way to get usage in a stream
     if stop:
         body["stop"] = stop
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else model_server.auth_headers(endpoint)
     timeout = httpx.Timeout(timeout_s, connect=10.0)
     client = http_client.client()
     started = time.perf_counter()

@@ -16,9 +16,20 @@ import httpx
 import psutil
 import pytest
 
-from connectors.model_server import ModelServers, read_record, slots_for, threads_for
+from connectors.model_server import (
+    API_KEY_FILE,
+    ModelServers,
+    auth_headers,
+    check_build,
+    ensure_api_key,
+    gguf_path,
+    read_record,
+    slots_for,
+    threads_for,
+)
 from homeskillet import catalog as cat
 from homeskillet.catalog import load_catalog
+from homeskillet.errors import ServiceError
 from homeskillet.schemas import OpenAIServing
 from homeskillet.settings import PACKAGED_CATALOG
 
@@ -52,7 +63,7 @@ def ask_in_another_process(home) -> subprocess.Popen:
 
 def chat(endpoint: str, text: str = "Say hello.", **extra) -> dict:
     body = {"messages": [{"role": "user", "content": text}], "max_tokens": 8, "temperature": 0, **extra}
-    response = httpx.post(f"{endpoint}/chat/completions", json=body, timeout=120)
+    response = httpx.post(f"{endpoint}/chat/completions", json=body, headers=auth_headers(endpoint), timeout=120)
     response.raise_for_status()
     return response.json()
 
@@ -132,6 +143,52 @@ def test_an_idle_server_stops_and_a_busy_one_does_not(tmp_path, llama_server):
         wait_for(lambda: gone(record.server_pid) and gone(record.pid), 10, "its processes exited")
     finally:
         servers.stop_all()
+
+
+def test_a_model_server_wants_its_key_and_serves_no_slots(servers, tmp_path):
+    """Anyone on the machine reaches loopback: without the state folder's key a call is refused
+    (401), `/slots` (the prompts in flight) is not served even with it, and the key stays in its
+    0600 file: not on a command line, in the record, the log, a repr or the endpoint."""
+    endpoint = servers.endpoint(SMOL, slots=2)
+    base = endpoint.removesuffix("/v1")
+    body = {"messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 4}
+    assert httpx.post(f"{endpoint}/chat/completions", json=body, timeout=60).status_code == 401
+    wrong = {"Authorization": "Bearer not-the-key"}
+    assert httpx.post(f"{endpoint}/chat/completions", json=body, headers=wrong, timeout=60).status_code == 401
+    assert httpx.get(f"{base}/slots", timeout=10).status_code == 401
+    assert httpx.get(f"{base}/slots", headers=auth_headers(endpoint), timeout=10).status_code in (404, 501)
+    assert httpx.get(f"{endpoint}/models", headers=auth_headers(endpoint), timeout=10).status_code == 200
+    assert chat(endpoint)["usage"]["completion_tokens"] > 1  # with the key
+
+    key = servers.api_key.get_secret_value()
+    assert (servers.dir / API_KEY_FILE).stat().st_mode & 0o777 == 0o600
+    (record,) = servers.running()
+    seen = [
+        endpoint,
+        repr(servers.api_key),
+        repr(record),
+        (servers.dir / f"{record.key}.json").read_text(),
+        (tmp_path / "logs" / f"model-{SMOL.name}.log").read_text(),
+        *(" ".join(psutil.Process(pid).cmdline()) for pid in (record.pid, record.server_pid)),
+    ]
+    assert not [s for s in seen if key in s]
+    assert auth_headers("http://127.0.0.1:9/v1") == {}  # another address on loopback gets no key
+
+
+def test_the_api_key_is_made_once_private_and_refused_when_others_can_read_it(tmp_path):
+    path = tmp_path / "servers" / API_KEY_FILE
+    key = ensure_api_key(path)
+    assert path.stat().st_mode & 0o777 == 0o600 and len(key.get_secret_value()) >= 32
+    assert ensure_api_key(path) == key  # the same on every later use
+    assert key.get_secret_value() not in repr(key) + str(key)
+    path.chmod(0o644)
+    with pytest.raises(ServiceError, match=r"open to other users \(mode 644\)"):
+        ensure_api_key(path)
+
+
+def test_the_build_smoke_check_answers_and_refuses_a_call_without_the_key(llama_server, tmp_path):
+    answer = check_build(llama_server, gguf_path(SMOL.serving, tmp_path / "models"))
+    assert answer.strip()
 
 
 def test_server_status_lists_model_servers_and_server_stop_stops_them(servers, tmp_path):
