@@ -1,10 +1,21 @@
-"""The hosted·ai GPUaaS API client (async httpx), as far as the API is known (hostedai-api.md).
+"""The hosted·ai GPUaaS API client (async httpx), as far as the API is known
+(docs/hostedai-integration.md).
 
+- Every answer is parsed into a typed model (`connectors.hostedai_models`), never indexed: an
+  answer in a shape nobody expected is a HostedAIError that names the endpoint and the shape.
 - Retries (tenacity): exponential backoff with jitter, bounded, only for failures worth retrying
   (timeouts, connection errors, 5xx without a business code, 429 honouring Retry-After).
-  Idempotent reads (GET, and the price estimate) are also retried on any 5xx and on an error
-  object inside a 2xx body, unless it is an auth or not-found refusal (the AWS SDKs' rule): a
-  read that failed changed nothing, so asking again is safe.
+  Reads (GET, and the price estimate) are also retried on any 5xx and on any error object in the
+  body (of a 2xx or a 4xx other than 401/403/409/429): a read that failed changed nothing, so
+  asking again is safe, and the words of one error are no proof that asking again cannot help.
+  Only once the attempts are spent is the error classified, by its code (401/403 the key, 404
+  not found, …) and never by its words, and the message says what hosted·ai said. Unsubscribe
+  (a write that is safe to repeat) is retried on such errors unless they read as a refusal.
+- Error messages quote hosted·ai's own message only in short (one line, truncated, the key and
+  anything that looks like a token taken out), and describe any other body by its shape.
+- The pod's inference service is found by the configured service name, else as the first
+  discovered service that answers `GET …/v1/models`; it is exposed only when none is found.
+  Every service URL is checked (`homeskillet.urls.check_url`) before anything is sent to it.
 - Subscribe is never retried blindly: after a timeout, an empty body or a 409 the client
   reconciles by listing the team's subscriptions, so a retry never makes a second one.
 - One circuit breaker per base URL, shared by every task of the process (purgatory).
@@ -21,14 +32,31 @@ import re
 import time
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 from purgatory import AsyncCircuitBreakerFactory
 from purgatory.domain.model import OpenedState
 from pydantic_settings import BaseSettings, SettingsConfigDict
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
 from connectors import http_client
+from connectors.hostedai_models import (
+    Estimate,
+    ExposeAnswer,
+    Page,
+    Pod,
+    Pool,
+    Region,
+    SubscribeAnswer,
+    SubscriptionItem,
+    TeamMetrics,
+    listed,
+    parse,
+    parse_list,
+    pods_of,
+    shape,
+)
 from connectors.telemetry import BREAKER
 from homeskillet.errors import (
     AlreadySubscribed,
@@ -40,6 +68,7 @@ from homeskillet.errors import (
     InsufficientResources,
 )
 from homeskillet.schemas import HostedAICredentials
+from homeskillet.urls import check_url, is_private_host
 
 log = logging.getLogger(__name__)
 INSUFFICIENT = 10189007
@@ -52,6 +81,9 @@ AUTH_WORDS = re.compile(
     re.IGNORECASE,
 )
 NOT_FOUND_WORDS = re.compile(r"not found|does not exist|no such", re.IGNORECASE)
+# a token-like run (a key, a URL's secret part) in a message hosted·ai sends back
+TOKENISH = re.compile(r"(?=[A-Za-z_\-]*[0-9])(?=[0-9_\-]*[A-Za-z])[A-Za-z0-9_\-]{20,}")
+SAID_CHARS = 120  # the most of hosted·ai's own message an error quotes
 LIVE = ("subscribing", "subscribed", "active", "running")
 READY = ("subscribed", "active", "running")
 
@@ -77,6 +109,9 @@ class Policy(BaseSettings):
     poll_s: float = 0.25
     breaker_threshold: int = 5
     breaker_ttl_s: float = 30.0
+    service_name: str = "inference"  # the pod's OpenAI-compatible service, as exposed
+    service_port: int = 8000
+    probe_timeout_s: float = 3.0  # GET …/v1/models on a discovered service of another name
 
 
 @dataclass(frozen=True)
@@ -88,27 +123,6 @@ class HostedPool:
     available_vgpus: int
     sharing_ratio: int
     price_per_vgpu_hour: float
-
-
-@dataclass(frozen=True)
-class SubscriptionItem:
-    id: int
-    pool_id: int
-    team_id: str
-    status: str
-    pods: list[dict[str, Any]]
-    metrics: dict[str, Any]
-
-
-def items(data: Any) -> list[Any]:
-    """Lists come as a bare array, as {"items": [...]}, or as null."""
-    if data is None or data == "":
-        return []
-    if isinstance(data, list):
-        return data
-    if isinstance(data, dict) and isinstance(data.get("items"), list):
-        return data["items"]
-    raise HostedAIUnavailable(f"hosted·ai answered a list in an unknown shape: {str(data)[:200]}")
 
 
 def vgpus_for(tflops: float, vram_gb: float, card_tflops: float, card_vram_gb: float, sharing_ratio: int) -> int:
@@ -136,7 +150,14 @@ class HostedAIClient:
         return {"X-API-Key": key}
 
     async def _once(
-        self, method: str, path: str, params: dict | None, body: dict | None, timeout: float, idempotent: bool
+        self,
+        method: str,
+        path: str,
+        params: dict | None,
+        body: dict | None,
+        timeout: float,
+        idempotent: bool,
+        read: bool,
     ) -> Any:
         url = f"{self._base}{path}"
         try:
@@ -152,7 +173,8 @@ class HostedAIClient:
             raise HostedAIUnavailable(f"hosted·ai {method} {path} timed out after {timeout:g}s") from None
         except httpx.HTTPError as exc:
             raise HostedAIUnavailable(f"hosted·ai {method} {path} failed: {type(exc).__name__}") from None
-        return _parse(response, method, path, idempotent=idempotent)
+        secret = self.credentials.api_key.get_secret_value()
+        return _parse(response, method, path, idempotent=idempotent, read=read, secret=secret)
 
     async def call(
         self,
@@ -164,14 +186,22 @@ class HostedAIClient:
         retry: bool = True,
         timeout: float | None = None,
         idempotent: bool | None = None,
+        read: bool | None = None,
     ) -> Any:
         """One API call through the breaker, retried only when `retry` and only when worth it.
 
-        `idempotent` (default: GET and HEAD) widens what is worth it: a read is retried on any
-        5xx and on an error inside a 2xx body too, unless it is an auth or not-found refusal."""
+        `read` (default: GET and HEAD) and `idempotent` (default: `read`) widen what is worth it:
+        a read is retried on any 5xx and on any error object in its body, then classified by the
+        error's code; an idempotent write on a 5xx and on an error in a 2xx body that does not
+        read as an auth or not-found refusal."""
         policy = self.policy
-        idempotent = method.upper() in IDEMPOTENT if idempotent is None else idempotent
+        read = method.upper() in IDEMPOTENT if read is None else read
+        idempotent = read if idempotent is None else idempotent
         attempts = policy.attempts if retry else 1
+
+        def worth_retrying(exc: BaseException) -> bool:
+            return isinstance(exc, HostedAIUnavailable) or (read and getattr(exc, "in_body", False))
+
         try:
             breaker = await BREAKERS.get_breaker(
                 self._base, threshold=policy.breaker_threshold, ttl=policy.breaker_ttl_s
@@ -180,11 +210,13 @@ class HostedAIClient:
                 async for attempt in AsyncRetrying(
                     stop=stop_after_attempt(attempts),
                     wait=self._wait,
-                    retry=retry_if_exception_type(HostedAIUnavailable),
+                    retry=retry_if_exception(worth_retrying),
                     reraise=True,
                 ):
                     with attempt:
-                        data = await self._once(method, path, params, body, timeout or policy.timeout_s, idempotent)
+                        data = await self._once(
+                            method, path, params, body, timeout or policy.timeout_s, idempotent, read
+                        )
                         BREAKER.labels(self._base).set(0)
                         return data
         except OpenedState:
@@ -203,41 +235,47 @@ class HostedAIClient:
 
     # --- discovery and estimates -----------------------------------------------------------
 
-    async def regions(self) -> list[dict[str, Any]]:
-        return items(await self.call("GET", "/gpuaas/available-regions", params={"team_id": self.team_id}))
+    async def regions(self) -> list[Region]:
+        where = "GET /gpuaas/available-regions"
+        return parse_list(
+            Region, await self.call("GET", "/gpuaas/available-regions", params={"team_id": self.team_id}), where
+        )
 
     async def pools(self) -> list[HostedPool]:
         found = []
         for region in await self.regions():
             data = await self.call(
-                "GET", "/gpuaas/available-pools", params={"team_id": self.team_id, "gpuaas_id": region["gpuaas_id"]}
+                "GET", "/gpuaas/available-pools", params={"team_id": self.team_id, "gpuaas_id": region.gpuaas_id}
             )
-            for p in items(data):
+            for p in parse_list(Pool, data, "GET /gpuaas/available-pools"):
                 found.append(
                     HostedPool(
-                        id=int(p["id"]),
-                        name=p["pool_name"],
-                        label=p.get("pool_label", ""),
-                        gpu_model_type=p["gpu_model_type"],
-                        available_vgpus=int(p["available_vgpus"]),
-                        sharing_ratio=int(p.get("sharing_ratio") or 1),
-                        price_per_vgpu_hour=float(p["pricing_hourly"]),
+                        id=p.id,
+                        name=p.pool_name,
+                        label=p.pool_label or "",
+                        gpu_model_type=p.gpu_model_type,
+                        available_vgpus=p.available_vgpus,
+                        sharing_ratio=p.sharing_ratio or 1,
+                        price_per_vgpu_hour=p.pricing_hourly,
                     )
                 )
         return found
 
-    async def estimate(self, pool_id: int, vgpus: int, hours: float) -> dict[str, Any]:
-        return await self.call(
+    async def estimate(self, pool_id: int, vgpus: int, hours: float) -> Estimate:
+        data = await self.call(
             "POST",
             "/gpuaas/calculate-pool-subscription",
             body={"pool_id": pool_id, "vgpus": vgpus, "duration_hours": hours, "team_id": self.team_id},
-            idempotent=True,  # a price quote changes nothing
+            read=True,  # a price quote changes nothing
         )
+        return parse(Estimate, data, "POST /gpuaas/calculate-pool-subscription")
 
     # --- subscriptions ---------------------------------------------------------------------
 
     async def subscriptions(self) -> list[SubscriptionItem]:
-        """This team's subscriptions; the API's list carries other teams' items too, so filter here."""
+        """This team's subscriptions; the API's list carries other teams' items too, so filter
+        here (before parsing: another team's item in an odd shape is not this team's problem)."""
+        where = "GET /gpuaas/pool-subscription"
         found, page = [], 0
         while True:
             data = await self.call(
@@ -245,20 +283,12 @@ class HostedAIClient:
                 "/gpuaas/pool-subscription",
                 params={"team_id": self.team_id, "page": page, "per_page": 100, "metric_window": "last_5m"},
             )
-            for i in items(data):
-                if str(i.get("team_id")) == self.team_id:
-                    found.append(
-                        SubscriptionItem(
-                            id=int(i["id"]),
-                            pool_id=int(i["pool_id"]),
-                            team_id=str(i["team_id"]),
-                            status=str(i.get("status")),
-                            pods=i.get("pods") or [],
-                            metrics=i.get("metrics") or {},
-                        )
-                    )
+            rows = listed(data, where)
+            mine = [i for i in rows if not isinstance(i, dict) or str(i.get("team_id")) == self.team_id]
+            found += parse_list(SubscriptionItem, mine, where)
             page += 1
-            if not isinstance(data, dict) or page >= int(data.get("total_pages") or 1):
+            pages = parse(Page, data, where).total_pages if isinstance(data, dict) else None
+            if page >= (pages or 1):
                 return found
 
     async def find(self, pool_id: int) -> SubscriptionItem | None:
@@ -291,9 +321,10 @@ class HostedAIClient:
                 data = await self.call(
                     "POST", "/gpuaas/pool/subscribe", body=body, retry=False, timeout=self.policy.subscribe_timeout_s
                 )
-                if isinstance(data, dict) and data.get("subscription_id") is not None:
-                    return int(data["subscription_id"])
-                log.warning("hosted·ai subscribe to pool %s answered %r; reconciling", pool_id, str(data)[:80])
+                answer = parse(SubscribeAnswer, data, "POST /gpuaas/pool/subscribe") if isinstance(data, dict) else None
+                if answer is not None and answer.subscription_id is not None:
+                    return answer.subscription_id
+                log.warning("hosted·ai subscribe to pool %s answered %s; reconciling", pool_id, shape(data))
             except (AlreadySubscribed, HostedAIUnavailable) as exc:
                 if isinstance(exc, CircuitOpen):
                     raise
@@ -308,6 +339,10 @@ class HostedAIClient:
                 if found is not None:
                     return found.id
                 raise
+            except HostedAIError as exc:  # an answer in no known shape: the list decides
+                if isinstance(exc, HostedAIAuthError):
+                    raise
+                log.warning("hosted·ai subscribe to pool %s: %s; reconciling", pool_id, exc)
             found = await self._reconcile(pool_id)
             if found is not None:
                 return found.id
@@ -349,38 +384,115 @@ class HostedAIClient:
     async def exists(self, subscription_id: int) -> bool:
         return any(s.id == subscription_id and s.status in LIVE for s in await self.subscriptions())
 
-    async def inference_url(self, subscription_id: int, service: str = "inference", port: int = 8000) -> str:
-        """The OpenAI-compatible service of the subscription's pod; exposed first if not yet."""
-        for _ in range(2):
+    # --- the pod's inference service -------------------------------------------------------
+
+    async def inference_url(self, subscription_id: int, service: str | None = None, port: int | None = None) -> str:
+        """The base URL (ending in /v1) of the OpenAI-compatible server on the subscription's pod:
+        the service of the configured name, else the first discovered service that answers
+        `GET …/v1/models`; exposed (`/pods/expose-service`) only when none is found. Every URL
+        is checked before anything is sent to it (`service_url`)."""
+        service = service or self.policy.service_name
+        port = port or self.policy.service_port
+        exposed = False
+        while True:
             info = await self.call(
                 "GET", "/gpuaas/connection-info", params={"team_id": self.team_id, "subscription_id": subscription_id}
             )
-            pods = items((info or {}).get("pods") if isinstance(info, dict) else info)
+            pods = pods_of(info, subscription_id, "GET /gpuaas/connection-info")
             if not pods:
                 raise HostedAIUnavailable(f"hosted·ai subscription {subscription_id} has no pod yet")
-            pod = pods[0]
-            for svc in pod.get("discovered_services") or []:
-                if svc.get("name") == service and svc.get("url"):
-                    return str(svc["url"])
-            await self.call(
-                "POST",
-                "/pods/expose-service",
-                body={
-                    "pod_name": pod["pod_name"],
-                    "pool_subscription_id": subscription_id,
-                    "port": port,
-                    "service_name": service,
-                    "protocol": "TCP",
-                    "service_type": "http",
-                },
+            refused: list[HostedAIRejected] = []
+            found = await self._discovered(subscription_id, pods[0], service, refused)
+            if found is not None:
+                return found
+            if exposed:
+                if refused:  # what was there was refused: say why, not that nothing was there
+                    raise refused[0]
+                raise HostedAIUnavailable(
+                    f"hosted·ai pod of subscription {subscription_id} exposes no {service!r} service"
+                )
+            try:
+                data = await self.call(
+                    "POST",
+                    "/pods/expose-service",
+                    body={
+                        "pod_name": pods[0].pod_name,
+                        "pool_subscription_id": subscription_id,
+                        "port": port,
+                        "service_name": service,
+                        "protocol": "TCP",
+                        "service_type": "http",
+                    },
+                )
+            except HostedAIRejected as exc:
+                if refused:
+                    raise HostedAIRejected(f"{refused[0]} (and exposing {service!r} was refused: {exc})") from None
+                raise
+            exposed = True
+            answer = parse(ExposeAnswer, data, "POST /pods/expose-service") if isinstance(data, dict) else None
+            if answer is not None and answer.url:
+                return v1(self.service_url(subscription_id, answer.url))
+
+    async def _discovered(
+        self, subscription_id: int, pod: Pod, service: str, refused: list[HostedAIRejected]
+    ) -> str | None:
+        """The inference server among the pod's discovered services, or None: by name (a refused
+        URL is an error), else the first of the others whose URL passes and that answers (the
+        others' refused URLs are added to `refused`, never probed)."""
+        services = [s for s in pod.discovered_services if s.url]
+        named = next((s for s in services if s.name == service), None)
+        if named is not None:
+            return v1(self.service_url(subscription_id, named.url or ""))
+        for other in services:
+            try:
+                base = v1(self.service_url(subscription_id, other.url or ""))
+            except HostedAIRejected as exc:
+                log.warning("hosted·ai pod %s: service %r skipped: %s", pod.pod_name, other.name, exc)
+                refused.append(exc)
+                continue
+            if await self._answers_models(base):
+                log.info("hosted·ai pod %s: inference found as service %r", pod.pod_name, other.name)
+                return base
+        return None
+
+    async def _answers_models(self, base: str) -> bool:
+        """Whether an OpenAI-compatible server answers `GET {base}/models` (no panel key sent:
+        the key is the panel's, not the pod's; no redirect followed)."""
+        try:
+            response = await http_client.client().get(
+                f"{base}/models", timeout=self.policy.probe_timeout_s, follow_redirects=False
             )
-        raise HostedAIUnavailable(f"hosted·ai pod of subscription {subscription_id} exposes no {service!r} service")
+            return response.status_code == 200 and isinstance(response.json(), dict)
+        except (httpx.HTTPError, ValueError):
+            return False
+
+    def service_url(self, subscription_id: int, url: str) -> str:
+        """A service URL hosted·ai gave, checked before anything is sent to it (`check_url`):
+        http(s), no credentials, query or fragment, never link-local; a loopback or private host
+        only when the panel itself is on one (a local panel, the emulator), and then only the
+        panel's own host and port. HostedAIRejected naming the subscription and the problem."""
+        what = f"hosted·ai service URL of subscription {subscription_id}"
+        panel = urlsplit(self._base)
+        local_panel = is_private_host(panel.hostname or "")
+        try:
+            checked = check_url(url, what=what, allow_private=local_panel)
+        except ValueError as exc:
+            raise HostedAIRejected(str(exc)) from None
+        parts = urlsplit(checked)
+        host = parts.hostname or ""
+        if local_panel and is_private_host(host) and _origin(parts) != _origin(panel):
+            shown = f"{host}:{_origin(parts)[2]}"
+            raise HostedAIRejected(
+                f"{what}: host {shown}: a loopback or private host that is not the panel's own "
+                f"({panel.hostname}:{_origin(panel)[2]}) is refused"
+            )
+        return checked
 
     async def unsubscribe(self, subscription_id: int, pool_id: int, wait: bool = True) -> None:
         """Unsubscribe (asynchronous on hosted·ai) and, if `wait`, poll until the item is gone.
 
-        Asking twice is safe (a second answers not-found, taken as done), so it retries like a read:
-        on any 5xx or error in the body that is not an auth or not-found refusal."""
+        Asking twice is safe (a second answers not-found, taken as done), so it retries on any
+        5xx or error in the body that is not an auth or not-found refusal."""
         try:
             await self.call(
                 "POST",
@@ -402,64 +514,129 @@ class HostedAIClient:
                 )
             await asyncio.sleep(self.policy.poll_s)
 
-    async def team_metrics(self, start_date: str, end_date: str, page: int = 1, per_page: int = 50) -> dict[str, Any]:
-        return await self.call(
-            "GET",
-            f"/gpuaas/{self.team_id}/metrics",
-            params={"start_date": start_date, "end_date": end_date, "page": page, "itemsPerPage": per_page},
+    async def team_metrics(self, start_date: str, end_date: str, page: int = 1, per_page: int = 50) -> TeamMetrics:
+        path = f"/gpuaas/{self.team_id}/metrics"
+        data = await self.call(
+            "GET", path, params={"start_date": start_date, "end_date": end_date, "page": page, "itemsPerPage": per_page}
         )
+        return parse(TeamMetrics, data, "GET /gpuaas/{team_id}/metrics")
 
 
-def _parse(response: httpx.Response, method: str, path: str, idempotent: bool = False) -> Any:
-    """The body, or the error it stands for. Business errors come as 5xx or inside a 2xx; for an
-    idempotent call, those that are not auth or not-found refusals are HostedAIUnavailable
-    (retried)."""
+def v1(base: str) -> str:
+    """An OpenAI-compatible base URL: the service's URL, with /v1 added unless it ends so."""
+    return base if base.endswith("/v1") else f"{base}/v1"
+
+
+def _origin(parts) -> tuple[str, str, int]:
+    scheme = parts.scheme.lower()
+    return scheme, (parts.hostname or "").lower(), parts.port or (443 if scheme == "https" else 80)
+
+
+# --- answers: the body, or the error it stands for -----------------------------------------------
+
+
+def _parse(
+    response: httpx.Response,
+    method: str,
+    path: str,
+    idempotent: bool = False,
+    read: bool | None = None,
+    secret: str | None = None,
+) -> Any:
+    """The body, or the error it stands for. Business errors come as 5xx, 4xx or inside a 2xx.
+
+    On a read (`read`, default `idempotent`) an error object in the body, of a 2xx, a 4xx (not
+    401/403/409/429) or a 5xx, is classified by its code alone and marked `in_body`, which
+    `call` retries; on an idempotent write, those that do not read as an auth or not-found refusal
+    are HostedAIUnavailable (retried). Messages quote hosted·ai's own words in short (`said`)."""
     where = f"hosted·ai {method} {path}"
+    read = idempotent if read is None else read
     status = response.status_code
     try:
         data = response.json() if response.content else None
     except ValueError:
         data = response.text
     business = isinstance(data, dict) and "message" in data and isinstance(data.get("code"), int)
-    message = str(data.get("message")) if business else str(data)[:200]
+    message = said(data.get("message"), secret) if business else shape(data)
     retry_after = _seconds(response.headers.get("Retry-After"))
     if status in (401, 403):
+        told = f" (hosted·ai said {message!r})" if business else ""
         raise HostedAIAuthError(
             f"{where}: HTTP {status}: the API key was refused (wrong, expired, revoked, "
-            f"IP-blocked) or the team is not the key's"
+            f"IP-blocked) or the team is not the key's{told}"
         )
     if status == 429:
         raise HostedAIUnavailable(f"{where}: HTTP 429 rate limited", retry_after=retry_after)
     if status == 409:
-        raise AlreadySubscribed(f"{where}: {message}", code=409)
+        raise AlreadySubscribed(f"{where}: {message if business else 'HTTP 409'}", code=409)
+    if business and read and (status >= 400 or data["code"] >= 400):
+        raise _read_error(where, status, data["code"], message, retry_after)
     if status >= 500:
         if business and data["code"] not in (status, 0):
             if idempotent and not _refusal(data):
                 raise HostedAIUnavailable(f"{where}: HTTP {status}: {message} (code {data['code']})", retry_after)
-            raise _business(where, data)
+            raise _business(where, data, message)
         raise HostedAIUnavailable(f"{where}: HTTP {status}", retry_after=retry_after)
     if status >= 400:
         raise HostedAIRejected(f"{where}: HTTP {status}: {message}", code=status)
     if business and data["code"] >= 400:  # an error inside a 2xx body
         if idempotent and not _refusal(data):
             raise HostedAIUnavailable(f"{where}: error in a {status} body: {message} (code {data['code']})")
-        raise _business(where, data)
+        raise _business(where, data, message)
     return data
 
 
+def _read_error(where: str, status: int, code: int, message: str, retry_after: float | None) -> HostedAIError:
+    """A read's error object, classified by its code (never by its words) and marked `in_body`:
+    `call` asks again, and raises this once the attempts are spent."""
+    answered = f"HTTP {status}" if status >= 400 else f"error in a {status} body"
+    text = f"{where}: {answered}: hosted·ai said {message!r} (code {code})"
+    exc: HostedAIError
+    if code in AUTH_CODES:
+        exc = HostedAIAuthError(f"{text}: the API key was refused or the team is not the key's")
+    elif code == INSUFFICIENT:
+        exc = InsufficientResources(text, code=code)
+    elif code == 409:
+        exc = AlreadySubscribed(text, code=code)
+    elif code == 404 or status == 404:
+        exc = HostedAIRejected(text, code=404)
+    elif 400 <= status < 500:
+        exc = HostedAIRejected(text, code=status)
+    else:
+        exc = HostedAIUnavailable(text, retry_after=retry_after)
+    exc.in_body = True  # type: ignore[attr-defined]
+    return exc
+
+
+def said(message: Any, secret: str | None = None) -> str:
+    """hosted·ai's own message, safe to show: one line of printable characters, the API key and
+    anything token-like (letters and digits, 20 or more) taken out, at most SAID_CHARS."""
+    text = str(message)
+    if secret:
+        text = text.replace(secret, "…")
+    text = TOKENISH.sub("…", "".join(ch if ch.isprintable() else " " for ch in text))
+    text = " ".join(text.split())
+    if len(text) > SAID_CHARS:
+        text = text[: SAID_CHARS - 1] + "…"
+    return text
+
+
 def _refusal(data: dict) -> bool:
-    """An auth or not-found refusal, which asking again cannot change."""
+    """An auth or not-found refusal, which asking again cannot change (for idempotent writes)."""
     code, message = int(data["code"]), str(data["message"])
     return code in (*AUTH_CODES, 404) or bool(AUTH_WORDS.search(message) or NOT_FOUND_WORDS.search(message))
 
 
-def _business(where: str, data: dict) -> HostedAIError:
-    code, message = int(data["code"]), str(data["message"])
-    if code == INSUFFICIENT or "insufficient" in message.lower():
+def _business(where: str, data: dict, message: str | None = None) -> HostedAIError:
+    """A write's business error, by its code or, failing that, its words."""
+    code, words = int(data["code"]), str(data["message"])
+    message = message if message is not None else said(words)
+    lowered = words.lower()
+    if code == INSUFFICIENT or "insufficient" in lowered:
         return InsufficientResources(f"{where}: {message} (code {code})", code=code)
-    if code == 409 or "already subscribed" in message.lower():
+    if code == 409 or "already subscribed" in lowered:
         return AlreadySubscribed(f"{where}: {message}", code=code)
-    if code in AUTH_CODES or AUTH_WORDS.search(message):
+    if code in AUTH_CODES or AUTH_WORDS.search(words):
         return HostedAIAuthError(
             f"{where}: {message} (code {code}): the API key was refused or the team is not the key's"
         )

@@ -5,8 +5,9 @@ its faults, subscriptions and counters), the function that finds a model's serve
 inference on `app.state.model_endpoint`. `inject_faults`, the app's middleware, does what the
 real API does to any call before the handler sees it: it finishes due unsubscribes, counts API
 calls (the `/gpuaas` and expose-service routes, not pods' inference or `/_emulator`), adds the
-latency and draws the per-call faults (bare 500, 429, and on reads the 500 envelope or the error
-inside a 200), in that order, from the one seeded random sequence. The routes are registered
+latency and draws the per-call faults (bare 500, 429, the first N reads' error in a 200 body, and
+on reads the 500 envelope or the error inside a 200), in that order, from the one seeded random
+sequence. The routes are registered
 here in one list, so that `create_app` is the map of the API.
 """
 
@@ -70,6 +71,7 @@ async def inject_faults(request: Request, call_next: Callable[[Request], Awaitab
     state.sweep()
     if request.url.path.startswith(("/gpuaas", "/pods/expose-service")):
         state.calls += 1
+        state.calls_by_route[f"{request.method} {request.url.path}"] += 1
         f = state.faults
         if f.latency_s:
             await asyncio.sleep(f.latency_s)
@@ -79,6 +81,10 @@ async def inject_faults(request: Request, call_next: Callable[[Request], Awaitab
             return PlainTextResponse("Internal Server Error", 500)
         if state.fires("rate_limit", f.rate_limit_rate):
             return PlainTextResponse("Too Many Requests", 429, headers={"Retry-After": f"{f.retry_after_s:g}"})
+        if request.method == "GET" and state.body_errors_sent < f.body_error_reads:
+            state.body_errors_sent += 1
+            state.fired["body_error_read"] += 1
+            return routes.error_response(200, f.body_error_message, BODY_ERROR)
         if request.method == "GET" or request.url.path == "/gpuaas/calculate-pool-subscription":  # reads
             if state.fires("read_error", f.read_error_rate):
                 return routes.error_response(500, "internal error", INTERNAL)

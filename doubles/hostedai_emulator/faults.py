@@ -6,7 +6,13 @@ object inside a 200 body (code `BODY_ERROR`), a write that takes effect and is s
 an internal error, a 429 with Retry-After, a subscribe that is done but stalls or answers an empty
 body, business errors sent as 200 or as 500, preemption of pods on preemptible pools, and the
 delays before a new subscription is listed, before it is active and before an unsubscribed one is
-gone. `Faults()` is a well-behaved API with the real one's timings and its habit of sending half
+gone. Then what hosted·ai answers that no schema promises, in shapes the client must parse rather
+than index: `connection-info` in another documented shape (subscription entries each with its
+pods, a bare array of pods) or in one nobody documented; the inference server already discovered
+under another name (with a service that is not one listed first); an error object in the body of
+the first N reads, in words of the fault's choosing (e.g. "permission"); and service URLs that
+point where the caller chooses (a loopback port, a metadata address), as a hostile or broken
+panel would answer. `Faults()` is a well-behaved API with the real one's timings and its habit of sending half
 of its business errors inside a 2xx; a seed makes a run repeatable.
 
 `Faults.parse` reads the command line's `--faults`: `key=value,...` (each value JSON where it
@@ -18,6 +24,7 @@ does not know, and is the form for a list of more than one item, as the other sp
 from __future__ import annotations
 
 import json
+from typing import Literal
 
 from pydantic import BaseModel, Field
 
@@ -63,6 +70,25 @@ class Faults(BaseModel):
     visibility_s: float = Field(0.2, ge=0, description="A new subscription is missing from lists this long.")
     activation_s: float = Field(0.5, ge=0, description="Then it is `subscribing` until this age.")
     unsubscribe_s: float = Field(0.5, ge=0, description="An unsubscribed item is `un_subscribing` this long.")
+    connection_info_shape: Literal["pods", "subscriptions", "bare", "unknown"] = Field(
+        "pods",
+        description="connection-info's answer: {pods: [...]}; a list of subscription entries each with its pods; "
+        "a bare array of pods; or a list of objects without pods (a shape no client knows).",
+    )
+    discovered_as: str | None = Field(
+        None,
+        description="The pod's inference server is discovered from the start under this name (its URL without /v1), "
+        "listed after a service of another name that serves no models.",
+    )
+    body_error_reads: int = Field(
+        0, ge=0, description=f"The first N reads (GET) answer 200 with an error object (code {BODY_ERROR})."
+    )
+    body_error_message: str = Field(
+        "permission check failed, try again", description="The message of body_error_reads' error object."
+    )
+    service_url: str | None = Field(
+        None, description="Every service connection-info lists is at this URL (a hostile panel's choice)."
+    )
     seed: int | None = None
 
     @classmethod

@@ -12,6 +12,10 @@ what the hosted·ai connector has to cope with:
   `business_in_2xx_rate` draws; a second subscription of a team to a pool is a 409;
 - a subscribe may stall or answer an empty body after it took effect, and a subscribe or an
   unsubscribe may take effect and still answer an internal error; unsubscribe answers non-JSON;
+- `connection-info` answers `{pods: [...]}`, or, as the fault model's `connection_info_shape`
+  says, subscription entries each with its pods, a bare array of pods, or objects without pods; it
+  may list the inference server under another name (`discovered_as`) or every service at a URL of
+  the fault's choosing (`service_url`);
 - a pod's OpenAI-compatible server is reached at a URL with a secret only `connection-info` tells
   its own team; a wrong secret reads like a pod that is not there, and inference on a preemptible
   pool may preempt the pod, ending the subscription.
@@ -34,6 +38,7 @@ from fastapi import Depends, Header, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 
+from connectors.model_server import auth_headers
 from doubles.hostedai_emulator.accounts import TeamConfig
 from doubles.hostedai_emulator.faults import INTERNAL
 from doubles.hostedai_emulator.state import State, Subscription
@@ -231,18 +236,29 @@ async def connection_info(
     same_team(team, team_id)
     sub = own_subscription(state, team, subscription_id)
     status = state.status(sub, time.monotonic())
-    base = str(request.base_url).rstrip("/")
-    services = [{"name": s["name"], "url": f"{base}/pods/{sub.pod_name}/{sub.service_key}/v1"} for s in sub.services]
-    return {
-        "pods": [
-            {
-                "pod_name": sub.pod_name,
-                "pod_status": "Running" if status == "active" else "Pending",
-                "ssh_info": {"host": "127.0.0.1", "port": 22, "user": "ubuntu"},
-                "discovered_services": services,
-            }
+    f = state.faults
+    pod_url = f"{str(request.base_url).rstrip('/')}/pods/{sub.pod_name}/{sub.service_key}"
+    services = [{"name": s["name"], "url": f"{pod_url}/v1"} for s in sub.services]
+    if f.discovered_as and not any(s["name"] == f.discovered_as for s in services):
+        services += [
+            {"name": "jupyter", "url": f"{pod_url}/lab", "port": "8888"},  # answers no /v1/models
+            {"name": f.discovered_as, "url": pod_url, "port": str(INFERENCE_PORT)},
         ]
+    if f.service_url:
+        services = [{**s, "url": f.service_url} for s in services]
+    pod = {
+        "pod_name": sub.pod_name,
+        "pod_status": "Running" if status == "active" else "Pending",
+        "ssh_info": {"host": "127.0.0.1", "port": 22, "user": "ubuntu"},
+        "discovered_services": services,
     }
+    if f.connection_info_shape == "subscriptions":
+        return [{"id": sub.id, "pool_id": sub.pool_id, "status": status, "pods": [pod]}]
+    if f.connection_info_shape == "bare":
+        return [pod]
+    if f.connection_info_shape == "unknown":
+        return [{"id": sub.id, "name": sub.pod_name}, {"id": 0, "name": "x"}, {"id": 1, "name": "y"}]
+    return {"pods": [pod]}
 
 
 async def expose(body: ExposeBody, team: TeamConfig = Depends(team_of), state: State = Depends(state_of)):
@@ -251,6 +267,8 @@ async def expose(body: ExposeBody, team: TeamConfig = Depends(team_of), state: S
         raise HTTPException(404, f"Pod {body.pod_name} not found")
     if body.port != INFERENCE_PORT:
         return business(state, f"Nothing listens on port {body.port} in {body.pod_name}", 400)
+    if state.faults.discovered_as:  # the panel's own: exposing the same server again is refused
+        return business(state, f"Port {body.port} of {body.pod_name} is already exposed", 400)
     if not any(s["name"] == body.service_name for s in sub.services):
         sub.services.append({"name": body.service_name, "port": str(body.port)})
     return {"service_name": body.service_name, "status": "exposed"}
@@ -317,7 +335,9 @@ async def pod_inference(pod_name: str, key: str, path: str, request: Request):
         return JSONResponse({"error": {"message": str(exc)}}, 404)
     client = httpx.AsyncClient(timeout=httpx.Timeout(300, connect=10))
     try:
-        upstream = await client.send(client.build_request("POST", f"{target}/{path}", json=body), stream=True)
+        # a local model server behind the pod wants the project's key, as from any other caller
+        request = client.build_request("POST", f"{target}/{path}", json=body, headers=auth_headers(target))
+        upstream = await client.send(request, stream=True)
     except httpx.HTTPError as exc:
         await client.aclose()
         return JSONResponse({"error": {"message": f"inference server in {pod_name} failed: {exc}"}}, 502)
@@ -345,6 +365,7 @@ async def emulator_state(state: State = Depends(state_of)):
         "subscriptions": len(state.subs),
         "preempted": state.preempted,
         "calls": state.calls,
+        "calls_by_route": dict(state.calls_by_route),
         "faults": state.faults.model_dump(),
         "fired": dict(state.fired),
     }

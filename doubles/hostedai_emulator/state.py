@@ -61,11 +61,14 @@ class State:
         self.next_id = 5000
         self.preempted = 0
         self.calls = 0  # API calls that reached the emulator
+        self.calls_by_route: collections.Counter[str] = collections.Counter()  # "POST /pods/expose-service": n
+        self.body_errors_sent = 0  # of the faults' body_error_reads
         self.fired: collections.Counter[str] = collections.Counter()  # faults injected, by kind
 
     def set_faults(self, faults: Faults) -> None:
         self.faults = faults
         self.rng = random.Random(faults.seed)
+        self.body_errors_sent = 0  # body_error_reads counts the reads from now on
 
     def fires(self, kind: str, rate: float) -> bool:
         """Draw whether a fault of `kind` happens this time, counting it in `fired` when it does; a

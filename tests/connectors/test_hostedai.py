@@ -10,7 +10,8 @@ import re
 import httpx
 import pytest
 
-from connectors.hostedai import BREAKERS, HostedAIClient, Policy, items, vgpus_for
+from connectors.hostedai import BREAKERS, HostedAIClient, Policy, vgpus_for
+from connectors.hostedai_models import listed
 from homeskillet.errors import (
     AlreadySubscribed,
     CircuitOpen,
@@ -39,18 +40,19 @@ def subs_of(emulator, tenant):
 
 async def test_discovery_and_estimate(emulator):
     c = client(emulator)
-    assert [r["gpuaas_id"] for r in await c.regions()] == [7]
+    assert [r.gpuaas_id for r in await c.regions()] == [7]
     pools = {p.name: p for p in await c.pools()}
     assert set(pools) == {"h100-dedicated", "a100-dedicated", "l4-spot", "a10-spot"}
     assert pools["l4-spot"].available_vgpus == 8 and pools["l4-spot"].price_per_vgpu_hour == pytest.approx(0.12)
     quote = await c.estimate(pools["l4-spot"].id, vgpus=2, hours=3)
-    assert quote["hourly_cost"] == pytest.approx(0.24) and quote["currency"] == "USD"
+    assert quote.hourly_cost == pytest.approx(0.24) and quote.currency == "USD"
 
 
 def test_list_shapes_and_vgpu_sizing():
-    assert items(None) == [] and items([1]) == [1] and items({"items": [2]}) == [2]
-    with pytest.raises(HostedAIUnavailable, match="unknown shape"):
-        items({"rows": []})
+    assert listed(None, "GET /x") == [] and listed([1], "GET /x") == [1] and listed({"items": [2]}, "GET /x") == [2]
+    with pytest.raises(HostedAIError, match=r"GET /x answered an object with keys rows, not a list") as caught:
+        listed({"rows": ["hai-secret-value"]}, "GET /x")
+    assert "hai-secret-value" not in str(caught.value)  # described by its shape, never its values
     # 16 TFLOPS + 4 GB on an L4 (121 TFLOPS, 24 GB) shared 4 ways: compute needs 1 slot of 30
     assert vgpus_for(16, 4, 121, 24, 4) == 1
     assert vgpus_for(70, 4, 121, 24, 4) == 3  # 70 / 30.25 → 3 slots
@@ -170,11 +172,11 @@ async def test_429_is_retried_after_the_servers_retry_after(emulator, faults):
     assert HostedAIClient(c.credentials, policy)._wait(state) == 1.0  # honoured, but bounded
 
 
-async def test_business_errors_are_not_retried(emulator):
+async def test_a_writes_business_errors_are_not_retried(emulator):
     c = client(emulator)
     calls = emulator.state.calls
     with pytest.raises(HostedAIRejected, match="not found"):
-        await c.estimate(999, vgpus=1, hours=1)
+        await c.call("POST", "/gpuaas/pool/subscribe", body={"pool_id": 999, "team_id": c.team_id, "vgpus": 1})
     assert emulator.state.calls - calls == 1
 
 
@@ -251,7 +253,7 @@ async def test_team_metrics_cover_ended_subscriptions(emulator):
     sub_id = await c.subscribe(202, vgpus=1)
     await c.unsubscribe(sub_id, 202)
     metrics = await c.team_metrics("2026-01-01", "2026-12-31")
-    assert sub_id in [row["subscription_id"] for row in metrics["items"]]
+    assert sub_id in [row["subscription_id"] for row in metrics.items]
 
 
 async def test_already_subscribed_maps_from_409(emulator):
@@ -299,8 +301,8 @@ async def test_a_failing_read_is_retried_until_it_answers(emulator, faults, faul
 @pytest.mark.parametrize(
     ("fault", "message"),
     [
-        ("read_error_rate", r"HTTP 500: internal error \(code 50000001\)"),
-        ("read_error_in_body_rate", r"error in a 200 body: .* \(code 12370004\)"),
+        ("read_error_rate", r"HTTP 500: hosted·ai said 'internal error' \(code 50000001\)"),
+        ("read_error_in_body_rate", r"error in a 200 body: hosted·ai said '.*' \(code 12370004\)"),
     ],
 )
 async def test_a_read_that_keeps_failing_ends_unavailable_after_the_attempts(emulator, faults, fault, message):
@@ -347,13 +349,19 @@ def response(status: int, body=None, text: str | None = None, headers=None) -> h
         (500, {"code": 10189007, "message": "Insufficient resources"}, False, InsufficientResources),
         (200, {"code": 10189007, "message": "Insufficient resources"}, False, InsufficientResources),
         (500, None, False, HostedAIUnavailable),
-        # auth and not-found refusals are never retried, read or not, in a 5xx or a 2xx
+        # a read's error object is classified by its code (after the retries, see below), never
+        # by its words: "Unauthorized" or "permission" in a message is what hosted·ai said, not
+        # proof that the key was refused
         (200, {"code": 401, "message": "token expired"}, True, HostedAIAuthError),
-        (500, {"code": 12370001, "message": "Unauthorized"}, True, HostedAIAuthError),
-        (200, {"code": 12370009, "message": "Forbidden: not your team"}, True, HostedAIAuthError),
+        (500, {"code": 12370001, "message": "Unauthorized"}, True, HostedAIUnavailable),
+        (200, {"code": 12370009, "message": "Forbidden: not your team"}, True, HostedAIUnavailable),
+        (200, {"code": 12370009, "message": "permission check failed"}, True, HostedAIUnavailable),
         (200, {"code": 404, "message": "Subscription not found"}, True, HostedAIRejected),
         (200, {"code": 404, "message": "gone"}, True, HostedAIRejected),  # by its code alone
-        (500, {"code": 12370404, "message": "Pool 9 does not exist"}, True, HostedAIRejected),
+        (500, {"code": 12370404, "message": "Pool 9 does not exist"}, True, HostedAIUnavailable),
+        # a write's keep their words' meaning: it is never retried on them anyway
+        (200, {"code": 12370009, "message": "permission denied"}, False, HostedAIAuthError),
+        (500, {"code": 12370404, "message": "Pool 9 does not exist"}, False, HostedAIRejected),
         (401, {"code": 401, "message": "Unauthorized"}, True, HostedAIAuthError),
         (403, None, False, HostedAIAuthError),
         (404, {"code": 404, "message": "Subscription not found"}, True, HostedAIRejected),
@@ -401,13 +409,13 @@ async def test_the_estimate_is_a_read(emulator, faults):
     fired = emulator.state.fired["read_error"] + emulator.state.fired["read_error_in_body"]
     faults(read_error_rate=0.4, read_error_in_body_rate=0.3, seed=2)
     for _ in range(3):
-        assert (await c.estimate(201, vgpus=1, hours=1))["currency"] == "USD"
+        assert (await c.estimate(201, vgpus=1, hours=1)).currency == "USD"
     assert emulator.state.fired["read_error"] + emulator.state.fired["read_error_in_body"] - fired >= 1
     faults()
     calls = emulator.state.calls
-    with pytest.raises(HostedAIRejected, match="not found"):  # a not-found refusal: asked once
+    with pytest.raises(HostedAIRejected, match="not found"):  # an error object: asked again, then by its code
         await c.estimate(999, vgpus=1, hours=1)
-    assert emulator.state.calls - calls == 1
+    assert emulator.state.calls - calls == c.policy.attempts
 
 
 @pytest.mark.parametrize(
@@ -433,8 +441,12 @@ def test_business_errors_are_told_apart_by_code_or_words_and_keep_their_code(bod
 def test_an_auth_refusal_in_a_body_says_where_and_what():
     from connectors.hostedai import _parse
 
-    with pytest.raises(HostedAIAuthError, match=r"GET /gpuaas/x: token expired \(code 12370001\)"):
-        _parse(response(200, {"code": 12370001, "message": "token expired"}), "GET", "/gpuaas/x", idempotent=True)
+    with pytest.raises(
+        HostedAIAuthError, match=r"GET /gpuaas/x: error in a 200 body: hosted·ai said 'token expired' \(code 401\)"
+    ):
+        _parse(response(200, {"code": 401, "message": "token expired"}), "GET", "/gpuaas/x", idempotent=True)
+    with pytest.raises(HostedAIAuthError, match=r"POST /gpuaas/x: token expired \(code 12370001\)"):
+        _parse(response(200, {"code": 12370001, "message": "token expired"}), "POST", "/gpuaas/x")
 
 
 async def test_exists_is_about_that_subscription(emulator):
@@ -573,3 +585,194 @@ async def test_business_refusals_never_open_the_breaker(emulator, faults):
             await c.regions()
     with pytest.raises(CircuitOpen):
         await c.regions()
+
+
+# --- answers parsed, not indexed: connection-info's shapes, service discovery, service URLs ---
+
+
+async def ready_subscription(c: HostedAIClient, pool: int = 201) -> int:
+    sub_id = await c.subscribe(pool, vgpus=1)
+    await c.wait_ready(sub_id)
+    return sub_id
+
+
+async def answers_models(url: str) -> bool:
+    async with httpx.AsyncClient(timeout=5) as http:
+        return (await http.get(f"{url}/models")).status_code == 200
+
+
+@pytest.mark.parametrize("shape", ["pods", "subscriptions", "bare"])
+async def test_connection_info_in_each_known_shape_gives_the_pods_service(emulator, faults, shape):
+    """{pods: [...]}, subscription entries each with its pods, a bare array of pods: the same URL."""
+    faults(connection_info_shape=shape)
+    c = client(emulator)
+    sub_id = await ready_subscription(c)
+    url = await c.inference_url(sub_id)
+    assert re.search(rf"/pods/pod-{sub_id}/[\w-]{{20,}}/v1$", url) and await answers_models(url)
+    await cleanup(c)
+
+
+async def test_connection_info_in_an_unknown_shape_is_an_error_naming_the_endpoint(emulator, faults):
+    faults(connection_info_shape="unknown")
+    c = client(emulator)
+    sub_id = await ready_subscription(c)
+    with pytest.raises(HostedAIError) as caught:  # not a KeyError, not a traceback
+        await c.inference_url(sub_id)
+    assert str(caught.value) == (
+        "hosted·ai GET /gpuaas/connection-info answered a list of 3 objects without pods: keys id, name"
+    )
+    await cleanup(c)
+
+
+def test_connection_info_shapes_are_parsed_for_the_asked_subscription():
+    from connectors.hostedai_models import pods_of
+
+    pod = {"pod_name": "p-1", "discovered_services": None, "ssh_info": {"host": "h"}, "new_field": 1}
+    other = {"pod_name": "p-2"}
+    assert [p.pod_name for p in pods_of({"pods": [pod]}, 7, "GET /c")] == ["p-1"]
+    assert [p.pod_name for p in pods_of([pod], 7, "GET /c")] == ["p-1"]
+    entries = [{"id": 6, "pods": [other]}, {"id": 7, "pods": {"items": [pod]}}]
+    assert [p.pod_name for p in pods_of(entries, 7, "GET /c")] == ["p-1"]  # this subscription's entry
+    assert [p.pod_name for p in pods_of([{"pods": [pod]}], 7, "GET /c")] == ["p-1"]  # entries without ids
+    assert pods_of(None, 7, "GET /c") == [] and pods_of({"pods": None}, 7, "GET /c") == []
+    for odd, words in [
+        ({"pods": [{"name": "x"}]}, r"GET /c answered a list of 1 objects: keys name, not a list of Pod \(0.pod_name"),
+        ([1, 2], r"GET /c answered a list of 2 items \(int\), neither pods"),
+        ({"pod": {}}, r"GET /c answered an object with keys pod, not a list"),
+        ("<html>hai-secret</html>", r"GET /c answered a text body of 23 characters, not a list"),
+    ]:
+        with pytest.raises(HostedAIError, match=words) as caught:
+            pods_of(odd, 7, "GET /c")
+        assert "hai-secret" not in str(caught.value)
+
+
+async def test_a_service_discovered_under_another_name_is_used_and_nothing_is_exposed(emulator, faults):
+    """The pod lists its server as "vllm-openai" (after a service that serves no models): it is
+    found by asking each for /v1/models, and no second expose-service is sent (the panel refuses
+    one for a port already exposed)."""
+    faults(discovered_as="vllm-openai")
+    c = client(emulator)
+    sub_id = await ready_subscription(c)
+    exposed = emulator.state.calls_by_route["POST /pods/expose-service"]
+    url = await c.inference_url(sub_id)
+    assert re.search(rf"/pods/pod-{sub_id}/[\w-]{{20,}}/v1$", url) and await answers_models(url)
+    assert emulator.state.calls_by_route["POST /pods/expose-service"] == exposed
+    await cleanup(c)
+
+
+async def test_a_service_is_exposed_only_when_none_is_found(emulator):
+    c = client(emulator)
+    sub_id = await ready_subscription(c)
+    exposed = emulator.state.calls_by_route["POST /pods/expose-service"]
+    first = await c.inference_url(sub_id)
+    assert emulator.state.calls_by_route["POST /pods/expose-service"] == exposed + 1
+    assert await c.inference_url(sub_id) == first  # found by name now
+    assert emulator.state.calls_by_route["POST /pods/expose-service"] == exposed + 1
+    await cleanup(c)
+
+
+async def test_a_reads_error_object_is_retried_then_reported_in_hosted_ais_words(emulator, faults):
+    """An error object with "permission" in a GET's body is no proof the key was refused: asked
+    again, and once hosted·ai answers the read succeeds; if it never does, the error quotes
+    hosted·ai (short, the key taken out) instead of guessing at the key."""
+    c = client(emulator)
+    faults(body_error_reads=2, body_error_message="permission check failed, try again")
+    calls = emulator.state.calls
+    assert [r.gpuaas_id for r in await c.regions()] == [7]
+    assert emulator.state.calls - calls == 3 and emulator.state.fired["body_error_read"] >= 2
+    key = emulator.teams["acme"].api_key
+    faults(body_error_reads=100, body_error_message=f"permission denied for {key}: " + "x" * 500)
+    calls = emulator.state.calls
+    with pytest.raises(HostedAIUnavailable) as caught:
+        await c.regions()
+    message = str(caught.value)
+    assert emulator.state.calls - calls == c.policy.attempts
+    assert message.startswith(
+        "hosted·ai GET /gpuaas/available-regions: error in a 200 body: hosted·ai said 'permission denied for …: xxx"
+    )
+    assert message.endswith("…' (code 12370004)") and len(message) < 250
+    assert key not in message and "API key was refused" not in message
+
+
+async def test_a_writes_error_object_is_still_not_retried(emulator, faults):
+    faults(body_error_reads=100)  # reads only: the write goes through
+    c = client(emulator)
+    calls = emulator.state.calls
+    with pytest.raises(HostedAIRejected, match="not found"):
+        await c.call("POST", "/gpuaas/pool/subscribe", body={"pool_id": 999, "team_id": c.team_id, "vgpus": 1})
+    assert emulator.state.calls - calls == 1
+
+
+@pytest.fixture
+def bystander(asgi_server):
+    """A loopback server that counts what reaches it: where a hostile service URL points."""
+    hits = []
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        hits.append(scope["path"])
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": b'{"object": "list", "data": []}'})
+
+    url, stop = asgi_server(app)
+    yield url, hits
+    stop()
+
+
+@pytest.mark.parametrize(
+    ("service_url", "problem"),
+    [
+        ("{bystander}/v1", r"host 127\.0\.0\.1:\d+: a loopback or private host that is not the panel's own"),
+        ("http://169.254.169.254/latest/meta-data", "host 169.254.169.254: a link-local address"),
+        ("http://[fe80::1]/v1", "host fe80::1: a link-local address"),
+        ("{bystander}#", "a fragment"),
+        ("{bystander}/v1?next=", "a query"),
+        ("http://user:pw@127.0.0.1/v1", "credentials"),
+        ("file:///etc/passwd", "scheme 'file'"),
+    ],
+)
+@pytest.mark.parametrize("discovered_as", [None, "vllm-openai"])
+async def test_a_service_url_of_the_panels_choosing_is_refused_before_anything_is_sent(
+    emulator, faults, bystander, service_url, problem, discovered_as
+):
+    url, hits = bystander
+    faults(service_url=service_url.format(bystander=url), discovered_as=discovered_as)
+    c = client(emulator)
+    sub_id = await ready_subscription(c)
+    with pytest.raises(
+        HostedAIRejected, match=f"^hosted·ai service URL of subscription {sub_id}: .*{problem}"
+    ) as caught:
+        await c.inference_url(sub_id)
+    assert hits == []  # nothing was sent there, not even a probe
+    assert "pw" not in str(caught.value) and "meta-data" not in str(caught.value)
+    await cleanup(c)
+
+
+def test_service_urls_are_checked_against_where_the_panel_is():
+    public = HostedAIClient(HostedAICredentials(url="https://panel.example/api", api_key="k", team_id="t"))
+    assert public.service_url(1, "https://pods.panel.example/p-1/k3y/v1/") == "https://pods.panel.example/p-1/k3y/v1"
+    for url in ("http://127.0.0.1:8000/v1", "http://10.0.0.5/v1", "http://localhost/v1", "http://169.254.169.254/"):
+        with pytest.raises(HostedAIRejected, match="service URL of subscription 1: host"):
+            public.service_url(1, url)
+    local = HostedAIClient(HostedAICredentials(url="http://127.0.0.1:8700", api_key="k", team_id="t"))
+    assert local.service_url(1, "http://127.0.0.1:8700/pods/p/k/v1") == "http://127.0.0.1:8700/pods/p/k/v1"
+    assert local.service_url(1, "https://pods.panel.example/v1") == "https://pods.panel.example/v1"  # public: fine
+    for url in ("http://127.0.0.1:4200/v1", "http://10.0.0.5:8700/v1", "http://169.254.169.254/"):
+        with pytest.raises(HostedAIRejected):
+            local.service_url(1, url)
+
+
+def test_error_messages_quote_hosted_ai_in_short_and_describe_other_bodies_by_shape():
+    from connectors.hostedai import _parse, said
+
+    key = "hai-live-9f8e7d6c5b4a"
+    assert said(f"bad\nthing {key}\x00 and pods/p-1/AbCdEf0123456789xyzXYZ/v1", key) == "bad thing … and pods/p-1/…/v1"
+    assert len(said("y" * 1000)) == 120
+    page = "<html>" + "internal stack trace " * 100 + "</html>"
+    with pytest.raises(HostedAIRejected) as caught:
+        _parse(response(400, text=page), "POST", "/gpuaas/pool/subscribe")
+    assert str(caught.value) == "hosted·ai POST /gpuaas/pool/subscribe: HTTP 400: a text body of 2113 characters"
+    with pytest.raises(HostedAIRejected) as caught:
+        _parse(response(200, {"code": 12370077, "message": f"quota for {key} exceeded"}), "POST", "/x", secret=key)
+    assert key not in str(caught.value) and "quota for … exceeded" in str(caught.value)
