@@ -9,10 +9,13 @@ puts the tenant in the connection's ASGI state; no tool takes a tenant argument.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import math
 import uuid
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import anyio
@@ -25,25 +28,49 @@ from starlette.responses import JSONResponse
 from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket
 
-from connectors.tokens import TokenStore
+from apps.guards import SESSION_IDLE_S, Guards
+from connectors.tokens import TokenStore, token_hash, well_formed
 from connectors.ws_transport import DEFAULT_MAX_MESSAGE_BYTES, SUBPROTOCOL, token_from_subprotocols, websocket_server
-from homeskillet.errors import HomeskilletError
-from homeskillet.schemas import Constraints
-from homeskillet.settings import get_settings
+from homeskillet.errors import HomeskilletError, InvalidRequest, TooManyRequests, public_message
+from homeskillet.schemas import MAX_PROMPT_CHARS, Constraints
+from homeskillet.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
 TOO_MANY_REQUESTS = -32029  # implementation-defined server error: the tenant's concurrency cap
 TENANT_KEY = "homeskillet_tenant"
+CALLER: ContextVar[str | None] = ContextVar("homeskillet_caller", default=None)  # the tenant reading a resource
 
 
 class _Server(MCPServer):
-    """MCPServer whose unknown tools are a JSON-RPC error (the SDK answers them as a tool result)."""
+    """MCPServer whose unknown tools are a JSON-RPC error (the SDK answers them as a tool result),
+    and whose every tool call and resource read counts against its tenant's rate."""
+
+    guards: Guards | None = None
+
+    def _count(self, context: Any) -> None:
+        if self.guards is not None and context is not None:
+            try:
+                self.guards.call(tenant_of(context))
+            except TooManyRequests as exc:
+                raise MCPError(
+                    code=TOO_MANY_REQUESTS, message=str(exc), data={"retry_after_s": exc.retry_after_s}
+                ) from None
 
     async def call_tool(self, name: str, arguments: dict[str, Any], context: Any = None):
         if self._tool_manager.get_tool(name) is None:
             raise MCPError(code=types.METHOD_NOT_FOUND, message=f"unknown tool {name!r}", data={"tool": name})
+        self._count(context)
         return await super().call_tool(name, arguments, context)
+
+    async def read_resource(self, uri: Any, context: Any = None):
+        self._count(context)
+        # a static resource's handler gets no context from the SDK: the caller travels in CALLER
+        caller = CALLER.set(tenant_of(context) if context is not None else None)
+        try:
+            return await super().read_resource(uri, context)
+        finally:
+            CALLER.reset(caller)
 
 
 class FuseSlots:
@@ -127,10 +154,15 @@ class Tools:
 
         from flows.fusion import fuse_request
         from tasks import progress
+        from tasks.preparation import make_request
 
         tenant = tenant_of(ctx)
+        request_id = "mcp-" + uuid.uuid4().hex[:16]
+        try:  # bad input is refused here, before a flow run is created for it
+            make_request(prompt, tenant, strategy, constraints_of(constraints), request_id)
+        except InvalidRequest as exc:
+            raise ToolError(public_message(exc, request_id)) from None
         async with self.slots.slot(tenant):
-            request_id = "mcp-" + uuid.uuid4().hex[:16]
             events: asyncio.Queue[dict] = asyncio.Queue()
             with prefect.tags(f"tenant:{tenant}", "mcp"):
                 # its own asyncio task, out of the SDK's cancel scope: on cancellation the flow's
@@ -174,8 +206,9 @@ class Tools:
                 result = run.result()
             except BaseException as exc:
                 await self._release_leftovers(tenant, request_id)
-                if isinstance(exc, HomeskilletError):
-                    raise ToolError(f"{type(exc).__name__}: {exc}") from None
+                if isinstance(exc, Exception):
+                    log.warning("request %s of tenant %s failed: %s: %s", request_id, tenant, type(exc).__name__, exc)
+                    raise ToolError(public_message(exc, request_id)) from None
                 raise
             data = result.model_dump(mode="json")
             await self.store.save_result(tenant, result.request_id, data)
@@ -203,13 +236,12 @@ class Tools:
         from tasks.preparation import make_request, prepare
 
         tenant = tenant_of(ctx)
+        request_id = "plan-" + uuid.uuid4().hex[:8]
         try:
-            request = make_request(
-                prompt, tenant, strategy, constraints_of(constraints), "plan-" + uuid.uuid4().hex[:8]
-            )
-            prepared = await prepare(request, self.services, log)
+            request = make_request(prompt, tenant, strategy, constraints_of(constraints), request_id)
+            prepared = await prepare(request, self.services, log)  # the split runs off the event loop
         except HomeskilletError as exc:
-            raise ToolError(f"{type(exc).__name__}: {exc}") from None
+            raise ToolError(public_message(exc, request_id)) from None
         choices = prepared.choices
         fragments = [
             {
@@ -239,23 +271,40 @@ class Tools:
         """The request classifier's task type for a text, and every label's probability."""
         from tasks.decompose import request_classifier
 
-        probs = request_classifier().probabilities(prompt.encode())
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise ToolError(f"InvalidRequest: prompt is {len(prompt)} characters; at most {MAX_PROMPT_CHARS}")
+        # off the event loop: a long text must not stall every other tenant's calls
+        probs = await asyncio.to_thread(request_classifier().probabilities, prompt.encode())
         return _structured({"label": max(probs, key=probs.get), "probabilities": probs})
 
     async def allocations(self, ctx: Context) -> types.CallToolResult:
-        """The GPU shares your tenant holds now."""
+        """The GPU shares your tenant holds now (read without locking anything)."""
         tenant = tenant_of(ctx)
         held = await self.services.held(tenant)
-        return _structured({"tenant": tenant, "allocations": [a.model_dump(mode="json") for a in held]})
+        # where a slice is served is the orchestrator's business: internal addresses stay inside
+        shown = [a.model_dump(mode="json", exclude={"endpoint"}) for a in held]
+        return _structured({"tenant": tenant, "allocations": shown})
 
     def catalog(self) -> str:
-        """Models, pools (tier, capacity, price per hour) and tenants."""
-        catalog = self.services.catalog
+        """The models and pools (tier, capacity, price per hour) your covenant allows, and its terms."""
+        tenant = CALLER.get()
+        if tenant is None:
+            raise MCPError(code=types.INVALID_REQUEST, message="no tenant bound to this connection")
+        return self.catalog_for(tenant)
+
+    def catalog_for(self, tenant: str) -> str:
+        """The catalog as `tenant` may use it; no other tenant is named."""
+        from tasks.covenant import restrict
+
+        services = self.services
+        covenant = services.covenant(tenant)
+        allowed, _ = restrict(services.catalog, covenant)
         return json.dumps(
             {
-                "models": [m.model_dump(mode="json") for m in catalog.models],
-                "pools": [p.model_dump(mode="json") for p in catalog.pools],
-                "tenants": [t.id for t in catalog.tenants],
+                "models": [m.model_dump(mode="json") for m in allowed.models],
+                "pools": [p.model_dump(mode="json") for p in allowed.pools],
+                "tenant": tenant,
+                "covenant": covenant.terms(),
             }
         )
 
@@ -290,16 +339,30 @@ def build_mcp(tools: Tools) -> _Server:
 
 
 class BearerAuth:
-    """ASGI middleware: resolve the bearer token to its tenant before anything else runs."""
+    """ASGI middleware: the server's fair shares, then the bearer token resolved to its tenant,
+    before anything else runs (see apps/guards.py for each limit).
 
-    def __init__(self, app, tools: Tools):
+    Junk costs nothing: a token not of the token's form is refused without a database lookup, and
+    an address past its failed-authentication rate gets 429 unless its token is one this server
+    knows live. A connection runs in a cancel scope that the token's revocation (heard through the
+    store's NOTIFY) or the connection's maximum lifetime ends: a WebSocket is then closed with
+    1008 and the reason."""
+
+    def __init__(self, app, tools: Tools, guards: Guards):
         self.app = app
         self.tools = tools  # its token store resolves the token
-        self.sessions: dict[str, str] = {}  # Streamable HTTP session id → tenant
+        self.guards = guards
 
     async def __call__(self, scope, receive, send):
         if scope["type"] not in ("http", "websocket"):
             return await self.app(scope, receive, send)
+        try:
+            with self.guards.server():
+                return await self._authenticated(scope, receive, send)
+        except TooManyRequests as exc:
+            return await _refuse(scope, receive, send, 429, "too_many_requests", str(exc), exc.retry_after_s)
+
+    async def _authenticated(self, scope, receive, send):
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         token = None
         auth = headers.get("authorization", "")
@@ -308,36 +371,64 @@ class BearerAuth:
         if token is None and scope["type"] == "websocket":
             protocols = [p.strip() for p in headers.get("sec-websocket-protocol", "").split(",") if p.strip()]
             token = token_from_subprotocols(protocols)
-        tenant = await self.tools.store.tenant_of(token) if token else None
+        store = self.tools.store
+        address = (scope.get("client") or ("unknown",))[0]
+        tenant = store.cached(token)
+        if tenant is None and well_formed(token):
+            wait = self.guards.address_limited(address)
+            if wait is not None:
+                raise TooManyRequests(f"too many failed authentications from {address}; retry later", wait)
+            tenant = await store.tenant_of(token)
         if tenant is None:
+            self.guards.auth_failed(address)
             why = "missing bearer token" if not token else "invalid or revoked token"
-            if scope["type"] == "websocket":
-                await receive()  # websocket.connect
-                await send({"type": "websocket.close", "code": 1008, "reason": why})  # refused: HTTP 403
-                return
-            response = JSONResponse(
-                {"error": "unauthorized", "error_description": why},
-                status_code=401,
-                headers={"WWW-Authenticate": 'Bearer realm="homeskillet"'},
-            )
-            return await response(scope, receive, send)
+            return await _refuse(scope, receive, send, 401, "unauthorized", why)
         scope.setdefault("state", {})[TENANT_KEY] = tenant
-        if scope["type"] == "websocket":
-            return await self.app(scope, receive, send)
+        with self.guards.tenant(tenant), self.guards.watched(token_hash(token)) as watch:
+            if scope["type"] == "websocket":
+                await self.app(scope, receive, send)
+            else:
+                await self._http(scope, receive, send, tenant, headers)
+        if watch.why is not None and scope["type"] == "websocket":
+            with contextlib.suppress(Exception):  # the app may have closed it already
+                await send({"type": "websocket.close", "code": 1008, "reason": watch.why})
+
+    async def _http(self, scope, receive, send, tenant: str, headers: dict[str, str]) -> None:
         # an HTTP session belongs to the tenant that opened it: another token cannot ride on its id
         session = headers.get("mcp-session-id")
-        if session is not None and self.sessions.get(session, tenant) != tenant:
-            response = JSONResponse({"error": "session not found"}, status_code=404)
-            return await response(scope, receive, send)
+        if session is not None:
+            owner = self.guards.session_tenant(session)
+            if owner is not None and owner != tenant:
+                return await _refuse(scope, receive, send, 404, "not_found", "session not found")
+            if scope["method"] == "DELETE":
+                self.guards.end_session(session)
+                return await self.app(scope, receive, send)
+        elif scope["method"] == "POST":
+            self.guards.session_opening(tenant)  # a POST without a session opens one
 
         async def send_and_bind(message):
             if message["type"] == "http.response.start":
                 for key, value in message.get("headers", []):
                     if key.lower() == b"mcp-session-id":
-                        self.sessions.setdefault(value.decode("latin-1"), tenant)
+                        self.guards.bind_session(value.decode("latin-1"), tenant)
             await send(message)
 
-        return await self.app(scope, receive, send_and_bind)
+        await self.app(scope, receive, send_and_bind)
+
+
+async def _refuse(scope, receive, send, status: int, error: str, why: str, retry_after_s: float | None = None):
+    """An HTTP error answer, or a WebSocket refused at its handshake (1008; 1013 for "try later")."""
+    if scope["type"] == "websocket":
+        await receive()  # websocket.connect
+        code = 1013 if status == 429 else 1008
+        await send({"type": "websocket.close", "code": code, "reason": why[:120]})  # refused: HTTP 403
+        return
+    headers = {"WWW-Authenticate": 'Bearer realm="homeskillet"'} if status == 401 else {}
+    if retry_after_s is not None:
+        headers["Retry-After"] = str(math.ceil(retry_after_s))
+    await JSONResponse({"error": error, "error_description": why}, status_code=status, headers=headers)(
+        scope, receive, send
+    )
 
 
 def create_app(
@@ -346,28 +437,45 @@ def create_app(
     host: str = "127.0.0.1",
     max_concurrent: int | None = None,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    settings: Settings | None = None,
 ):
-    """The ASGI app. `store`: an opened TokenStore (default: opened on first request)."""
-    slots = FuseSlots(max_concurrent or get_settings().mcp_max_concurrent)
+    """The ASGI app. `store`: an opened TokenStore (default: opened on first request); `settings`:
+    its limits (default: the process's settings)."""
+    settings = settings or get_settings()
+    slots = FuseSlots(max_concurrent or settings.mcp_max_concurrent)
     tools = Tools(catalog_path, slots, store)
+    guards = Guards(settings)
     mcp = build_mcp(tools)
-    app = mcp.streamable_http_app(streamable_http_path="/mcp", host=host, max_request_body_size=max_message_bytes)
+    mcp.guards = guards
+    app = mcp.streamable_http_app(
+        streamable_http_path="/mcp",
+        host=host,
+        max_request_body_size=max_message_bytes,
+        session_idle_timeout=SESSION_IDLE_S,
+    )
     lowlevel = mcp._lowlevel_server
 
     async def ws_endpoint(websocket: WebSocket) -> None:
         await websocket.accept(subprotocol=SUBPROTOCOL)
-        async with websocket_server(websocket, max_message_bytes) as (read, write):
+        async with websocket_server(websocket, max_message_bytes, settings.connection_max_in_flight) as (read, write):
             await lowlevel.run(read, write, lowlevel.create_initialization_options())
 
     app.router.routes.append(WebSocketRoute("/ws", ws_endpoint))
-    auth = BearerAuth(app, tools)
+    auth = BearerAuth(app, tools, guards)
+    subscribed: list[TokenStore] = []
 
     async def asgi(scope, receive, send):
         if tools.store is None:
-            tools.store = await TokenStore.open(get_settings().pgdata)
+            tools.store = await TokenStore.open(settings.pgdata)
+        if tools.store not in subscribed:
+            tools.store.subscribe(guards.revoked)  # a revocation ends the token's open connections
+            subscribed.append(tools.store)
+        if scope["type"] != "lifespan" and not tools.store.listening:
+            await tools.store.listen()  # again after a lost connection: until then, no live token is cached
         await auth(scope, receive, send)
 
     asgi.mcp = mcp  # type: ignore[attr-defined]
     asgi.slots = slots  # type: ignore[attr-defined]
     asgi.tools = tools  # type: ignore[attr-defined]
+    asgi.guards = guards  # type: ignore[attr-defined]
     return asgi

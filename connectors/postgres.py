@@ -6,8 +6,12 @@ stops it. It listens on a Unix socket only (no TCP port), in the data folder.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import subprocess
+import weakref
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import asyncpg
@@ -64,6 +68,40 @@ async def apply_schema(dsn: str, name: str, ddl: str) -> None:
             await conn.execute(ddl)
     finally:
         await conn.close()
+
+
+class LoopPools:
+    """One bounded asyncpg pool per event loop (a connection belongs to the loop that opened it):
+    however many callers there are, at most `max_size` connections per loop, the rest wait."""
+
+    def __init__(self, dsn: str, max_size: int, max_inactive_s: float = 60.0):
+        self._dsn = dsn
+        self._max_size = max_size
+        self._max_inactive_s = max_inactive_s
+        self._pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncpg.Pool] = weakref.WeakKeyDictionary()
+        self._locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = weakref.WeakKeyDictionary()
+
+    async def pool(self) -> asyncpg.Pool:
+        loop = asyncio.get_running_loop()
+        pool = self._pools.get(loop)
+        if pool is None:
+            for closed in [other for other in self._pools if other.is_closed()]:
+                del self._pools[closed]  # its loop is gone, and with it any use of its connections
+            async with self._locks.setdefault(loop, asyncio.Lock()):
+                pool = self._pools.get(loop)
+                if pool is None:
+                    pool = self._pools[loop] = await asyncpg.create_pool(
+                        self._dsn,
+                        min_size=0,
+                        max_size=self._max_size,
+                        max_inactive_connection_lifetime=self._max_inactive_s,
+                    )
+        return pool
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[asyncpg.Connection]:
+        async with (await self.pool()).acquire() as conn:
+            yield conn
 
 
 def dsn(pgdata: Path, database: str, driver: str = "postgresql") -> str:

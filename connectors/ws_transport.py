@@ -9,7 +9,8 @@ it every call in flight.
 Server side (Starlette/ASGI): `websocket_server(websocket)`; the websocket is handed to
 handlers as the request context (`ctx.request_context.request`), like the HTTP transports hand
 the Starlette Request. A malformed frame gets a JSON-RPC error (-32700 / -32600) from the
-transport, and a frame above `max_message_bytes` a -32600, the connection staying usable.
+transport, a frame above `max_message_bytes` a -32600 and a request beyond `max_in_flight`
+unanswered ones a -32029, the connection staying usable.
 
 Client side: `WebSocketTransport(url, token=…)` (the `websockets` library), usable as
 `mcp.Client(WebSocketTransport(...))`.
@@ -38,6 +39,8 @@ DEFAULT_MAX_MESSAGE_BYTES = 1 << 20
 
 PARSE_ERROR = -32700
 INVALID_REQUEST = -32600
+TOO_MANY_IN_FLIGHT = -32029  # implementation-defined server error, as the server's rate limits
+DEFAULT_MAX_IN_FLIGHT = 8
 
 
 def bearer_subprotocol(token: str) -> str:
@@ -71,14 +74,19 @@ def _id_of(text: str | bytes) -> Any:
 
 @asynccontextmanager
 async def websocket_server(
-    websocket: Any, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    websocket: Any, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
 ) -> AsyncIterator[tuple[Any, Any]]:
-    """Bridge an accepted Starlette WebSocket to the server's (read_stream, write_stream)."""
+    """Bridge an accepted Starlette WebSocket to the server's (read_stream, write_stream).
+
+    At most `max_in_flight` requests of the connection are answered at once: a request beyond it
+    gets a -32029 error at once from the transport (the server never sees it), the connection
+    staying usable."""
     from starlette.websockets import WebSocketDisconnect
 
     read_writer, read_stream = create_context_streams[SessionMessage | Exception](0)
     write_stream, write_reader = create_context_streams[SessionMessage](0)
     send_lock = anyio.Lock()
+    in_flight: set[Any] = set()  # ids of the requests sent to the server and not answered yet
 
     async def send_text(text: str) -> None:
         async with send_lock:
@@ -114,6 +122,14 @@ async def websocket_server(
                             continue
                         await send_text(_error_frame(INVALID_REQUEST, "invalid JSON-RPC message", _id_of(data)))
                         continue
+                    if isinstance(message, types.JSONRPCRequest):
+                        if len(in_flight) >= max_in_flight or message.id in in_flight:
+                            why = f"{max_in_flight} requests are in flight on this connection, its limit"
+                            if message.id in in_flight:
+                                why = f"request id {message.id!r} is already in flight on this connection"
+                            await send_text(_error_frame(TOO_MANY_IN_FLIGHT, why, message.id))
+                            continue
+                        in_flight.add(message.id)
                     metadata = ServerMessageMetadata(request_context=websocket)
                     await read_writer.send(SessionMessage(message, metadata=metadata))
         except (anyio.ClosedResourceError, anyio.BrokenResourceError, WebSocketDisconnect, RuntimeError, OSError):
@@ -126,7 +142,10 @@ async def websocket_server(
         try:
             async with write_reader:
                 async for session_message in write_reader:
-                    await send_text(session_message.message.model_dump_json(by_alias=True, exclude_unset=True))
+                    message = session_message.message
+                    if isinstance(message, types.JSONRPCResponse | types.JSONRPCError):
+                        in_flight.discard(message.id)
+                    await send_text(message.model_dump_json(by_alias=True, exclude_unset=True))
         except (anyio.ClosedResourceError, anyio.BrokenResourceError, WebSocketDisconnect, RuntimeError, OSError):
             await anyio.lowlevel.checkpoint()
 

@@ -94,3 +94,35 @@ class HostedAIAuthError(HostedAIError):
 
 class MissingCredentials(HomeskilletError):
     pass
+
+
+class TooManyRequests(HomeskilletError):
+    """A fair-share limit of a server: the caller may try again after `retry_after_s`."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+# What a tenant may read of an error: its own request's problems (bad input, its covenant, no
+# route in what it may use, its own allocations, its own limits) in full. Anything else comes from
+# a shared or upstream part (the pool, a model server, hosted·ai, PostgreSQL) and may name other
+# tenants' load, internal addresses or an upstream's words: the tenant gets the kind of failure
+# and the request id, and the operator's log the whole message.
+TENANT_SAFE = (InvalidRequest, NoRoute, CovenantViolation, AllocationNotFound, TooManyRequests)
+GENERIC = {
+    CapacityTimeout: "no GPU capacity was free within the wait; retry later",
+    Preempted: "the GPU share was reclaimed and no other could finish the request",
+    InferenceError: "a model failed to answer",
+    HostedAIError: "the GPU provider failed to serve the request",
+    ServiceError: "a service of the orchestrator is unavailable",
+}
+
+
+def public_message(exc: BaseException, request_id: str) -> str:
+    """The message a tenant is shown for `exc` raised by its request `request_id`."""
+    if isinstance(exc, TENANT_SAFE):
+        return f"{type(exc).__name__}: {exc}"
+    what = next((text for kind, text in GENERIC.items() if isinstance(exc, kind)), "the request failed")
+    name = type(exc).__name__ if isinstance(exc, HomeskilletError) else "InternalError"
+    return f"{name}: {what} (request {request_id}; the operator's log has the details)"

@@ -13,6 +13,12 @@ from homeskillet.urls import check_url
 
 Tier = Literal["dedicated", "preemptible"]
 EPS = 1e-9  # tolerance when comparing sums of TFLOPS, GB or US$: float rounding, never a margin
+# The largest prompt any surface accepts, in characters: checked before any work (a split, a flow
+# run). Map-reduce summaries of 15 chunks of the largest shipped context fit well inside it.
+MAX_PROMPT_CHARS = 128 * 1024
+# The longest a request may wait for pool capacity: a waiting request holds a connection and a
+# place in its tenant's concurrency cap, so it cannot wait without end.
+MAX_CAPACITY_WAIT_S = 120.0
 
 BackendName = Literal["local", "hostedai"]  # `connectors.backend.Backend` is the interface
 PromptStyle = Literal["chat", "completion"]
@@ -37,7 +43,9 @@ class Constraints(_Frozen):
     tier: Tier | None = Field(None, description="Only pools of this tier; None means the cheapest that fits.")
     pool: str | None = Field(None, description="Run every fragment on this pool.")
     max_tokens: int = Field(128, ge=1, le=4096, description="Output tokens per fragment.")
-    capacity_wait_s: float | None = Field(None, ge=0, description="How long to wait for pool capacity.")
+    capacity_wait_s: float | None = Field(
+        None, ge=0, le=MAX_CAPACITY_WAIT_S, description="How long to wait for pool capacity, in seconds."
+    )
     backend: BackendName = Field("local", description="Where GPU shares come from: this machine or hosted·ai.")
     fallback_backend: BackendName | None = Field(None, description="Used while the backend's circuit is open.")
     on_preemption: Literal["same_tier", "dedicated"] = Field(
@@ -59,6 +67,8 @@ class InferenceRequest(_Frozen):
     @field_validator("prompt")
     @classmethod
     def _prompt_not_blank(cls, value: str) -> str:
+        if len(value) > MAX_PROMPT_CHARS:
+            raise ValueError(f"prompt is {len(value)} characters; at most {MAX_PROMPT_CHARS}")
         if not value.strip():
             raise ValueError("prompt is empty")
         return value.strip()
@@ -238,6 +248,22 @@ class Catalog(_Frozen):
     pools: list[PoolSpec] = Field(min_length=1)
     tenants: list[TenantSpec] = Field(min_length=1)
     cards: dict[str, CardSpec] = {}
+    default_covenant: Covenant | None = Field(
+        None,
+        description="The covenant of every tenant that declares none (e.g. a quota, so that no tenant holds every slice).",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_covenant(cls, data: object) -> object:
+        """A tenant without a covenant of its own gets the catalog's default one."""
+        if isinstance(data, dict) and data.get("default_covenant") is not None:
+            tenants = [
+                {**t, "covenant": data["default_covenant"]} if isinstance(t, dict) and "covenant" not in t else t
+                for t in data.get("tenants") or []
+            ]
+            data = {**data, "tenants": tenants}
+        return data
 
 
 class HostedAICredentials(_Frozen):

@@ -5,8 +5,11 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from limits import parse
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from homeskillet.schemas import MAX_CAPACITY_WAIT_S
 
 PACKAGED_CATALOG = Path(__file__).with_name("catalog.yaml")
 # RouterBench recordings of 11 real LLMs (see its SOURCE.md): routing evaluation and training data
@@ -20,7 +23,7 @@ class Settings(BaseSettings):
     catalog: Path = Field(PACKAGED_CATALOG, description="Catalog of models, pools and tenants (YAML).")
     prefect_port: int = Field(4200, description="Port of the local Prefect server on 127.0.0.1.")
     lease_s: float = Field(900.0, gt=0, description="Lease of an allocation; expiry is the crash backstop.")
-    capacity_wait_s: float = Field(30.0, ge=0, description="Default wait for pool capacity.")
+    capacity_wait_s: float = Field(30.0, ge=0, le=MAX_CAPACITY_WAIT_S, description="Default wait for pool capacity.")
     infer_timeout_s: float = Field(300.0, gt=0, description="Client timeout of one inference call.")
     model_idle_s: float = Field(300.0, gt=0, description="Stop a local model server idle this long.")
     model_threads: int | None = Field(None, description="CPU threads per local model server.")
@@ -37,6 +40,27 @@ class Settings(BaseSettings):
     )
     metrics_port: int | None = Field(None, description="Serve Prometheus /metrics on 127.0.0.1:PORT.")
     mcp_max_concurrent: int = Field(2, ge=1, description="Concurrent fuse calls per tenant on the MCP server.")
+    # Fair shares on the server (per process): no tenant, and no stranger, can take it all.
+    server_max_in_flight: int = Field(
+        256, ge=1, description="HTTP requests and WebSockets the server handles at once; beyond, 429 at once."
+    )
+    tenant_max_connections: int = Field(16, ge=1, description="One tenant's WebSockets and HTTP requests open at once.")
+    tenant_max_sessions: int = Field(8, ge=1, description="One tenant's Streamable HTTP sessions open at once.")
+    tenant_rate: str = Field("30/second", description="One tenant's tool calls and resource reads (a moving window).")
+    connection_max_in_flight: int = Field(8, ge=1, description="Requests in flight on one WebSocket.")
+    connection_max_s: float = Field(3600.0, gt=0, description="The longest a WebSocket or stream stays open.")
+    auth_failure_rate: str = Field(
+        "20/10 seconds", description="Failed authentications per client address before it gets 429."
+    )
+
+    @field_validator("tenant_rate", "auth_failure_rate")
+    @classmethod
+    def _a_rate(cls, value: str) -> str:
+        try:
+            parse(value)
+        except ValueError:
+            raise ValueError(f"{value!r} is not a rate such as '30/second' or '20/10 seconds'") from None
+        return value
 
     @property
     def pgdata(self) -> Path:

@@ -13,6 +13,7 @@ declare its task type instead of leaving it to the classifier.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import re
@@ -30,6 +31,7 @@ logger = logging.getLogger(__name__)
 CHARS_PER_TOKEN = 3  # conservative for English (llama tokenizers average ~4)
 PROMPT_OVERHEAD_TOKENS = 48  # chat template and instructions around a fragment
 MAX_FRAGMENTS = 16
+DECOMPOSE_TIMEOUT_S = 5.0  # far beyond what a prompt within MAX_PROMPT_CHARS takes
 
 _NUMBERED_LINES = re.compile(r"^[ \t]*(?:Q\s*)?\(?(\d{1,2})[.):]\s+", re.IGNORECASE | re.MULTILINE)
 _NUMBERED_INLINE = re.compile(r"(?:^|(?<=\s))(?:Q\s*)?\(?(\d{1,2})[.):]\s+", re.IGNORECASE)
@@ -76,17 +78,21 @@ def decompose_prompt(
     max_tokens: int,
     split: bool = True,
     task_type: TaskType | None = None,
+    max_fragments: int = MAX_FRAGMENTS,
 ) -> Plan:
-    """The plan for a prompt, given the largest context among allowed models and the output budget."""
+    """The plan for a prompt, given the largest context among allowed models and the output budget.
+
+    Time and memory are linear in the prompt: each pass reads it once, and the split stops with
+    InvalidRequest as soon as it finds more than `max_fragments` parts (at most MAX_FRAGMENTS), so
+    the shared context is never copied into more parts than a request may have."""
+    limit = min(max_fragments, MAX_FRAGMENTS)
     budget = max_context - max_tokens - PROMPT_OVERHEAD_TOKENS
     if budget <= 0:
         raise InvalidRequest(f"max_tokens {max_tokens} leaves no room for a prompt in a {max_context}-token context")
     summary = _SUMMARY.match(prompt)
     if split and summary and estimate_tokens(prompt) > budget:
-        return _map_reduce(summary.group("body"), request_id, budget, max_context, max_tokens)
-    parts = (_numbered_items(prompt) or _asks(prompt) or [prompt]) if split else [prompt]
-    if len(parts) > MAX_FRAGMENTS:
-        raise InvalidRequest(f"prompt has {len(parts)} parts; at most {MAX_FRAGMENTS} fragments per request")
+        return _map_reduce(summary.group("body"), request_id, budget, max_context, max_tokens, limit)
+    parts = (_numbered_items(prompt, limit) or _asks(prompt, limit) or [prompt]) if split else [prompt]
     fragments = [_fragment(f"f{i}", text, task_type) for i, text in enumerate(parts, start=1)]
     for fragment in fragments:
         if fragment.est_prompt_tokens > budget:
@@ -115,21 +121,34 @@ def _fragment(fid: str, text: str, task_type: TaskType | None = None, depends_on
     )
 
 
-def _numbered_items(prompt: str) -> list[str] | None:
+class TooManyParts(InvalidRequest):
+    """The prompt has more parts than a request may have fragments (the split stopped there)."""
+
+    def __init__(self, limit: int):
+        super().__init__(f"prompt has more than {limit} parts; at most {limit} fragments per request")
+        self.limit = limit
+
+
+def _too_many(limit: int) -> TooManyParts:
+    return TooManyParts(limit)
+
+
+def _numbered_items(prompt: str, limit: int) -> list[str] | None:
     """Items numbered 1, 2, 3 … in order (at least two); None when the prompt is not a numbered list.
     Numbers at line starts win over numbers inside the text ("1. Say 2.\n2. …")."""
-    return _items_marked_by(_NUMBERED_LINES, prompt) or _items_marked_by(_NUMBERED_INLINE, prompt)
+    return _items_marked_by(_NUMBERED_LINES, prompt, limit) or _items_marked_by(_NUMBERED_INLINE, prompt, limit)
 
 
-def _items_marked_by(pattern: re.Pattern, prompt: str) -> list[str] | None:
-    marks = list(pattern.finditer(prompt))
+def _items_marked_by(pattern: re.Pattern, prompt: str, limit: int) -> list[str] | None:
     expected, picked = 1, []
-    for mark in marks:
+    for mark in pattern.finditer(prompt):
         if int(mark.group(1)) == expected:
             picked.append(mark)
             expected += 1
     if len(picked) < 2:
         return None
+    if len(picked) > limit:
+        raise _too_many(limit)
     items = []
     for mark, nxt in zip(picked, picked[1:] + [None]):
         text = prompt[mark.end() : nxt.start() if nxt else len(prompt)].strip()
@@ -138,26 +157,39 @@ def _items_marked_by(pattern: re.Pattern, prompt: str) -> list[str] | None:
     return items if len(items) >= 2 else None
 
 
-def _asks(prompt: str) -> list[str] | None:
-    """Two or more questions or requests in running text; plain statements become shared context."""
-    sentences = [s.strip() for s in _SENTENCE.split(prompt.strip()) if s.strip()]
-    asks = [s for s in sentences if s.endswith("?") or _IMPERATIVE.match(s)]
+def _asks(prompt: str, limit: int) -> list[str] | None:
+    """Two or more questions or requests in running text; plain statements become shared context.
+    One pass over the sentences; more than `limit` asks is refused before any part is built."""
+    asks: list[str] = []
+    statements: list[str] = []
+    for sentence in _SENTENCE.split(prompt.strip()):
+        sentence = sentence.strip()
+        if not sentence:
+            continue
+        if sentence.endswith("?") or _IMPERATIVE.match(sentence):
+            asks.append(sentence)
+            if len(asks) > limit:
+                raise _too_many(limit)
+        else:
+            statements.append(sentence)
     if len(asks) < 2:
         return None
-    context = " ".join(s for s in sentences if s not in asks)
+    context = " ".join(statements)
     return [f"{context} {ask}".strip() for ask in asks]
 
 
-def _map_reduce(body: str, request_id: str, budget: int, max_context: int, max_tokens: int) -> Plan:
+def _map_reduce(body: str, request_id: str, budget: int, max_context: int, max_tokens: int, limit: int) -> Plan:
     instruction = "Summarize this passage in two or three sentences:\n\n"
     chunk_tokens = budget - estimate_tokens(instruction)
-    chunks = _chunk(body, chunk_tokens * CHARS_PER_TOKEN)
     reduce_head = "Combine these partial summaries into one concise summary:\n\n"
     fits = (budget - estimate_tokens(reduce_head)) // (max_tokens + 2)
-    if len(chunks) > min(fits, MAX_FRAGMENTS - 1):
+    most = min(fits, limit - 1)
+    # a text longer than `most` full chunks can never fit: refused before it is cut up
+    chunks = _chunk(body, chunk_tokens * CHARS_PER_TOKEN) if len(body) <= most * chunk_tokens * CHARS_PER_TOKEN else []
+    if not chunks or len(chunks) > most:
         raise InvalidRequest(
-            f"text of about {estimate_tokens(body)} tokens needs {len(chunks)} chunks; at most "
-            f"{min(fits, MAX_FRAGMENTS - 1)} summaries fit one combining step in a {max_context}-token context"
+            f"text of about {estimate_tokens(body)} tokens needs {len(chunks) or 'more than ' + str(most)} chunks; at most "
+            f"{most} summaries fit one combining step in a {max_context}-token context and {limit} fragments"
         )
     maps = [_fragment(f"f{i}", instruction + chunk, "summarize") for i, chunk in enumerate(chunks, start=1)]
     joined = "\n".join(f"- {{{m.id}}}" for m in maps)
@@ -186,13 +218,39 @@ def _chunk(text: str, max_chars: int) -> list[str]:
                 pieces.append(sentence[:cut])
                 sentence = sentence[cut:].lstrip()
             pieces.append(sentence)
-    chunks: list[str] = []
+    chunks: list[list[str]] = []  # each chunk's pieces, joined once at the end
+    size = 0
     for piece in pieces:
-        if chunks and len(chunks[-1]) + 2 + len(piece) <= max_chars:
-            chunks[-1] += "\n\n" + piece
+        if chunks and size + 2 + len(piece) <= max_chars:
+            chunks[-1].append(piece)
+            size += 2 + len(piece)
         elif piece.strip():
-            chunks.append(piece)
-    return chunks
+            chunks.append([piece])
+            size = len(piece)
+    return ["\n\n".join(chunk) for chunk in chunks]
+
+
+async def decompose_off_loop(
+    prompt: str,
+    request_id: str,
+    max_context: int,
+    max_tokens: int,
+    split: bool = True,
+    task_type: TaskType | None = None,
+    max_fragments: int = MAX_FRAGMENTS,
+) -> Plan:
+    """`decompose_prompt` in a worker thread, so that a server's event loop keeps serving every other
+    tenant meanwhile; InvalidRequest after DECOMPOSE_TIMEOUT_S (the prompt is bounded, so the
+    thread ends soon after)."""
+    try:
+        return await asyncio.wait_for(
+            asyncio.to_thread(
+                decompose_prompt, prompt, request_id, max_context, max_tokens, split, task_type, max_fragments
+            ),
+            DECOMPOSE_TIMEOUT_S,
+        )
+    except TimeoutError:
+        raise InvalidRequest(f"the prompt took over {DECOMPOSE_TIMEOUT_S:g}s to split; send a shorter one") from None
 
 
 @task(name="decompose", cache_policy=NO_CACHE, persist_result=False)
@@ -203,5 +261,6 @@ async def decompose(
     max_tokens: int,
     split: bool = True,
     task_type: TaskType | None = None,
+    max_fragments: int = MAX_FRAGMENTS,
 ) -> Plan:
-    return decompose_prompt(prompt, request_id, max_context, max_tokens, split, task_type)
+    return await decompose_off_loop(prompt, request_id, max_context, max_tokens, split, task_type, max_fragments)

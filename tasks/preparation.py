@@ -17,13 +17,13 @@ from homeskillet.errors import InvalidRequest
 from homeskillet.schemas import Constraints, InferenceRequest, ModelChoice, Plan, TaskType
 from tasks import runtime
 from tasks.context import RunContext
-from tasks.covenant import check_request, check_size, restrict
-from tasks.decompose import decompose_prompt, estimate_tokens
+from tasks.covenant import check_fragments, check_prompt, check_request, restrict, too_many_fragments
+from tasks.decompose import MAX_FRAGMENTS, TooManyParts, decompose_off_loop, estimate_tokens
 from tasks.routing import fragment_budget, max_context, preview
 from tasks.runtime import Services
 
-# prompt, request_id, max_context, max_tokens, split, task_type → the plan
-Decomposer = Callable[[str, str, int, int, bool, TaskType | None], Awaitable[Plan]]
+# prompt, request_id, max_context, max_tokens, split, task_type, max_fragments → the plan
+Decomposer = Callable[[str, str, int, int, bool, TaskType | None, int], Awaitable[Plan]]
 
 
 @dataclass(frozen=True)
@@ -62,10 +62,16 @@ def make_request(
 
 
 async def split_here(
-    prompt: str, request_id: str, max_context: int, max_tokens: int, split: bool, task_type: TaskType | None
+    prompt: str,
+    request_id: str,
+    max_context: int,
+    max_tokens: int,
+    split: bool,
+    task_type: TaskType | None,
+    max_fragments: int = MAX_FRAGMENTS,
 ) -> Plan:
     """Decomposition in this process, with no task run (the default outside a flow)."""
-    return decompose_prompt(prompt, request_id, max_context, max_tokens, split, task_type)
+    return await decompose_off_loop(prompt, request_id, max_context, max_tokens, split, task_type, max_fragments)
 
 
 async def prepare(
@@ -88,15 +94,23 @@ async def prepare(
     allowed, terms = restrict(services.catalog, covenant)  # routed only where the covenant allows
     constraints = request.constraints
     learned = runtime.routing_stats(routing_stats) if routing_stats is not None else None  # a bad file fails here
-    plan = await decomposer(
-        request.prompt,
-        request.request_id,
-        max_context(allowed, constraints),
-        constraints.max_tokens,
-        constraints.split,
-        constraints.task_type,
-    )
-    check_size(request.tenant, covenant, estimate_tokens(request.prompt), plan)
+    check_prompt(request.tenant, covenant, estimate_tokens(request.prompt))  # before the split: it is work
+    most = min(covenant.max_fragments or MAX_FRAGMENTS, MAX_FRAGMENTS)
+    try:
+        plan = await decomposer(
+            request.prompt,
+            request.request_id,
+            max_context(allowed, constraints),
+            constraints.max_tokens,
+            constraints.split,
+            constraints.task_type,
+            most,  # the split stops as soon as it finds more parts
+        )
+    except TooManyParts as exc:
+        if most < MAX_FRAGMENTS:  # the covenant's limit, not the orchestrator's
+            raise too_many_fragments(request.tenant, covenant, f"more than {exc.limit}") from None
+        raise
+    check_fragments(request.tenant, covenant, plan)
     ctx = RunContext(
         request,
         services,

@@ -49,9 +49,12 @@ def run(
         "task_type": task_type,
     }
     try:
-        api_url = use_local_prefect()
+        api_url = use_local_prefect()  # first: Prefect reads its settings when it is imported
         from flows.fusion import fuse_request
         from tasks import runtime
+        from tasks.preparation import make_request
+
+        make_request(prompt, tenant, strategy, constraints)  # bad input is refused before a flow run exists
 
         async def main():
             try:

@@ -103,6 +103,7 @@ async def test_four_tools_and_two_resources_are_listed(server, tokens, transport
         assert "homeskillet://catalog" in resources and "homeskillet://requests/{request_id}" in templates
         catalog = json.loads((await client.read_resource("homeskillet://catalog")).contents[0].text)
         assert {p["id"] for p in catalog["pools"]} >= {"tiny", "roomy"} and "price_per_hour" in catalog["pools"][0]
+        assert catalog["tenant"] == "acme" and "tenants" not in catalog  # no other tenant is named
 
 
 @SERVED
@@ -444,6 +445,142 @@ async def test_the_handlers_are_methods_that_run_on_their_own():
     result = await tools.classify("Write a Python function that returns the sum of a list of numbers.")
     assert result.structured_content["label"] == "code"
     assert sum(result.structured_content["probabilities"].values()) == pytest.approx(1.0)
-    assert json.loads(tools.catalog())["tenants"] == ["demo", "acme", "globex"]
     with pytest.raises(ToolError, match="invalid constraints: .*max_tokens"):
         constraints_of({"max_tokens": -1})
+
+
+@SERVED
+async def test_a_flood_of_made_up_tokens_gets_401_or_429_and_a_real_tenant_is_served_throughout(test_catalog, tokens):
+    """800 requests at once with made-up tokens (malformed ones, and well-formed ones that need a
+    lookup): none gets a 5xx, and a tenant with a real token is answered during and after. (A
+    server of its own: the flood leaves loopback over its failed-authentication rate.)"""
+    from apps.mcp_server import create_app
+
+    with serving(create_app(test_catalog)) as where:
+        await _flood(where, tokens)
+
+
+async def _flood(server: str, tokens: dict) -> None:
+    import secrets
+
+    junk = [f"hs_{secrets.token_urlsafe(32)}" if i % 2 else f"made-up-{i}" for i in range(800)]
+    body = {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}
+    limits = httpx.Limits(max_connections=800, max_keepalive_connections=0)
+    async with httpx.AsyncClient(limits=limits, timeout=120) as http:
+
+        async def attempt(token: str) -> int:
+            response = await http.post(f"http://{server}/mcp", json=body, headers={"Authorization": f"Bearer {token}"})
+            return response.status_code
+
+        async def tenant_call() -> str:
+            async with ws_client(server, tokens["acme"]) as client:
+                return (await client.call_tool("allocations", {})).structured_content["tenant"]
+
+        flood = asyncio.gather(*(attempt(t) for t in junk))
+        during = await tenant_call()
+        statuses = await flood
+    assert set(statuses) <= {401, 429} and 401 in statuses, sorted(set(statuses))
+    assert during == "acme" and await tenant_call() == "acme"
+
+
+@SERVED
+async def test_a_token_revoked_while_its_websocket_is_open_is_cut_off_within_seconds(server, tokens):
+    store = tokens["store"]
+    token_id, token = await store.create("acme")
+    transport = WebSocketTransport(f"ws://{server}/ws", token=token)
+    async with Client(transport) as client:
+        assert (await client.call_tool("allocations", {})).structured_content["tenant"] == "acme"
+        assert await store.revoke(token_id)
+        started, failure = time.monotonic(), None
+        while failure is None and time.monotonic() - started < 10:
+            try:  # the socket is closed under the client: its next call fails
+                await client.call_tool("allocations", {})
+            except MCPError as exc:
+                failure = exc
+            await asyncio.sleep(0.1)
+        assert failure is not None and "closed" in str(failure).lower(), failure
+        assert transport.websocket.close_code == 1008 and transport.websocket.close_reason == "the token was revoked"
+    async with httpx.AsyncClient() as http:  # and its next HTTP request is refused at once
+        response = await http.post(
+            f"http://{server}/mcp",
+            json={"jsonrpc": "2.0", "id": 1, "method": "tools/list"},
+            headers={"Authorization": f"Bearer {token}"},
+        )
+    assert response.status_code == 401
+
+
+@SERVED
+async def test_a_huge_prompt_is_refused_before_any_work_on_every_tool(server, tokens):
+    import psutil
+
+    huge = "Ok. Why? " * 20000  # 180 KB: once split into 40000 parts with the context copied into each
+    rss = psutil.Process().memory_info().rss
+    async with ws_client(server, tokens["acme"]) as client:
+        for tool, args in (("plan", {}), ("fuse", {}), ("classify", {})):
+            result = await client.call_tool(tool, {"prompt": huge, **args})
+            assert result.is_error and "prompt is 180000 characters; at most 131072" in result.content[0].text
+        many = "Ok. Why? " * 10000  # within the size limit, but far more parts than a request may have
+        result = await client.call_tool("plan", {"prompt": many})
+        assert result.is_error and "more than 16 parts" in result.content[0].text
+    assert psutil.Process().memory_info().rss - rss < 100 * 2**20  # no gigabytes of fragment text
+
+
+@SERVED
+async def test_each_tenant_has_its_own_share_of_calls_sessions_and_connections(test_catalog, tokens):
+    from apps.mcp_server import create_app
+    from homeskillet.settings import Settings
+
+    tight = Settings(tenant_rate="4/minute", tenant_max_sessions=1, tenant_max_connections=2)
+    with serving(create_app(test_catalog, settings=tight)) as where:
+        async with ws_client(where, tokens["acme"]) as acme:
+            for _ in range(4):
+                await acme.call_tool("allocations", {})
+            with pytest.raises(MCPError, match="over its rate of 4/minute") as refused:
+                await acme.call_tool("allocations", {})
+            assert refused.value.error.code == -32029
+            async with ws_client(where, tokens["globex"]) as globex:  # another tenant's calls are its own
+                assert (await globex.call_tool("allocations", {})).structured_content["tenant"] == "globex"
+            async with ws_client(where, tokens["acme"]):
+                with pytest.raises(websockets.exceptions.InvalidStatus):  # a third connection of acme
+                    async with ws_client(where, tokens["acme"]):
+                        pass
+        async with httpx.AsyncClient() as http:
+            init = {
+                "jsonrpc": "2.0",
+                "id": 1,
+                "method": "initialize",
+                "params": {
+                    "protocolVersion": "2025-06-18",
+                    "capabilities": {},
+                    "clientInfo": {"name": "t", "version": "0"},
+                },
+            }
+            headers = {"Accept": "application/json, text/event-stream", "Authorization": f"Bearer {tokens['globex']}"}
+            first = await http.post(f"http://{where}/mcp", json=init, headers=headers)
+            second = await http.post(f"http://{where}/mcp", json=init, headers=headers)
+            assert first.status_code == 200 and second.status_code == 429 and "sessions open" in second.text
+            ended = await http.delete(
+                f"http://{where}/mcp", headers={**headers, "mcp-session-id": first.headers["mcp-session-id"]}
+            )
+            assert ended.status_code < 300
+            assert (await http.post(f"http://{where}/mcp", json=init, headers=headers)).status_code == 200
+
+
+@SERVED
+async def test_a_tenant_sees_no_internal_endpoint_and_no_other_tenant(server, tokens, monkeypatch, assert_no_leaks):
+    from connectors.ledger import new_allocation_id
+
+    services = runtime.services(APP["app"].tools.catalog_path)
+    model = next(m for m in services.catalog.models if m.name == "echo")
+    allocation = await services.local.allocate(
+        allocation_id=new_allocation_id(), tenant="acme", request_id="meta", pool="roomy", model=model, wait_s=5
+    )
+    try:
+        async with ws_client(server, tokens["acme"]) as client:
+            shown = (await client.call_tool("allocations", {})).structured_content["allocations"]
+            catalog = json.loads((await client.read_resource("homeskillet://catalog")).contents[0].text)
+        mine = next(a for a in shown if a["allocation_id"] == allocation.allocation_id)
+        assert "endpoint" not in mine and "127.0.0.1" not in json.dumps(shown)
+        assert catalog["tenant"] == "acme" and "globex" not in json.dumps(catalog)
+    finally:
+        await services.local.release(allocation.allocation_id, "acme")
