@@ -1,21 +1,32 @@
 """B against A's work on hosted·ai: A's subscription and team through hosted·ai's API with B's own
-key, A's pod at the URLs B's own suggests, A's allocation through the backend. `work` sets up that
-work: the emulator on loopback, lent to A and B as their Secret blocks (each tenant its own team
-and key), and one allocation each on its own team's subscription."""
+key, A's pod at the URLs B's own suggests, A's allocation through the backend; and A's requests
+pointed elsewhere by the service URL a panel answers (a loopback service such as the Prefect API,
+a cloud metadata address). `work` sets up that work: the emulator on loopback, lent to A and B as
+their Secret blocks (each tenant its own team and key), and one allocation each on its own team's
+subscription."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from dataclasses import dataclass, field
 
 import httpx
 
 from apps.isolation.report import A, Attack, B, Report, Target, attempt
-from connectors.hostedai import HostedAIClient, items
+from connectors.hostedai import HostedAIClient
 from connectors.hostedai_backend import HostedAIBackend
+from connectors.hostedai_models import SubscriptionItem, parse_list
 from connectors.ledger import new_allocation_id
-from homeskillet.errors import AllocationNotFound, HomeskilletError, HostedAIError, InvalidRequest
+from homeskillet.errors import (
+    AllocationNotFound,
+    HomeskilletError,
+    HostedAIError,
+    HostedAIRejected,
+    InvalidRequest,
+)
 from homeskillet.schemas import Allocation, HostedAICredentials, ModelSpec
+from homeskillet.settings import get_settings
 from tasks import credentials
 
 
@@ -88,6 +99,7 @@ async def work(report: Report, services, request_id: str, lend_emulator: bool, w
 
 
 async def attacks(report: Report, target: Target) -> None:
+    await service_url_attacks(report)  # a panel of its own: needs no lent Secret blocks
     hosted = target.hosted
     if hosted is None:
         return
@@ -201,9 +213,10 @@ async def _pod_attacks(report: Report, hosted: Hosted) -> None:
     pod's URL suggests."""
     b_team = hosted.client(B)
     data = await b_team.call("GET", "/gpuaas/pool-subscription", params={"team_id": b_team.team_id})
-    pods = {
-        str(i.get("team_id")): [p["pod_name"] for p in i.get("pods") or []] for i in items(data) if isinstance(i, dict)
-    }
+    listed = parse_list(SubscriptionItem, data, "GET /gpuaas/pool-subscription")  # every team's, as the API leaks them
+    pods: dict[str, list[str]] = {}
+    for item in listed:
+        pods.setdefault(item.team_id, []).extend(p.pod_name for p in item.pods)
     theirs = hosted.allocations[B].endpoint
     base = hosted.credentials[B].url.rstrip("/")
     own = next((p for p in pods.get(hosted.credentials[B].team_id, []) if p in theirs), None)
@@ -224,3 +237,48 @@ async def _pod_attacks(report: Report, hosted: Hosted) -> None:
         control=control,
         detail=f"reached {reached}" if reached else f"tried {len(guesses)} URLs: HTTP {sorted(set(answers.values()))}",
     )
+
+
+async def service_url_attacks(report: Report) -> None:
+    """A panel (an emulator of its own on loopback, A its team) answers connection-info with a
+    service URL of its choosing: the Prefect API's port on loopback, or the cloud metadata
+    address. A's client must refuse the URL before anything is sent there; the control is the
+    same client taking the pod's real service URL, which answers."""
+    from connectors.processes import serve_in_thread
+    from doubles.hostedai_emulator import Faults, create_app, default_config
+
+    async def no_models(name: str) -> str:
+        raise LookupError(f"model {name!r} is not served in this pod")
+
+    config = default_config()
+    app = create_app(config, model_endpoint=no_models)
+    state = app.state.emulator
+    team = next(t for t in config.teams if t.name == A)
+    with contextlib.ExitStack() as serving:
+        url = await asyncio.to_thread(serving.enter_context, serve_in_thread(app, "hostile hosted·ai panel"))
+        client = HostedAIClient(HostedAICredentials(url=url, api_key=team.api_key, team_id=team.id))
+        sub = await client.subscribe(config.pools[0].id, 1)
+        try:
+            await client.wait_ready(sub)
+            state.set_faults(Faults())
+            real = await client.inference_url(sub)
+            async with httpx.AsyncClient(timeout=10) as http:
+                control = (await http.get(f"{real}/models")).status_code == 200
+            targets = (
+                (f"http://127.0.0.1:{get_settings().prefect_port}/api", "the Prefect API on loopback"),
+                ("http://169.254.169.254/latest/meta-data", "the cloud metadata address"),
+            )
+            for service_url, where in targets:
+                state.set_faults(Faults(service_url=service_url))
+                refused, detail, got = await attempt(client.inference_url(sub), HostedAIRejected)
+                report.check(
+                    "point A's requests at a loopback service through a hosted·ai service URL",
+                    f"GET /gpuaas/connection-info answering {where} as the pod's service URL",
+                    refused and got is None,
+                    control=control,
+                    detail=detail if refused else f"A's client would post to {got}",
+                )
+        finally:
+            state.set_faults(Faults())
+            with contextlib.suppress(HostedAIError):
+                await client.unsubscribe(sub, config.pools[0].id, wait=False)

@@ -361,6 +361,69 @@ async def test_a_preempted_fragment_errs_without_the_key(emulator, faults, sweep
     sweep.check(emulator.teams["acme"].api_key)
 
 
+# --- what hosted·ai answers, parsed: the pod's service in another shape, under another name, hostile --
+
+
+@NO_SUBSCRIPTIONS_LEFT
+@pytest.mark.usefixtures("postgres")
+async def test_a_pod_listed_under_its_subscription_with_its_server_under_another_name_serves(
+    emulator, faults, test_catalog
+):
+    """connection-info as subscription entries each with its pods, the server discovered as
+    "vllm-openai": the backend's fragment is served there, and no expose-service is sent (the
+    panel would refuse one for a port already exposed)."""
+    from connectors import openai_client
+    from homeskillet import catalog as cat
+
+    faults(connection_info_shape="subscriptions", discovered_as="vllm-openai")
+    b = backend(emulator, test_catalog)
+    exposed = emulator.state.calls_by_route["POST /pods/expose-service"]
+    allocation_id = new_allocation_id()
+    allocation = await b.allocate(
+        allocation_id=allocation_id,
+        tenant="acme",
+        request_id="r",
+        pool="hostedai-preemptible",
+        model=cat.model(b._catalog, "echo"),
+        wait_s=5,
+    )
+    try:
+        out = await openai_client.complete(
+            allocation.endpoint, "echo-1", messages=[{"role": "user", "content": "hi"}], max_tokens=8
+        )
+        assert out.text == "echo: hi"
+        assert emulator.state.calls_by_route["POST /pods/expose-service"] == exposed
+    finally:
+        await b.release(allocation_id, "acme")
+    assert b.subscriptions() == {}
+
+
+@NO_SUBSCRIPTIONS_LEFT
+@pytest.mark.usefixtures("postgres")
+@pytest.mark.parametrize("service_url", ["http://169.254.169.254/latest/meta-data", "http://127.0.0.1:{port}/v1"])
+async def test_a_hostile_service_url_fails_the_allocation_and_gives_the_subscription_back(
+    emulator, faults, sweep, test_catalog, service_url
+):
+    from homeskillet import catalog as cat
+    from homeskillet.errors import HostedAIRejected
+    from homeskillet.settings import get_settings
+
+    faults(service_url=service_url.format(port=get_settings().prefect_port))
+    b = backend(emulator, test_catalog)
+    with pytest.raises(HostedAIRejected, match=r"hosted·ai service URL of subscription \d+: host ") as caught:
+        await b.allocate(
+            allocation_id=new_allocation_id(),
+            tenant="acme",
+            request_id="r",
+            pool="hostedai-preemptible",
+            model=cat.model(b._catalog, "echo"),
+            wait_s=5,
+        )
+    assert "meta-data" not in str(caught.value)
+    assert await b.held("acme") == [] and b.subscriptions() == {}
+    sweep.check(emulator.teams["acme"].api_key)
+
+
 # --- tenants apart; retire respects other processes, and the CLI shows them -----------------------
 
 
