@@ -217,3 +217,75 @@ def test_another_teams_subscription_reads_as_missing_not_forbidden():
     with pytest.raises(HTTPException) as refused:
         routes.own_subscription(state, TEAM, 9)
     assert (refused.value.status_code, refused.value.detail) == (404, "Subscription not found")
+
+
+# -- what no schema promises, on request: connection-info's shapes, another name, hostile URLs
+
+
+async def connection_info_with(**faults):
+    """A fresh emulator with these faults, one active subscription of TEAM, and its connection-info."""
+    config = default_config().model_copy(update={"faults": Faults(visibility_s=0, activation_s=0, **faults)})
+    app = create_app(config, model_endpoint=lambda name: None)
+    headers = {"X-API-Key": TEAM.api_key}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://emulator") as http:
+        made = await http.post(
+            "/gpuaas/pool/subscribe", json={"pool_id": 201, "team_id": TEAM.id, "vgpus": 1}, headers=headers
+        )
+        sub = made.json()["subscription_id"]
+        info = await http.get(
+            "/gpuaas/connection-info", params={"team_id": TEAM.id, "subscription_id": sub}, headers=headers
+        )
+        exposed = await http.post(
+            "/pods/expose-service",
+            json={"pod_name": f"pod-{sub}", "pool_subscription_id": sub, "port": 8000, "service_name": "inference"},
+            headers=headers,
+        )
+    return app.state.emulator, sub, info.json(), exposed
+
+
+@pytest.mark.parametrize("shape", ["pods", "subscriptions", "bare", "unknown"])
+async def test_connection_info_answers_in_the_shape_asked(shape):
+    _, sub, info, _ = await connection_info_with(connection_info_shape=shape)
+    if shape == "pods":
+        assert [p["pod_name"] for p in info["pods"]] == [f"pod-{sub}"]
+    elif shape == "subscriptions":
+        assert [(e["id"], [p["pod_name"] for p in e["pods"]]) for e in info] == [(sub, [f"pod-{sub}"])]
+    elif shape == "bare":
+        assert [p["pod_name"] for p in info] == [f"pod-{sub}"]
+    else:
+        assert len(info) == 3 and all(set(e) == {"id", "name"} for e in info)
+
+
+async def test_a_server_discovered_under_another_name_is_listed_and_a_second_expose_refused():
+    state, sub, info, exposed = await connection_info_with(discovered_as="vllm-openai", business_in_2xx_rate=0)
+    services = info["pods"][0]["discovered_services"]
+    assert [s["name"] for s in services] == ["jupyter", "vllm-openai"]
+    assert services[1]["url"].endswith(f"/pods/pod-{sub}/{state.subs[sub].service_key}")
+    assert exposed.status_code == 500 and "already exposed" in exposed.json()["message"]
+    assert state.calls_by_route["POST /pods/expose-service"] == 1
+
+
+async def test_every_service_can_be_listed_at_a_url_of_the_panels_choosing():
+    _, _, info, _ = await connection_info_with(service_url="http://169.254.169.254", discovered_as="x")
+    assert {s["url"] for s in info["pods"][0]["discovered_services"]} == {"http://169.254.169.254"}
+
+
+async def test_the_first_n_reads_answer_an_error_in_the_body_then_the_reads_go_through():
+    config = default_config().model_copy(
+        update={"faults": Faults(body_error_reads=2, body_error_message="no permission right now")}
+    )
+    app = create_app(config, model_endpoint=lambda name: None)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://emulator") as http:
+        answers = [
+            await http.get(
+                "/gpuaas/available-regions", params={"team_id": TEAM.id}, headers={"X-API-Key": TEAM.api_key}
+            )
+            for _ in range(3)
+        ]
+    assert [a.status_code for a in answers] == [200, 200, 200]
+    assert [a.json() for a in answers[:2]] == [
+        {"code": 12370004, "message": "no permission right now", "errors": []}
+    ] * 2
+    assert answers[2].json() == CONFIG.regions
+    assert app.state.emulator.fired["body_error_read"] == 2
+    assert Faults.parse("body_error_reads=3,service_url=http://127.0.0.1:4200").service_url == "http://127.0.0.1:4200"
