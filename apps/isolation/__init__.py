@@ -30,7 +30,12 @@ The attacks come in groups, one module each, in the order they run:
 
 - `tenancy`: the backend and the result store ("backend", "results");
 - `mcp`: the MCP server's tools, resources and sessions ("mcp");
-- `network`: the Prefect API from off the host ("network");
+- `availability`: everyone's share of the server (floods of made-up tokens, sessions and calls, a
+  huge prompt, a capacity hog, a revoked token on an open socket) while A's `fuse` keeps within
+  its baseline + 2 s, and the metadata a tenant must not see ("availability");
+- `network`: the Prefect API from off the host and without its auth string, the local model
+  servers without their key ("network");
+- `edge`: the edge worker as a proxy to anywhere but its endpoint ("edge");
 - `covenant`: B past its own covenant ("covenant");
 - `hostedai`: A's work on hosted·ai through its API, its pods and the backend ("hostedai");
 - `secrets`: Secret blocks across flow runs ("secret_blocks") and secrets where they must not
@@ -53,7 +58,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Awaitable, Callable
 
-from apps.isolation import covenant, hostedai, mcp, network, secrets, telemetry, tenancy
+from apps.isolation import availability, covenant, edge, hostedai, mcp, network, secrets, telemetry, tenancy
 from apps.isolation.report import OPERATOR, A, Attack, B, Report, Target, broken
 from connectors.ledger import new_allocation_id
 from homeskillet.errors import AllocationNotFound
@@ -68,7 +73,9 @@ LOCAL: tuple[Group, ...] = (
     ("backend", tenancy.backend_attacks),
     ("results", tenancy.result_attacks),
     ("mcp", mcp.attacks),
+    ("availability", availability.attacks),
     ("network", network.attacks),
+    ("edge", edge.attacks),
     ("covenant", covenant.attacks),
 )
 # Then, while A and B hold work on hosted·ai too (set up only when a group of NEEDS_HOSTED runs):

@@ -25,7 +25,16 @@ async def test_every_attack_of_one_tenant_on_anothers_work_is_refused(hostedai_t
         "catalog tenant 'ACME' → Secret block 'hostedai-acme'",
         "CovenantViolation budget_usd_per_day, before and after A spends",
         "Prometheus /metrics (names, labels, values)",
+        "Streamable HTTP Authorization",
+        "initialize without mcp-session-id",
+        "MCP plan tool (WebSocket)",
+        "MCP WebSocket after revocation",
+        "MCP resource homeskillet://catalog",
+        "CapacityTimeout as a tenant is told",
+        "edge worker /http://127.0.0.1:4200/api/health",
+        "edge worker ///169.254.169.254/latest/meta-data/",
     } <= paths
+    assert any(p.startswith("backend allocate on ") for p in paths)  # the capacity hog
     assert {r.result for r in rows if r.path.startswith(("homeskillet cost-report", "Parquet"))} == {"operator surface"}
 
 
