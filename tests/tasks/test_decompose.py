@@ -156,3 +156,32 @@ def test_without_the_wasm_the_flow_falls_back_to_the_reference(monkeypatch, wasm
         decompose.request_classifier.cache_clear()
     monkeypatch.undo()
     assert decompose.request_classifier() is edge_classifier.wasm_classifier()
+
+
+def test_splitting_is_linear_and_stops_past_the_fragment_limit():
+    """A prompt of tens of thousands of questions: refused as soon as it has more parts than a
+    request may have, without building a part per question (the old split copied the shared
+    context into each: about 1.6 GB of text for this prompt)."""
+    import tracemalloc
+
+    prompt = "Ok. Why? " * 14000  # 126 KB, within the prompt size limit
+    tracemalloc.start()
+    try:
+        with pytest.raises(InvalidRequest, match="more than 16 parts"):
+            decompose_prompt(prompt, "r", 2048, 64)
+        with pytest.raises(InvalidRequest, match="more than 3 parts"):
+            decompose_prompt(prompt, "r", 2048, 64, max_fragments=3)
+        numbered = "".join(f"{i}. Say {i}.\n" for i in range(1, 60))
+        with pytest.raises(InvalidRequest, match="more than 16 parts"):
+            decompose_prompt(numbered, "r", 2048, 64)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 20 * len(prompt)  # a few copies of the prompt at most, not one per question
+    with pytest.raises(InvalidRequest, match="more than 2 parts"):  # a limit below the default holds too
+        decompose_prompt("What is 1+1? What is 2+2? What is 3+3?", "r", 2048, 64, max_fragments=2)
+
+
+def test_a_long_summary_that_cannot_fit_is_refused_before_it_is_cut_up():
+    with pytest.raises(InvalidRequest, match="needs more than .* chunks"):
+        decompose_prompt("Summarize this:\n" + "word. " * 20000, "r", 2048, 128)

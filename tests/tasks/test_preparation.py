@@ -26,6 +26,7 @@ def services(tmp_path):
         {"id": "demo"},
         {"id": "acme", "covenant": {"allowed_models": ["smollm2-135m"], "allowed_strategies": ["single"]}},
         {"id": "globex", "covenant": {"max_fragments": 1}},
+        {"id": "initrode", "covenant": {"max_prompt_tokens": 10}},
     ]
     path = tmp_path / "catalog.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -80,3 +81,28 @@ def test_a_bad_request_names_each_problem():
     with pytest.raises(InvalidRequest, match=r"prompt: .*empty.*; strategy: "):
         make_request("  ", "demo", strategy="random")
     assert make_request("Hi?", "demo", request_id="mine").request_id == "mine"
+
+
+def test_a_prompt_beyond_the_size_limit_is_refused_with_its_size():
+    from homeskillet.schemas import MAX_PROMPT_CHARS
+
+    with pytest.raises(
+        InvalidRequest, match=f"prompt is {MAX_PROMPT_CHARS + 1} characters; at most {MAX_PROMPT_CHARS}"
+    ):
+        make_request("x" * (MAX_PROMPT_CHARS + 1), "demo")
+    with pytest.raises(InvalidRequest, match="capacity_wait_s: .*less than or equal to 120"):
+        make_request("Hi?", "demo", constraints={"capacity_wait_s": 3600})
+
+
+async def test_the_covenants_prompt_size_is_checked_before_the_prompt_is_split(services):
+    split: list[str] = []
+
+    async def watching(prompt, *args):
+        split.append(prompt)
+        return await split_here(prompt, *args)
+
+    with pytest.raises(CovenantViolation, match="max_prompt_tokens: limit 10 tokens"):
+        await prepare(make_request(TWO_QUESTIONS, "initrode"), services, LOG, decomposer=watching)
+    assert split == []
+    await prepare(make_request("Hi?", "initrode"), services, LOG, decomposer=watching)
+    assert split == ["Hi?"]
