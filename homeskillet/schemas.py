@@ -120,6 +120,9 @@ class LlamaCppServing(_Frozen):
 class OpenAIServing(_Frozen):
     """A model already served behind an OpenAI-compatible endpoint."""
 
+    # a refused base_url may carry credentials (user:password@): errors name the problem, not the input
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
+
     kind: Literal["openai"] = "openai"
     base_url: str = Field(description="Base URL ending in /v1.")
     model: str = Field(description="Model name the endpoint expects.")

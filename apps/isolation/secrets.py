@@ -101,11 +101,8 @@ async def secret_checks(report: Report, target: Target) -> None:
             control=bool(hosted.said_to_b),
             detail=f"{len(hosted.said_to_b)} answers searched",
         )
-    conn = await store._connect()
-    try:
+    async with store._connect() as conn:
         rows = json.dumps([dict(r) for r in await conn.fetch("SELECT * FROM api_tokens")], default=str)
-    finally:
-        await conn.close()
     report.check(
         "read MCP tokens from the database",
         "api_tokens table",
