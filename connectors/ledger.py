@@ -7,8 +7,9 @@ A lease ends when it is released, when its expiry passes, or at once when its ho
 
 Covenants: a tenant's row holds the TFLOPS/VRAM it may hold at once, checked in `reserve` under
 the pool row's lock and then the tenant row's; `requests` holds the requests running now (per
-holder process, so a dead process's rows do not count) for concurrency caps; `spend` records
-what each allocation cost, for budgets.
+holder process, so a dead process's rows do not count) for concurrency caps; `spend` holds each
+allocation's cost, for budgets: first its worst case, reserved before the model call under the
+tenant row's lock (`reserve_spend`), then what it really cost (`record_spend` settles it).
 """
 
 from __future__ import annotations
@@ -16,16 +17,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import secrets
 import socket
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import asyncpg
 import psutil
@@ -37,6 +39,7 @@ from homeskillet.schemas import EPS, Allocation, Covenant, PoolSpec
 
 T = TypeVar("T")
 HOST = socket.gethostname()
+log = logging.getLogger(__name__)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS pools (
@@ -87,6 +90,10 @@ CREATE TABLE IF NOT EXISTS spend (
     at timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX IF NOT EXISTS spend_tenant_at ON spend (tenant, at);
+ALTER TABLE spend ADD COLUMN IF NOT EXISTS state text NOT NULL DEFAULT 'settled';
+ALTER TABLE spend ADD COLUMN IF NOT EXISTS holder text;
+ALTER TABLE spend ADD COLUMN IF NOT EXISTS reserved_usd double precision;
+CREATE INDEX IF NOT EXISTS spend_reserved ON spend (tenant) WHERE state = 'reserved';
 """
 
 # the start of this UTC day and month, as timestamptz
@@ -111,6 +118,15 @@ async def _settled(work: Awaitable[T]) -> T:
         with contextlib.suppress(BaseException):
             await task
         raise
+
+
+class BudgetUse(NamedTuple):
+    """A tenant's spend against its budgets, US$: settled this UTC day and month, and the worst
+    cases reserved for calls that have not settled yet (they count against both)."""
+
+    day_usd: float
+    month_usd: float
+    reserved_usd: float
 
 
 def new_allocation_id() -> str:
@@ -224,7 +240,7 @@ class Ledger:
         """Add or update these pools.
 
         Lock order, which keeps writers free of deadlocks: pool rows first, in id order (this
-        method and `held` lock them all, `reserve` just its own), then allocation rows.
+        method locks them all, `reserve` just its own), then the tenant row, then allocation rows.
         """
         async with self._connect() as conn:
             async with conn.transaction():
@@ -428,42 +444,158 @@ class Ledger:
         return [r["id"] for r in rows if alive[r["holder"]]]
 
     @_reconnecting
-    async def record_spend(self, allocation_id: str, tenant: str, request_id: str, cost_usd: float) -> None:
-        """What one allocation cost its tenant (once per allocation). Settled: the model call it
-        pays for is done, so a cancellation that lands meanwhile waits for the write (else a
-        request cancelled a moment after its call would have it free of the tenant's budget)."""
+    async def reserve_spend(
+        self,
+        allocation_id: str,
+        tenant: str,
+        request_id: str,
+        worst_usd: float,
+        check: Callable[[BudgetUse], None],
+    ) -> None:
+        """Reserve a model call's worst-case cost before it runs, so that calls running at once,
+        in any process, cannot together overrun the tenant's budget.
+
+        Under the tenant row's lock (the row is made if absent): reservations whose caller is gone
+        are settled first (`_settle_abandoned`), then `check` is given the tenant's spend and open
+        reservations and raises to refuse (CovenantViolation); else the reservation is written, a
+        `spend` row in state 'reserved' that `record_spend` settles. Once per allocation: a retry
+        finds its row. Settled like `record_spend`: a cancellation waits for the commit or the
+        rollback (the caller settles what it used, and needs the reservation there or not at all).
+        """
+
+        async def write() -> Exception | None:
+            async with self._connect() as conn:
+                async with conn.transaction():
+                    await conn.execute("INSERT INTO tenants (id) VALUES ($1) ON CONFLICT (id) DO NOTHING", tenant)
+                    await conn.execute("SELECT id FROM tenants WHERE id = $1 FOR UPDATE", tenant)
+                    mine = await conn.fetchval("SELECT tenant FROM spend WHERE allocation_id = $1", allocation_id)
+                    if mine == tenant:
+                        return None  # a retry after a lost reply: it committed the first time
+                    if mine is not None:
+                        raise AllocationNotFound(f"tenant {tenant!r} holds no allocation {allocation_id!r}")
+                    await self._settle_abandoned(conn, tenant)
+                    try:
+                        check(await self._budget_use(conn, tenant))
+                    except Exception as refusal:  # raised once the settlements above are committed
+                        return refusal
+                    await conn.execute(
+                        "INSERT INTO spend (allocation_id, tenant, request_id, cost_usd, state, holder, reserved_usd) "
+                        "VALUES ($1, $2, $3, 0, 'reserved', $4, $5)",
+                        allocation_id,
+                        tenant,
+                        request_id,
+                        self._holder,
+                        worst_usd,
+                    )
+            return None
+
+        refusal = await _settled(write())
+        if refusal is not None:
+            raise refusal
+
+    async def _settle_abandoned(self, conn: asyncpg.Connection, tenant: str) -> None:
+        """Settle the tenant's reservations whose caller will never settle them (its process is
+        gone, or the reservation outlived the lease: the backstop for another host's process) at
+        their worst case: what the call cost is unknown, and a crash must never make it free."""
+        rows = await conn.fetch(
+            "SELECT allocation_id, holder, at < now() - make_interval(secs => $2) AS stale "
+            "FROM spend WHERE tenant = $1 AND state = 'reserved'",
+            tenant,
+            self._lease_s,
+        )
+        alive = {h: _holder_alive(h) for h in {r["holder"] for r in rows if r["holder"]}}
+        gone = [r["allocation_id"] for r in rows if r["stale"] or not alive.get(r["holder"], False)]
+        if gone:
+            await conn.execute(
+                "UPDATE spend SET state = 'settled', cost_usd = reserved_usd, at = now() "
+                "WHERE allocation_id = ANY($1::text[]) AND state = 'reserved'",
+                gone,
+            )
+            log.warning(
+                "tenant %r: %d reservation(s) of calls whose process is gone settled at their worst case",
+                tenant,
+                len(gone),
+            )
+
+    async def _budget_use(self, conn: asyncpg.Connection, tenant: str) -> BudgetUse:
+        row = await conn.fetchrow(
+            f"SELECT coalesce(sum(cost_usd) FILTER (WHERE state = 'settled' AND at >= {DAY}), 0) AS day, "
+            f"coalesce(sum(cost_usd) FILTER (WHERE state = 'settled' AND at >= {MONTH}), 0) AS month, "
+            "coalesce(sum(reserved_usd) FILTER (WHERE state = 'reserved'), 0) AS reserved "
+            f"FROM spend WHERE tenant = $1 AND (at >= {MONTH} OR state = 'reserved')",
+            tenant,
+        )
+        return BudgetUse(row["day"], row["month"], row["reserved"])
+
+    @_reconnecting
+    async def record_spend(
+        self, allocation_id: str, tenant: str, request_id: str, cost_usd: float, reserved_only: bool = False
+    ) -> None:
+        """Settle what one allocation cost its tenant: its reservation becomes its spend (an
+        allocation that reserved nothing gets a settled row of its own, unless `reserved_only`:
+        a caller that does not know whether its reservation committed). Once per allocation: a
+        row already settled stays as it is. Settled: a cancellation that lands meanwhile waits for
+        the write (else a request cancelled while or after its call ran would have it free)."""
 
         async def write() -> None:
             async with self._connect() as conn:
-                await conn.execute(
-                    "INSERT INTO spend (allocation_id, tenant, request_id, cost_usd) VALUES ($1, $2, $3, $4) "
-                    "ON CONFLICT (allocation_id) DO NOTHING",
-                    allocation_id,
-                    tenant,
-                    request_id,
-                    cost_usd,
-                )
+                async with conn.transaction():
+                    settled = await conn.fetchval(
+                        "UPDATE spend SET state = 'settled', cost_usd = $3, at = now() "
+                        "WHERE allocation_id = $1 AND tenant = $2 AND state = 'reserved' RETURNING allocation_id",
+                        allocation_id,
+                        tenant,
+                        cost_usd,
+                    )
+                    if settled is None and not reserved_only:
+                        await conn.execute(
+                            "INSERT INTO spend (allocation_id, tenant, request_id, cost_usd) VALUES ($1, $2, $3, $4) "
+                            "ON CONFLICT (allocation_id) DO NOTHING",
+                            allocation_id,
+                            tenant,
+                            request_id,
+                            cost_usd,
+                        )
 
         await _settled(write())
 
     @_reconnecting
     async def spend(self, tenant: str) -> tuple[float, float]:
-        """The tenant's spend this UTC day and this UTC month, US$."""
+        """The tenant's settled spend this UTC day and this UTC month, US$ (open reservations:
+        `reserved`)."""
         async with self._connect() as conn:
-            row = await conn.fetchrow(
-                f"SELECT coalesce(sum(cost_usd) FILTER (WHERE at >= {DAY}), 0) AS day, "
-                f"coalesce(sum(cost_usd), 0) AS month FROM spend WHERE tenant = $1 AND at >= {MONTH}",
+            use = await self._budget_use(conn, tenant)
+        return use.day_usd, use.month_usd
+
+    @_reconnecting
+    async def reserved(self, tenant: str) -> float:
+        """The worst cases reserved for the tenant's calls that have not settled, US$ (a gone
+        caller's count here until a reservation of the tenant settles them)."""
+        async with self._connect() as conn:
+            return (await self._budget_use(conn, tenant)).reserved_usd
+
+    @_reconnecting
+    async def request_spend(self, tenant: str, request_id: str) -> list[dict]:
+        """The tenant's spend rows of one request, one per model call that reserved: its
+        allocation_id, state ('reserved' while the call runs, then 'settled'), cost_usd (what it
+        was billed, once settled) and reserved_usd (the worst case it reserved)."""
+        async with self._connect() as conn:
+            rows = await conn.fetch(
+                "SELECT allocation_id, state, cost_usd, reserved_usd FROM spend "
+                "WHERE tenant = $1 AND request_id = $2 ORDER BY at",
                 tenant,
+                request_id,
             )
-        return row["day"], row["month"]
+        return [dict(r) for r in rows]
 
     @_reconnecting
     async def usage(self, tenant: str) -> dict:
-        """What the tenant uses now: held slices, TFLOPS and VRAM held, spend today and this month,
-        requests running, and the covenant version its quota was last synced from."""
+        """What the tenant uses now: held slices, TFLOPS and VRAM held, settled spend today and
+        this month, reservations open, requests running, and the covenant version its quota was
+        last synced from."""
         held = await self.held(tenant)
-        day, month = await self.spend(tenant)
         async with self._connect() as conn:
+            use = await self._budget_use(conn, tenant)
             async with conn.transaction():
                 running = await self._running(conn, tenant)
             version = await conn.fetchval("SELECT covenant_version FROM tenants WHERE id = $1", tenant)
@@ -471,8 +603,9 @@ class Ledger:
             "held_slices": len(held),
             "tflops_held": sum((a.tflops for a in held), 0.0),
             "vram_gb_held": sum((a.vram_gb for a in held), 0.0),
-            "spend_usd_today": day,
-            "spend_usd_month": month,
+            "spend_usd_today": use.day_usd,
+            "spend_usd_month": use.month_usd,
+            "reserved_usd": use.reserved_usd,
             "requests_running": len(running),
             "synced_covenant_version": version,
         }
@@ -513,19 +646,18 @@ class Ledger:
 
     @_reconnecting
     async def held(self, tenant: str | None = None, backend: str | None = None) -> list[Allocation]:
-        """Active allocations (all tenants or one, all backends or one), after ending those whose
-        lease is over."""
+        """Active allocations (all tenants or one, all backends or one) that are live: one whose
+        lease is over or whose holder process is gone is left out (`reserve` ends it in its own
+        pool). A plain read: it locks nothing, so a flood of listings never holds up a reservation."""
         async with self._connect() as conn:
-            async with conn.transaction():
-                await conn.execute("SELECT id FROM pools ORDER BY id FOR UPDATE")  # lock order: see sync_pools
-                await self._expire(conn, None)
-                rows = await conn.fetch(
-                    f"SELECT {COLUMNS} FROM allocations WHERE state = 'active' AND ($1::text IS NULL OR tenant = $1) "
-                    "AND ($2::text IS NULL OR backend = $2) ORDER BY created_at",
-                    tenant,
-                    backend,
-                )
-        return [Allocation(**dict(r)) for r in rows]
+            rows = await conn.fetch(
+                f"SELECT {COLUMNS}, holder FROM allocations WHERE state = 'active' AND lease_expires_at >= now() "
+                "AND ($1::text IS NULL OR tenant = $1) AND ($2::text IS NULL OR backend = $2) ORDER BY created_at",
+                tenant,
+                backend,
+            )
+        alive = {h: _holder_alive(h) for h in {r["holder"] for r in rows}}
+        return [Allocation(**{k: v for k, v in r.items() if k != "holder"}) for r in rows if alive[r["holder"]]]
 
     async def _expire(self, conn: asyncpg.Connection, pool: str | None) -> None:
         """End active leases that passed their expiry or whose holder process is gone."""

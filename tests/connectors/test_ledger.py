@@ -1,6 +1,8 @@
 """The allocation ledger (`connectors.ledger`) on the real embedded PostgreSQL: capacity under
 concurrency and across processes, ownership, leases and their holders, tenants' quotas (a
-TFLOPS quota that holds with two processes racing, a VRAM-only one), and PostgreSQL restarts."""
+TFLOPS quota that holds with two processes racing, a VRAM-only one), budgets reserved before
+calls and settled after (a day budget that holds with three processes racing, a dead caller's
+reservation billed at its worst case), listings that lock nothing, and PostgreSQL restarts."""
 
 import asyncio
 import os
@@ -332,6 +334,166 @@ def test_one_ledger_serves_several_event_loops_one_after_another(ledger):
     assert len(ledger._pools) <= 2  # the closed loops' pools were dropped (the fixture's loop may hold one)
 
 
+async def test_the_listing_locks_nothing_and_is_not_held_up_by_a_locked_pool(ledger):
+    """`held` is a plain read: while another transaction holds a pool row FOR UPDATE (a
+    reservation or a pool sync under way), it still answers, and leaves expired leases out."""
+    mine = await reserve(ledger)
+    short = Ledger(ledger._dsn, lease_s=0.2)
+    await reserve(short, pool=ledger.pools[0], tflops=0.1, vram_gb=0.1)
+    await asyncio.sleep(0.5)  # its lease is over; nothing has ended it yet
+    conn = await asyncpg.connect(ledger._dsn)
+    try:
+        async with conn.transaction():
+            await conn.execute(
+                "SELECT id FROM pools WHERE id = ANY($1::text[]) FOR UPDATE", [ledger.pool, *ledger.pools]
+            )
+            listing = asyncio.create_task(ledger.held())
+            done, _ = await asyncio.wait({listing}, timeout=30)
+            assert listing in done, "held() waited for a pool row's lock"
+            mine_listed = [a.allocation_id for a in listing.result() if a.pool in (ledger.pool, *ledger.pools)]
+            assert mine_listed == [mine.allocation_id]
+            locks = await conn.fetchval(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'transactionid' AND NOT granted"
+            )
+            assert locks == 0  # and no one is waiting on this transaction's row locks
+    finally:
+        await conn.close()
+
+
+def budget_checker(tenant: str, budget: float, worst: float):
+    """The check `tasks.covenant.reserve_budget` hands the ledger, for a day budget."""
+    from tasks.covenant import check_budget
+
+    covenant = Covenant(budget_usd_per_day=budget)
+    return lambda use: check_budget(
+        tenant, covenant, use.day_usd, use.month_usd, worst, use.reserved_usd, worst_case=True
+    )
+
+
+async def test_reservations_and_settlements_are_reported_apart_and_settle_once(ledger):
+    tenant = f"settle-{new_allocation_id()[-8:]}"
+    first, second = new_allocation_id(), new_allocation_id()
+    for allocation_id in (first, second):
+        await ledger.reserve_spend(allocation_id, tenant, "r", 0.3, budget_checker(tenant, 1.0, 0.3))
+    await ledger.reserve_spend(first, tenant, "r", 0.3, budget_checker(tenant, 1.0, 0.3))  # a retry: once
+    assert await ledger.spend(tenant) == (0.0, 0.0) and await ledger.reserved(tenant) == pytest.approx(0.6)
+    await ledger.record_spend(first, tenant, "r", 0.1)
+    await ledger.record_spend(first, tenant, "r", 0.5)  # settled already: kept as it was
+    await ledger.record_spend("alloc-never-reserved", tenant, "r", 0.2, reserved_only=True)  # nothing to settle
+    assert await ledger.spend(tenant) == (pytest.approx(0.1), pytest.approx(0.1))
+    assert await ledger.reserved(tenant) == pytest.approx(0.3)
+    usage = await ledger.usage(tenant)
+    assert (usage["spend_usd_today"], usage["reserved_usd"]) == (pytest.approx(0.1), pytest.approx(0.3))
+    with pytest.raises(
+        CovenantViolation,
+        match=r"budget_usd_per_day: limit \$1, current usage \$0.10000000 spent "
+        r"today and \$0.30000000 reserved for calls running; the next call may cost up to \$0.7",
+    ):
+        await ledger.reserve_spend(new_allocation_id(), tenant, "r", 0.7, budget_checker(tenant, 1.0, 0.7))
+    await ledger.record_spend(second, tenant, "r", 0.2)
+    assert await ledger.spend(tenant) == (pytest.approx(0.3), pytest.approx(0.3)) and await ledger.reserved(tenant) == 0
+
+
+BUDGET_RACER = textwrap.dedent(
+    """
+    import asyncio, random, sys
+    from connectors.ledger import Ledger, new_allocation_id
+    from homeskillet.errors import CovenantViolation
+    from tests.connectors.test_ledger import budget_checker
+    dsn, tenant, budget, worst = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4])
+    async def call(led):
+        allocation_id = new_allocation_id()
+        try:
+            await led.reserve_spend(allocation_id, tenant, "r", worst, budget_checker(tenant, budget, worst))
+        except CovenantViolation as exc:
+            return exc.term
+        await asyncio.sleep(random.uniform(0.0, 0.2))  # the model call
+        await led.record_spend(allocation_id, tenant, "r", random.uniform(0.2, 1.0) * worst)
+        return "granted"
+    async def main():
+        led = Ledger(dsn, lease_s=3600)
+        sys.stdin.readline()  # all processes start at once
+        outcomes = []
+        for _ in range(3):  # rounds of calls fired at once
+            outcomes += await asyncio.gather(*(call(led) for _ in range(5)))
+        print(" ".join(outcomes), flush=True)
+    asyncio.run(main())
+    """
+)
+
+
+async def test_a_day_budget_holds_with_three_processes_calling_at_once(ledger):
+    """Three processes, each firing five calls at once, three times: every call reserves its worst
+    case under the tenant row's lock before it runs, so the settled spend and the reservations
+    together never pass the budget, whatever the interleaving; the calls past it are refused."""
+    tenant = f"budget-racer-{new_allocation_id()[-8:]}"
+    budget, worst = 1.0, 0.15  # room for six worst cases at once; 45 calls ask
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", BUDGET_RACER, ledger._dsn, tenant, str(budget), str(worst)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=os.getcwd(),
+        )
+        for _ in range(3)
+    ]
+    try:
+        for p in procs:
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        seen = []
+        while any(p.poll() is None for p in procs):  # watched from outside while they race
+            day, _ = await ledger.spend(tenant)
+            seen.append(day + await ledger.reserved(tenant))
+            await asyncio.sleep(0.01)
+        outcomes = " ".join(p.stdout.read() for p in procs).split()
+        assert [p.returncode for p in procs] == [0, 0, 0]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    assert len(outcomes) == 45
+    granted = outcomes.count("granted")
+    refused = [o for o in outcomes if o != "granted"]
+    assert refused and set(refused) == {"budget_usd_per_day"}
+    assert granted >= 6  # at least the first six fit, whichever process got them
+    day, month = await ledger.spend(tenant)
+    assert await ledger.reserved(tenant) == 0
+    assert max([*seen, day]) <= budget + 1e-9
+    assert day == month > 0
+
+
+async def test_a_dead_callers_reservation_is_settled_at_its_worst_case(ledger):
+    """A process reserves a call's worst case and is killed before it settles: the tenant's next
+    reservation bills the dead one at its worst case (what it used is unknown; never free)."""
+    tenant = f"dead-caller-{new_allocation_id()[-8:]}"
+    script = textwrap.dedent(
+        f"""
+        import asyncio, time
+        from connectors.ledger import Ledger, new_allocation_id
+        async def main():
+            led = Ledger({ledger._dsn!r}, lease_s=3600)
+            await led.reserve_spend(new_allocation_id(), {tenant!r}, "r", 0.4, lambda use: None)
+            print("reserved", flush=True)
+            time.sleep(600)
+        asyncio.run(main())
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=os.getcwd())
+    try:
+        assert proc.stdout.readline().strip() == "reserved"
+        assert await ledger.reserved(tenant) == pytest.approx(0.4)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    with pytest.raises(CovenantViolation, match=r"\$0.40000000 spent today; the next call may cost up to \$0.7"):
+        await ledger.reserve_spend(new_allocation_id(), tenant, "r", 0.7, budget_checker(tenant, 1.0, 0.7))
+    assert await ledger.spend(tenant) == (pytest.approx(0.4), pytest.approx(0.4))
+    assert await ledger.reserved(tenant) == 0
+
+
 @pytest.mark.services  # a PostgreSQL of its own, not the session's
 async def test_a_postgresql_restart_is_ridden_out_and_an_outage_fails_clearly():
     """Its own PostgreSQL (the session's also serves Prefect): stopped under held slices, every
@@ -388,6 +550,7 @@ async def test_a_postgresql_restart_is_ridden_out_and_an_outage_fails_clearly():
             "vram_gb_held": 0.5,
             "spend_usd_today": 0.25,
             "spend_usd_month": 0.25,
+            "reserved_usd": 0.0,
             "requests_running": 1,  # r2; r1 ended
             "synced_covenant_version": Covenant(max_concurrent_requests=4).version,
         }
