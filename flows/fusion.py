@@ -75,7 +75,7 @@ async def fuse_request(
     services = runtime.services(catalog_path)
     prepared = await prepare(request, services, get_run_logger(), routing_stats, decomposer=decompose)
     plan, ctx = prepared.plan, prepared.ctx
-    await within_budget(ctx, min(c.est_cost_usd for c in prepared.choices.values()))  # room for one call
+    await within_budget(ctx, min(c.est_cost_usd for c in prepared.choices.values()))  # early refusal; calls reserve
     ledger = await services.ledger()
     running = await ledger.admit(request.tenant, request.request_id, ctx.covenant)  # concurrency cap, quota synced
     try:

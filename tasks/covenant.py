@@ -4,16 +4,22 @@
   (a model, tier, pool, region, backend or strategy); `restrict` narrows the catalog a request is
   routed in to what the covenant allows, so a request can narrow its covenant, never widen it;
 - size: `check_size` (prompt tokens, fragments), before anything is allocated;
-- budgets: `check_budget`, against the spend the ledger recorded, before a request starts and
-  before each model call;
+- budgets: `check_budget`, against the spend the ledger recorded and the reservations open: an
+  early refusal before a request starts (`within_budget`), and before each model call the
+  reservation of its worst case under the tenant's row lock (`reserve_budget`);
 - held TFLOPS/VRAM and concurrent requests: the ledger (`reserve`, `admit`), under row locks.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from homeskillet.errors import CovenantViolation
 from homeskillet.schemas import EPS, Catalog, Covenant, InferenceRequest, Plan, PoolSpec
 from tasks.context import RunContext
+
+if TYPE_CHECKING:
+    from connectors.ledger import BudgetUse
 
 
 def _allows(allowed: list | None, value: object) -> bool:
@@ -89,21 +95,59 @@ def has_budget(covenant: Covenant) -> bool:
     return covenant.budget_usd_per_day is not None or covenant.budget_usd_per_month is not None
 
 
-def check_budget(tenant: str, covenant: Covenant, day_usd: float, month_usd: float, next_usd: float = 0.0) -> None:
-    """CovenantViolation when the budget is used up, or the next call (its estimate) would overrun it."""
+def check_budget(
+    tenant: str,
+    covenant: Covenant,
+    day_usd: float,
+    month_usd: float,
+    next_usd: float = 0.0,
+    reserved_usd: float = 0.0,
+    worst_case: bool = False,
+) -> None:
+    """CovenantViolation when the budget is used up, or the next call would overrun it: its
+    estimate (`worst_case` False) or the most it can cost (True), on top of the settled spend and
+    the worst cases reserved for the calls running now (`reserved_usd`, counted in both periods)."""
     for term, limit, spent, period in (
         ("budget_usd_per_day", covenant.budget_usd_per_day, day_usd, "today"),
         ("budget_usd_per_month", covenant.budget_usd_per_month, month_usd, "this month"),
     ):
         if limit is None:
             continue
-        if spent >= limit - EPS or spent + next_usd > limit + EPS:
-            detail = f"the next call is estimated at ${next_usd:.8f}" if next_usd else "used up"
-            raise CovenantViolation(tenant, term, f"${limit:g}", f"${spent:.8f} spent {period}", detail)
+        used = spent + reserved_usd
+        if used >= limit - EPS or used + next_usd > limit + EPS:
+            usage = f"${spent:.8f} spent {period}"
+            if reserved_usd:
+                usage += f" and ${reserved_usd:.8f} reserved for calls running"
+            if not next_usd:
+                detail = "used up"
+            elif worst_case:
+                detail = f"the next call may cost up to ${next_usd:.8f}"
+            else:
+                detail = f"the next call is estimated at ${next_usd:.8f}"
+            raise CovenantViolation(tenant, term, f"${limit:g}", usage, detail)
 
 
 async def within_budget(ctx: RunContext, next_usd: float = 0.0) -> None:
-    """`check_budget` against the spend the ledger recorded for the request's tenant."""
+    """An early refusal before a request starts: `check_budget` against the tenant's settled
+    spend and the reservations open now, with one call's estimate. It reserves nothing: the
+    guarantee is each call's reservation (`reserve_budget`)."""
     if has_budget(ctx.covenant):
-        day, month = await (await ctx.services.ledger()).spend(ctx.request.tenant)
-        check_budget(ctx.request.tenant, ctx.covenant, day, month, next_usd)
+        ledger = await ctx.services.ledger()
+        day, month = await ledger.spend(ctx.request.tenant)
+        reserved = await ledger.reserved(ctx.request.tenant)
+        check_budget(ctx.request.tenant, ctx.covenant, day, month, next_usd, reserved)
+
+
+async def reserve_budget(ctx: RunContext, allocation_id: str, worst_usd: float) -> None:
+    """Before a model call: reserve its worst-case cost (`tasks.routing.worst_case_cost`) under
+    the tenant row's lock in the ledger, or refuse with CovenantViolation when the settled spend,
+    the reservations open and this worst case would overrun a budget. Calls racing in any number
+    of processes are checked one at a time, each against the others' reservations; the call
+    settles its real cost afterwards (`Ledger.record_spend`), whatever its outcome."""
+    tenant, covenant = ctx.request.tenant, ctx.covenant
+
+    def check(use: BudgetUse) -> None:
+        if has_budget(covenant):
+            check_budget(tenant, covenant, use.day_usd, use.month_usd, worst_usd, use.reserved_usd, worst_case=True)
+
+    await (await ctx.services.ledger()).reserve_spend(allocation_id, tenant, ctx.request.request_id, worst_usd, check)

@@ -1,11 +1,14 @@
-"""One model call, the unit of work every fragment is made of: allocate a GPU share → infer →
-record the spend → release.
+"""One model call, the unit of work every fragment is made of: allocate a GPU share → reserve
+its worst-case cost → infer → settle the spend → release.
 
 It runs inside a Prefect transaction: if anything fails or is cancelled before the release, the
-allocate task's rollback hook releases the slice. The spend is written while the slice is still
-held, so a call waiting for that room checks the budget with it counted. A crashed process runs no
-hooks; the ledger's lease expiry and holder check are the backstop. Every call, success or
-failure, leaves one telemetry record in the run context.
+allocate task's rollback hook releases the slice. Once the slice is held, the call's worst case is
+reserved against the tenant's budget in the ledger (refused: the rollback releases the slice);
+after inference the reservation is settled at the real cost, while the slice is still held. A call
+that fails or is cancelled after its reservation is billed for what it used: its slice's time and
+any tokens known. A crashed process runs no hooks; the ledger's lease expiry and holder check are
+the backstop, and its reservation is settled at the worst case. Every call, success or failure,
+leaves one telemetry record in the run context.
 """
 
 from __future__ import annotations
@@ -18,22 +21,34 @@ from prefect.transactions import atransaction
 from connectors.ledger import new_allocation_id
 from connectors.telemetry import HELD, TENANT_HELD, observe
 from homeskillet import catalog as cat
-from homeskillet.schemas import Fragment, FragmentResult, ModelChoice, TelemetryRecord, Timings
+from homeskillet.schemas import (
+    EPS,
+    Completion,
+    Fragment,
+    FragmentResult,
+    ModelChoice,
+    ModelSpec,
+    PoolSpec,
+    TelemetryRecord,
+    Timings,
+)
 from tasks import progress
 from tasks.context import RunContext
-from tasks.covenant import within_budget
+from tasks.covenant import reserve_budget
 from tasks.resources import allocate, infer, release, release_if_reserved
-from tasks.routing import fragment_cost
+from tasks.routing import fragment_cost, worst_case_cost
 
 
 async def call_model(
     fragment: Fragment, text: str, choice: ModelChoice, ctx: RunContext, number: int = 1, stream: bool = False
 ) -> FragmentResult:
-    """One model call for a fragment: allocate → infer → record spend → release, inside a
+    """One model call for a fragment: allocate → reserve → infer → settle → release, inside a
     transaction whose rollback releases. `number` is the call's place among the fragment's calls;
     `stream` measures time to first token (and counts tokens from chunks)."""
     request, services = ctx.request, ctx.services
     pool = cat.pool(ctx.allowed, choice.pool)
+    model = cat.model(ctx.allowed, choice.model)
+    worst = worst_case_cost(model, pool, text, request.constraints.max_tokens, services.settings.infer_timeout_s)
     record = dict(
         ts=datetime.now(UTC),
         request_id=request.request_id,
@@ -52,16 +67,18 @@ async def call_model(
     allocation_id = new_allocation_id()
     t0 = time.perf_counter()
     held, tenant_held = HELD.labels(pool.backend), TENANT_HELD.labels(request.tenant)
-    allocation = None
+    allocation = completion = None
+    reserving = settled = False  # from `reserving` on, a reservation may exist: it is settled, whatever happens
     try:
         async with atransaction():
             allocation = await allocate(services, request.tenant, request.request_id, choice, ctx.wait_s, allocation_id)
             held_from = time.perf_counter()
             held.inc()
             tenant_held.inc()
-            # before each model call, once its slice is held (calls waiting for room see the spend
-            # of those before them): would it overrun the budget? If so the rollback releases it
-            await within_budget(ctx, choice.est_cost_usd)
+            # before the model call, once its slice is held: reserve its worst case against the
+            # budget, or refuse (the rollback releases the slice). Only calls holding a slice reserve
+            reserving = True
+            await reserve_budget(ctx, allocation.allocation_id, worst)
             ctx.log.info(
                 "fragment %s: allocated %s on %s (%g TFLOPS, %g GB)",
                 fragment.id,
@@ -83,18 +100,21 @@ async def call_model(
             t1 = time.perf_counter()
             completion = await infer(services, allocation, text, request.constraints.max_tokens, stream)
             t2 = time.perf_counter()
-            # billed while the slice is still held, so a call waiting for this room checks the
-            # budget with this call's spend counted (released first, it could slip in before it)
-            tokens = completion.tokens_in + completion.tokens_out
-            model = cat.model(ctx.allowed, choice.model)
-            record.update(
-                tokens_in=completion.tokens_in,
-                tokens_out=completion.tokens_out,
-                cost_usd=fragment_cost(model, pool, time.perf_counter() - held_from, tokens, completion.cost_usd),
-            )
+            # settled while the slice is still held: its reservation becomes the real cost
+            record.update(tokens_in=completion.tokens_in, tokens_out=completion.tokens_out)
+            record["cost_usd"] = _used(model, pool, held_from, completion)
+            if record["cost_usd"] > worst + EPS:
+                ctx.log.warning(
+                    "fragment %s: %s cost $%.8f, more than the $%.8f reserved for it; billed what it cost",
+                    fragment.id,
+                    allocation.allocation_id,
+                    record["cost_usd"],
+                    worst,
+                )
             await (await services.ledger()).record_spend(
                 allocation.allocation_id, request.tenant, request.request_id, record["cost_usd"]
             )
+            settled = True
             t3 = time.perf_counter()
             ended_at = await release(services, allocation)
             t4 = time.perf_counter()
@@ -118,6 +138,15 @@ async def call_model(
             # allocate did not hand its slice back (it failed, or was cancelled after reserving and
             # then crashed, and a crashed task stages no rollback hook): release it here, if reserved
             await release_if_reserved(services, choice.backend, allocation_id, request.tenant)
+        if reserving and not settled:
+            # failed or cancelled after its reservation: billed for what it used (shielded, as the
+            # spend of a completed call is), or what it cost if it got that far; a refused
+            # reservation, never written, bills nothing; a settlement already written stays
+            if "cost_usd" not in record:
+                record["cost_usd"] = _used(model, pool, held_from, completion)
+            await (await services.ledger()).record_spend(
+                allocation_id, request.tenant, request.request_id, record["cost_usd"], reserved_only=True
+            )
         _keep(
             ctx.records,
             TelemetryRecord(
@@ -147,6 +176,14 @@ async def call_model(
         reason=choice.reason,
         attempts=number,
     )
+
+
+def _used(model: ModelSpec, pool: PoolSpec, held_from: float, completion: Completion | None) -> float:
+    """What a call used until now: its slice since it was held, and the tokens of its completion
+    (or the price its provider reported), if it got one."""
+    tokens = completion.tokens_in + completion.tokens_out if completion is not None else 0
+    reported = completion.cost_usd if completion is not None else None
+    return fragment_cost(model, pool, time.perf_counter() - held_from, tokens, reported)
 
 
 def _keep(records: list[TelemetryRecord], record: TelemetryRecord) -> None:

@@ -42,6 +42,27 @@ def fragment_cost(
     return slice_rate(model, pool) * held_s / 3600 + usage
 
 
+# Bounds of one model call, for the worst case its reservation holds (`worst_case_cost`):
+HELD_BEYOND_INFER_S = 30.0  # the slice's held time outside inference: connecting (≤ 10 s), the ledger calls
+TEMPLATE_TOKENS = 64  # a chat template's tokens around the prompt
+
+
+def worst_case_cost(model: ModelSpec, pool: PoolSpec, prompt: str, max_tokens: int, infer_timeout_s: float) -> float:
+    """The most one call can cost, as `fragment_cost` bills it: reserved before the call runs.
+
+        slice_rate × (infer_timeout_s + HELD_BEYOND_INFER_S) / 3600
+        + cost_per_1k_tokens × min(context_length, prompt bytes + TEMPLATE_TOKENS + max_tokens) / 1000
+
+    The slice is billed from when it is held to when inference ends, and the client's timeout
+    ends a call that is not streamed; the prompt is at most a token per UTF-8 byte (byte-level
+    tokenizers) plus its template, the output at most max_tokens, and both together at most the
+    model's context. A streamed call that keeps sending past the timeout, or a provider that
+    reports its own price (hosted·ai), can cost more: the call is billed that, and it is logged."""
+    held_s = infer_timeout_s + HELD_BEYOND_INFER_S
+    tokens = min(model.context_length, len(prompt.encode()) + TEMPLATE_TOKENS + max_tokens)
+    return fragment_cost(model, pool, held_s, tokens)
+
+
 def estimate_cost(model: ModelSpec, pool: PoolSpec, prompt_tokens: int, max_tokens: int) -> float:
     """Expected cost before running: decode at the model's measured speed, prefill ~10x faster."""
     seconds = max_tokens / model.tokens_per_second + prompt_tokens / (10 * model.tokens_per_second)

@@ -1,7 +1,8 @@
 """Covenants (`tasks.covenant`) enforced through the flow: a request asking for what its tenant's
 covenant forbids is refused before anything runs, routing stays within it and provenance says so,
 a change holds from the next request without a restart, a budget crossed mid-request stops it with
-everything released; the CLI exits 2 naming the term and shows the usage."""
+everything released (each call reserves its worst case first); the CLI exits 2 naming the term and
+shows the usage."""
 
 import json
 import os
@@ -12,7 +13,9 @@ import pytest
 from flows.fusion import fuse_request
 from homeskillet.errors import CovenantViolation
 from homeskillet.schemas import Covenant
+from homeskillet.settings import get_settings
 from tasks import runtime
+from tasks.routing import worst_case_cost
 from tests.support import HOMESKILLET, NARROW, one_echo_call_on_tiny
 
 
@@ -71,12 +74,21 @@ async def test_a_covenant_change_holds_from_the_next_request_without_a_restart(c
 
 @pytest.mark.usefixtures("assert_no_leaks")
 async def test_a_budget_crossed_mid_request_stops_it_and_releases_everything(covenant_catalog, echo_server):
-    """Three fragments that take turns on the one-slice pool `tiny`: the first spends more than
-    the budget has left for another call, so the second is refused once its slice is held, and
-    the request stops with everything released."""
-    path = covenant_catalog(cov_budget={"budget_usd_per_day": 1.5 * one_echo_call_on_tiny(covenant_catalog.path)})
+    """Three fragments that take turns on the one-slice pool `tiny`. The budget is one call's
+    worst case and half an estimated call: the first call reserves its worst case, runs and
+    settles what it cost (about a second of the slice: more than half an estimate), which leaves
+    too little for the second call's worst case, so that one is refused once its slice is held,
+    and the request stops with everything released."""
+    catalog = runtime.catalog(covenant_catalog.path)
+    echo = next(m for m in catalog.models if m.name == "echo")
+    tiny = next(p for p in catalog.pools if p.id == "tiny")
+    worst = worst_case_cost(echo, tiny, "Say one.", 128, get_settings().infer_timeout_s)
+    budget = worst + 0.5 * one_echo_call_on_tiny(covenant_catalog.path)
+    path = covenant_catalog(cov_budget={"budget_usd_per_day": budget})
     seen = len(echo_server.seen)
-    with pytest.raises(CovenantViolation, match="covenant term budget_usd_per_day: limit .* spent today"):
+    with pytest.raises(
+        CovenantViolation, match="covenant term budget_usd_per_day: limit .* spent today; the next call may cost up to"
+    ):
         await fuse_request(
             prompt="1. Say one.\n2. Say two.\n3. Say three.",
             tenant="cov-budget",
@@ -86,9 +98,9 @@ async def test_a_budget_crossed_mid_request_stops_it_and_releases_everything(cov
     assert len(echo_server.seen) - seen == 1  # one call ran; the others were stopped before theirs
     ledger = await runtime.services(path).ledger()
     day, month = await ledger.spend("cov-budget")
-    assert 0 < day == month
+    assert 0 < day == month <= budget
     seen = len(echo_server.seen)
-    with pytest.raises(CovenantViolation, match="budget_usd_per_day"):  # the next request does not start
+    with pytest.raises(CovenantViolation, match="budget_usd_per_day"):  # the next request's call does not run
         await fuse_request(
             prompt="Say hi.",
             tenant="cov-budget",
