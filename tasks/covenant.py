@@ -3,7 +3,8 @@
 - routing: `check_request` refuses a request that explicitly asks for what the covenant forbids
   (a model, tier, pool, region, backend or strategy); `restrict` narrows the catalog a request is
   routed in to what the covenant allows, so a request can narrow its covenant, never widen it;
-- size: `check_size` (prompt tokens, fragments), before anything is allocated;
+- size: `check_prompt` (prompt tokens) before the split, `check_fragments` after it, before
+  anything is allocated;
 - budgets: `check_budget`, against the spend the ledger recorded and the reservations open: an
   early refusal before a request starts (`within_budget`), and before each model call the
   reservation of its worst case under the tenant's row lock (`reserve_budget`);
@@ -73,8 +74,8 @@ def restrict(catalog: Catalog, covenant: Covenant) -> tuple[Catalog, list[str]]:
     return catalog.model_copy(update={"models": models, "pools": pools}), terms
 
 
-def check_size(tenant: str, covenant: Covenant, prompt_tokens: int, plan: Plan) -> None:
-    """The largest request: its prompt tokens and its fragments."""
+def check_prompt(tenant: str, covenant: Covenant, prompt_tokens: int) -> None:
+    """The largest prompt, in tokens: checked before the prompt is split."""
     if covenant.max_prompt_tokens is not None and prompt_tokens > covenant.max_prompt_tokens:
         raise CovenantViolation(
             tenant,
@@ -82,13 +83,18 @@ def check_size(tenant: str, covenant: Covenant, prompt_tokens: int, plan: Plan) 
             f"{covenant.max_prompt_tokens} tokens",
             f"the prompt is about {prompt_tokens} tokens",
         )
+
+
+def check_fragments(tenant: str, covenant: Covenant, plan: Plan) -> None:
+    """The most fragments a request may split into (the split itself stops early past it)."""
     if covenant.max_fragments is not None and len(plan.fragments) > covenant.max_fragments:
-        raise CovenantViolation(
-            tenant,
-            "max_fragments",
-            f"{covenant.max_fragments} fragments",
-            f"the request splits into {len(plan.fragments)}",
-        )
+        raise too_many_fragments(tenant, covenant, str(len(plan.fragments)))
+
+
+def too_many_fragments(tenant: str, covenant: Covenant, parts: str) -> CovenantViolation:
+    return CovenantViolation(
+        tenant, "max_fragments", f"{covenant.max_fragments} fragments", f"the request splits into {parts}"
+    )
 
 
 def has_budget(covenant: Covenant) -> bool:
