@@ -37,6 +37,7 @@ The attacks come in groups, one module each, in the order they run:
   servers without their key ("network");
 - `edge`: the edge worker as a proxy to anywhere but its endpoint ("edge");
 - `covenant`: B past its own covenant ("covenant");
+- `cost`: B past its own budget, by parallel calls or by cancelling a call to run it free ("cost");
 - `hostedai`: A's work on hosted·ai through its API, its pods and the backend ("hostedai");
 - `secrets`: Secret blocks across flow runs ("secret_blocks") and secrets where they must not
   be ("secrets");
@@ -58,7 +59,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Awaitable, Callable
 
-from apps.isolation import availability, covenant, edge, hostedai, mcp, network, secrets, telemetry, tenancy
+from apps.isolation import availability, cost, covenant, edge, hostedai, mcp, network, secrets, telemetry, tenancy
 from apps.isolation.report import OPERATOR, A, Attack, B, Report, Target, broken
 from connectors.ledger import new_allocation_id
 from homeskillet.errors import AllocationNotFound
@@ -77,6 +78,7 @@ LOCAL: tuple[Group, ...] = (
     ("network", network.attacks),
     ("edge", edge.attacks),
     ("covenant", covenant.attacks),
+    ("cost", cost.attacks),
 )
 # Then, while A and B hold work on hosted·ai too (set up only when a group of NEEDS_HOSTED runs):
 WITH_HOSTED: tuple[Group, ...] = (
