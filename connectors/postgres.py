@@ -98,6 +98,10 @@ class LoopPools:
                     )
         return pool
 
+    def __len__(self) -> int:
+        """How many loops have a pool (a closed loop's is dropped when the next one is made)."""
+        return len(self._pools)
+
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[asyncpg.Connection]:
         async with (await self.pool()).acquire() as conn:

@@ -19,7 +19,7 @@ import time
 import httpx
 import psutil
 
-from apps.isolation.mcp import serve
+from apps.isolation.mcp import INITIALIZE, serve
 from apps.isolation.report import A, B, Report, Target
 from connectors.ledger import new_allocation_id
 from homeskillet.errors import CapacityTimeout, CovenantViolation, public_message
@@ -29,16 +29,6 @@ WINDOW_S = 1.1  # past the default per-tenant rate's window (30/second)
 FLOOD = 800
 HUGE = "Ok. Why? " * 20000  # 180 KB; split the old way, 40000 parts with the context copied into each
 SAY_HI = {"prompt": "Say hi.", "constraints": {"max_tokens": 2}}
-INITIALIZE = {
-    "jsonrpc": "2.0",
-    "id": 1,
-    "method": "initialize",
-    "params": {
-        "protocolVersion": "2025-06-18",
-        "capabilities": {},
-        "clientInfo": {"name": "isolation", "version": "1"},
-    },
-}
 ACCEPT = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
 
 

@@ -71,17 +71,21 @@ async def _read(client, uri: str) -> str | None:
     return "".join(getattr(c, "text", "") for c in result.contents)
 
 
+# the JSON-RPC request that opens a Streamable HTTP session
+INITIALIZE = {
+    "jsonrpc": "2.0",
+    "id": 1,
+    "method": "initialize",
+    "params": {
+        "protocolVersion": "2025-06-18",
+        "capabilities": {},
+        "clientInfo": {"name": "isolation-report", "version": "1"},
+    },
+}
+
+
 async def _session_attacks(report: Report, base: str, tokens: dict) -> None:
-    initialize = {
-        "jsonrpc": "2.0",
-        "id": 1,
-        "method": "initialize",
-        "params": {
-            "protocolVersion": "2025-06-18",
-            "capabilities": {},
-            "clientInfo": {"name": "isolation-report", "version": "1"},
-        },
-    }
+    initialize = INITIALIZE
     listing = {"jsonrpc": "2.0", "id": 2, "method": "tools/list"}
     accept = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
     async with httpx.AsyncClient(base_url=f"http://{base}", timeout=30) as client:

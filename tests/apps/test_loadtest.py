@@ -63,7 +63,7 @@ async def test_the_sampler_sees_cross_tenant_holdings_and_overfull_pools(test_ca
     allocation_id = new_allocation_id()
     await ledger.reserve(
         allocation_id=allocation_id,
-        tenant="acme",
+        tenant="sampler-a",  # tenants of this test alone: no quota synced by another
         request_id="load-x",
         pool="loadtest-pool",
         model="echo",
@@ -73,14 +73,14 @@ async def test_the_sampler_sees_cross_tenant_holdings_and_overfull_pools(test_ca
     )
     # the pool shrinks under the allocation (as a catalog change could make it): now it is overfull
     await ledger.sync_pools([pool.model_copy(update={"id": "loadtest-pool", "tflops": pool.tflops / 2})])
-    run = Run(tenant_of={"load-x": "globex"})  # the request was globex's, but acme holds its slice
+    run = Run(tenant_of={"load-x": "sampler-b"})  # the request was sampler-b's, but sampler-a holds its slice
     stop = asyncio.Event()
     sampler = asyncio.create_task(_sample(services, run, None, stop, 0.01))
     await asyncio.sleep(0.2)
     stop.set()
     await sampler
-    await ledger.release(allocation_id, "acme")
-    assert run.cross_tenant and "held by acme" in run.cross_tenant[0]
+    await ledger.release(allocation_id, "sampler-a")
+    assert run.cross_tenant and "held by sampler-a" in run.cross_tenant[0]
     assert run.capacity_violations and run.capacity_violations[0].startswith("loadtest-pool:")
 
 

@@ -23,6 +23,7 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
 from mcp.shared.exceptions import MCPError
 
+from apps.isolation.mcp import INITIALIZE
 from connectors.tokens import TokenStore, token_hash
 from connectors.ws_transport import WebSocketTransport
 from homeskillet.settings import get_settings
@@ -187,16 +188,7 @@ async def test_bad_missing_and_revoked_tokens_are_refused_on_both_transports(ser
             assert refused.value.response.status_code == 403
     # a Streamable HTTP session belongs to its tenant: another tenant's token cannot use its id
     async with httpx.AsyncClient() as http:
-        init = {
-            "jsonrpc": "2.0",
-            "id": 1,
-            "method": "initialize",
-            "params": {
-                "protocolVersion": "2025-06-18",
-                "capabilities": {},
-                "clientInfo": {"name": "t", "version": "0"},
-            },
-        }
+        init = INITIALIZE
         accept = {"Accept": "application/json, text/event-stream"}
         opened = await http.post(
             f"http://{server}/mcp", json=init, headers={**accept, "Authorization": f"Bearer {tokens['acme']}"}
@@ -545,16 +537,7 @@ async def test_each_tenant_has_its_own_share_of_calls_sessions_and_connections(t
                     async with ws_client(where, tokens["acme"]):
                         pass
         async with httpx.AsyncClient() as http:
-            init = {
-                "jsonrpc": "2.0",
-                "id": 1,
-                "method": "initialize",
-                "params": {
-                    "protocolVersion": "2025-06-18",
-                    "capabilities": {},
-                    "clientInfo": {"name": "t", "version": "0"},
-                },
-            }
+            init = INITIALIZE
             headers = {"Accept": "application/json, text/event-stream", "Authorization": f"Bearer {tokens['globex']}"}
             first = await http.post(f"http://{where}/mcp", json=init, headers=headers)
             second = await http.post(f"http://{where}/mcp", json=init, headers=headers)
