@@ -269,12 +269,17 @@ class Tools:
 
     async def classify(self, prompt: str) -> types.CallToolResult:
         """The request classifier's task type for a text, and every label's probability."""
-        from tasks.decompose import request_classifier
+        from tasks.decompose import DECOMPOSE_TIMEOUT_S, request_classifier
 
         if len(prompt) > MAX_PROMPT_CHARS:
             raise ToolError(f"InvalidRequest: prompt is {len(prompt)} characters; at most {MAX_PROMPT_CHARS}")
         # off the event loop: a long text must not stall every other tenant's calls
-        probs = await asyncio.to_thread(request_classifier().probabilities, prompt.encode())
+        try:
+            probs = await asyncio.wait_for(
+                asyncio.to_thread(request_classifier().probabilities, prompt.encode()), DECOMPOSE_TIMEOUT_S
+            )
+        except TimeoutError:
+            raise ToolError(f"InvalidRequest: the text took over {DECOMPOSE_TIMEOUT_S:g}s to classify") from None
         return _structured({"label": max(probs, key=probs.get), "probabilities": probs})
 
     async def allocations(self, ctx: Context) -> types.CallToolResult:
