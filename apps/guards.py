@@ -55,6 +55,7 @@ class Guards:
     in_flight: int = 0
     connections: Counter = field(default_factory=Counter)  # tenant → open connections
     sessions: dict[str, tuple[str, float]] = field(default_factory=dict)  # session id → (tenant, last seen)
+    active: Counter = field(default_factory=Counter)  # session id → its requests running now
     watches: dict[str, set[Watch]] = field(default_factory=dict)  # token sha256 → its open connections
 
     def __post_init__(self) -> None:
@@ -106,17 +107,35 @@ class Guards:
         entry = self.sessions.get(session)
         if entry is None:
             return None
-        if time.monotonic() - entry[1] > FORGET_AFTER_S:
+        if self._over(session, entry[1], time.monotonic()):
             del self.sessions[session]
             return None
         self.sessions[session] = (entry[0], time.monotonic())
         return entry[0]
 
+    @contextmanager
+    def in_session(self, session: str) -> Iterator[None]:
+        """One request of a session (a stream may last long): the session is not over while it
+        runs, and counts as used when it ends."""
+        self.active[session] += 1
+        try:
+            yield
+        finally:
+            self.active[session] -= 1
+            if not self.active[session]:
+                del self.active[session]
+            entry = self.sessions.get(session)
+            if entry is not None:
+                self.sessions[session] = (entry[0], time.monotonic())
+
+    def _over(self, session: str, seen: float, now: float) -> bool:
+        return now - seen > FORGET_AFTER_S and not self.active.get(session)
+
     def session_opening(self, tenant: str) -> None:
         """TooManyRequests when the tenant already has its most sessions open."""
         now = time.monotonic()
         for session, (_, seen) in list(self.sessions.items()):
-            if now - seen > FORGET_AFTER_S:
+            if self._over(session, seen, now):
                 del self.sessions[session]
         limit = self.settings.tenant_max_sessions
         if sum(1 for owner, _ in self.sessions.values() if owner == tenant) >= limit:

@@ -402,11 +402,13 @@ class BearerAuth:
         # an HTTP session belongs to the tenant that opened it: another token cannot ride on its id
         session = headers.get("mcp-session-id")
         if session is not None:
-            owner = self.guards.session_tenant(session)
-            if owner is not None and owner != tenant:
+            # a session is its opener's: another tenant's, or one not opened here, is not found
+            if self.guards.session_tenant(session) != tenant:
                 return await _refuse(scope, receive, send, 404, "not_found", "session not found")
             if scope["method"] == "DELETE":
                 self.guards.end_session(session)
+                return await self.app(scope, receive, send)
+            with self.guards.in_session(session):  # not over while a request (or stream) of it runs
                 return await self.app(scope, receive, send)
         elif scope["method"] == "POST":
             self.guards.session_opening(tenant)  # a POST without a session opens one
@@ -468,6 +470,17 @@ def create_app(
     app.router.routes.append(WebSocketRoute("/ws", ws_endpoint))
     auth = BearerAuth(app, tools, guards)
     subscribed: list[TokenStore] = []
+    listening: list[asyncio.Task] = []  # the task (re)starting the revocation listener, kept referenced
+
+    async def listen() -> None:
+        """Hear revocations (again after a lost connection: until then no live token is cached);
+        then end the open connections of tokens revoked while nothing was heard."""
+        try:
+            if await tools.store.listen():
+                for digest in await tools.store.revoked_among(list(guards.watches)):
+                    guards.revoked(digest)
+        except Exception:
+            log.exception("could not check open connections for revoked tokens")
 
     async def asgi(scope, receive, send):
         if tools.store is None:
@@ -475,8 +488,8 @@ def create_app(
         if tools.store not in subscribed:
             tools.store.subscribe(guards.revoked)  # a revocation ends the token's open connections
             subscribed.append(tools.store)
-        if scope["type"] != "lifespan" and not tools.store.listening:
-            await tools.store.listen()  # again after a lost connection: until then, no live token is cached
+        if scope["type"] != "lifespan" and not tools.store.listening and not any(not t.done() for t in listening):
+            listening[:] = [asyncio.create_task(listen())]  # beside the request, never in its way
         await auth(scope, receive, send)
 
     asgi.mcp = mcp  # type: ignore[attr-defined]

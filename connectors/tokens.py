@@ -58,6 +58,7 @@ CHANNEL = "homeskillet_tokens"  # NOTIFY payload: the revoked token's sha256
 CACHE_S = 30.0  # a cached answer's life (a live token's is cut short by its revocation)
 CACHE_SIZE = 10_000
 LISTEN_RETRY_S = 5.0
+LISTEN_TIMEOUT_S = 5.0
 POOL_SIZE = 4  # connections per event loop for token checks and results
 
 
@@ -85,6 +86,7 @@ class TokenStore:
         self._listening = asyncio.Lock()
         self._subscribers: list[Callable[[str], None]] = []
         self._listen_failed_at = -LISTEN_RETRY_S
+        self._generation = 0  # counts revocations heard and listeners lost: a lookup spanning one is not cached
 
     @classmethod
     async def open(cls, pgdata: Path) -> TokenStore:
@@ -126,14 +128,28 @@ class TokenStore:
         with self._cache_lock:
             if digest in self._cache:
                 return self._cache[digest]
+            generation = self._generation
         async with self._connect() as conn:
             tenant = await conn.fetchval(
                 "SELECT tenant FROM api_tokens WHERE token_sha256 = $1 AND revoked_at IS NULL", digest
             )
-        if tenant is None or self.listening:  # a live token is cached only while revocations are heard
-            with self._cache_lock:
+        with self._cache_lock:
+            # a live token is cached only while revocations are heard, and only when none was heard
+            # (nor the listener lost) during the query: its answer might predate a revocation
+            if tenant is None or (self.listening and generation == self._generation):
                 self._cache[digest] = tenant
         return tenant
+
+    async def revoked_among(self, digests: list[str]) -> set[str]:
+        """Which of these token hashes are revoked or unknown now (read from the database)."""
+        if not digests:
+            return set()
+        async with self._connect() as conn:
+            live = await conn.fetch(
+                "SELECT token_sha256 FROM api_tokens WHERE token_sha256 = ANY($1::text[]) AND revoked_at IS NULL",
+                digests,
+            )
+        return set(digests) - {r["token_sha256"] for r in live}
 
     @property
     def listening(self) -> bool:
@@ -151,12 +167,15 @@ class TokenStore:
                 return True
             if time.monotonic() - self._listen_failed_at < LISTEN_RETRY_S:
                 return False  # PostgreSQL was away a moment ago: not a connection attempt per request
+            conn = None
             try:
-                conn = await asyncpg.connect(self._dsn)
+                conn = await asyncpg.connect(self._dsn, timeout=LISTEN_TIMEOUT_S)
                 await conn.add_listener(CHANNEL, self._heard)
-            except (OSError, asyncpg.PostgresError) as exc:
+            except Exception as exc:  # PostgreSQL away, slow or refusing: try again later
                 log.warning("not listening for token revocations: %s", exc)
                 self._listen_failed_at = time.monotonic()
+                if conn is not None:
+                    conn.terminate()
                 return False
             conn.add_termination_listener(lambda _conn: self._forget_all())
             self._listener = conn
@@ -170,6 +189,7 @@ class TokenStore:
     def _heard(self, _conn, _pid, _channel, digest: str) -> None:
         with self._cache_lock:
             self._cache.pop(digest, None)
+            self._generation += 1
         for on_revoke in list(self._subscribers):
             try:
                 on_revoke(digest)
@@ -179,6 +199,7 @@ class TokenStore:
     def _forget_all(self) -> None:
         with self._cache_lock:
             self._cache.clear()
+            self._generation += 1
 
     async def list(self, tenant: str | None = None) -> list[dict]:
         async with self._connect() as conn:
@@ -205,6 +226,7 @@ class TokenStore:
         if digest is not None:
             with self._cache_lock:
                 self._cache.pop(digest, None)
+                self._generation += 1
         return digest is not None
 
     async def save_result(self, tenant: str, request_id: str, result: dict) -> None:

@@ -72,6 +72,17 @@ def _id_of(text: str | bytes) -> Any:
     return rid if isinstance(rid, (str, int)) and not isinstance(rid, bool) else None
 
 
+def _forget(in_flight: set[Any], message: Any):
+    """The hook the SDK calls for a request it settles without an answer (one the client
+    cancelled): its place in flight is free again."""
+
+    async def forget() -> None:
+        if isinstance(message, types.JSONRPCRequest):
+            in_flight.discard(message.id)
+
+    return forget
+
+
 @asynccontextmanager
 async def websocket_server(
     websocket: Any, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
@@ -130,7 +141,9 @@ async def websocket_server(
                             await send_text(_error_frame(TOO_MANY_IN_FLIGHT, why, message.id))
                             continue
                         in_flight.add(message.id)
-                    metadata = ServerMessageMetadata(request_context=websocket)
+                    metadata = ServerMessageMetadata(
+                        request_context=websocket, on_request_unanswered=_forget(in_flight, message)
+                    )
                     await read_writer.send(SessionMessage(message, metadata=metadata))
         except (anyio.ClosedResourceError, anyio.BrokenResourceError, WebSocketDisconnect, RuntimeError, OSError):
             await anyio.lowlevel.checkpoint()  # the socket or the session went away: end quietly

@@ -166,7 +166,8 @@ export function createWorker(options = {}) {
       }
       const text = body ? promptOf(new TextDecoder().decode(body), request.headers.get("content-type") ?? "") : "";
       const { label } = await classify(text);
-      const base = endpoints[label] ?? endpoints.default;
+      // an MCP session lives on one server: every request of it goes to the default endpoint
+      const base = pathname === "/mcp" ? endpoints.default : endpoints[label] ?? endpoints.default;
       if (!base) return json({ error: `no endpoint configured for task type ${label}`, label }, 502);
       const headers = new Headers();
       for (const name of FORWARDED_HEADERS) if (request.headers.has(name)) headers.set(name, request.headers.get(name));

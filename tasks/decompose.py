@@ -129,10 +129,6 @@ class TooManyParts(InvalidRequest):
         self.limit = limit
 
 
-def _too_many(limit: int) -> TooManyParts:
-    return TooManyParts(limit)
-
-
 def _numbered_items(prompt: str, limit: int) -> list[str] | None:
     """Items numbered 1, 2, 3 … in order (at least two); None when the prompt is not a numbered list.
     Numbers at line starts win over numbers inside the text ("1. Say 2.\n2. …")."""
@@ -148,7 +144,7 @@ def _items_marked_by(pattern: re.Pattern, prompt: str, limit: int) -> list[str] 
     if len(picked) < 2:
         return None
     if len(picked) > limit:
-        raise _too_many(limit)
+        raise TooManyParts(limit)
     items = []
     for mark, nxt in zip(picked, picked[1:] + [None]):
         text = prompt[mark.end() : nxt.start() if nxt else len(prompt)].strip()
@@ -169,7 +165,7 @@ def _asks(prompt: str, limit: int) -> list[str] | None:
         if sentence.endswith("?") or _IMPERATIVE.match(sentence):
             asks.append(sentence)
             if len(asks) > limit:
-                raise _too_many(limit)
+                raise TooManyParts(limit)
         else:
             statements.append(sentence)
     if len(asks) < 2:

@@ -144,9 +144,13 @@ async def call_model(
             # reservation, never written, bills nothing; a settlement already written stays
             if "cost_usd" not in record:
                 record["cost_usd"] = _used(model, pool, held_from, completion)
-            await (await services.ledger()).record_spend(
-                allocation_id, request.tenant, request.request_id, record["cost_usd"], reserved_only=True
-            )
+            try:
+                await (await services.ledger()).record_spend(
+                    allocation_id, request.tenant, request.request_id, record["cost_usd"], reserved_only=True
+                )
+            except Exception as settle_error:  # the call's own failure is what the caller must see;
+                # the reservation stays open, and is settled at its worst case once its lease is over
+                ctx.log.warning("fragment %s: %s not settled: %s", fragment.id, allocation_id, settle_error)
         _keep(
             ctx.records,
             TelemetryRecord(

@@ -100,3 +100,16 @@ async def test_a_connection_ends_at_its_maximum_lifetime():
     with g.watched("sha") as watch:
         await anyio.sleep(30)
     assert watch.why == "the connection reached its maximum lifetime of 0.1s"
+
+
+def test_a_session_with_a_request_running_is_not_over_however_long_it_runs(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr("apps.guards.time.monotonic", lambda: clock[0])
+    g = guards()
+    g.bind_session("s1", "acme")
+    with g.in_session("s1"):  # a stream that outlives the idle timeout
+        clock[0] = 10 * FORGET_AFTER_S
+        g.session_opening("acme")  # pruning skips it
+        assert g.session_tenant("s1") == "acme"
+    clock[0] += FORGET_AFTER_S - 1  # used when the stream ended: not idle yet
+    assert g.session_tenant("s1") == "acme"

@@ -448,11 +448,14 @@ async def test_a_flood_of_made_up_tokens_gets_401_or_429_and_a_real_tenant_is_se
     server of its own: the flood leaves loopback over its failed-authentication rate.)"""
     from apps.mcp_server import create_app
 
-    with serving(create_app(test_catalog)) as where:
-        await _flood(where, tokens)
+    app = create_app(test_catalog)
+    with serving(app) as where:
+        await _flood(where, tokens, app)
 
 
-async def _flood(server: str, tokens: dict) -> None:
+async def _flood(server: str, tokens: dict, app) -> None:
+    """The tenant has used the server before (its token is one the server knows live): from the
+    flood's own address it is served all the same; an unknown token from there waits (429)."""
     import secrets
 
     junk = [f"hs_{secrets.token_urlsafe(32)}" if i % 2 else f"made-up-{i}" for i in range(800)]
@@ -468,6 +471,12 @@ async def _flood(server: str, tokens: dict) -> None:
             async with ws_client(server, tokens["acme"]) as client:
                 return (await client.call_tool("allocations", {})).structured_content["tenant"]
 
+        await tenant_call()  # the first request starts the revocation listener beside it
+        for _ in range(100):
+            if app.tools.store.listening:
+                break
+            await asyncio.sleep(0.05)
+        assert await tenant_call() == "acme"  # now known live
         flood = asyncio.gather(*(attempt(t) for t in junk))
         during = await tenant_call()
         statuses = await flood
@@ -567,3 +576,43 @@ async def test_a_tenant_sees_no_internal_endpoint_and_no_other_tenant(server, to
         assert catalog["tenant"] == "acme" and "globex" not in json.dumps(catalog)
     finally:
         await services.local.release(allocation.allocation_id, "acme")
+
+
+@SERVED
+async def test_a_revocation_missed_while_the_listener_was_down_ends_the_connection_once_it_is_back(
+    test_catalog, tokens
+):
+    import asyncpg
+
+    from apps.mcp_server import create_app
+
+    store = tokens["store"]
+    app = create_app(test_catalog)
+    with serving(app) as where:
+        token_id, token = await store.create("acme")
+        transport = WebSocketTransport(f"ws://{where}/ws", token=token)
+        async with Client(transport) as client:
+            assert (await client.call_tool("allocations", {})).structured_content["tenant"] == "acme"
+            for _ in range(100):  # the listener starts beside the first request
+                if app.tools.store.listening:
+                    break
+                await asyncio.sleep(0.05)
+            assert app.tools.store.listening
+            conn = await asyncpg.connect(app.tools.store._dsn)
+            try:  # PostgreSQL drops the listener's connection (a restart, a network cut)
+                await conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query LIKE 'LISTEN%'")
+            finally:
+                await conn.close()
+            for _ in range(100):
+                if not app.tools.store.listening:
+                    break
+                await asyncio.sleep(0.05)
+            assert await store.revoke(token_id)  # announced while nobody listens
+            async with ws_client(where, tokens["globex"]) as other:  # any request starts listening again
+                await other.call_tool("allocations", {})
+            for _ in range(100):
+                if transport.websocket.close_code is not None:
+                    break
+                await asyncio.sleep(0.05)
+            assert transport.websocket.close_code == 1008
+            assert transport.websocket.close_reason == "the token was revoked"

@@ -261,3 +261,34 @@ def test_loopback_http_and_trailing_slashes_are_accepted():
         (result,) = probe([{"path": path}], options={"endpoints": {"default": base}})
         assert [f["url"] for f in result["forwarded"]] == [url]
     assert probe([], options={"endpoints": "[1]"}) == "HOMESKILLET_ENDPOINTS: must be an object of task type → base URL"
+
+
+def test_every_request_of_an_mcp_session_goes_to_the_default_endpoint():
+    """An MCP session lives on one server: a prompt-like body must not send one of its requests to
+    another task type's endpoint."""
+    code = json.dumps(
+        {
+            "jsonrpc": "2.0",
+            "id": 2,
+            "method": "tools/call",
+            "params": {"name": "fuse", "arguments": {"prompt": "Write a Python function that sorts a list."}},
+        }
+    )
+    endpoints = {"default": "https://hs.example/base", "code": "https://code.example"}
+    results = probe(
+        [
+            {"path": "/mcp", "method": "POST", "headers": {"content-type": "application/json"}, "body": code},
+            {"path": "/mcp", "headers": {"mcp-session-id": "s1"}},
+            chat(
+                body=json.dumps(
+                    {"messages": [{"role": "user", "content": "Write a Python function that sorts a list."}]}
+                )
+            ),
+        ],
+        options={"endpoints": endpoints},
+    )
+    assert [r["forwarded"][0]["url"] for r in results] == [
+        "https://hs.example/base/mcp",
+        "https://hs.example/base/mcp",
+        "https://code.example/v1/chat/completions",  # the control: a completion is routed by its task type
+    ]
