@@ -99,9 +99,13 @@ def is_private_host(host: str) -> bool:
     return address is not None and not address.is_global
 
 
+NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+
+
 def as_address(host: str) -> Address | None:
     """The IP address a host denotes in any spelling the OS resolver accepts without DNS
-    (dotted quad, shortened or numeric IPv4, IPv6 and IPv4-mapped IPv6), or None for a name."""
+    (dotted quad, shortened or numeric IPv4, IPv6, and IPv6 that carries an IPv4: mapped, 6to4,
+    NAT64), or None for a name."""
     try:
         address = ipaddress.ip_address(host.strip("[]"))
     except ValueError:
@@ -111,6 +115,8 @@ def as_address(host: str) -> Address | None:
             return None
     if isinstance(address, ipaddress.IPv6Address):
         mapped = address.ipv4_mapped or address.sixtofour
+        if mapped is None and address in NAT64:  # the well-known NAT64 prefix reaches the IPv4 inside
+            mapped = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
         if mapped is not None:
             return mapped
     return address

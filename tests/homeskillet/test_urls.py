@@ -51,6 +51,7 @@ ALWAYS_BAD = [  # refused whatever is allowed: (url, words the error must hold)
     ("http://169.254.1.1:8000/v1", "link-local"),
     ("http://[fe80::1]/v1", "link-local"),
     ("http://[::ffff:169.254.169.254]/", "link-local"),
+    ("http://[64:ff9b::a9fe:a9fe]/", "link-local"),  # 169.254.169.254 through NAT64
     ("http://[fd00:ec2::254]/", "link-local"),
     ("http://metadata.google.internal/computeMetadata/v1", "metadata"),
     ("http://224.0.0.1/", "multicast"),
