@@ -542,19 +542,21 @@ class Ledger:
         await _settled(write())
 
     @_reconnecting
+    async def budget_use(self, tenant: str) -> BudgetUse:
+        """The tenant's settled spend this UTC day and month and its open reservations, in one read."""
+        async with self._connect() as conn:
+            return await self._budget_use(conn, tenant)
+
     async def spend(self, tenant: str) -> tuple[float, float]:
         """The tenant's settled spend this UTC day and this UTC month, US$ (open reservations:
         `reserved`)."""
-        async with self._connect() as conn:
-            use = await self._budget_use(conn, tenant)
+        use = await self.budget_use(tenant)
         return use.day_usd, use.month_usd
 
-    @_reconnecting
     async def reserved(self, tenant: str) -> float:
         """The worst cases reserved for the tenant's calls that have not settled, US$ (a gone
         caller's count here until a reservation of the tenant settles them)."""
-        async with self._connect() as conn:
-            return (await self._budget_use(conn, tenant)).reserved_usd
+        return (await self.budget_use(tenant)).reserved_usd
 
     @_reconnecting
     async def request_spend(self, tenant: str, request_id: str) -> list[dict]:

@@ -138,10 +138,8 @@ async def within_budget(ctx: RunContext, next_usd: float = 0.0) -> None:
     spend and the reservations open now, with one call's estimate. It reserves nothing: the
     guarantee is each call's reservation (`reserve_budget`)."""
     if has_budget(ctx.covenant):
-        ledger = await ctx.services.ledger()
-        day, month = await ledger.spend(ctx.request.tenant)
-        reserved = await ledger.reserved(ctx.request.tenant)
-        check_budget(ctx.request.tenant, ctx.covenant, day, month, next_usd, reserved)
+        use = await (await ctx.services.ledger()).budget_use(ctx.request.tenant)
+        check_budget(ctx.request.tenant, ctx.covenant, use.day_usd, use.month_usd, next_usd, use.reserved_usd)
 
 
 async def reserve_budget(ctx: RunContext, allocation_id: str, worst_usd: float) -> None:
