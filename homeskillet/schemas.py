@@ -57,9 +57,19 @@ class Constraints(_Frozen):
     )
 
 
+class ChatTurn(_Frozen):
+    """One earlier turn of a conversation, sent with every fragment of the request as context."""
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
 class InferenceRequest(_Frozen):
     tenant: str = Field(min_length=1)
     prompt: str
+    context: list[ChatTurn] = Field(
+        [], description="The system prompt and earlier turns, in order; every fragment's model call sees them."
+    )
     strategy: Strategy = "single"
     constraints: Constraints = Constraints()
     request_id: str = Field(default_factory=lambda: uuid.uuid4().hex[:12])
@@ -72,6 +82,17 @@ class InferenceRequest(_Frozen):
         if not value.strip():
             raise ValueError("prompt is empty")
         return value.strip()
+
+    @model_validator(mode="after")
+    def _prompt_and_context_bounded(self) -> InferenceRequest:
+        # the context goes to every fragment's model call: it counts against the same bound as the prompt
+        context = sum(len(turn.content) for turn in self.context)
+        if len(self.prompt) + context > MAX_PROMPT_CHARS:
+            raise ValueError(
+                f"prompt ({len(self.prompt)} characters) and context ({context} characters in "
+                f"{len(self.context)} turns) are {len(self.prompt) + context} characters; at most {MAX_PROMPT_CHARS}"
+            )
+        return self
 
 
 # --- the plan -----------------------------------------------------------------------------
