@@ -51,6 +51,7 @@ async def fuse_request(
     request_id: str | None = None,
     catalog_path: str | None = None,
     routing_stats: str | None = None,
+    context: list[dict] | None = None,
 ) -> FusionResult:
     """Answer one inference request: split it, run each fragment on its own GPU share, fuse.
 
@@ -69,9 +70,12 @@ async def fuse_request(
         routing_stats: A file of learned quality and cost per task type and model
             (`homeskillet learn-routing`); default: the catalog's quality (measured, else its
             prior) and cost estimates.
+        context: The conversation before the prompt, in order: turns {"role": "system" | "user" |
+            "assistant", "content": ...}. Every fragment's model call sees them before its own
+            text; they count against the prompt's size limit.
     """
     started = time.perf_counter()
-    request = make_request(prompt, tenant, strategy, constraints, request_id)
+    request = make_request(prompt, tenant, strategy, constraints, request_id, context)
     services = runtime.services(catalog_path)
     prepared = await prepare(request, services, get_run_logger(), routing_stats, decomposer=decompose)
     plan, ctx = prepared.plan, prepared.ctx

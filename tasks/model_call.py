@@ -35,7 +35,7 @@ from homeskillet.schemas import (
 from tasks import progress
 from tasks.context import RunContext
 from tasks.covenant import reserve_budget
-from tasks.resources import allocate, infer, release, release_if_reserved
+from tasks.resources import allocate, infer, release, release_if_reserved, transcript
 from tasks.routing import fragment_cost, worst_case_cost
 
 
@@ -48,7 +48,8 @@ async def call_model(
     request, services = ctx.request, ctx.services
     pool = cat.pool(ctx.allowed, choice.pool)
     model = cat.model(ctx.allowed, choice.model)
-    worst = worst_case_cost(model, pool, text, request.constraints.max_tokens, services.settings.infer_timeout_s)
+    sent = transcript(request.context) + text  # the context goes with the text: its tokens are billed too
+    worst = worst_case_cost(model, pool, sent, request.constraints.max_tokens, services.settings.infer_timeout_s)
     record = dict(
         ts=datetime.now(UTC),
         request_id=request.request_id,
@@ -98,7 +99,9 @@ async def call_model(
             record["allocation_id"] = allocation.allocation_id
             record["queue_s"] = max(0.0, (allocation.created_at - record["ts"]).total_seconds())
             t1 = time.perf_counter()
-            completion = await infer(services, allocation, text, request.constraints.max_tokens, stream)
+            completion = await infer(
+                services, allocation, text, request.constraints.max_tokens, stream, request.context
+            )
             t2 = time.perf_counter()
             # settled while the slice is still held: its reservation becomes the real cost
             record.update(tokens_in=completion.tokens_in, tokens_out=completion.tokens_out)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pydantic import ValidationError
 
 from homeskillet.errors import InvalidRequest
-from homeskillet.schemas import Constraints, InferenceRequest, ModelChoice, Plan, TaskType
+from homeskillet.schemas import ChatTurn, Constraints, InferenceRequest, ModelChoice, Plan, TaskType
 from tasks import runtime
 from tasks.context import RunContext
 from tasks.covenant import check_fragments, check_prompt, check_request, restrict, too_many_fragments
@@ -46,9 +46,13 @@ def make_request(
     strategy: str = "single",
     constraints: Constraints | dict | None = None,
     request_id: str | None = None,
+    context: list[dict] | list[ChatTurn] | None = None,
 ) -> InferenceRequest:
-    """The validated request, or InvalidRequest naming each problem."""
+    """The validated request, or InvalidRequest naming each problem. `context` is the system
+    prompt and earlier turns of a conversation ({"role", "content"}), sent before every fragment."""
     fields = {"prompt": prompt, "tenant": tenant, "strategy": strategy, "constraints": constraints or {}}
+    if context is not None:
+        fields["context"] = context
     if request_id:
         fields["request_id"] = request_id
     try:

@@ -13,6 +13,7 @@ path that nothing reads (the flow's own result is what callers read back).
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from datetime import datetime
 
 from prefect import task
@@ -22,7 +23,7 @@ from prefect.transactions import Transaction, get_transaction
 from connectors import openai_client
 from homeskillet import catalog as cat
 from homeskillet.errors import AllocationNotFound, InferenceError, Preempted
-from homeskillet.schemas import Allocation, Completion, ModelChoice, ModelSpec
+from homeskillet.schemas import Allocation, ChatTurn, Completion, ModelChoice, ModelSpec
 from tasks.runtime import Services
 
 
@@ -72,18 +73,32 @@ async def release(services: Services, allocation: Allocation) -> datetime:
     return await services.backend_of(allocation).release(allocation.allocation_id, allocation.tenant)
 
 
-def render(model: ModelSpec, text: str) -> dict:
-    """The request body fields for the model's prompt style."""
+def transcript(context: Sequence[ChatTurn]) -> str:
+    """The context as plain text lines ("System: …", "User: …", "Assistant: …"), one a turn, for
+    models that take a prompt rather than messages."""
+    return "".join(f"{turn.role.capitalize()}: {turn.content}\n" for turn in context)
+
+
+def render(model: ModelSpec, text: str, context: Sequence[ChatTurn] = ()) -> dict:
+    """The request body fields for the model's prompt style: the context (the conversation before
+    the request, in order) comes before the text, as messages or as transcript lines."""
     if model.prompt_style == "chat":
-        return {"messages": [{"role": "user", "content": text}]}
+        turns = [{"role": turn.role, "content": turn.content} for turn in context]
+        return {"messages": [*turns, {"role": "user", "content": text}]}
     cue = "" if text.rstrip().endswith("Answer:") else "\nAnswer:"  # a few-shot prompt brings its own
-    return {"prompt": f"Question: {text.rstrip()}{cue}", "stop": model.stop or None}
+    return {"prompt": f"{transcript(context)}Question: {text.rstrip()}{cue}", "stop": model.stop or None}
 
 
 @task(name="infer", task_run_name="infer-{allocation.model}", cache_policy=NO_CACHE, persist_result=False)
 async def infer(
-    services: Services, allocation: Allocation, text: str, max_tokens: int, stream: bool = False
+    services: Services,
+    allocation: Allocation,
+    text: str,
+    max_tokens: int,
+    stream: bool = False,
+    context: Sequence[ChatTurn] = (),
 ) -> Completion:
+    """The model's answer to `text`, after the context's turns."""
     model = cat.model(services.catalog, allocation.model)
     serving = model.serving
     api_key = os.environ.get(serving.api_key_env) if serving.kind == "openai" and serving.api_key_env else None
@@ -96,7 +111,7 @@ async def infer(
             timeout_s=services.settings.infer_timeout_s,
             api_key=api_key,
             stream=stream,
-            **render(model, text),
+            **render(model, text, context),
         )
     except InferenceError as exc:
         if not await services.backend_of(allocation).verify(allocation):

@@ -6,6 +6,7 @@ import pytest
 from connectors import openai_client
 from homeskillet import catalog as cat
 from homeskillet.errors import InferenceError
+from homeskillet.schemas import ChatTurn
 from tasks import runtime
 from tasks.resources import render
 
@@ -93,3 +94,37 @@ def test_a_cost_the_provider_reports_is_kept():
     assert openai_client._parse({**body, "usage": {"cost_usd": 0.0021}}, True, "u", 0.1).cost_usd == 0.0021
     assert openai_client._parse({**body, "usage": {"cost": "0.5"}}, True, "u", 0.1).cost_usd == 0.5  # OpenRouter
     assert openai_client._parse({**body, "usage": {"cost_usd": "n/a"}}, True, "u", 0.1).cost_usd is None
+
+
+CONTEXT = [
+    ChatTurn(role="system", content="Answer in French."),
+    ChatTurn(role="user", content="Hi."),
+    ChatTurn(role="assistant", content="Bonjour."),
+]
+
+
+def test_the_context_comes_before_the_text_in_either_prompt_style():
+    gemma = cat.model(runtime.catalog(), "gemma3-270m")
+    assert SMOL.prompt_style == "chat" and gemma.prompt_style == "completion"
+    assert render(SMOL, "Capital of France?", CONTEXT)["messages"] == [
+        {"role": "system", "content": "Answer in French."},
+        {"role": "user", "content": "Hi."},
+        {"role": "assistant", "content": "Bonjour."},
+        {"role": "user", "content": "Capital of France?"},
+    ]
+    assert render(gemma, "Capital of France?", CONTEXT)["prompt"] == (
+        "System: Answer in French.\nUser: Hi.\nAssistant: Bonjour.\nQuestion: Capital of France?\nAnswer:"
+    )
+    # without context, each style's body is what it always was
+    assert render(SMOL, "Capital of France?")["messages"] == [{"role": "user", "content": "Capital of France?"}]
+    assert render(gemma, "Capital of France?")["prompt"] == "Question: Capital of France?\nAnswer:"
+
+
+async def test_a_completion_prompt_with_context_reaches_the_server_whole(echo_server, monkeypatch):
+    monkeypatch.setenv("ECHO_DELAY_S", "0")
+    gemma = cat.model(runtime.catalog(), "gemma3-270m")
+    base = f"http://127.0.0.1:{echo_server.server_address[1]}/v1"
+    out = await openai_client.complete(base, "echo-1", max_tokens=8, **render(gemma, "Say one.", CONTEXT))
+    sent = "System: Answer in French.\nUser: Hi.\nAssistant: Bonjour.\nQuestion: Say one.\nAnswer:"
+    assert echo_server.seen[-1]["path"] == "/v1/completions" and echo_server.seen[-1]["text"] == sent
+    assert out.text == f"echo: {sent}"

@@ -3,9 +3,12 @@
 import asyncio
 import json
 import os
+from http.server import BaseHTTPRequestHandler
+from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 from prefect import flow
 
 from connectors.ledger import new_allocation_id
@@ -319,3 +322,81 @@ async def test_a_postgresql_restart_under_concurrent_requests_leaves_the_ledger_
         wait_s=0,
     )
     await ledger.release(whole.allocation_id, "acme")
+
+
+CONVERSATION = [
+    {"role": "system", "content": "You count in French."},
+    {"role": "user", "content": "Count to one."},
+    {"role": "assistant", "content": "Un."},
+]
+
+
+@pytest.fixture
+def context_catalog(test_catalog, echo_server, serve_http, tmp_path):
+    """The test catalog with two more models: `recorder`, a chat model behind a loopback endpoint
+    that keeps every request body it gets, and `echo-completion`, the echo double as a
+    completion-style model. Returns (catalog path, the bodies the recorder got)."""
+    bodies: list[dict] = []
+
+    class Recorder(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            bodies.append({"path": self.path, **body})
+            reply = {"message": {"role": "assistant", "content": f"heard {body['messages'][-1]['content']}"}}
+            data = json.dumps({"choices": [{"index": 0, "finish_reason": "stop", **reply}], "usage": {}}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):  # quiet
+            pass
+
+    host, port = serve_http(Recorder)
+    raw = yaml.safe_load(Path(test_catalog).read_text())
+    echo = next(m for m in raw["models"] if m["name"] == "echo")
+    recorder = {
+        **echo,
+        "name": "recorder",
+        "serving": {"kind": "openai", "base_url": f"http://{host}:{port}/v1", "model": "rec"},
+    }
+    raw["models"] += [recorder, {**echo, "name": "echo-completion", "prompt_style": "completion"}]
+    path = tmp_path / "catalog.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path), bodies
+
+
+async def test_every_fragment_of_a_chat_request_is_sent_the_conversation_before_its_own_text(context_catalog):
+    path, bodies = context_catalog
+    result = await fuse_request(
+        prompt="1. Say one.\n2. Say two.",
+        tenant="acme",
+        constraints={"allowed_models": ["recorder"], "pool": "roomy"},
+        catalog_path=path,
+        context=CONVERSATION,
+    )
+    assert [f.text for f in result.fragments] == ["heard Say one.", "heard Say two."]
+    assert all(b["path"] == "/v1/chat/completions" for b in bodies)
+    sent = sorted((b["messages"] for b in bodies), key=lambda m: m[-1]["content"])
+    assert sent == [
+        [*CONVERSATION, {"role": "user", "content": "Say one."}],
+        [*CONVERSATION, {"role": "user", "content": "Say two."}],
+    ]
+
+
+async def test_a_completion_model_reads_the_conversation_as_lines_before_the_question(context_catalog, monkeypatch):
+    monkeypatch.setenv("ECHO_DELAY_S", "0")
+    path, _ = context_catalog
+    result = await fuse_request(
+        prompt="1. Say one.\n2. Say two.",
+        tenant="acme",
+        constraints={"allowed_models": ["echo-completion"], "pool": "roomy"},
+        catalog_path=path,
+        context=CONVERSATION,
+    )
+    lines = "System: You count in French.\nUser: Count to one.\nAssistant: Un.\n"
+    assert [f.text for f in result.fragments] == [
+        f"echo: {lines}Question: Say one.\nAnswer:",
+        f"echo: {lines}Question: Say two.\nAnswer:",
+    ]

@@ -106,3 +106,30 @@ async def test_the_covenants_prompt_size_is_checked_before_the_prompt_is_split(s
     assert split == []
     await prepare(make_request("Hi?", "initrode"), services, LOG, decomposer=watching)
     assert split == ["Hi?"]
+
+
+def test_a_conversation_context_is_validated_and_bounded_with_the_prompt():
+    from homeskillet.schemas import MAX_PROMPT_CHARS, ChatTurn
+
+    turns = [{"role": "system", "content": "Be brief."}, {"role": "assistant", "content": "Hello."}]
+    request = make_request("Hi?", "demo", context=turns)
+    assert request.context == [
+        ChatTurn(role="system", content="Be brief."),
+        ChatTurn(role="assistant", content="Hello."),
+    ]
+    assert make_request("Hi?", "demo", context=request.context).context == request.context  # turns as models
+    assert make_request("Hi?", "demo").context == []  # no context: none is sent
+    with pytest.raises(InvalidRequest, match=r"context\.1\.role: Input should be 'system', 'user' or 'assistant'"):
+        make_request("Hi?", "demo", context=[turns[0], {"role": "tool", "content": "42"}])
+    with pytest.raises(InvalidRequest, match=r"context\.0\.content: Field required"):
+        make_request("Hi?", "demo", context=[{"role": "user"}])
+    # the context counts against the prompt's size limit: exactly the limit passes, a character more is refused
+    fits = [{"role": "system", "content": "x" * (MAX_PROMPT_CHARS - 3 - 10)}, {"role": "user", "content": "y" * 10}]
+    assert len(make_request("Hi?", "demo", context=fits).context) == 2
+    too_big = [*fits, {"role": "assistant", "content": "z"}]
+    with pytest.raises(
+        InvalidRequest,
+        match=rf"request: prompt \(3 characters\) and context \({MAX_PROMPT_CHARS - 2} characters in 3 turns\) "
+        rf"are {MAX_PROMPT_CHARS + 1} characters; at most {MAX_PROMPT_CHARS}",
+    ):
+        make_request("Hi?", "demo", context=too_big)
