@@ -19,6 +19,7 @@ from tasks import runtime
 from tasks.context import RunContext
 from tasks.covenant import check_fragments, check_prompt, check_request, restrict, too_many_fragments
 from tasks.decompose import MAX_FRAGMENTS, TooManyParts, decompose_off_loop, estimate_tokens
+from tasks.resources import transcript
 from tasks.routing import fragment_budget, max_context, preview
 from tasks.runtime import Services
 
@@ -98,13 +99,20 @@ async def prepare(
     allowed, terms = restrict(services.catalog, covenant)  # routed only where the covenant allows
     constraints = request.constraints
     learned = runtime.routing_stats(routing_stats) if routing_stats is not None else None  # a bad file fails here
-    check_prompt(request.tenant, covenant, estimate_tokens(request.prompt))  # before the split: it is work
+    # the conversation before the prompt is sent with every fragment: it counts in each one's size
+    extra = estimate_tokens(transcript(request.context)) if request.context else 0
+    check_prompt(request.tenant, covenant, estimate_tokens(request.prompt) + extra)  # before the split: it is work
+    largest = max_context(allowed, constraints)
+    if extra >= largest:
+        raise InvalidRequest(
+            f"the conversation is about {extra} tokens, beyond every allowed model's context (largest {largest})"
+        )
     most = min(covenant.max_fragments or MAX_FRAGMENTS, MAX_FRAGMENTS)
     try:
         plan = await decomposer(
             request.prompt,
             request.request_id,
-            max_context(allowed, constraints),
+            largest - extra,
             constraints.max_tokens,
             constraints.split,
             constraints.task_type,
@@ -114,6 +122,9 @@ async def prepare(
         if most < MAX_FRAGMENTS:  # the covenant's limit, not the orchestrator's
             raise too_many_fragments(request.tenant, covenant, f"more than {exc.limit}") from None
         raise
+    if extra:
+        fragments = [f.model_copy(update={"est_prompt_tokens": f.est_prompt_tokens + extra}) for f in plan.fragments]
+        plan = plan.model_copy(update={"fragments": fragments})
     check_fragments(request.tenant, covenant, plan)
     ctx = RunContext(
         request,

@@ -133,3 +133,17 @@ def test_a_conversation_context_is_validated_and_bounded_with_the_prompt():
         rf"are {MAX_PROMPT_CHARS + 1} characters; at most {MAX_PROMPT_CHARS}",
     ):
         make_request("Hi?", "demo", context=too_big)
+
+
+async def test_the_conversation_counts_in_every_fragments_size_and_in_the_covenants_prompt_size(services):
+    context = [{"role": "system", "content": "Answer in one word. " * 30}]
+    plain = await prepare(make_request(TWO_QUESTIONS, "demo"), services, LOG)
+    talk = await prepare(make_request(TWO_QUESTIONS, "demo", context=context), services, LOG)
+    grown = [b.est_prompt_tokens - a.est_prompt_tokens for a, b in zip(plain.plan.fragments, talk.plan.fragments)]
+    assert len(set(grown)) == 1 and grown[0] >= len(context[0]["content"]) // 4  # the same, whole context each
+    with pytest.raises(CovenantViolation, match="max_prompt_tokens"):  # "Hi?" alone fits initrode's 10 tokens
+        await prepare(make_request("Hi?", "initrode", context=context), services, LOG)
+    with pytest.raises(
+        InvalidRequest, match="the conversation is about .* tokens, beyond every allowed model's context"
+    ):
+        await prepare(make_request("Hi?", "demo", context=[{"role": "user", "content": "word " * 9000}]), services, LOG)
