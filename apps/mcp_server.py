@@ -14,9 +14,10 @@ import json
 import logging
 import math
 import uuid
+from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import mcp_types as types
@@ -25,15 +26,19 @@ from mcp.server.mcpserver.exceptions import ResourceNotFoundError, ToolError
 from mcp.shared.exceptions import MCPError
 from pydantic import ValidationError
 from starlette.responses import JSONResponse
-from starlette.routing import WebSocketRoute
+from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
+from apps.api import routes as api_routes
 from apps.guards import SESSION_IDLE_S, Guards
 from connectors.tokens import TokenStore, token_hash, well_formed
 from connectors.ws_transport import DEFAULT_MAX_MESSAGE_BYTES, SUBPROTOCOL, token_from_subprotocols, websocket_server
 from homeskillet.errors import HomeskilletError, InvalidRequest, TooManyRequests, public_message
 from homeskillet.schemas import MAX_PROMPT_CHARS, Constraints
 from homeskillet.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    from homeskillet.schemas import FusionResult
 
 log = logging.getLogger(__name__)
 
@@ -150,10 +155,6 @@ class Tools:
         """Run one request through the fuse_request flow (decompose, allocate a GPU share per
         fragment, infer, release, fuse). Progress: one notification per fragment allocated and
         completed. constraints: max_tokens, max_cost_usd, allowed_models, tier, pool, split, task_type."""
-        import prefect
-
-        from flows.fusion import fuse_request
-        from tasks import progress
         from tasks.preparation import make_request
 
         tenant = tenant_of(ctx)
@@ -162,59 +163,86 @@ class Tools:
             make_request(prompt, tenant, strategy, constraints_of(constraints), request_id)
         except InvalidRequest as exc:
             raise ToolError(public_message(exc, request_id)) from None
+        count = 0
+
+        async def progressed(event: dict | None) -> None:
+            nonlocal count
+            if event is None:
+                await ctx.report_progress(0, None, f"request {request_id} started")
+                return
+            count += 1
+            await ctx.report_progress(count, None, _progress_message(event))
+
         async with self.slots.slot(tenant):
-            events: asyncio.Queue[dict] = asyncio.Queue()
-            with prefect.tags(f"tenant:{tenant}", "mcp"):
-                # its own asyncio task, out of the SDK's cancel scope: on cancellation the flow's
-                # rollback hooks must still be able to await the release of each allocation
-                run = asyncio.create_task(
-                    _with_shared_clients(
-                        fuse_request(
-                            prompt=prompt,
-                            tenant=tenant,
-                            strategy=strategy,
-                            constraints=constraints,
-                            request_id=request_id,
-                            catalog_path=self.catalog_path,
-                        )
-                    )
-                )
-            count, getter = 0, None
-            with progress.listening(request_id, events.put_nowait):
-                try:
-                    await ctx.report_progress(0, None, f"request {request_id} started")
-                    while True:
-                        getter = asyncio.ensure_future(events.get())
-                        done, _ = await asyncio.wait({run, getter}, return_when=asyncio.FIRST_COMPLETED)
-                        if getter not in done:
-                            getter.cancel()
-                            break
-                        count += 1
-                        await ctx.report_progress(count, None, _progress_message(getter.result()))
-                    while not events.empty():
-                        count += 1
-                        await ctx.report_progress(count, None, _progress_message(events.get_nowait()))
-                except BaseException:
-                    if getter is not None:
-                        getter.cancel()
-                    run.cancel()
-                    with anyio.CancelScope(shield=True):
-                        await asyncio.wait({run})
-                        await self._release_leftovers(tenant, request_id)
-                    raise
             try:
-                result = run.result()
-            except BaseException as exc:
-                await self._release_leftovers(tenant, request_id)
-                if isinstance(exc, Exception):
-                    log.warning("request %s of tenant %s failed: %s: %s", request_id, tenant, type(exc).__name__, exc)
-                    raise ToolError(public_message(exc, request_id)) from None
-                raise
-            data = result.model_dump(mode="json")
-            await self.store.save_result(tenant, result.request_id, data)
-            return types.CallToolResult(
-                content=[types.TextContent(type="text", text=result.answer)], structured_content=data
+                result = await self.run_request(
+                    tenant, request_id, "mcp", progressed, prompt=prompt, strategy=strategy, constraints=constraints
+                )
+            except Exception as exc:
+                raise ToolError(public_message(exc, request_id)) from None
+        data = result.model_dump(mode="json")
+        await self.store.save_result(tenant, result.request_id, data)
+        return types.CallToolResult(
+            content=[types.TextContent(type="text", text=result.answer)], structured_content=data
+        )
+
+    async def run_request(
+        self,
+        tenant: str,
+        request_id: str,
+        surface: str,
+        on_event: Callable[[dict | None], Awaitable[None]] | None = None,
+        **arguments: Any,
+    ) -> FusionResult:
+        """One real fuse_request flow run for the tenant, tagged with it and the surface it came
+        through; `on_event(None)` once it started, then `on_event(event)` per fragment allocated and
+        completed. Cancelled (the caller went away), the run is cancelled and everything it held
+        released before the cancellation goes on; failed, its leftovers are released and the error
+        raised (logged here in full: surfaces show tenants `public_message`)."""
+        import prefect
+
+        from flows.fusion import fuse_request
+        from tasks import progress
+
+        events: asyncio.Queue[dict] = asyncio.Queue()
+        with prefect.tags(f"tenant:{tenant}", surface):
+            # its own asyncio task, out of the caller's cancel scope: on cancellation the flow's
+            # rollback hooks must still be able to await the release of each allocation
+            run = asyncio.create_task(
+                _with_shared_clients(
+                    fuse_request(tenant=tenant, request_id=request_id, catalog_path=self.catalog_path, **arguments)
+                )
             )
+        getter = None
+        with progress.listening(request_id, events.put_nowait):
+            try:
+                if on_event is not None:
+                    await on_event(None)
+                while True:
+                    getter = asyncio.ensure_future(events.get())
+                    done, _ = await asyncio.wait({run, getter}, return_when=asyncio.FIRST_COMPLETED)
+                    if getter not in done:
+                        getter.cancel()
+                        break
+                    if on_event is not None:
+                        await on_event(getter.result())
+                while on_event is not None and not events.empty():
+                    await on_event(events.get_nowait())
+            except BaseException:
+                if getter is not None:
+                    getter.cancel()
+                run.cancel()
+                with anyio.CancelScope(shield=True):
+                    await asyncio.wait({run})
+                    await self._release_leftovers(tenant, request_id)
+                raise
+        try:
+            return run.result()
+        except BaseException as exc:
+            await self._release_leftovers(tenant, request_id)
+            if isinstance(exc, Exception):
+                log.warning("request %s of tenant %s failed: %s: %s", request_id, tenant, type(exc).__name__, exc)
+            raise
 
     async def _release_leftovers(self, tenant: str, request_id: str) -> None:
         """Backstop after a failed or cancelled run: release what the request still holds (its
@@ -359,7 +387,7 @@ class BearerAuth:
         self.guards = guards
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] not in ("http", "websocket"):
+        if scope["type"] not in ("http", "websocket") or scope.get("path") == "/healthz":
             return await self.app(scope, receive, send)
         try:
             with self.guards.server():
@@ -424,7 +452,8 @@ class BearerAuth:
 
 
 async def _refuse(scope, receive, send, status: int, error: str, why: str, retry_after_s: float | None = None):
-    """An HTTP error answer, or a WebSocket refused at its handshake (1008; 1013 for "try later")."""
+    """An HTTP error answer (in OpenAI's shape under /v1), or a WebSocket refused at its handshake
+    (1008; 1013 for "try later")."""
     if scope["type"] == "websocket":
         await receive()  # websocket.connect
         code = 1013 if status == 429 else 1008
@@ -433,9 +462,16 @@ async def _refuse(scope, receive, send, status: int, error: str, why: str, retry
     headers = {"WWW-Authenticate": 'Bearer realm="homeskillet"'} if status == 401 else {}
     if retry_after_s is not None:
         headers["Retry-After"] = str(math.ceil(retry_after_s))
-    await JSONResponse({"error": error, "error_description": why}, status_code=status, headers=headers)(
-        scope, receive, send
-    )
+    body: dict = {"error": error, "error_description": why}
+    if scope.get("path", "").startswith("/v1/"):
+        kind = {401: "authentication_error", 429: "rate_limit_error", 404: "invalid_request_error"}[status]
+        body = {"error": {"message": why, "type": kind, "param": None, "code": error}}
+    await JSONResponse(body, status_code=status, headers=headers)(scope, receive, send)
+
+
+async def _healthz(request) -> JSONResponse:
+    """Alive and serving (no token needed: load balancers ask)."""
+    return JSONResponse({"status": "ok"})
 
 
 def create_app(
@@ -468,6 +504,8 @@ def create_app(
             await lowlevel.run(read, write, lowlevel.create_initialization_options())
 
     app.router.routes.append(WebSocketRoute("/ws", ws_endpoint))
+    app.router.routes.extend(api_routes(tools))  # the OpenAI-compatible front door, beside MCP
+    app.router.routes.append(Route("/healthz", _healthz, methods=["GET"]))
     auth = BearerAuth(app, tools, guards)
     subscribed: list[TokenStore] = []
     listening: list[asyncio.Task] = []  # the task (re)starting the revocation listener, kept referenced

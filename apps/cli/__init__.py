@@ -8,7 +8,7 @@ command; the commands themselves live in one module per group:
 - `server`: server start, stop, status, check
 - `routing`: eval-routing, learn-routing, train-classifier
 - `bench`: benchmark, cost-report, bench-overhead, bench-mcp, loadtest, bench-workers
-- `mcp`: mcp serve, tokens create, list, revoke
+- `mcp`: serve (every surface), mcp serve, tokens create, list, revoke
 - `ops`: emulator, credentials, isolation-report
 
 and what they share (consoles, exit codes, running flows until a signal) in `running`. Commands
@@ -23,6 +23,7 @@ from apps.cli import bench, covenant, mcp, ops, request, routing, server
 
 app = typer.Typer(help="Homeskillet: decompose, route, allocate, infer, release, fuse.", no_args_is_help=True)
 app.command("run")(request.run)
+app.command("serve")(mcp.serve_all)
 app.command("allocations")(request.allocations)
 app.command("emulator")(ops.emulator)
 app.command("credentials")(ops.credentials)

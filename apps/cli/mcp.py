@@ -28,13 +28,39 @@ def serve(
         ),
     ] = None,
 ) -> None:
-    """Serve MCP (tools fuse, plan, classify, allocations) to clients holding a token."""
+    """Serve MCP (tools fuse, plan, classify, allocations) to clients holding a token (and, beside
+    it, the OpenAI-compatible API: `homeskillet serve`)."""
+    _serve(host, port, catalog, max_concurrent)
+
+
+def serve_all(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    catalog: Annotated[
+        str | None, typer.Option(help="Catalog file (default: HOMESKILLET_CATALOG or packaged).")
+    ] = None,
+    max_concurrent: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="Concurrent requests per tenant (default: the HOMESKILLET_MCP_MAX_CONCURRENT setting, 2)."
+        ),
+    ] = None,
+) -> None:
+    """Serve every surface on one port: the OpenAI-compatible /v1 API, MCP (/mcp, /ws), /healthz."""
+    _serve(host, port, catalog, max_concurrent)
+
+
+def _serve(host: str, port: int, catalog: str | None, max_concurrent: int | None) -> None:
     api_url = use_local_prefect()
     import uvicorn
 
     from apps.mcp_server import create_app
 
-    errors.print(f"MCP on http://{host}:{port}/mcp and ws://{host}:{port}/ws · Prefect {api_url}", highlight=False)
+    errors.print(
+        f"OpenAI-compatible API on http://{host}:{port}/v1 · MCP on http://{host}:{port}/mcp and "
+        f"ws://{host}:{port}/ws · Prefect {api_url}",
+        highlight=False,
+    )
     uvicorn.run(
         create_app(catalog, host=host, max_concurrent=max_concurrent),
         host=host,

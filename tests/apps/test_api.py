@@ -1,0 +1,222 @@
+"""The OpenAI-compatible front door (`apps.api`): the request's parsing and its mapping onto the
+flow, errors in OpenAI's shape, and, on a real server on loopback with the session's PostgreSQL,
+Prefect server and echo model, the real `openai` client: an answer with its headers, usage and
+provenance, `/v1/models` as the covenant allows, and each error as the SDK's exception class."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from apps.api import (
+    UnknownModelName,
+    completion,
+    error_of,
+    flow_arguments,
+    model_seconds,
+    parse_request,
+)
+from connectors.tokens import TokenStore
+from homeskillet.errors import CapacityTimeout, CovenantViolation, InvalidRequest, TooManyRequests
+from homeskillet.schemas import FragmentResult, FusionResult, Timings
+from homeskillet.settings import get_settings
+from tests.support import write_catalog
+
+USER = [{"role": "user", "content": "What is the capital of France? Who wrote Hamlet?"}]
+
+
+def test_a_field_that_is_not_served_is_refused_by_name():
+    for extra, named in (
+        ({"tools": [{"type": "function"}]}, "tools: is not supported"),
+        ({"response_format": {"type": "json_object"}}, "response_format: is not supported"),
+        ({"n": 2}, "n: "),
+        ({"stream": True}, "stream: "),
+    ):
+        with pytest.raises(InvalidRequest, match=named):
+            parse_request({"model": "homeskillet/auto", "messages": USER, **extra})
+    with pytest.raises(InvalidRequest, match="the last message must be the user's, not the assistant's"):
+        parse_request({"model": "homeskillet/auto", "messages": [*USER, {"role": "assistant", "content": "Paris."}]})
+    with pytest.raises(InvalidRequest, match="messages: "):
+        parse_request({"model": "homeskillet/auto", "messages": []})
+
+
+def test_the_model_names_the_strategy_or_pins_a_catalog_model_and_turns_before_the_last_are_context():
+    chat = parse_request(
+        {
+            "model": "homeskillet/cascade",
+            "messages": [
+                {"role": "developer", "content": "Answer briefly."},
+                {"role": "user", "content": "Hi."},
+                {"role": "assistant", "content": "Hello!"},
+                {"role": "user", "content": [{"type": "text", "text": "Name a river."}]},
+            ],
+            "max_tokens": 9,
+            "max_completion_tokens": 7,
+        }
+    )
+    assert flow_arguments(chat, {"echo"}) == {
+        "prompt": "Name a river.",
+        "strategy": "cascade",
+        "constraints": {"max_tokens": 7},  # max_completion_tokens wins, as in OpenAI's API
+        "context": [
+            {"role": "system", "content": "Answer briefly."},
+            {"role": "user", "content": "Hi."},
+            {"role": "assistant", "content": "Hello!"},
+        ],
+    }
+    pinned = flow_arguments(parse_request({"model": "echo", "messages": USER}), {"echo"})
+    assert (pinned["strategy"], pinned["constraints"]) == ("single", {"allowed_models": ["echo"]})
+    for unknown in ("gpt-4o", "homeskillet/fastest"):
+        with pytest.raises(UnknownModelName, match=repr(unknown)):
+            flow_arguments(parse_request({"model": unknown, "messages": USER}), {"echo"})
+
+
+def test_errors_get_the_status_codes_the_sdk_maps_to_its_exceptions():
+    cases = [
+        (InvalidRequest("bad"), 400, "invalid_request_error", None),
+        (UnknownModelName("no such model"), 404, "invalid_request_error", "model_not_found"),
+        (CovenantViolation("t", "allowed_models", ["echo"], "asked"), 403, "permission_error", "allowed_models"),
+        (
+            CovenantViolation("t", "budget_usd_per_day", "$1", "$1 spent"),
+            429,
+            "insufficient_quota",
+            "insufficient_quota",
+        ),
+        (TooManyRequests("slow down", 3.2), 429, "rate_limit_error", "rate_limit_exceeded"),
+        (CapacityTimeout("pool x: 0 TFLOPS free of 8"), 503, "server_error", "no_capacity"),
+        (RuntimeError("upstream said secret things"), 500, "server_error", None),
+    ]
+    for exc, status, kind, code in cases:
+        got, body, headers = error_of(exc, "api-1")
+        assert (got, body["error"]["type"], body["error"]["code"]) == (status, kind, code), exc
+        assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert error_of(TooManyRequests("x", 3.2), "r")[2] == {"Retry-After": "4"}
+    message = error_of(CapacityTimeout("pool x: 0 TFLOPS free of 8"), "api-1")[1]["error"]["message"]
+    assert "TFLOPS" not in message and "api-1" in message  # no pool fill, the request id
+    assert "secret" not in error_of(RuntimeError("upstream said secret things"), "api-1")[1]["error"]["message"]
+
+
+def fragment(fid: str, infer_s: float, tokens=(5, 7)) -> FragmentResult:
+    return FragmentResult(
+        fragment_id=fid,
+        task_type="chat",
+        text=fid,
+        model="echo",
+        backend="local",
+        pool="roomy",
+        tier="preemptible",
+        allocation_id=f"alloc-{fid}",
+        tokens_in=tokens[0],
+        tokens_out=tokens[1],
+        timings=Timings(allocate_s=0.01, infer_s=infer_s, release_s=0.01),
+        cost_usd=0.001,
+        reason="cheapest",
+    )
+
+
+def test_model_time_counts_fragments_that_run_at_once_once_and_chains_in_full():
+    maps = [fragment("f1", 2.0), fragment("f2", 3.0)]
+    reduce = fragment("f3", 1.5)
+    result = FusionResult(
+        request_id="r", tenant="t", fusion="reduce", answer="a", fragments=[*maps, reduce], cost_usd=0.003, wall_s=5
+    )
+    assert model_seconds(result) == pytest.approx(4.5)  # the slower map, then the combining fragment
+    assert model_seconds(result.model_copy(update={"fusion": "ordered"})) == pytest.approx(3.0)  # all at once
+    body = completion(parse_request({"model": "homeskillet/auto", "messages": USER}), result, 1)
+    assert body["usage"] == {"prompt_tokens": 15, "completion_tokens": 21, "total_tokens": 36}
+    assert [f["allocation_id"] for f in body["homeskillet"]["fragments"]] == ["alloc-f1", "alloc-f2", "alloc-f3"]
+
+
+# --- through a real server and the real openai client ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def api(test_catalog, tmp_path_factory):
+    """A server of its own (every surface, as `homeskillet serve`), on a catalog where globex may
+    run echo-lite only and has a day budget of nothing; its base URL and a token per tenant."""
+    import asyncio
+
+    from apps.mcp_server import create_app
+    from tests.apps.test_mcp_server import serving
+
+    path = write_catalog(
+        Path(tmp_path_factory.mktemp("api")) / "catalog.yaml",
+        test_catalog,
+        {"acme": {}, "globex": {"allowed_models": ["echo-lite"]}, "initech": {"budget_usd_per_day": 0}},
+    )
+
+    async def tokens() -> dict[str, str]:
+        store = await TokenStore.open(get_settings().pgdata)
+        return {t: (await store.create(t))[1] for t in ("acme", "globex", "initech")}
+
+    made = asyncio.run(tokens())
+    with serving(create_app(path)) as where:
+        yield f"http://{where}/v1", made
+
+
+def client(api, tenant: str = "acme", key: str | None = None) -> openai.AsyncOpenAI:
+    base, tokens = api
+    return openai.AsyncOpenAI(base_url=base, api_key=key or tokens[tenant], max_retries=0)
+
+
+@pytest.mark.usefixtures("local_services")
+async def test_the_openai_client_gets_a_fused_answer_with_its_route_usage_and_overhead(api, assert_no_leaks):
+    prompt = "Say alpha. Say beta."  # two fragments on the echo model
+    raw = await client(api).chat.completions.with_raw_response.create(
+        model="echo",
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": prompt}],
+        max_tokens=16,
+    )
+    answer = raw.parse()
+    assert answer.object == "chat.completion" and answer.choices[0].message.role == "assistant"
+    assert answer.choices[0].message.content and answer.usage.total_tokens > 0
+    extension = answer.model_extra["homeskillet"]
+    assert answer.id == f"chatcmpl-{extension['request_id']}"
+    assert all(f["model"] == "echo" and f["allocation_id"].startswith("alloc-") for f in extension["fragments"])
+    headers = raw.headers
+    assert headers["x-homeskillet-request-id"] == extension["request_id"]
+    assert headers["x-homeskillet-route"] == ",".join(f"{f['id']}=echo" for f in extension["fragments"])
+    assert float(headers["x-homeskillet-overhead-ms"]) > 0
+
+
+@pytest.mark.usefixtures("local_services")
+async def test_models_are_what_the_covenant_allows(api):
+    acme = {m.id async for m in client(api).models.list()}
+    globex = {m.id async for m in client(api, "globex").models.list()}
+    assert {"homeskillet/auto", "homeskillet/single", "echo", "echo-lite"} <= acme
+    assert "echo-lite" in globex and "echo" not in globex
+
+
+@pytest.mark.usefixtures("local_services")
+async def test_each_refusal_is_the_sdks_exception_and_carries_the_headers(api, assert_no_leaks):
+    messages = [{"role": "user", "content": "Say hi."}]
+    for tenant, key, kwargs, kind, status in (
+        ("acme", "hs_made-up", {"model": "echo"}, openai.AuthenticationError, 401),
+        ("acme", None, {"model": "gpt-4o"}, openai.NotFoundError, 404),
+        ("acme", None, {"model": "echo", "extra_body": {"tools": []}}, openai.BadRequestError, 400),
+        ("globex", None, {"model": "echo"}, openai.PermissionDeniedError, 403),
+        ("initech", None, {"model": "echo"}, openai.RateLimitError, 429),
+    ):
+        with pytest.raises(kind) as refused:
+            await client(api, tenant, key).chat.completions.create(messages=messages, max_tokens=4, **kwargs)
+        assert refused.value.status_code == status
+        error = refused.value.body if isinstance(refused.value.body, dict) else {}
+        assert {"message", "type", "param", "code"} <= set(error), error
+        if status != 401:
+            assert refused.value.response.headers["x-homeskillet-request-id"].startswith("api-")
+    assert refused.value.code == "insufficient_quota"
+
+
+@pytest.mark.usefixtures("local_services")
+async def test_curl_shaped_requests_and_a_health_check(api):
+    base, tokens = api
+    async with httpx.AsyncClient(timeout=60) as http:
+        assert (await http.get(base.removesuffix("/v1") + "/healthz")).json() == {"status": "ok"}
+        bad = await http.post(
+            f"{base}/chat/completions", content=b"{not json", headers={"Authorization": f"Bearer {tokens['acme']}"}
+        )
+        assert bad.status_code == 400 and json.loads(bad.text)["error"]["message"].endswith("the body is not JSON")
