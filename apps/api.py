@@ -90,6 +90,9 @@ class ChatRequest(BaseModel):
         return messages
 
 
+NOT_SERVED = {"stream": "streaming is not served yet", "n": "one answer per request (n=1) is served"}
+
+
 def parse_request(body: Any) -> ChatRequest:
     """The request, or InvalidRequest naming each problem (a field not served: its name)."""
     try:
@@ -98,7 +101,9 @@ def parse_request(body: Any) -> ChatRequest:
         problems = []
         for e in exc.errors():
             where = ".".join(map(str, e["loc"])) or "body"
-            what = "is not supported" if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
+            what = NOT_SERVED.get(where) or (
+                "is not supported" if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
+            )
             problems.append(f"{where}: {what}")
         raise InvalidRequest("; ".join(problems)) from None
 
