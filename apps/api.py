@@ -200,7 +200,7 @@ def error_of(exc: BaseException, request_id: str) -> tuple[int, dict[str, Any], 
 
 
 def routes(tools) -> list[Route]:
-    """The /v1 routes over the MCP server's `Tools` (catalog, token store, cap, `run_request`)."""
+    """The /v1 routes over the MCP server's `Tools` (catalog, token store, `run_request`)."""
 
     async def chat_completions(request: Request) -> JSONResponse:
         started = time.perf_counter()
@@ -226,13 +226,12 @@ def routes(tools) -> list[Route]:
                 request_id,
                 context=arguments["context"],
             )  # refused here, before a flow run exists
-            async with tools.slots.slot(tenant):
-                result = await tools.run_request(tenant, request_id, "api", **arguments)
+            result = await tools.run_request(tenant, request_id, "api", **arguments)
             model_s = model_seconds(result)
             route = ",".join(f"{f.fragment_id}={f.model}" for f in result.fragments)
             status, payload, headers = 200, completion(chat, result, created), {}
         except Exception as exc:
-            status, payload, headers = error_of(_unwrapped(exc), request_id)
+            status, payload, headers = error_of(exc, request_id)
         overhead_ms = (time.perf_counter() - started - model_s) * 1000
         headers |= {
             "x-homeskillet-request-id": request_id,
@@ -257,12 +256,3 @@ def routes(tools) -> list[Route]:
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
     ]
-
-
-def _unwrapped(exc: BaseException) -> BaseException:
-    """The MCP cap raises an MCPError; the front door answers it as the rate limit it is."""
-    from mcp.shared.exceptions import MCPError
-
-    if isinstance(exc, MCPError) and exc.error.code == -32029:
-        return TooManyRequests(exc.error.message)
-    return exc
