@@ -52,6 +52,7 @@ async def fuse_request(
     catalog_path: str | None = None,
     routing_stats: str | None = None,
     context: list[dict] | None = None,
+    admitted: str | None = None,
 ) -> FusionResult:
     """Answer one inference request: split it, run each fragment on its own GPU share, fuse.
 
@@ -73,6 +74,9 @@ async def fuse_request(
         context: The conversation before the prompt, in order: turns {"role": "system" | "user" |
             "assistant", "content": ...}. Every fragment's model call sees them before its own
             text; they count against the prompt's size limit.
+        admitted: The ledger key of a request its caller admitted already (`Ledger.admit`: the
+            concurrency cap, quota synced) and ends itself, so that a refusal makes no flow run;
+            default: the run admits the request and ends it.
     """
     started = time.perf_counter()
     request = make_request(prompt, tenant, strategy, constraints, request_id, context)
@@ -81,7 +85,7 @@ async def fuse_request(
     plan, ctx = prepared.plan, prepared.ctx
     await within_budget(ctx, min(c.est_cost_usd for c in prepared.choices.values()))  # early refusal; calls reserve
     ledger = await services.ledger()
-    running = await ledger.admit(request.tenant, request.request_id, ctx.covenant)  # concurrency cap, quota synced
+    running = admitted or await ledger.admit(request.tenant, request.request_id, ctx.covenant)  # cap, quota synced
     try:
         results = await run_plan(plan, ctx)
     except BaseException:
@@ -89,7 +93,8 @@ async def fuse_request(
         await _record(ctx)
         raise
     finally:
-        await ledger.end_request(running)
+        if admitted is None:
+            await ledger.end_request(running)
         if _deployment_run():  # a worker's run: this process ends with the flow
             await _give_back(ctx)
     REQUESTS.labels("ok").inc()
