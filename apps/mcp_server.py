@@ -15,7 +15,6 @@ import logging
 import math
 import uuid
 from collections.abc import Awaitable, Callable
-from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +32,7 @@ from apps.api import routes as api_routes
 from apps.guards import SESSION_IDLE_S, Guards
 from connectors.tokens import TokenStore, token_hash, well_formed
 from connectors.ws_transport import DEFAULT_MAX_MESSAGE_BYTES, SUBPROTOCOL, token_from_subprotocols, websocket_server
-from homeskillet.errors import HomeskilletError, InvalidRequest, TooManyRequests, public_message
+from homeskillet.errors import CovenantViolation, HomeskilletError, InvalidRequest, TooManyRequests, public_message
 from homeskillet.schemas import MAX_PROMPT_CHARS, Constraints
 from homeskillet.settings import Settings, get_settings
 
@@ -42,7 +41,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-TOO_MANY_REQUESTS = -32029  # implementation-defined server error: the tenant's concurrency cap
+TOO_MANY_REQUESTS = -32029  # implementation-defined server error: the tenant's rate or concurrency cap
 TENANT_KEY = "homeskillet_tenant"
 CALLER: ContextVar[str | None] = ContextVar("homeskillet_caller", default=None)  # the tenant reading a resource
 
@@ -78,28 +77,6 @@ class _Server(MCPServer):
             CALLER.reset(caller)
 
 
-class FuseSlots:
-    """A cap on each tenant's concurrent fuse calls: beyond it, an error at once (no queue)."""
-
-    def __init__(self, per_tenant: int):
-        self.per_tenant = per_tenant
-        self.running: dict[str, int] = {}
-
-    @asynccontextmanager
-    async def slot(self, tenant: str):
-        if self.running.get(tenant, 0) >= self.per_tenant:
-            raise MCPError(
-                code=TOO_MANY_REQUESTS,
-                message=f"tenant {tenant!r} already runs {self.per_tenant} request(s), its limit; retry when one ends",
-                data={"tenant": tenant, "limit": self.per_tenant},
-            )
-        self.running[tenant] = self.running.get(tenant, 0) + 1
-        try:
-            yield
-        finally:
-            self.running[tenant] -= 1
-
-
 def tenant_of(ctx: Context) -> str:
     """The tenant bound to this connection by the auth middleware (HTTP request or WebSocket)."""
     scope = getattr(ctx.request_context.request, "scope", None) or {}  # a Starlette Request or WebSocket
@@ -133,12 +110,11 @@ async def _with_shared_clients(flow_run):
 
 class Tools:
     """The MCP tools and resources, as methods over what they share: the catalog file, the token
-    store (`store`, opened on the first request when not given) and the per-tenant cap. Each is
-    a plain method: it can be imported, read and called on its own."""
+    store (`store`, opened on the first request when not given). Each is a plain method: it can
+    be imported, read and called on its own."""
 
-    def __init__(self, catalog_path: str | None, slots: FuseSlots, store: TokenStore | None = None):
+    def __init__(self, catalog_path: str | None, store: TokenStore | None = None):
         self.catalog_path = catalog_path
-        self.slots = slots
         self.store = store
 
     @property
@@ -173,13 +149,18 @@ class Tools:
             count += 1
             await ctx.report_progress(count, None, _progress_message(event))
 
-        async with self.slots.slot(tenant):
-            try:
-                result = await self.run_request(
-                    tenant, request_id, "mcp", progressed, prompt=prompt, strategy=strategy, constraints=constraints
-                )
-            except Exception as exc:
+        try:
+            result = await self.run_request(
+                tenant, request_id, "mcp", progressed, prompt=prompt, strategy=strategy, constraints=constraints
+            )
+        except CovenantViolation as exc:
+            if exc.term != "max_concurrent_requests":
                 raise ToolError(public_message(exc, request_id)) from None
+            raise MCPError(  # a protocol error, at once: the client retries later, as after a rate limit
+                code=TOO_MANY_REQUESTS, message=public_message(exc, request_id), data={"retry_after_s": 1}
+            ) from None
+        except Exception as exc:
+            raise ToolError(public_message(exc, request_id)) from None
         data = result.model_dump(mode="json")
         await self.store.save_result(tenant, result.request_id, data)
         return types.CallToolResult(
@@ -198,7 +179,28 @@ class Tools:
         through; `on_event(None)` once it started, then `on_event(event)` per fragment allocated and
         completed. Cancelled (the caller went away), the run is cancelled and everything it held
         released before the cancellation goes on; failed, its leftovers are released and the error
-        raised (logged here in full: surfaces show tenants `public_message`)."""
+        raised (logged here in full: surfaces show tenants `public_message`).
+
+        The request is admitted first (`Ledger.admit`: the covenant's max_concurrent_requests,
+        counted in PostgreSQL over every server process): beyond the cap, CovenantViolation at
+        once, and no flow run is made for it. It counts as running until its flow run has ended."""
+        services = self.services
+        ledger = await services.ledger()
+        admitted = await ledger.admit(tenant, request_id, services.covenant(tenant))
+        try:
+            return await self._run(tenant, request_id, surface, on_event, admitted=admitted, **arguments)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await ledger.end_request(admitted)
+
+    async def _run(
+        self,
+        tenant: str,
+        request_id: str,
+        surface: str,
+        on_event: Callable[[dict | None], Awaitable[None]] | None,
+        **arguments: Any,
+    ) -> FusionResult:
         import prefect
 
         from flows.fusion import fuse_request
@@ -478,15 +480,13 @@ def create_app(
     catalog_path: str | None = None,
     store: TokenStore | None = None,
     host: str = "127.0.0.1",
-    max_concurrent: int | None = None,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     settings: Settings | None = None,
 ):
     """The ASGI app. `store`: an opened TokenStore (default: opened on first request); `settings`:
     its limits (default: the process's settings)."""
     settings = settings or get_settings()
-    slots = FuseSlots(max_concurrent or settings.mcp_max_concurrent)
-    tools = Tools(catalog_path, slots, store)
+    tools = Tools(catalog_path, store)
     guards = Guards(settings)
     mcp = build_mcp(tools)
     mcp.guards = guards
@@ -531,7 +531,6 @@ def create_app(
         await auth(scope, receive, send)
 
     asgi.mcp = mcp  # type: ignore[attr-defined]
-    asgi.slots = slots  # type: ignore[attr-defined]
     asgi.tools = tools  # type: ignore[attr-defined]
     asgi.guards = guards  # type: ignore[attr-defined]
     return asgi

@@ -39,7 +39,6 @@ class Settings(BaseSettings):
         None, description="Parquet dataset of fragment records (default: home/telemetry)."
     )
     metrics_port: int | None = Field(None, description="Serve Prometheus /metrics on 127.0.0.1:PORT.")
-    mcp_max_concurrent: int = Field(2, ge=1, description="Concurrent fuse calls per tenant on the MCP server.")
     # Fair shares on the server (per process): no tenant, and no stranger, can take it all.
     server_max_in_flight: int = Field(
         256, ge=1, description="HTTP requests and WebSockets the server handles at once; beyond, 429 at once."

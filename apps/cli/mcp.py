@@ -21,16 +21,11 @@ def serve(
     catalog: Annotated[
         str | None, typer.Option(help="Catalog file (default: HOMESKILLET_CATALOG or packaged).")
     ] = None,
-    max_concurrent: Annotated[
-        int | None,
-        typer.Option(
-            min=1, help="Concurrent fuse calls per tenant (default: the HOMESKILLET_MCP_MAX_CONCURRENT setting, 2)."
-        ),
-    ] = None,
 ) -> None:
     """Serve MCP (tools fuse, plan, classify, allocations) to clients holding a token (and, beside
-    it, the OpenAI-compatible API: `homeskillet serve`)."""
-    _serve(host, port, catalog, max_concurrent)
+    it, the OpenAI-compatible API: `homeskillet serve`). A tenant's concurrent requests are capped
+    by its covenant's max_concurrent_requests, across every server process."""
+    _serve(host, port, catalog)
 
 
 def serve_all(
@@ -39,18 +34,12 @@ def serve_all(
     catalog: Annotated[
         str | None, typer.Option(help="Catalog file (default: HOMESKILLET_CATALOG or packaged).")
     ] = None,
-    max_concurrent: Annotated[
-        int | None,
-        typer.Option(
-            min=1, help="Concurrent requests per tenant (default: the HOMESKILLET_MCP_MAX_CONCURRENT setting, 2)."
-        ),
-    ] = None,
 ) -> None:
     """Serve every surface on one port: the OpenAI-compatible /v1 API, MCP (/mcp, /ws), /healthz."""
-    _serve(host, port, catalog, max_concurrent)
+    _serve(host, port, catalog)
 
 
-def _serve(host: str, port: int, catalog: str | None, max_concurrent: int | None) -> None:
+def _serve(host: str, port: int, catalog: str | None) -> None:
     api_url = use_local_prefect()
     import uvicorn
 
@@ -62,7 +51,7 @@ def _serve(host: str, port: int, catalog: str | None, max_concurrent: int | None
         highlight=False,
     )
     uvicorn.run(
-        create_app(catalog, host=host, max_concurrent=max_concurrent),
+        create_app(catalog, host=host),
         host=host,
         port=port,
         log_level="warning",

@@ -63,7 +63,7 @@ def serving(app):
 def server(test_catalog):
     from apps.mcp_server import create_app
 
-    app = create_app(test_catalog, max_concurrent=2)
+    app = create_app(test_catalog)
     APP["app"] = app
     with serving(app) as where:
         yield where
@@ -226,11 +226,11 @@ async def test_a_socket_closed_mid_call_releases_everything(server, tokens, monk
         with pytest.raises(BaseException):  # noqa: B017 (whatever the closed socket raises in the client)
             await asyncio.wait_for(call, 10)
     for _ in range(60):  # the server cancels the flow run; its rollback hooks release
-        if not await backend.held("acme") and not APP["app"].slots.running.get("acme"):
+        if not await backend.held("acme") and not await running_here("acme"):
             break
         await asyncio.sleep(0.1)
     assert await backend.held("acme") == []
-    assert APP["app"].slots.running.get("acme") == 0  # the call ended with its socket
+    assert await running_here("acme") == 0  # the call ended with its socket
 
 
 @SERVED
@@ -252,29 +252,66 @@ async def test_cancelling_a_call_cancels_the_flow_and_releases(server, tokens, m
             await asyncio.sleep(0.1)
         assert await backend.held("acme") == []
         t0 = time.monotonic()
-        while APP["app"].slots.running.get("acme") and time.monotonic() - t0 < 20:
+        while await running_here("acme") and time.monotonic() - t0 < 20:
             await asyncio.sleep(0.1)
-        assert APP["app"].slots.running.get("acme") == 0  # the call has ended
+        assert await running_here("acme") == 0  # the call has ended
         # the connection is still usable
         assert (await client.call_tool("classify", {"prompt": "What is 2 + 2?"})).structured_content["label"]
 
 
 @SERVED
-async def test_the_per_tenant_cap_answers_a_clear_error(server, tokens, monkeypatch, assert_no_leaks):
+async def test_the_per_tenant_cap_answers_a_clear_error(tokens, covenant_catalog, monkeypatch, assert_no_leaks):
+    """The covenant's max_concurrent_requests: beyond it `fuse` fails at once with -32029, and the
+    refused call leaves no flow run (it is refused before one is made)."""
+    from apps.mcp_server import TOO_MANY_REQUESTS, create_app
+
     monkeypatch.setenv("ECHO_DELAY_S", "4")
+    path = covenant_catalog(acme={"max_concurrent_requests": 2}, globex={})
     one = {"prompt": "Say one.", "constraints": ECHO}
-    backend = runtime.backend(runtime.catalog_path())
-    async with ws_client(server, tokens["acme"]) as client:
-        running = [asyncio.create_task(client.call_tool("fuse", one)) for _ in range(2)]
-        for _ in range(200):  # both calls run (each holds its allocation)
-            if len(await backend.held("acme")) == 2:
-                break
-            await asyncio.sleep(0.05)
-        with pytest.raises(MCPError, match="already runs 2 request"):
-            await client.call_tool("fuse", one)
-        async with http_client(server, tokens["globex"]) as other:  # another tenant is not capped by acme
-            assert not (await other.call_tool("fuse", one)).is_error
-        assert all(not r.is_error for r in await asyncio.gather(*running))
+    backend = runtime.backend(path)
+    with serving(create_app(path)) as server:
+        async with ws_client(server, tokens["acme"]) as client:
+            running = [asyncio.create_task(client.call_tool("fuse", one)) for _ in range(2)]
+            for _ in range(200):  # both calls run (each holds its allocation)
+                if len(await backend.held("acme")) == 2:
+                    break
+                await asyncio.sleep(0.05)
+            runs_before = await acme_flow_runs()
+            with pytest.raises(MCPError, match="max_concurrent_requests: limit 2 at once") as refused:
+                await client.call_tool("fuse", one)
+            assert refused.value.error.code == TOO_MANY_REQUESTS and refused.value.error.data["retry_after_s"] > 0
+            assert await acme_flow_runs() == runs_before  # no flow run for the refused call
+            async with http_client(server, tokens["globex"]) as other:  # another tenant is not capped by acme
+                assert not (await other.call_tool("fuse", one)).is_error
+            assert all(not r.is_error for r in await asyncio.gather(*running))
+            assert not (await client.call_tool("fuse", one)).is_error  # a place is free again
+    assert await running_here("acme") == 0
+
+
+async def running_here(tenant: str) -> int:
+    """The tenant's requests this process has admitted to the ledger and not ended."""
+    import asyncpg
+
+    from connectors import postgres
+    from connectors.ledger import holder_id
+
+    conn = await asyncpg.connect(postgres.dsn(get_settings().pgdata, "homeskillet"))
+    try:
+        query = "SELECT count(*) FROM requests WHERE tenant = $1 AND holder = $2 AND ended_at IS NULL"
+        return await conn.fetchval(query, tenant, holder_id())
+    finally:
+        await conn.close()
+
+
+async def acme_flow_runs() -> int:
+    """Flow runs tagged with tenant acme, in the session's Prefect server."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+
+    async with get_client() as prefect:
+        return await prefect.count_flow_runs(
+            flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=["tenant:acme"]))
+        )
 
 
 @SERVED
@@ -431,9 +468,9 @@ async def test_the_handlers_are_methods_that_run_on_their_own():
     """A tool is a plain method of `Tools`: called here without a server, a transport or a token."""
     from mcp.server.mcpserver.exceptions import ToolError
 
-    from apps.mcp_server import FuseSlots, Tools, constraints_of
+    from apps.mcp_server import Tools, constraints_of
 
-    tools = Tools(None, FuseSlots(1))
+    tools = Tools(None)
     result = await tools.classify("Write a Python function that returns the sum of a list of numbers.")
     assert result.structured_content["label"] == "code"
     assert sum(result.structured_content["probabilities"].values()) == pytest.approx(1.0)
