@@ -220,3 +220,76 @@ async def test_curl_shaped_requests_and_a_health_check(api):
             f"{base}/chat/completions", content=b"{not json", headers={"Authorization": f"Bearer {tokens['acme']}"}
         )
         assert bad.status_code == 400 and json.loads(bad.text)["error"]["message"].endswith("the body is not JSON")
+
+
+@pytest.mark.usefixtures("local_services")
+async def test_the_concurrency_cap_holds_across_two_server_processes(
+    test_catalog, tmp_path, monkeypatch, assert_no_leaks
+):
+    """Two `homeskillet serve` processes on the session's PostgreSQL and Prefect: acme's covenant
+    allows 2 requests at once, counted in the ledger over both, so of 6 slow requests sent at once,
+    3 to each process, 2 run and 4 are refused at once (429, Retry-After), and the refused leave
+    no running request behind. (A cap per process would have let 4 run.)"""
+    import asyncio
+    import os
+    import subprocess
+    import sys
+
+    import asyncpg
+
+    from connectors import postgres
+    from connectors.processes import free_port
+
+    path = write_catalog(tmp_path / "catalog.yaml", test_catalog, {"acme": {"max_concurrent_requests": 2}})
+    store = await TokenStore.open(get_settings().pgdata)
+    headers = {"Authorization": f"Bearer {(await store.create('acme'))[1]}"}
+    body = {"model": "echo", "messages": [{"role": "user", "content": "Say one."}], "max_tokens": 8}
+    ports = [free_port(), free_port()]
+    logs = [tmp_path / f"serve-{port}.log" for port in ports]
+    servers = []
+    for port, log_path in zip(ports, logs, strict=True):
+        with open(log_path, "wb") as log:
+            command = [sys.executable, "-m", "apps.cli", "serve", "--port", str(port), "--catalog", path]
+            root = Path(__file__).parents[2]
+            servers.append(subprocess.Popen(command, cwd=root, env=os.environ.copy(), stdout=log, stderr=log))
+    try:
+        async with httpx.AsyncClient(timeout=120) as http:
+            for server, port, log_path in zip(servers, ports, logs, strict=True):
+                for _ in range(600):  # listening
+                    assert server.poll() is None, log_path.read_text()[-2000:]
+                    try:
+                        if (await http.get(f"http://127.0.0.1:{port}/healthz")).status_code == 200:
+                            break
+                    except httpx.TransportError:
+                        await asyncio.sleep(0.1)
+                # a first request warms the process (its flow's clients), so that all six are admitted at once
+                warm = await http.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body, headers=headers)
+                assert warm.status_code == 200, warm.text
+            monkeypatch.setenv("ECHO_DELAY_S", "5")  # each admitted request runs for seconds
+            answers = await asyncio.gather(
+                *(
+                    http.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body, headers=headers)
+                    for port in ports
+                    for _ in range(3)
+                )
+            )
+    finally:
+        for server in servers:
+            server.terminate()
+        for server in servers:
+            server.wait(30)
+    assert sorted(a.status_code for a in answers) == [200, 200, 429, 429, 429, 429], [a.text for a in answers]
+    refused = [a for a in answers if a.status_code == 429]
+    for answer in refused:
+        assert int(answer.headers["Retry-After"]) >= 1
+        error = answer.json()["error"]
+        assert error["code"] == "rate_limit_exceeded" and "max_concurrent_requests: limit 2 at once" in error["message"]
+    ids = [a.headers["x-homeskillet-request-id"] for a in answers]
+    conn = await asyncpg.connect(postgres.dsn(get_settings().pgdata, "homeskillet"))
+    try:
+        rows = await conn.fetch("SELECT request_id, ended_at FROM requests WHERE request_id = ANY($1::text[])", ids)
+    finally:
+        await conn.close()
+    admitted = [a.headers["x-homeskillet-request-id"] for a in answers if a.status_code == 200]
+    assert sorted(r["request_id"] for r in rows) == sorted(admitted)  # the refused were never admitted
+    assert all(r["ended_at"] is not None for r in rows)  # the admitted ended with their answers
