@@ -2,7 +2,8 @@
 the guarantees checked while it runs.
 
 Requests go through `fuse_request` in this process (its own Prefect flow runs, the real ledger and
-backends), at most `concurrency` at a time, tenants taking turns. A sampler reads the ledger every
+backends), at most `concurrency` at a time and no more of a tenant's than its covenant's
+max_concurrent_requests, tenants taking turns. A sampler reads the ledger every
 `sample_s` and checks, at each moment:
 - capacity: no pool's active slices add up to more than the pool holds;
 - isolation: every active allocation belongs to the tenant whose request made it;
@@ -107,6 +108,10 @@ async def _load(requests, concurrency, tenants, backend, faults, max_tokens, sam
     run = Run()
     stop = asyncio.Event()
     gate = asyncio.Semaphore(concurrency)
+    # a client that honours each tenant's covenant cap: a request the cap would refuse waits here,
+    # so the figures count what the orchestrator got wrong, not the covenant doing its job
+    caps = {t: services.covenant(t).max_concurrent_requests for t in names}
+    own = {t: asyncio.Semaphore(cap) if cap else contextlib.nullcontext() for t, cap in caps.items()}
 
     def arguments(i: int) -> dict:
         if replay is not None:
@@ -120,7 +125,7 @@ async def _load(requests, concurrency, tenants, backend, faults, max_tokens, sam
         tenant = names[i % len(names)]
         request_id = f"load-{i}-{time.monotonic_ns() % 10**9}"
         run.tenant_of[request_id] = tenant
-        async with gate:
+        async with own[tenant], gate:
             started = time.perf_counter()
             try:
                 result = await fuse_request(tenant=tenant, request_id=request_id, **arguments(i))
