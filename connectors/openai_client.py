@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 
 import httpx
 
@@ -24,11 +25,21 @@ async def complete(
     stream: bool = False,
     timeout_s: float = 300.0,
     api_key: str | None = None,
+    prefill: str = "",
+    on_text: Callable[[str], None] | None = None,
 ) -> Completion:
     """One call: `messages` goes to /chat/completions, `prompt` to /completions.
 
-    Streaming measures time to first token; when the server reports no usage in the stream,
-    tokens_out counts the content chunks (one token each on llama.cpp) and tokens_in is 0.
+    Streaming measures time to first token and calls `on_text` with each piece of the answer as
+    it arrives, in order; when the server reports no usage in the stream, tokens_out counts the
+    content chunks (one token each on llama.cpp) and tokens_in is 0. A server that answers a
+    streamed call with one JSON body (it does not stream) sends its answer as one piece.
+    `prefill` is the start of the answer, already known (what an interrupted call had sent): the
+    model continues it. Chat models get it as a final assistant message (llama-server continues
+    that message rather than starting a new turn, unless started with --no-prefill-assistant),
+    completion models as the end of the prompt. The Completion's text starts with it; `on_text`
+    sees only what follows it (a server that repeats the prefill in its answer, as llama-server's
+    chat endpoint does, is not repeated to `on_text`).
     Without `api_key`, a local model server this process resolved gets its own key.
     """
     if (prompt is None) == (messages is None):
@@ -36,7 +47,10 @@ async def complete(
     chat = messages is not None
     url = f"{endpoint.rstrip('/')}/{'chat/completions' if chat else 'completions'}"
     body: dict = {"model": model, "max_tokens": max_tokens, "temperature": temperature, "stream": stream}
-    body.update({"messages": messages} if chat else {"prompt": prompt})
+    if chat:
+        body["messages"] = [*messages, {"role": "assistant", "content": prefill}] if prefill else messages
+    else:
+        body["prompt"] = prompt + prefill
     if stream:
         body["stream_options"] = {"include_usage": True}  # OpenAI's way to get usage in a stream
     if stop:
@@ -49,12 +63,17 @@ async def complete(
         if not stream:
             response = await client.post(url, json=body, headers=headers, timeout=timeout)
             _check(response, url)
-            return _parse(response.json(), chat, url, time.perf_counter() - started)
+            return _parse(response.json(), chat, url, time.perf_counter() - started, prefill)
         async with client.stream("POST", url, json=body, headers=headers, timeout=timeout) as response:
             if response.status_code >= 400:
                 await response.aread()
                 _check(response, url)
-            return await _read_stream(response, chat, url, started)
+            if response.headers.get("content-type", "").startswith("application/json"):
+                await response.aread()  # a server that does not stream answers with one body: one piece
+                completion = _parse(response.json(), chat, url, time.perf_counter() - started, prefill)
+                _add(completion.text[len(prefill) :], [], on_text)
+                return completion.model_copy(update={"first_token_s": completion.total_s})
+            return await _read_stream(response, chat, url, started, prefill, on_text)
     except httpx.TimeoutException:
         raise InferenceError(f"{url} did not answer within {timeout_s:g}s") from None
     except httpx.HTTPError as exc:
@@ -66,15 +85,43 @@ def _check(response: httpx.Response, url: str) -> None:
         raise InferenceError(f"{url} answered HTTP {response.status_code}: {response.text[:300]}")
 
 
-def _parse(data: dict, chat: bool, url: str, total_s: float) -> Completion:
+class Continuation:
+    """The text an answer adds after its prefill, from the pieces a server sends: some servers
+    repeat the prefill first (llama-server's chat endpoint), others send only what follows it.
+    Pieces that could still be the repeated prefill are held back until that is decided."""
+
+    def __init__(self, prefill: str = ""):
+        self.prefill = prefill
+        self._held: str | None = "" if prefill else None  # None once decided
+
+    def feed(self, piece: str) -> str:
+        """The new text in this piece (possibly none yet)."""
+        if self._held is None:
+            return piece
+        self._held += piece
+        if self.prefill.startswith(self._held) and self._held != self.prefill:
+            return ""  # still a start of the prefill: a repeat, or a continuation that looks like one
+        held, self._held = self._held, None
+        return held[len(self.prefill) :] if held.startswith(self.prefill) else held
+
+    def end(self) -> str:
+        """What is still held when the answer ends: a continuation shorter than the prefill that
+        matched its start (a repeat would have sent the whole prefill)."""
+        held, self._held = self._held or "", None
+        return held
+
+
+def _parse(data: dict, chat: bool, url: str, total_s: float, prefill: str = "") -> Completion:
     try:
         choice = data["choices"][0]
         text = choice["message"]["content"] if chat else choice["text"]
         usage = data.get("usage") or {}
     except (KeyError, IndexError, TypeError):
         raise InferenceError(f"{url} answered without choices: {json.dumps(data)[:300]}") from None
+    continuation = Continuation(prefill)
+    added = continuation.feed(text or "") + continuation.end()
     return Completion(
-        text=text or "",
+        text=prefill + added,
         tokens_in=int(usage.get("prompt_tokens", 0)),
         tokens_out=int(usage.get("completion_tokens", 0)),
         total_s=total_s,
@@ -83,7 +130,15 @@ def _parse(data: dict, chat: bool, url: str, total_s: float) -> Completion:
     )
 
 
-async def _read_stream(response: httpx.Response, chat: bool, url: str, started: float) -> Completion:
+async def _read_stream(
+    response: httpx.Response,
+    chat: bool,
+    url: str,
+    started: float,
+    prefill: str,
+    on_text: Callable[[str], None] | None,
+) -> Completion:
+    continuation = Continuation(prefill)
     parts: list[str] = []
     first: float | None = None
     chunks = 0
@@ -106,10 +161,11 @@ async def _read_stream(response: httpx.Response, chat: bool, url: str, started: 
             if piece:
                 if first is None:
                     first = time.perf_counter() - started
-                parts.append(piece)
                 chunks += 1
+                _add(continuation.feed(piece), parts, on_text)
+    _add(continuation.end(), parts, on_text)
     return Completion(
-        text="".join(parts),
+        text=prefill + "".join(parts),
         tokens_in=int(usage.get("prompt_tokens", 0)),
         tokens_out=int(usage.get("completion_tokens", chunks)),
         first_token_s=first,
@@ -117,6 +173,13 @@ async def _read_stream(response: httpx.Response, chat: bool, url: str, started: 
         finish_reason=finish,
         cost_usd=_cost(usage),
     )
+
+
+def _add(text: str, parts: list[str], on_text: Callable[[str], None] | None) -> None:
+    if text:
+        parts.append(text)
+        if on_text is not None:
+            on_text(text)
 
 
 def _cost(usage: dict) -> float | None:

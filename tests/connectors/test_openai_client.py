@@ -128,3 +128,58 @@ async def test_a_completion_prompt_with_context_reaches_the_server_whole(echo_se
     sent = "System: Answer in French.\nUser: Hi.\nAssistant: Bonjour.\nQuestion: Say one.\nAnswer:"
     assert echo_server.seen[-1]["path"] == "/v1/completions" and echo_server.seen[-1]["text"] == sent
     assert out.text == f"echo: {sent}"
+
+
+def test_a_prefill_the_server_repeats_is_passed_on_once():
+    def added(prefill, pieces):
+        continuation = openai_client.Continuation(prefill)
+        return [continuation.feed(p) for p in pieces] + [continuation.end()]
+
+    # repeated whole in the first piece (llama-server's chat endpoint), or split over several
+    assert added("Once upon", ["Once upon a", " time"]) == [" a", " time", ""]
+    assert added("Once upon", ["Once", " up", "on", " a"]) == ["", "", "", " a", ""]
+    # not repeated: the continuation as it comes, once it differs from the prefill's start
+    assert added("Once upon", [" a", " time"]) == [" a", " time", ""]
+    assert added("Once upon", ["On", "ward"]) == ["", "Onward", ""]
+    # a continuation that ends while it still looks like the prefill's start is kept
+    assert added("Once upon", ["On"]) == ["", "On"]
+    assert added("", ["a", "b"]) == ["a", "b", ""]
+    assert (
+        openai_client._parse(
+            {"choices": [{"message": {"content": "Once upon a time"}}]}, True, "u", 0.1, "Once upon"
+        ).text
+        == "Once upon a time"
+    )
+
+
+@pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
+async def test_a_model_continues_a_prefill_as_if_it_had_written_it(local_models, name):
+    """A streamed answer's first pieces, given back as its prefill (a chat model's final assistant
+    message, the end of a completion model's prompt), are continued: the same answer at
+    temperature 0, with each piece after the prefill handed to on_text once."""
+    model = cat.model(runtime.catalog(), name)
+    endpoint = local_models.model_endpoint(model)
+    body = render(model, "Describe the sea in two sentences.")
+    whole: list[str] = []
+    plain = await openai_client.complete(endpoint, model.name, max_tokens=16, stream=True, on_text=whole.append, **body)
+    assert "".join(whole) == plain.text and len(whole) > 6
+    prefill = "".join(whole[:6])
+    rest: list[str] = []
+    continued = await openai_client.complete(
+        endpoint, model.name, max_tokens=10, stream=True, prefill=prefill, on_text=rest.append, **body
+    )
+    assert continued.text == plain.text
+    assert prefill + "".join(rest) == continued.text and 0 < continued.tokens_out <= 10
+    unstreamed = await openai_client.complete(endpoint, model.name, max_tokens=10, prefill=prefill, **body)
+    assert unstreamed.text == plain.text
+
+
+async def test_a_server_that_does_not_stream_answers_a_streamed_call_in_one_piece(echo_server, monkeypatch):
+    monkeypatch.setenv("ECHO_DELAY_S", "0")
+    base = f"http://127.0.0.1:{echo_server.server_address[1]}/v1"
+    pieces: list[str] = []
+    out = await openai_client.complete(
+        base, "echo-1", messages=[{"role": "user", "content": "Say one."}], stream=True, on_text=pieces.append
+    )
+    assert out.text == "echo: Say one." and pieces == [out.text]
+    assert out.tokens_out == 3 and out.first_token_s is not None
