@@ -3,6 +3,15 @@ one `tasks.model_call.call_model` per model call (allocate → infer → spend �
 
 Composition only: fragments whose dependencies are done run concurrently, the first failure
 cancels the rest, and the request is admitted to the ledger (concurrency cap, quota) for its run.
+
+Progress events (`tasks.progress`, by request id): each model call's `allocated`/`completed`
+and, for a request that streams (`stream=True`; listeners of other requests expect only those two):
+- `planned` once the plan is made: `fusion` ("ordered" | "reduce") and `fragments`, a list of
+  {"id", "text", "depends_on"} in plan order;
+- `token` (fragments routed to one model call): `fragment_id`, `text`, the next piece of that
+  fragment's answer, in order, carried across a failed call's re-run;
+- `answered` when a fragment's route returns: `fragment_id`, `text` (its `FragmentResult.text`);
+  a streamed fragment's `token` pieces, joined, are a start of it.
 """
 
 from __future__ import annotations
@@ -25,14 +34,14 @@ from homeskillet.schemas import (
     Plan,
     Strategy,
 )
-from tasks import runtime
+from tasks import progress, runtime
 from tasks.context import RunContext
 from tasks.covenant import within_budget
 from tasks.decompose import decompose, fill
 from tasks.fusion import fragment_row, fuse
 from tasks.model_call import call_model
 from tasks.preparation import make_request, prepare
-from tasks.routing import route
+from tasks.routing import Stream, route
 from tasks.telemetry import record_telemetry
 
 
@@ -53,6 +62,7 @@ async def fuse_request(
     routing_stats: str | None = None,
     context: list[dict] | None = None,
     admitted: str | None = None,
+    stream: bool = False,
 ) -> FusionResult:
     """Answer one inference request: split it, run each fragment on its own GPU share, fuse.
 
@@ -77,12 +87,25 @@ async def fuse_request(
         admitted: The ledger key of a request its caller admitted already (`Ledger.admit`: the
             concurrency cap, quota synced) and ends itself, so that a refusal makes no flow run;
             default: the run admits the request and ends it.
+        stream: The caller wants each answer's text as it is made: progress events of the request
+            id say the plan (`planned`), each piece of a fragment's answer as it comes (`token`,
+            for fragments routed to one model call: single, or auto choosing single) and each
+            fragment's answer (`answered`); a call that fails after some of its text was sent is
+            re-run to continue that text. The result is the same as without.
     """
     started = time.perf_counter()
     request = make_request(prompt, tenant, strategy, constraints, request_id, context)
     services = runtime.services(catalog_path)
     prepared = await prepare(request, services, get_run_logger(), routing_stats, decomposer=decompose)
     plan, ctx = prepared.plan, prepared.ctx
+    ctx.stream = stream
+    if stream:
+        progress.emit(
+            request.request_id,
+            "planned",
+            fusion=plan.fusion,
+            fragments=[{"id": f.id, "text": f.text, "depends_on": list(f.depends_on)} for f in plan.fragments],
+        )
     await within_budget(ctx, min(c.est_cost_usd for c in prepared.choices.values()))  # early refusal; calls reserve
     ledger = await services.ledger()
     running = admitted or await ledger.admit(request.tenant, request.request_id, ctx.covenant)  # cap, quota synced
@@ -160,13 +183,26 @@ async def run_fragment(
     fragment: Fragment, upstream: list[asyncio.Task[FragmentResult]], ctx: RunContext
 ) -> FragmentResult:
     """One fragment, once the answers it depends on are in: routed by `tasks.routing.route`, each
-    model call on its own allocation."""
+    model call on its own allocation; a streamed call's pieces go out as `token` events."""
     answers = {r.fragment_id: r.text.strip() for r in await asyncio.gather(*upstream)}
+    request_id = ctx.request.request_id
 
-    async def call(choice: ModelChoice, text: str, number: int) -> FragmentResult:
-        return await call_model(fragment, text, choice, ctx, number)
+    async def call(choice: ModelChoice, text: str, number: int, stream: Stream | None) -> FragmentResult:
+        if stream is None:
+            return await call_model(fragment, text, choice, ctx, number)
 
-    return await route(fragment, fill(fragment, answers), ctx, call)
+        def on_text(piece: str) -> None:
+            stream.add(piece)
+            progress.emit(request_id, "token", fragment_id=fragment.id, text=piece)
+
+        return await call_model(
+            fragment, text, choice, ctx, number, stream=True, on_text=on_text, prefill=stream.prefill
+        )
+
+    result = await route(fragment, fill(fragment, answers), ctx, call)
+    if ctx.stream:
+        progress.emit(request_id, "answered", fragment_id=fragment.id, text=result.text)
+    return result
 
 
 def _first_cause(group: BaseExceptionGroup) -> BaseException:

@@ -26,6 +26,7 @@ class RunContext:
     records: list[TelemetryRecord] = field(default_factory=list)  # telemetry, written when the run ends
     covenant: Covenant = field(default_factory=Covenant)  # the tenant's, as it was when the request started
     covenant_terms: list[str] = field(default_factory=list)  # its terms that narrowed `catalog`
+    stream: bool = False  # the request asks for its answer's text as it is made (`tasks.routing.Stream`)
 
     @property
     def constraints(self) -> Constraints:

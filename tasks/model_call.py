@@ -14,6 +14,7 @@ leaves one telemetry record in the run context.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 from prefect.transactions import atransaction
@@ -40,15 +41,25 @@ from tasks.routing import fragment_cost, worst_case_cost
 
 
 async def call_model(
-    fragment: Fragment, text: str, choice: ModelChoice, ctx: RunContext, number: int = 1, stream: bool = False
+    fragment: Fragment,
+    text: str,
+    choice: ModelChoice,
+    ctx: RunContext,
+    number: int = 1,
+    stream: bool = False,
+    on_text: Callable[[str], None] | None = None,
+    prefill: str = "",
 ) -> FragmentResult:
     """One model call for a fragment: allocate → reserve → infer → settle → release, inside a
     transaction whose rollback releases. `number` is the call's place among the fragment's calls;
-    `stream` measures time to first token (and counts tokens from chunks)."""
+    `stream` measures time to first token (and counts tokens from chunks) and hands each new piece
+    of the answer to `on_text` as it arrives. `prefill` is the start of the answer, already sent by
+    an earlier call that failed: the model continues it, and the result's text starts with it."""
     request, services = ctx.request, ctx.services
     pool = cat.pool(ctx.allowed, choice.pool)
     model = cat.model(ctx.allowed, choice.model)
-    sent = transcript(request.context) + text  # the context goes with the text: its tokens are billed too
+    # the context and a prefill go with the text: their tokens are billed too
+    sent = transcript(request.context) + text + prefill
     worst = worst_case_cost(model, pool, sent, request.constraints.max_tokens, services.settings.infer_timeout_s)
     record = dict(
         ts=datetime.now(UTC),
@@ -100,7 +111,7 @@ async def call_model(
             record["queue_s"] = max(0.0, (allocation.created_at - record["ts"]).total_seconds())
             t1 = time.perf_counter()
             completion = await infer(
-                services, allocation, text, request.constraints.max_tokens, stream, request.context
+                services, allocation, text, request.constraints.max_tokens, stream, request.context, prefill, on_text
             )
             t2 = time.perf_counter()
             # settled while the slice is still held: its reservation becomes the real cost

@@ -13,7 +13,7 @@ path that nothing reads (the flow's own result is what callers read back).
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 
 from prefect import task
@@ -97,8 +97,12 @@ async def infer(
     max_tokens: int,
     stream: bool = False,
     context: Sequence[ChatTurn] = (),
+    prefill: str = "",
+    on_text: Callable[[str], None] | None = None,
 ) -> Completion:
-    """The model's answer to `text`, after the context's turns."""
+    """The model's answer to `text`, after the context's turns. Streamed, each new piece of it goes
+    to `on_text` as it arrives; with a `prefill` (the start of the answer, already sent), the model
+    continues it: the answer starts with the prefill, `on_text` sees what follows."""
     model = cat.model(services.catalog, allocation.model)
     serving = model.serving
     api_key = os.environ.get(serving.api_key_env) if serving.kind == "openai" and serving.api_key_env else None
@@ -111,6 +115,8 @@ async def infer(
             timeout_s=services.settings.infer_timeout_s,
             api_key=api_key,
             stream=stream,
+            prefill=prefill,
+            on_text=on_text,
             **render(model, text, context),
         )
     except InferenceError as exc:

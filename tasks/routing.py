@@ -6,9 +6,10 @@ helpers it uses: which models and pools the constraints allow, what each costs, 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 
 from homeskillet import catalog as cat
-from homeskillet.errors import CircuitOpen, HostedAIUnavailable, NoRoute, Preempted
+from homeskillet.errors import CircuitOpen, HostedAIUnavailable, InferenceError, NoRoute, Preempted
 from homeskillet.schemas import (
     EPS,
     Catalog,
@@ -21,7 +22,7 @@ from homeskillet.schemas import (
     PoolSpec,
 )
 from tasks.context import RunContext
-from tasks.strategies import Stats, decide, single_model
+from tasks.strategies import Stats, choose_strategy, decide, single_model
 
 
 def slice_rate(model: ModelSpec, pool: PoolSpec) -> float:
@@ -192,10 +193,42 @@ def live_stats(fragment: Fragment, catalog: Catalog, constraints: Constraints) -
     return Stats({fragment.task_type: quality}, {fragment.task_type: cost}, cheap_share=0.999)
 
 
-MAX_ATTEMPTS = 3  # per model call: the first try and two re-runs after preemption or fallback
+MAX_ATTEMPTS = 3  # per model call: the first try and two re-runs after preemption, fallback or a failed stream
 
-# call(choice, text, its number among the fragment's calls) → the answer of one model call
-ModelCall = Callable[[ModelChoice, str, int], Awaitable[FragmentResult]]
+
+@dataclass
+class Stream:
+    """A model call whose answer goes to the client as it is made. `prefill` is what earlier
+    tries of the same call already sent, which this try continues; the caller `add`s each new
+    piece as it is sent."""
+
+    prefill: str = ""
+    pieces: list[str] = field(default_factory=list)
+
+    def add(self, piece: str) -> None:
+        self.pieces.append(piece)
+
+    @property
+    def sent(self) -> str:
+        """All the text the client has of this call's answer."""
+        return self.prefill + "".join(self.pieces)
+
+
+# call(choice, text, its number among the fragment's calls, its Stream or None) → the answer of
+# one model call
+ModelCall = Callable[[ModelChoice, str, int, Stream | None], Awaitable[FragmentResult]]
+
+
+def streams(fragment: Fragment, ctx: RunContext, stats: Stats) -> bool:
+    """Whether the fragment's answer streams: the request asks for it, and its route makes one
+    model call whose answer stands (single, or auto choosing single); the first calls of a
+    cascade, ensemble or moa may be discarded, so none of them streams."""
+    if not ctx.stream:
+        return False
+    strategy = ctx.request.strategy
+    if strategy == "auto":
+        strategy, _ = choose_strategy(fragment.task_type, stats, list(stats.quality[fragment.task_type]))
+    return strategy == "single"
 
 
 def stats_for(fragment: Fragment, ctx: RunContext) -> Stats:
@@ -218,22 +251,30 @@ async def route(fragment: Fragment, text: str, ctx: RunContext, call: ModelCall)
     3. A call whose GPU share is preempted re-runs on another pool of the same backend (dedicated
        if the request says so); one whose backend is unavailable (retries spent, circuit open)
        re-runs on the request's fallback backend. At most MAX_ATTEMPTS tries per call.
+    4. A streamed call (`streams`) that fails after some of its answer was sent re-runs on the
+       pool its backend's routing picks (a model server that died is started again), and so does
+       a preempted or unavailable one: each new try continues the text already sent (its
+       prefill), so the client's text goes on where it stopped. A call that sent nothing fails as
+       it would unstreamed.
     The result keeps every call in its provenance, and the run log says what was decided, why.
     """
     constraints = ctx.constraints
     stats = stats_for(fragment, ctx)
     allowed = list(stats.quality[fragment.task_type])
+    streamed = streams(fragment, ctx, stats)
     calls: list[FragmentResult] = []
 
     async def ask(model: str, prompt: str | None = None) -> str:
         only = constraints.model_copy(update={"allowed_models": [model]})
         choice = route_fragment(fragment, *candidates(ctx.allowed, only), constraints.max_tokens, ctx.per_call_usd)
+        sent = ""  # what earlier tries of this call streamed to the client
         for number in range(1, MAX_ATTEMPTS + 1):
             ctx.log.info(
                 "fragment %s: %s on %s pool %s (%s)", fragment.id, choice.model, choice.tier, choice.pool, choice.reason
             )
+            stream = Stream(sent) if streamed else None
             try:
-                result = await call(choice, prompt or text, number)
+                result = await call(choice, prompt or text, number, stream)
                 break
             except Preempted:
                 if number == MAX_ATTEMPTS:
@@ -249,6 +290,18 @@ async def route(fragment: Fragment, text: str, ctx: RunContext, call: ModelCall)
                 choice = _reroute(
                     fragment, ctx, only, f"{choice.backend} {state}; fell back to {fallback}", backend=fallback
                 )
+            except InferenceError as exc:
+                if stream is None or not stream.sent or number == MAX_ATTEMPTS:
+                    raise
+                ctx.log.warning("fragment %s: attempt %d on %s failed: %s", fragment.id, number, choice.pool, exc)
+                why = (
+                    f"attempt {number} on {choice.pool} failed after {len(stream.sent)} characters were streamed; "
+                    "the next try continues them"
+                )
+                choice = _reroute(fragment, ctx, only, why, backend=choice.backend)
+            finally:
+                if stream is not None:
+                    sent = stream.sent
         calls.append(result)
         return result.text
 

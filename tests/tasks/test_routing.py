@@ -7,7 +7,7 @@ import logging
 import pytest
 
 from homeskillet.catalog import load_catalog
-from homeskillet.errors import HostedAIUnavailable, NoRoute, Preempted, UnknownModel, UnknownPool
+from homeskillet.errors import HostedAIUnavailable, InferenceError, NoRoute, Preempted, UnknownModel, UnknownPool
 from homeskillet.schemas import Constraints, Fragment, FragmentResult, InferenceRequest, Plan, Timings
 from homeskillet.settings import PACKAGED_CATALOG
 from tasks.context import RunContext
@@ -105,7 +105,7 @@ async def test_route_runs_the_call_the_preview_shows_and_says_why():
     ctx = context(Constraints())
     asked = []
 
-    async def attempt(choice, text, number):
+    async def attempt(choice, text, number, stream):
         asked.append(choice)
         return result(choice, "an answer")
 
@@ -121,7 +121,7 @@ async def test_a_preempted_call_reruns_on_a_dedicated_pool_when_asked():
     ctx = context(Constraints(tier="preemptible", on_preemption="dedicated"))
     asked = []
 
-    async def attempt(choice, text, number):
+    async def attempt(choice, text, number, stream):
         asked.append((choice.tier, number))
         if number == 1:
             raise Preempted("gone")
@@ -135,7 +135,7 @@ async def test_a_preempted_call_reruns_on_a_dedicated_pool_when_asked():
 async def test_an_unavailable_backend_falls_back_only_when_the_request_names_one():
     fragment = Fragment(id="f0", text="Write.", task_type="chat", est_prompt_tokens=10)
 
-    async def attempt(choice, text, number):
+    async def attempt(choice, text, number, stream):
         if choice.backend == "hostedai":
             raise HostedAIUnavailable("down")
         return result(choice, "local answer")
@@ -147,7 +147,7 @@ async def test_an_unavailable_backend_falls_back_only_when_the_request_names_one
 
 
 async def test_auto_picks_a_cascade_for_closed_answers_and_single_for_free_text():
-    async def attempt(choice, text, number):
+    async def attempt(choice, text, number, stream):
         return result(choice, "B")
 
     closed = Fragment(id="f0", text="Which? A) x B) y", task_type="multiple_choice", est_prompt_tokens=10)
@@ -157,3 +157,57 @@ async def test_auto_picks_a_cascade_for_closed_answers_and_single_for_free_text(
     assert out_free.strategy == "single" and "chat answers cannot be compared" in out_free.reason
     # two local models: no two cheaper ones to agree, so the single best-value model
     assert out_closed.strategy == "single" and "fewer than two cheaper models" in out_closed.reason
+
+
+async def test_a_streamed_call_that_fails_mid_answer_is_continued_from_the_text_already_sent():
+    fragment = Fragment(id="f0", text="Write.", task_type="chat", est_prompt_tokens=10)
+    ctx = context(Constraints())
+    ctx.stream = True
+    prefills = []
+
+    async def attempt(choice, text, number, stream):
+        prefills.append(stream.prefill)
+        for piece in ["Once", " upon"] if number == 1 else [" a", " time"]:
+            stream.add(piece)
+        if number == 1:
+            raise InferenceError("the model server hung up")
+        return result(choice, stream.sent)
+
+    out = await route(fragment, "Write.", ctx, attempt)
+    assert prefills == ["", "Once upon"]
+    assert out.text == "Once upon a time"
+    assert "failed after 9 characters were streamed; the next try continues them" in out.reason
+
+
+async def test_a_streamed_call_that_sent_nothing_fails_as_an_unstreamed_one_does():
+    fragment = Fragment(id="f0", text="Write.", task_type="chat", est_prompt_tokens=10)
+    streamed, plain = context(Constraints()), context(Constraints())
+    streamed.stream = True
+    tries = []
+
+    async def attempt(choice, text, number, stream):
+        tries.append(stream)
+        raise InferenceError("HTTP 400")
+
+    for ctx in (streamed, plain):
+        with pytest.raises(InferenceError, match="HTTP 400"):
+            await route(fragment, "Write.", ctx, attempt)
+    assert len(tries) == 2 and tries[0] is not None and tries[1] is None  # one try each
+
+
+async def test_only_a_route_of_one_call_whose_answer_stands_streams():
+    chat = Fragment(id="f0", text="Write.", task_type="chat", est_prompt_tokens=10)
+    closed = Fragment(id="f1", text="Which? A) x B) y", task_type="multiple_choice", est_prompt_tokens=10)
+    seen = {}
+
+    async def attempt(choice, text, number, stream):
+        seen.setdefault(ctx.request.strategy, []).append(stream is not None)
+        return result(choice, "B")
+
+    for strategy, fragment in [("single", chat), ("auto", chat), ("ensemble", closed), ("moa", closed)]:
+        ctx = context(Constraints(), strategy)
+        ctx.stream = True
+        await route(fragment, fragment.text, ctx, attempt)
+    ctx = context(Constraints())
+    await route(chat, chat.text, ctx, attempt)  # the request does not ask to stream
+    assert seen == {"single": [True, False], "auto": [True], "ensemble": [False], "moa": [False, False]}
