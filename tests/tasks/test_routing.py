@@ -211,3 +211,20 @@ async def test_only_a_route_of_one_call_whose_answer_stands_streams():
     ctx = context(Constraints())
     await route(chat, chat.text, ctx, attempt)  # the request does not ask to stream
     assert seen == {"single": [True, False], "auto": [True], "ensemble": [False], "moa": [False, False]}
+
+
+async def test_a_streamed_call_preempted_mid_answer_continues_on_the_pool_it_is_rerun_on():
+    fragment = Fragment(id="f0", text="Write.", task_type="chat", est_prompt_tokens=10)
+    ctx = context(Constraints(tier="preemptible", on_preemption="dedicated"))
+    ctx.stream = True
+    tries = []
+
+    async def attempt(choice, text, number, stream):
+        tries.append((choice.tier, stream.prefill))
+        stream.add("Once" if number == 1 else " more")
+        if number == 1:
+            raise Preempted("gone")
+        return result(choice, stream.sent)
+
+    out = await route(fragment, "Write.", ctx, attempt)
+    assert tries == [("preemptible", ""), ("dedicated", "Once")] and out.text == "Once more"
