@@ -20,7 +20,7 @@ pytestmark = pytest.mark.usefixtures("local_services", "assert_no_leaks")
 def mcp_server(test_catalog):
     from apps.mcp_server import create_app
 
-    with serve_in_thread(create_app(test_catalog, max_concurrent=4), "MCP server") as url:
+    with serve_in_thread(create_app(test_catalog), "MCP server") as url:
         yield url
 
 

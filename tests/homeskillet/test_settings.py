@@ -31,7 +31,13 @@ def test_defaults_where_the_environment_says_nothing(monkeypatch):
 
 @pytest.mark.parametrize(
     ("name", "value"),
-    [("LEASE_S", "0"), ("CAPACITY_WAIT_S", "-1"), ("MCP_MAX_CONCURRENT", "0"), ("PREFECT_PORT", "a port")],
+    [
+        ("LEASE_S", "0"),
+        ("CAPACITY_WAIT_S", "-1"),
+        ("CAPACITY_WAIT_S", "121"),
+        ("PREFECT_PORT", "a port"),
+        ("TENANT_RATE", "lots"),
+    ],
 )
 def test_a_bad_value_is_refused_naming_the_setting(monkeypatch, name, value):
     monkeypatch.setenv(f"HOMESKILLET_{name}", value)
