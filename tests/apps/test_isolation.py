@@ -85,15 +85,15 @@ async def test_a_catalog_that_lets_a_tenant_id_alias_anothers_secret_block_is_re
 
 
 async def test_a_budget_refusal_that_counts_every_tenants_spend_is_reported(monkeypatch):
-    from connectors.ledger import Ledger
+    from connectors.ledger import BudgetUse, Ledger
 
-    original = Ledger.spend
+    original = Ledger._budget_use
 
-    async def everyones(self, tenant):  # the break: the spend of every tenant, not the request's
-        figures = [await original(self, t) for t in ("acme", "globex")]
-        return sum(f[0] for f in figures), sum(f[1] for f in figures)
+    async def everyones(self, conn, tenant):  # the break: the spend of every tenant, not the request's
+        figures = [await original(self, conn, t) for t in ("acme", "globex")]
+        return BudgetUse(*(sum(f[i] for f in figures) for i in range(3)))
 
-    monkeypatch.setattr(Ledger, "spend", everyones)
+    monkeypatch.setattr(Ledger, "_budget_use", everyones)
     rows = await run_attacks(groups=("telemetry",))
     found = row(rows, "CovenantViolation budget_usd_per_day, before and after A spends")
     assert found.result == "ALLOWED" and broken(rows)
