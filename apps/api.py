@@ -13,6 +13,11 @@ the `openai` SDK, LangChain, curl and chat UIs talk to Homeskillet unchanged.
 - Headers on every answer, success or error: `x-homeskillet-request-id`,
   `x-homeskillet-overhead-ms` (wall time minus the time inside model calls, along the plan's
   longest chain) and `x-homeskillet-route` (the model of each fragment).
+- `stream: true`: Server-Sent Events in OpenAI's `chat.completion.chunk` shape, ending with
+  `data: [DONE]` (`stream_options.include_usage` adds the usage chunk). A fragment whose route
+  makes one model call streams its tokens as they are generated; the fused answer streams in
+  fusion order (`apps.streaming`). The client going away cancels the flow run and releases
+  every slice.
 - Errors in OpenAI's shape (`{"error": {"message", "type", "param", "code"}}`) with the status
   codes the SDK maps to its exceptions (see `error_of`). A field that is not supported is refused
   (400, naming it), never ignored.
@@ -23,16 +28,20 @@ it is served beside (`apps.mcp_server.create_app`).
 
 from __future__ import annotations
 
+import asyncio
+import json
 import math
 import time
 import uuid
 from typing import Any, Literal, get_args
 
+import anyio
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from apps.streaming import FusedStream
 from homeskillet.errors import (
     CapacityTimeout,
     CovenantViolation,
@@ -68,6 +77,12 @@ class Message(BaseModel):
         return self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool = False
+
+
 class ChatRequest(BaseModel):
     """The fields of OpenAI's chat completion request that Homeskillet serves; any other is
     refused by name (extra="forbid")."""
@@ -79,7 +94,8 @@ class ChatRequest(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     n: int = Field(1, ge=1, le=1, description="One answer per request.")
-    stream: Literal[False] = Field(False, description="Streaming is not served yet.")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
     user: str | None = Field(None, max_length=256)
 
     @field_validator("messages")
@@ -90,7 +106,7 @@ class ChatRequest(BaseModel):
         return messages
 
 
-NOT_SERVED = {"stream": "streaming is not served yet", "n": "one answer per request (n=1) is served"}
+NOT_SERVED = {"n": "one answer per request (n=1) is served"}
 
 
 def parse_request(body: Any) -> ChatRequest:
@@ -202,7 +218,7 @@ def error_of(exc: BaseException, request_id: str) -> tuple[int, dict[str, Any], 
 def routes(tools) -> list[Route]:
     """The /v1 routes over the MCP server's `Tools` (catalog, token store, `run_request`)."""
 
-    async def chat_completions(request: Request) -> JSONResponse:
+    async def chat_completions(request: Request) -> Response:
         started = time.perf_counter()
         tenant = request.scope["state"]["homeskillet_tenant"]
         request_id = "api-" + uuid.uuid4().hex[:16]
@@ -226,19 +242,17 @@ def routes(tools) -> list[Route]:
                 request_id,
                 context=arguments["context"],
             )  # refused here, before a flow run exists
+            if chat.stream:
+                return await streamed(tools, tenant, request_id, chat, arguments, created, started)
             result = await tools.run_request(tenant, request_id, "api", **arguments)
             model_s = model_seconds(result)
-            route = ",".join(f"{f.fragment_id}={f.model}" for f in result.fragments)
+            route = route_of(result)
             status, payload, headers = 200, completion(chat, result, created), {}
         except Exception as exc:
             status, payload, headers = error_of(exc, request_id)
-        overhead_ms = (time.perf_counter() - started - model_s) * 1000
-        headers |= {
-            "x-homeskillet-request-id": request_id,
-            "x-homeskillet-overhead-ms": f"{overhead_ms:.1f}",
-            "x-homeskillet-route": route,
-        }
-        return JSONResponse(payload, status_code=status, headers=headers)
+        return JSONResponse(
+            payload, status_code=status, headers=headers | answer_headers(request_id, started, model_s, route)
+        )
 
     async def models(request: Request) -> JSONResponse:
         from tasks.covenant import restrict
@@ -256,3 +270,131 @@ def routes(tools) -> list[Route]:
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
     ]
+
+
+def route_of(result: FusionResult) -> str:
+    return ",".join(f"{f.fragment_id}={f.model}" for f in result.fragments)
+
+
+def answer_headers(request_id: str, started: float, model_s: float, route: str) -> dict[str, str]:
+    return {
+        "x-homeskillet-request-id": request_id,
+        "x-homeskillet-overhead-ms": f"{(time.perf_counter() - started - model_s) * 1000:.1f}",
+        "x-homeskillet-route": route,
+    }
+
+
+# --- streaming ------------------------------------------------------------------------------------
+# The response starts with the request's first text (a fragment's first token, or its answer):
+# a request refused before it runs (its covenant, the concurrency cap, no capacity) is a plain
+# HTTP error with its status. After that, a failure that nothing could continue is an error event
+# in the stream. The headers are sent before the answer: the request id only; the route and the
+# overhead come in the last chunk's `homeskillet` object.
+STARTS = ("token", "answered")
+
+
+async def streamed(
+    tools, tenant: str, request_id: str, chat: ChatRequest, arguments: dict, created: int, started: float
+):
+    events: asyncio.Queue[dict] = asyncio.Queue()
+
+    async def heard(event: dict | None) -> None:
+        if event is not None:
+            events.put_nowait(event)
+
+    run = asyncio.create_task(tools.run_request(tenant, request_id, "api", heard, stream=True, **arguments))
+    fused, pending = FusedStream(), []
+    try:
+        while True:  # until the first text, or the end
+            event = await _next(events, run)
+            if event is None:
+                break
+            pending.append(fused.feed(event))
+            if event["event"] in STARTS:
+                break
+        if event is None and run.exception() is not None:
+            status, payload, headers = error_of(run.exception(), request_id)
+            return JSONResponse(
+                payload, status_code=status, headers=headers | answer_headers(request_id, started, 0.0, "")
+            )
+    except BaseException:
+        await _cancelled(run)
+        raise
+
+    chunk = _chunker(request_id, chat.model, created)
+
+    async def body():
+        try:
+            yield chunk({"role": "assistant", "content": ""})
+            for delta in pending:
+                if delta:
+                    yield chunk({"content": delta})
+            while (event := await _next(events, run)) is not None:
+                if delta := fused.feed(event):
+                    yield chunk({"content": delta})
+            try:
+                result = run.result()
+            except Exception as exc:  # nothing could continue the answer
+                yield _sse(error_of(exc, request_id)[1])
+                yield "data: [DONE]\n\n"
+                return
+            if rest := fused.finish(result.answer):
+                yield chunk({"content": rest})
+            full = completion(chat, result, created)
+            extension = {
+                **full["homeskillet"],
+                "route": route_of(result),
+                "overhead_ms": round((time.perf_counter() - started - model_seconds(result)) * 1000, 1),
+            }
+            yield chunk({}, finish_reason="stop", homeskillet=extension)
+            if chat.stream_options is not None and chat.stream_options.include_usage:
+                yield _sse({**chunk.head, "choices": [], "usage": full["usage"]})
+            yield "data: [DONE]\n\n"
+        finally:
+            await _cancelled(run)  # the client went away: the run is cancelled, its slices released
+
+    return StreamingResponse(
+        body(),
+        media_type="text/event-stream",
+        headers={"x-homeskillet-request-id": request_id, "cache-control": "no-cache"},
+    )
+
+
+async def _next(events: asyncio.Queue, run: asyncio.Task) -> dict | None:
+    """The run's next event, or None once it ended and every event was taken."""
+    if not events.empty():
+        return events.get_nowait()
+    getter = asyncio.ensure_future(events.get())
+    try:
+        done, _ = await asyncio.wait({run, getter}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        getter.cancel()
+        raise
+    if getter in done:
+        return getter.result()
+    getter.cancel()
+    return events.get_nowait() if not events.empty() else None
+
+
+async def _cancelled(run: asyncio.Task) -> None:
+    """Cancel the run if it still runs, and wait, shielded, until it has released what it held."""
+    if not run.done():
+        run.cancel()
+    with anyio.CancelScope(shield=True):
+        await asyncio.wait({run})
+
+
+def _sse(data: dict) -> str:
+    return f"data: {json.dumps(data)}\n\n"
+
+
+def _chunker(request_id: str, model: str, created: int):
+    """chunk(delta, finish_reason=None, **extra) → one `chat.completion.chunk` event."""
+    head = {"id": f"chatcmpl-{request_id}", "object": "chat.completion.chunk", "created": created, "model": model}
+
+    def chunk(delta: dict, finish_reason: str | None = None, **extra: Any) -> str:
+        choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+        return _sse({**head, "choices": [choice], **extra})
+
+    chunk.head = head  # type: ignore[attr-defined]
+    return chunk

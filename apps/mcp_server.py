@@ -146,6 +146,8 @@ class Tools:
             if event is None:
                 await ctx.report_progress(0, None, f"request {request_id} started")
                 return
+            if event["event"] not in ("allocated", "completed"):
+                return  # a fragment's slices are what MCP reports
             count += 1
             await ctx.report_progress(count, None, _progress_message(event))
 

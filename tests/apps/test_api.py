@@ -34,7 +34,7 @@ def test_a_field_that_is_not_served_is_refused_by_name():
         ({"tools": [{"type": "function"}]}, "tools: is not supported"),
         ({"response_format": {"type": "json_object"}}, "response_format: is not supported"),
         ({"n": 2}, r"n: one answer per request \(n=1\) is served"),
-        ({"stream": True}, "stream: streaming is not served yet"),
+        ({"stream": True, "stream_options": {"include_obfuscation": True}}, "stream_options.include_obfuscation"),
     ):
         with pytest.raises(InvalidRequest, match=named):
             parse_request({"model": "homeskillet/auto", "messages": USER, **extra})
@@ -220,6 +220,83 @@ async def test_curl_shaped_requests_and_a_health_check(api):
             f"{base}/chat/completions", content=b"{not json", headers={"Authorization": f"Bearer {tokens['acme']}"}
         )
         assert bad.status_code == 400 and json.loads(bad.text)["error"]["message"].endswith("the body is not JSON")
+
+
+@pytest.mark.usefixtures("local_services")
+async def test_a_streamed_answer_is_the_same_answer_in_chunks_ending_with_usage_and_done(api, assert_no_leaks):
+    messages = [{"role": "user", "content": "Say alpha. Say beta."}]
+    whole = await client(api).chat.completions.create(model="echo", messages=messages, max_tokens=16)
+    chunks = [
+        c
+        async for c in await client(api).chat.completions.create(
+            model="echo", messages=messages, max_tokens=16, stream=True, stream_options={"include_usage": True}
+        )
+    ]
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    finished = [c for c in chunks if c.choices and c.choices[0].finish_reason == "stop"]
+    assert len(finished) == 1 and finished[0].model_extra["homeskillet"]["route"].startswith("f1=echo")
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens > 0
+
+
+@pytest.mark.usefixtures("local_services")
+async def test_curl_sees_server_sent_events_ending_with_done(api):
+    base, tokens = api
+    body = {"model": "echo", "stream": True, "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 8}
+    headers = {"Authorization": f"Bearer {tokens['acme']}"}
+    async with (
+        httpx.AsyncClient(timeout=60) as http,
+        http.stream("POST", f"{base}/chat/completions", json=body, headers=headers) as response,
+    ):
+        assert response.headers["content-type"].startswith("text/event-stream")
+        assert response.headers["x-homeskillet-request-id"].startswith("api-")
+        lines = [line async for line in response.aiter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    assert all(json.loads(line.removeprefix("data: "))["object"] == "chat.completion.chunk" for line in lines[:-1])
+
+
+@pytest.mark.usefixtures("local_services")
+async def test_a_refusal_before_any_text_is_a_plain_http_error_even_when_streaming(api):
+    with pytest.raises(openai.RateLimitError) as refused:
+        await client(api, "initech").chat.completions.create(
+            model="echo", messages=[{"role": "user", "content": "Say hi."}], stream=True
+        )
+    assert refused.value.code == "insufficient_quota"
+
+
+@pytest.mark.usefixtures("local_services")
+async def test_a_client_that_goes_away_mid_stream_cancels_the_run_and_releases_its_slices(
+    api, monkeypatch, assert_no_leaks
+):
+    import asyncio
+
+    from tasks import runtime
+
+    monkeypatch.setenv("ECHO_DELAY_S", "0.5")  # each echo answer takes a while: the stream is open meanwhile
+    base, tokens = api
+    body = {
+        "model": "echo",
+        "stream": True,
+        "messages": [{"role": "user", "content": "1. Say one.\n2. Say two.\n3. Say three.\n4. Say four."}],
+    }
+    headers = {"Authorization": f"Bearer {tokens['acme']}"}
+    async with (
+        httpx.AsyncClient(timeout=60) as http,
+        http.stream("POST", f"{base}/chat/completions", json=body, headers=headers) as response,
+    ):
+        request_id = response.headers["x-homeskillet-request-id"]
+        async for line in response.aiter_lines():
+            if line.startswith("data: "):
+                break  # the first chunk: then the client goes away
+    services = runtime.services()
+    for _ in range(100):
+        held = [a for a in await services.held("acme") if a.request_id == request_id]
+        if not held:
+            break
+        await asyncio.sleep(0.1)
+    assert not held
 
 
 @pytest.mark.usefixtures("local_services")
