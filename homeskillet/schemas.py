@@ -19,6 +19,10 @@ MAX_PROMPT_CHARS = 128 * 1024
 # The longest a request may wait for pool capacity: a waiting request holds a connection and a
 # place in its tenant's concurrency cap, so it cannot wait without end.
 MAX_CAPACITY_WAIT_S = 120.0
+# A request's own stop sequences (OpenAI's bounds): a few, short, never empty (an empty one would
+# stop every call before its first token).
+MAX_STOP_SEQUENCES = 4
+MAX_STOP_CHARS = 64
 
 BackendName = Literal["local", "hostedai"]  # `connectors.backend.Backend` is the interface
 PromptStyle = Literal["chat", "completion"]
@@ -55,6 +59,22 @@ class Constraints(_Frozen):
     task_type: TaskType | None = Field(
         None, description="The task type of the request's fragments, when the caller knows it; None: classified."
     )
+    temperature: float | None = Field(
+        None, ge=0, le=2, description="Sampling temperature of every model call; None: 0 (greedy, repeatable)."
+    )
+    stop: list[str] | None = Field(
+        None,
+        max_length=MAX_STOP_SEQUENCES,
+        description="Stop sequences of every model call, added to the model's own (the catalog's `stop`).",
+    )
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_strings_bounded(cls, stop: list[str] | None) -> list[str] | None:
+        for i, s in enumerate(stop or []):
+            if not s or len(s) > MAX_STOP_CHARS:
+                raise ValueError(f"stop[{i}] is {len(s)} characters; each stop sequence is 1 to {MAX_STOP_CHARS}")
+        return stop
 
 
 class ChatTurn(_Frozen):
