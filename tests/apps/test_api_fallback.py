@@ -1,0 +1,55 @@
+"""A model server that dies while the OpenAI-compatible API streams its answer: the fragment goes
+on on a fresh server, given the text already sent as the start of its answer, and the client's
+stream continues without an error (real llama-servers, the real `openai` client)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import openai
+import pytest
+
+from connectors.tokens import TokenStore
+from homeskillet.settings import get_settings
+from tasks import runtime
+
+
+@pytest.mark.usefixtures("local_services")
+async def test_a_model_server_killed_mid_stream_does_not_end_the_clients_stream(local_models, assert_no_leaks):
+    from apps.mcp_server import create_app
+    from tests.apps.test_mcp_server import serving
+
+    services = runtime.services()
+    smol = next(m for m in services.catalog.models if m.name == "smollm2-135m")
+    endpoint = await asyncio.to_thread(local_models.model_endpoint, smol)
+    (record,) = [r for r in local_models.servers.running() if r.endpoint == endpoint]
+    store = await TokenStore.open(get_settings().pgdata)
+    token_id, token = await store.create("demo")
+    try:
+        with serving(create_app()) as where:
+            client = openai.AsyncOpenAI(base_url=f"http://{where}/v1", api_key=token, max_retries=0, timeout=300)
+            stream = await client.chat.completions.create(
+                model=smol.name,
+                messages=[{"role": "user", "content": "Write a long story about the sea."}],
+                max_tokens=200,
+                stream=True,
+            )
+            pieces, before, finish = [], None, None
+            async for chunk in stream:
+                if chunk.choices and chunk.choices[0].delta.content:
+                    pieces.append(chunk.choices[0].delta.content)
+                    if len(pieces) == 6:  # some of the answer is out: its server dies
+                        os.kill(record.server_pid, signal.SIGKILL)
+                        before = "".join(pieces)
+                if chunk.choices and chunk.choices[0].finish_reason:
+                    finish = chunk
+    finally:
+        await store.revoke(token_id)
+    text = "".join(pieces)
+    assert before is not None and text.startswith(before) and len(text) > len(before)
+    assert finish.choices[0].finish_reason == "stop"
+    (fragment,) = finish.model_extra["homeskillet"]["fragments"]
+    assert "the next try continues them" in fragment["reason"]
+    assert record.server_pid not in {r.server_pid for r in local_models.servers.running()}
