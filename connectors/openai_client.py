@@ -21,7 +21,7 @@ async def complete(
     messages: list[dict[str, str]] | None = None,
     max_tokens: int = 128,
     stop: list[str] | None = None,
-    temperature: float = 0.0,
+    temperature: float | None = None,
     stream: bool = False,
     timeout_s: float = 300.0,
     api_key: str | None = None,
@@ -40,13 +40,16 @@ async def complete(
     completion models as the end of the prompt. The Completion's text starts with it; `on_text`
     sees only what follows it (a server that repeats the prefill in its answer, as llama-server's
     chat endpoint does, is not repeated to `on_text`).
+    `stop` and `temperature` go in the body as given (`stop` only when there is one); without a
+    `temperature`, it is 0.
     Without `api_key`, a local model server this process resolved gets its own key.
     """
     if (prompt is None) == (messages is None):
         raise ValueError("pass exactly one of prompt or messages")
     chat = messages is not None
     url = f"{endpoint.rstrip('/')}/{'chat/completions' if chat else 'completions'}"
-    body: dict = {"model": model, "max_tokens": max_tokens, "temperature": temperature, "stream": stream}
+    # no temperature given: 0, greedy, so that the same prompt gets the same answer
+    body: dict = {"model": model, "max_tokens": max_tokens, "temperature": temperature or 0.0, "stream": stream}
     if chat:
         body["messages"] = [*messages, {"role": "assistant", "content": prefill}] if prefill else messages
     else:

@@ -111,7 +111,16 @@ async def call_model(
             record["queue_s"] = max(0.0, (allocation.created_at - record["ts"]).total_seconds())
             t1 = time.perf_counter()
             completion = await infer(
-                services, allocation, text, request.constraints.max_tokens, stream, request.context, prefill, on_text
+                services,
+                allocation,
+                text,
+                request.constraints.max_tokens,
+                stream,
+                request.context,
+                prefill,
+                on_text,
+                request.constraints.temperature,
+                request.constraints.stop,
             )
             t2 = time.perf_counter()
             # settled while the slice is still held: its reservation becomes the real cost

@@ -79,14 +79,22 @@ def transcript(context: Sequence[ChatTurn]) -> str:
     return "".join(f"{turn.role.capitalize()}: {turn.content}\n" for turn in context)
 
 
-def render(model: ModelSpec, text: str, context: Sequence[ChatTurn] = ()) -> dict:
+def render(model: ModelSpec, text: str, context: Sequence[ChatTurn] = (), stop: Sequence[str] | None = None) -> dict:
     """The request body fields for the model's prompt style: the context (the conversation before
-    the request, in order) comes before the text, as messages or as transcript lines."""
+    the request, in order) comes before the text, as messages or as transcript lines. `stop` (the
+    request's stop sequences) applies with the model's own, which end its completion template's
+    answer: both are sent, each once, the model's first."""
     if model.prompt_style == "chat":
         turns = [{"role": turn.role, "content": turn.content} for turn in context]
-        return {"messages": [*turns, {"role": "user", "content": text}]}
+        fields = {"messages": [*turns, {"role": "user", "content": text}]}
+        return fields | ({"stop": _stops(stop)} if stop else {})
     cue = "" if text.rstrip().endswith("Answer:") else "\nAnswer:"  # a few-shot prompt brings its own
-    return {"prompt": f"{transcript(context)}Question: {text.rstrip()}{cue}", "stop": model.stop or None}
+    return {"prompt": f"{transcript(context)}Question: {text.rstrip()}{cue}", "stop": _stops(model.stop, stop or ())}
+
+
+def _stops(*lists: Sequence[str]) -> list[str] | None:
+    """The stop sequences of every list, in order, each once; None when there are none."""
+    return list(dict.fromkeys(s for stops in lists for s in stops)) or None
 
 
 @task(name="infer", task_run_name="infer-{allocation.model}", cache_policy=NO_CACHE, persist_result=False)
@@ -99,10 +107,13 @@ async def infer(
     context: Sequence[ChatTurn] = (),
     prefill: str = "",
     on_text: Callable[[str], None] | None = None,
+    temperature: float | None = None,
+    stop: Sequence[str] | None = None,
 ) -> Completion:
     """The model's answer to `text`, after the context's turns. Streamed, each new piece of it goes
     to `on_text` as it arrives; with a `prefill` (the start of the answer, already sent), the model
-    continues it: the answer starts with the prefill, `on_text` sees what follows."""
+    continues it: the answer starts with the prefill, `on_text` sees what follows. `temperature`
+    (None: the client's greedy default) and `stop` (with the model's own) are the request's."""
     model = cat.model(services.catalog, allocation.model)
     serving = model.serving
     api_key = os.environ.get(serving.api_key_env) if serving.kind == "openai" and serving.api_key_env else None
@@ -117,7 +128,8 @@ async def infer(
             stream=stream,
             prefill=prefill,
             on_text=on_text,
-            **render(model, text, context),
+            temperature=temperature,
+            **render(model, text, context, stop),
         )
     except InferenceError as exc:
         if not await services.backend_of(allocation).verify(allocation):

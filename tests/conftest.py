@@ -239,6 +239,7 @@ class _EchoHandler(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         text = body["messages"][-1]["content"] if "messages" in body else body["prompt"]
         seen = {"path": self.path, "auth": self.headers.get("Authorization"), "model": body.get("model"), "text": text}
+        seen |= {"temperature": body.get("temperature"), "stop": body.get("stop")}  # the sampling the call asked for
         self.server.seen.append(seen)
         if "FAIL" in text:
             # fail only once the request's other fragments (same #tag) are in flight too

@@ -183,3 +183,27 @@ async def test_a_server_that_does_not_stream_answers_a_streamed_call_in_one_piec
     )
     assert out.text == "echo: Say one." and pieces == [out.text]
     assert out.tokens_out == 3 and out.first_token_s is not None
+
+
+def test_a_request_stop_applies_with_the_model_own_each_once():
+    gemma = cat.model(runtime.catalog(), "gemma3-270m")
+    assert gemma.stop == ["\n", "Question:"]
+    # both apply, the model's first; a sequence in both is sent once
+    assert render(gemma, "Hi.", stop=["END", "\n", "END"])["stop"] == ["\n", "Question:", "END"]
+    assert render(gemma, "Hi.")["stop"] == ["\n", "Question:"]
+    # a chat model has no stop of its own: the request's, or none at all
+    assert render(SMOL, "Hi.", stop=["beta", "beta"])["stop"] == ["beta"]
+    assert "stop" not in render(SMOL, "Hi.") and "stop" not in render(SMOL, "Hi.", stop=[])
+
+
+async def test_the_body_sent_carries_the_temperature_and_the_combined_stop(echo_server, monkeypatch):
+    monkeypatch.setenv("ECHO_DELAY_S", "0")
+    gemma = cat.model(runtime.catalog(), "gemma3-270m")
+    base = f"http://127.0.0.1:{echo_server.server_address[1]}/v1"
+    await openai_client.complete(base, "echo-1", temperature=0.7, **render(gemma, "Say one.", stop=["END", "\n"]))
+    assert echo_server.seen[-1]["temperature"] == 0.7 and echo_server.seen[-1]["stop"] == ["\n", "Question:", "END"]
+    await openai_client.complete(base, "echo-1", temperature=1.5, stream=True, **render(SMOL, "Say one.", stop=["END"]))
+    assert echo_server.seen[-1]["temperature"] == 1.5 and echo_server.seen[-1]["stop"] == ["END"]
+    # without a temperature, greedy as always; without a stop, none is sent
+    await openai_client.complete(base, "echo-1", **render(SMOL, "Say one."))
+    assert echo_server.seen[-1]["temperature"] == 0.0 and echo_server.seen[-1]["stop"] is None
