@@ -51,7 +51,7 @@ from homeskillet.errors import (
     TooManyRequests,
     public_message,
 )
-from homeskillet.schemas import FusionResult, Strategy
+from homeskillet.schemas import Constraints, FusionResult, Strategy
 
 PREFIX = "homeskillet/"
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
@@ -97,6 +97,17 @@ class ChatRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, max_length=256)
+    temperature: float | None = Field(None, ge=0, le=2)
+    stop: str | list[str] | None = Field(None, description="A string is one stop sequence.")
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_as_a_list(cls, stop: str | list[str] | None) -> list[str] | None:
+        """A list, within the bounds every request's stop sequences have (`Constraints.stop`)."""
+        try:
+            return Constraints(stop=[stop] if isinstance(stop, str) else stop).stop
+        except ValidationError as exc:
+            raise ValueError("; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())) from None
 
     @field_validator("messages")
     @classmethod
@@ -126,7 +137,8 @@ def parse_request(body: Any) -> ChatRequest:
 
 def flow_arguments(chat: ChatRequest, catalog_models: set[str]) -> dict[str, Any]:
     """What `fuse_request` gets for the request: the prompt (the last user turn), the context
-    (every turn before it), the strategy and constraints the `model` names."""
+    (every turn before it), the strategy and constraints the `model` names, and the sampling
+    (`temperature`, `stop`) every model call of the request gets."""
     if chat.model.startswith(PREFIX):
         strategy = chat.model.removeprefix(PREFIX)
         if strategy not in STRATEGIES:
@@ -139,6 +151,10 @@ def flow_arguments(chat: ChatRequest, catalog_models: set[str]) -> dict[str, Any
     max_tokens = chat.max_completion_tokens or chat.max_tokens
     if max_tokens is not None:
         constraints["max_tokens"] = max_tokens
+    if chat.temperature is not None:
+        constraints["temperature"] = chat.temperature
+    if chat.stop:
+        constraints["stop"] = chat.stop
     *earlier, last = chat.messages
     context = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in earlier]
     return {"prompt": last.text(), "strategy": strategy, "constraints": constraints, "context": context}

@@ -370,3 +370,48 @@ async def test_the_concurrency_cap_holds_across_two_server_processes(
     admitted = [a.headers["x-homeskillet-request-id"] for a in answers if a.status_code == 200]
     assert sorted(r["request_id"] for r in rows) == sorted(admitted)  # the refused were never admitted
     assert all(r["ended_at"] is not None for r in rows)  # the admitted ended with their answers
+
+
+def test_temperature_and_stop_go_in_the_constraints_and_out_of_bounds_are_refused_by_name():
+    chat = parse_request({"model": "echo", "messages": USER, "temperature": 0.2, "stop": "beta"})
+    assert flow_arguments(chat, {"echo"})["constraints"] == {
+        "allowed_models": ["echo"],
+        "temperature": 0.2,
+        "stop": ["beta"],  # a string is one stop sequence
+    }
+    chat = parse_request({"model": "homeskillet/auto", "messages": USER, "temperature": 0, "stop": ["a", "b"]})
+    assert flow_arguments(chat, {"echo"})["constraints"] == {"temperature": 0, "stop": ["a", "b"]}
+    chat = parse_request({"model": "homeskillet/auto", "messages": USER, "stop": None})
+    assert flow_arguments(chat, {"echo"})["constraints"] == {}
+    for wrong, named in (
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop: List should have at most 4 items"),
+        ({"stop": ["a", ""]}, r"stop: stop\[1\] is 0 characters; each stop sequence is 1 to 64"),
+        ({"stop": "x" * 65}, r"stop: stop\[0\] is 65 characters"),
+        ({"temperature": 2.5}, "temperature: Input should be less than or equal to 2"),
+        ({"temperature": -0.1}, "temperature: Input should be greater than or equal to 0"),
+    ):
+        with pytest.raises(InvalidRequest, match=named) as refused:
+            parse_request({"model": "echo", "messages": USER, **wrong})
+        assert error_of(refused.value, "api-1")[0] == 400
+
+
+@pytest.mark.usefixtures("local_services")
+async def test_the_openai_clients_temperature_and_stop_reach_every_model_call(api, echo_server, assert_no_leaks):
+    before = len(echo_server.seen)
+    answer = await client(api).chat.completions.create(
+        model="echo",
+        messages=[{"role": "user", "content": "Say alpha. Say beta."}],
+        max_tokens=16,
+        temperature=0.2,
+        stop=["beta"],
+    )
+    assert answer.choices[0].message.content
+    calls = echo_server.seen[before:]
+    assert calls and all(c["model"] == "echo-1" for c in calls)
+    assert all(c["temperature"] == 0.2 and c["stop"] == ["beta"] for c in calls), calls
+    with pytest.raises(openai.BadRequestError, match="stop: List should have at most 4 items") as refused:
+        await client(api).chat.completions.create(
+            model="echo", messages=USER, max_tokens=4, stop=["a", "b", "c", "d", "e"]
+        )
+    assert refused.value.status_code == 400
+    assert len(echo_server.seen) == before + len(calls)  # refused before any model call
