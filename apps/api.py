@@ -16,8 +16,10 @@ the `openai` SDK, LangChain, curl and chat UIs talk to Homeskillet unchanged.
 - `stream: true`: Server-Sent Events in OpenAI's `chat.completion.chunk` shape, ending with
   `data: [DONE]` (`stream_options.include_usage` adds the usage chunk). A fragment whose route
   makes one model call streams its tokens as they are generated; the fused answer streams in
-  fusion order (`apps.streaming`). The client going away cancels the flow run and releases
-  every slice.
+  fusion order (`apps.streaming`). The headers come before the answer: the request id; the
+  route and the overhead are in the last chunk. The client going away cancels the flow run and
+  releases every slice.
+- The body is at most MAX_BODY_BYTES, read no further.
 - Errors in OpenAI's shape (`{"error": {"message", "type", "param", "code"}}`) with the status
   codes the SDK maps to its exceptions (see `error_of`). A field that is not supported is refused
   (400, naming it), never ignored.
@@ -51,11 +53,13 @@ from homeskillet.errors import (
     TooManyRequests,
     public_message,
 )
-from homeskillet.schemas import Constraints, FusionResult, Strategy
+from homeskillet.schemas import MAX_PROMPT_CHARS, Constraints, FusionResult, Strategy
 
 PREFIX = "homeskillet/"
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
 BUDGET_TERMS = ("budget_usd_per_day", "budget_usd_per_month")
+# a prompt and its context are at most MAX_PROMPT_CHARS characters: room for JSON's escapes
+MAX_BODY_BYTES = 4 * MAX_PROMPT_CHARS
 
 
 class UnknownModelName(InvalidRequest):
@@ -241,11 +245,7 @@ def routes(tools) -> list[Route]:
         created = int(time.time())
         route, model_s = "", 0.0
         try:
-            try:
-                body = await request.json()
-            except ValueError:
-                raise InvalidRequest("the body is not JSON") from None
-            chat = parse_request(body)
+            chat = parse_request(await _json_body(request))
             services = tools.services
             arguments = flow_arguments(chat, {m.name for m in services.catalog.models})
             from tasks.preparation import make_request
@@ -286,6 +286,23 @@ def routes(tools) -> list[Route]:
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
     ]
+
+
+async def _json_body(request: Request) -> Any:
+    """The request's JSON, read only up to MAX_BODY_BYTES (a stranger's body is bounded before it
+    is held in memory), or InvalidRequest."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise InvalidRequest(f"the body is {declared} bytes; at most {MAX_BODY_BYTES}")
+    body = bytearray()
+    async for piece in request.stream():
+        body += piece
+        if len(body) > MAX_BODY_BYTES:
+            raise InvalidRequest(f"the body is over {MAX_BODY_BYTES} bytes")
+    try:
+        return json.loads(body)
+    except ValueError:
+        raise InvalidRequest("the body is not JSON") from None
 
 
 def route_of(result: FusionResult) -> str:

@@ -1,6 +1,7 @@
-"""A model server that dies while the OpenAI-compatible API streams its answer: the fragment goes
-on on a fresh server, given the text already sent as the start of its answer, and the client's
-stream continues without an error (real llama-servers, the real `openai` client)."""
+"""The OpenAI-compatible API under stress: a model server that dies while the API streams its
+answer (the fragment goes on on a fresh server, given the text already sent as the start of its
+answer, and the client's stream continues without an error: real llama-servers, the real `openai`
+client), and a body too large to read."""
 
 from __future__ import annotations
 
@@ -53,3 +54,31 @@ async def test_a_model_server_killed_mid_stream_does_not_end_the_clients_stream(
     (fragment,) = finish.model_extra["homeskillet"]["fragments"]
     assert "the next try continues them" in fragment["reason"]
     assert record.server_pid not in {r.server_pid for r in local_models.servers.running()}
+
+
+@pytest.mark.usefixtures("local_services")
+async def test_a_body_over_the_limit_is_refused_without_being_read_whole(test_catalog):
+    import httpx
+
+    from apps.api import MAX_BODY_BYTES
+    from apps.mcp_server import create_app
+    from tests.apps.test_mcp_server import serving
+
+    store = await TokenStore.open(get_settings().pgdata)
+    token_id, token = await store.create("acme")
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+
+    async def endless():  # no Content-Length: the server must stop reading on its own
+        for _ in range(MAX_BODY_BYTES // 2**16 + 2):
+            yield b" " * 2**16
+
+    try:
+        with serving(create_app(test_catalog)) as where:
+            async with httpx.AsyncClient(timeout=60) as http:
+                url = f"http://{where}/v1/chat/completions"
+                declared = await http.post(url, content=b" " * (MAX_BODY_BYTES + 1), headers=headers)
+                streamed = await http.post(url, content=endless(), headers=headers)
+    finally:
+        await store.revoke(token_id)
+    assert declared.status_code == 400 and f"at most {MAX_BODY_BYTES}" in declared.json()["error"]["message"]
+    assert streamed.status_code == 400 and "is over" in streamed.json()["error"]["message"]
