@@ -30,6 +30,8 @@ The attacks come in groups, one module each, in the order they run:
 
 - `tenancy`: the backend and the result store ("backend", "results");
 - `mcp`: the MCP server's tools, resources and sessions ("mcp");
+- `api`: the OpenAI-compatible API: A's name in the body, a made-up key, a model B's covenant
+  forbids, A's allocations in B's answer ("api");
 - `availability`: everyone's share of the server (floods of made-up tokens, sessions and calls, a
   huge prompt, a capacity hog, a revoked token on an open socket) while A's `fuse` keeps within
   its baseline + 2 s, and the metadata a tenant must not see ("availability");
@@ -59,7 +61,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Awaitable, Callable
 
-from apps.isolation import availability, cost, covenant, edge, hostedai, mcp, network, secrets, telemetry, tenancy
+from apps.isolation import api, availability, cost, covenant, edge, hostedai, mcp, network, secrets, telemetry, tenancy
 from apps.isolation.report import OPERATOR, A, Attack, B, Report, Target, broken
 from connectors.ledger import new_allocation_id
 from homeskillet.errors import AllocationNotFound
@@ -74,6 +76,7 @@ LOCAL: tuple[Group, ...] = (
     ("backend", tenancy.backend_attacks),
     ("results", tenancy.result_attacks),
     ("mcp", mcp.attacks),
+    ("api", api.attacks),
     ("availability", availability.attacks),
     ("network", network.attacks),
     ("edge", edge.attacks),

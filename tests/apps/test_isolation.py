@@ -33,6 +33,7 @@ async def test_every_attack_of_one_tenant_on_anothers_work_is_refused(hostedai_t
         "CapacityTimeout as a tenant is told",
         "edge worker /http://127.0.0.1:4200/api/health",
         "edge worker ///169.254.169.254/latest/meta-data/",
+        "POST /v1/chat/completions user=A with B's key",
     } <= paths
     assert any(p.startswith("backend allocate on ") for p in paths)  # the capacity hog
     assert {r.result for r in rows if r.path.startswith(("homeskillet cost-report", "Parquet"))} == {"operator surface"}
