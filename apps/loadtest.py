@@ -13,6 +13,13 @@ hosted·ai emulator in this process (with `--faults`), gives each tenant the emu
 credentials, and retires every subscription at the end. With `--backend replay` the models are
 RouterBench recordings served on loopback (`flows.eval_routing.replay_load`): no model compute,
 so the figures are the orchestration's own ceiling.
+
+With `via="api"` the requests go through `POST /v1/chat/completions` of the API server
+(`apps.mcp_server.create_app`), started in this process on loopback, each tenant with a token
+created for the run and revoked after it. They are streamed, so that the request id (the
+`x-homeskillet-request-id` header, sent with the first text) is known while the request still
+holds its slices, and the sampler checks those too. The API carries the prompt and `max_tokens`
+only, so `via="api"` runs on the local backend.
 """
 
 from __future__ import annotations
@@ -23,8 +30,11 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import httpx
 
 from flows.clients import lend_clients
 from flows.eval_routing import replay_load
@@ -36,6 +46,7 @@ from tasks import runtime
 
 log = logging.getLogger(__name__)
 BACKENDS = ("local", "hostedai", "replay")
+VIAS = ("flow", "api")
 PROMPTS = [
     "What is the capital of France?",
     "Name three primary colors.",
@@ -74,14 +85,23 @@ async def run_load(
     sample_s: float = 0.2,
     emulator_state=None,
     recordings: Path | None = None,
+    via: str = "flow",
 ) -> dict:
     """Run the load and return the figures (see `summary`). With backend hostedai it starts its own
     emulator, unless given the state of one that the tenants' credentials already point to; with
-    backend replay it serves the recordings (a RouterBench file) as the models."""
+    backend replay it serves the recordings (a RouterBench file) as the models. `via`: "flow"
+    (`fuse_request` in this process) or "api" (the API server, in this process on loopback)."""
     if requests < 1 or concurrency < 1 or tenants < 1:
         raise InvalidRequest("requests, concurrency and tenants must each be at least 1")
     if backend not in BACKENDS:
         raise InvalidRequest(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
+    if via not in VIAS:
+        raise InvalidRequest(f"unknown way in {via!r}; known: {', '.join(VIAS)}")
+    if via == "api" and backend != "local":
+        raise InvalidRequest(
+            f"--via api runs on the local backend: the API carries the prompt and max_tokens, not "
+            f"--backend {backend}'s constraints"
+        )
     if (backend == "replay") != (recordings is not None):
         raise InvalidRequest("--backend replay takes --recordings FILE (a RouterBench file), and only it does")
     serving = contextlib.nullcontext()
@@ -90,11 +110,13 @@ async def run_load(
         serving = replay_load(recordings, names, get_settings().home / "loadtest-replay")
     with serving as replay:
         return await _load(
-            requests, concurrency, tenants, backend, faults, max_tokens, sample_s, emulator_state, replay
+            requests, concurrency, tenants, backend, faults, max_tokens, sample_s, emulator_state, replay, via
         )
 
 
-async def _load(requests, concurrency, tenants, backend, faults, max_tokens, sample_s, emulator_state, replay) -> dict:
+async def _load(
+    requests, concurrency, tenants, backend, faults, max_tokens, sample_s, emulator_state, replay, via
+) -> dict:
     services = runtime.services(replay.catalog_path if replay else None)
     names = [t.id for t in services.catalog.tenants]
     if tenants > len(names):
@@ -123,9 +145,11 @@ async def _load(requests, concurrency, tenants, backend, faults, max_tokens, sam
 
     async def one(i: int) -> None:
         tenant = names[i % len(names)]
-        request_id = f"load-{i}-{time.monotonic_ns() % 10**9}"
-        run.tenant_of[request_id] = tenant
         async with own[tenant], gate:
+            if via == "api":
+                return await through_api(i, tenant)
+            request_id = f"load-{i}-{time.monotonic_ns() % 10**9}"
+            run.tenant_of[request_id] = tenant
             started = time.perf_counter()
             try:
                 result = await fuse_request(tenant=tenant, request_id=request_id, **arguments(i))
@@ -140,15 +164,44 @@ async def _load(requests, concurrency, tenants, backend, faults, max_tokens, sam
             if result.tenant != tenant:
                 run.cross_tenant.append(f"request {request_id} of {tenant} answered as {result.tenant}")
 
+    async def through_api(i: int, tenant: str) -> None:
+        """One streamed request as the tenant's client, read to its end."""
+        body = {
+            "model": "homeskillet/auto",
+            "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
+            "max_tokens": max_tokens,
+            "stream": True,
+        }
+        started = time.perf_counter()
+        headers = {"Authorization": f"Bearer {api_tokens[tenant]}"}
+        try:
+            async with http.stream("POST", "/v1/chat/completions", json=body, headers=headers) as response:
+                run.tenant_of[response.headers.get("x-homeskillet-request-id", "")] = tenant
+                if response.status_code != 200:
+                    error = json.loads(await response.aread()).get("error", {})
+                    run.errors[f"HTTP {response.status_code} {error.get('code') or error.get('type')}"] += 1
+                    return
+                problem = await streamed_problem(response.aiter_lines())
+        except httpx.HTTPError as exc:
+            problem = f"unexpected {type(exc).__name__}"
+        if problem:
+            run.errors[problem] += 1
+            return
+        run.latencies.append(time.perf_counter() - started)
+
     started = time.perf_counter()
     try:
         await lend_clients()
-        sampler = asyncio.create_task(_sample(services, run, emulator, stop, sample_s))
-        try:
-            await asyncio.gather(*(one(i) for i in range(requests)))
-        finally:
-            stop.set()
-            await sampler
+        async with contextlib.AsyncExitStack() as api:
+            if via == "api":
+                url, api_tokens = await api.enter_async_context(api_server(names, str(services.catalog_path)))
+                http = await api.enter_async_context(httpx.AsyncClient(base_url=url, timeout=600))
+            sampler = asyncio.create_task(_sample(services, run, emulator, stop, sample_s))
+            try:
+                await asyncio.gather(*(one(i) for i in range(requests)))
+            finally:
+                stop.set()
+                await sampler
         wall = time.perf_counter() - started
         leaked = [a for a in await services.held() if a.request_id in run.tenant_of]
         for allocation in leaked:  # reported, then cleaned up so that the next run starts clean
@@ -172,6 +225,7 @@ async def _load(requests, concurrency, tenants, backend, faults, max_tokens, sam
         "cross_tenant": len(run.cross_tenant),
         "duplicate_subscriptions": len(run.duplicate_subscriptions),
         "backend": backend,
+        "via": via,
         "concurrency": concurrency,
         "tenants": names,
         "samples": run.samples,
@@ -179,6 +233,59 @@ async def _load(requests, concurrency, tenants, backend, faults, max_tokens, sam
         "faults_fired": emulator.fired() if emulator is not None else {},
         "examples": (run.capacity_violations + run.cross_tenant + run.duplicate_subscriptions)[:5],
     }
+
+
+async def streamed_problem(lines: AsyncIterator[str]) -> str | None:
+    """Why a streamed answer failed (its error event, no text, or no `[DONE]`), or None."""
+    text = ""
+    async for line in lines:
+        data = sse_data(line)
+        if data == "[DONE]":
+            return None if text.strip() else "empty answer"
+        if isinstance(data, dict):
+            if "error" in data:
+                return f"stream error {data['error'].get('type')}"
+            text += chunk_text(data)
+    return "stream ended before [DONE]"
+
+
+def sse_data(line: str) -> dict | str | None:
+    """A Server-Sent Events line's data: the JSON object, "[DONE]", or None for any other line."""
+    if not line.startswith("data:"):
+        return None
+    data = line[5:].strip()
+    return data if data == "[DONE]" else json.loads(data)
+
+
+def chunk_text(chunk: dict) -> str:
+    """The content a `chat.completion.chunk` adds ("" for the role, the last and the usage chunk)."""
+    return "".join(choice.get("delta", {}).get("content") or "" for choice in chunk.get("choices", []))
+
+
+@contextlib.asynccontextmanager
+async def api_server(tenants: list[str], catalog_path: str | None = None) -> AsyncIterator[tuple[str, dict[str, str]]]:
+    """The API server (every surface, as `homeskillet serve`) on a loopback port in a thread of
+    this process, and a token per tenant: (base URL, tenant → token). The tokens are revoked on
+    the way out, whatever happened."""
+    from apps.mcp_server import create_app
+    from connectors.processes import serve_in_thread
+    from connectors.tokens import TokenStore
+
+    store = await TokenStore.open(get_settings().pgdata)
+    made: list[str] = []
+    serving = contextlib.ExitStack()
+    try:
+        tokens = {}
+        for tenant in tenants:
+            token_id, tokens[tenant] = await store.create(tenant)
+            made.append(token_id)
+        url = await asyncio.to_thread(serving.enter_context, serve_in_thread(create_app(catalog_path), "API server"))
+        yield url, tokens
+    finally:
+        await asyncio.to_thread(serving.close)
+        for token_id in made:
+            await store.revoke(token_id)
+        await store.close()
 
 
 async def _sample(services, run: Run, emulator, stop: asyncio.Event, every_s: float) -> None:
@@ -275,7 +382,7 @@ def report(figures: dict) -> str:
     lat = figures["latency_s"]
     lines = [
         f"{figures['requests']} requests, {figures['concurrency']} at once, tenants {', '.join(figures['tenants'])}, "
-        f"backend {figures['backend']}: {figures['ok']} answered in {figures['wall_s']:.1f}s ({figures['rps']} req/s)",
+        f"backend {figures['backend']}, via {figures['via']}: {figures['ok']} answered in {figures['wall_s']:.1f}s ({figures['rps']} req/s)",
         f"latency p50 {lat['p50']}s  p95 {lat['p95']}s  p99 {lat['p99']}s",
         f"errors: {figures['errors'] or 'none'}",
         f"invariants over {figures['samples']} samples: leaked {figures['leaked_allocations']}, capacity violations "

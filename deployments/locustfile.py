@@ -1,17 +1,23 @@
 """Locust load on Homeskillet's real entry points: the MCP server over Streamable HTTP and over
-WebSocket, and the fuse-request deployment through Prefect's REST API.
+WebSocket, the OpenAI-compatible API streaming `POST /v1/chat/completions`, and the fuse-request
+deployment through Prefect's REST API.
 
     HOMESKILLET_LOAD_TOKENS=acme:hsk_…,globex:hsk_… \\
     HOMESKILLET_LOAD_MCP=http://127.0.0.1:8765 \\
+    HOMESKILLET_LOAD_API=http://127.0.0.1:8000 \\
     HOMESKILLET_LOAD_PREFECT=http://127.0.0.1:4200/api \\
     locust -f deployments/locustfile.py --headless -u 16 -r 4 -t 2m
 
 Each simulated user is one tenant's client (tokens from `homeskillet tokens create T`, taken in
-turn). Leave HOMESKILLET_LOAD_PREFECT unset to load the MCP server only, or HOMESKILLET_LOAD_MCP
-unset for deployments only (HOMESKILLET_LOAD_DEPLOYMENT, default fuse-request/fuse-request).
-HOMESKILLET_LOAD_CONSTRAINTS (JSON) is passed with every request;
-HOMESKILLET_LOAD_WEIGHTS=http:ws:deployment sets the users' mix (default 3:3:1). A request is a
-failure when its answer is an error or empty; Locust's own statistics give rps and percentiles.
+turn). A user kind runs only when its server is named: HOMESKILLET_LOAD_MCP (the MCP users),
+HOMESKILLET_LOAD_API (the streaming API user; `homeskillet serve` serves both on one port) and
+HOMESKILLET_LOAD_PREFECT (deployments: HOMESKILLET_LOAD_DEPLOYMENT, default
+fuse-request/fuse-request). HOMESKILLET_LOAD_CONSTRAINTS (JSON) is passed with every MCP and
+deployment request (the API request carries its `max_tokens`); HOMESKILLET_LOAD_MODEL is the API
+request's `model` (default homeskillet/auto). HOMESKILLET_LOAD_WEIGHTS=http:ws:deployment:api
+sets the users' mix (default 3:3:1:3). A request is a failure when its answer is an error or
+empty; Locust's own statistics give rps and percentiles, and the streaming user's time to first
+token is its own request name, "api-stream first token".
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import json
 import os
 import time
 
+import requests
 from locust import HttpUser, User, between, events, task
 
 PROMPTS = [
@@ -31,10 +38,13 @@ PROMPTS = [
 ]
 TOKENS = [pair.split(":", 1) for pair in os.environ.get("HOMESKILLET_LOAD_TOKENS", "").split(",") if ":" in pair]
 MCP = os.environ.get("HOMESKILLET_LOAD_MCP", "").rstrip("/")
+API = os.environ.get("HOMESKILLET_LOAD_API", "").rstrip("/")
+API_MODEL = os.environ.get("HOMESKILLET_LOAD_MODEL", "homeskillet/auto")
 PREFECT = os.environ.get("HOMESKILLET_LOAD_PREFECT", "").rstrip("/")
 DEPLOYMENT = os.environ.get("HOMESKILLET_LOAD_DEPLOYMENT", "fuse-request/fuse-request")
 CONSTRAINTS = json.loads(os.environ.get("HOMESKILLET_LOAD_CONSTRAINTS", "{}"))
-WEIGHTS = [int(w) for w in os.environ.get("HOMESKILLET_LOAD_WEIGHTS", "3:3:1").split(":")]
+_weights = [int(w) for w in os.environ.get("HOMESKILLET_LOAD_WEIGHTS", "3:3:1:3").split(":")]
+WEIGHTS = _weights + [3, 3, 1, 3][len(_weights) :]  # the kinds a shorter mix leaves out: their defaults
 _next_token = itertools.cycle(TOKENS or [("", "")])
 _prompts = itertools.cycle(PROMPTS)
 INITIALIZE = {
@@ -199,4 +209,75 @@ class DeploymentUser(HttpUser):
             response_time=(time.perf_counter() - started) * 1000,
             response_length=0,
             exception=None if state == "COMPLETED" else RuntimeError(f"flow run {state}"),
+        )
+
+
+def streamed_text(lines) -> tuple[float | None, str, str | None]:
+    """Read a `chat.completion.chunk` stream to `data: [DONE]`: (seconds to its first content,
+    from the first line read; the text; why it failed, or None)."""
+    started, first, text = time.perf_counter(), None, ""
+    for line in lines:
+        if not line.startswith("data:"):
+            continue
+        data = line[5:].strip()
+        if data == "[DONE]":
+            return first, text, None if text.strip() else "empty answer"
+        chunk = json.loads(data)
+        if "error" in chunk:
+            return first, text, f"stream error {chunk['error'].get('type')}: {chunk['error'].get('message')}"
+        piece = "".join(c.get("delta", {}).get("content") or "" for c in chunk.get("choices", []))
+        if piece and first is None:
+            first = time.perf_counter() - started
+        text += piece
+    return first, text, "the stream ended before [DONE]"
+
+
+class ApiStreamUser(User):
+    """A tenant's OpenAI-style client streaming `POST /v1/chat/completions` (`stream: true`) and
+    reading it to `[DONE]`: "api-stream chat" is the whole answer, "api-stream first token" the
+    time from sending the request to its first content token."""
+
+    abstract = not API
+    weight = WEIGHTS[3]
+    wait_time = between(0.1, 0.5)
+
+    def on_start(self) -> None:
+        self.tenant, token = next(_next_token)
+        self.session = requests.Session()
+        self.session.headers["Authorization"] = f"Bearer {token}"
+
+    def on_stop(self) -> None:
+        self.session.close()
+
+    @task
+    def chat_stream(self) -> None:
+        body = {"model": API_MODEL, "messages": [{"role": "user", "content": next(_prompts)}], "stream": True}
+        if "max_tokens" in CONSTRAINTS:
+            body["max_tokens"] = CONSTRAINTS["max_tokens"]
+        started = time.perf_counter()
+        first, text, problem = None, "", None
+        try:
+            with self.session.post(f"{API}/v1/chat/completions", json=body, stream=True, timeout=600) as response:
+                if response.status_code != 200:
+                    problem = f"HTTP {response.status_code}: {response.text[:300]}"
+                else:
+                    to_headers = time.perf_counter() - started
+                    first, text, problem = streamed_text(response.iter_lines(decode_unicode=True))
+                    first = None if first is None else to_headers + first
+        except (requests.RequestException, ValueError) as exc:  # a dropped connection, a malformed event
+            problem = f"{type(exc).__name__}: {exc}"
+        if first is not None:
+            events.request.fire(
+                request_type="SSE",
+                name="api-stream first token",
+                response_time=first * 1000,
+                response_length=0,
+                exception=None,
+            )
+        events.request.fire(
+            request_type="SSE",
+            name="api-stream chat",
+            response_time=(time.perf_counter() - started) * 1000,
+            response_length=len(text),
+            exception=RuntimeError(problem) if problem else None,
         )

@@ -14,7 +14,7 @@ import typer
 from rich.table import Table
 
 from apps.cli.running import console, fail, run_flows, use_local_prefect
-from homeskillet.errors import HomeskilletError
+from homeskillet.errors import HomeskilletError, InvalidRequest
 from homeskillet.settings import get_settings
 
 
@@ -73,17 +73,29 @@ def cost_report(since_days: Annotated[int, typer.Option(help="Telemetry of the l
 
 def bench_overhead(
     repeats: Annotated[int, typer.Option(min=1, help="Runs of each side.")] = 3,
-    max_tokens: Annotated[int, typer.Option(min=1, help="Output tokens per fragment.")] = 48,
+    max_tokens: Annotated[
+        int | None, typer.Option(min=1, help="Output tokens per fragment (default 48; with --via api 256).")
+    ] = None,
     concurrency: Annotated[int, typer.Option(min=1, help="Single-fragment requests at once, in the second part.")] = 8,
+    via: Annotated[
+        str,
+        typer.Option(
+            help="flow, or api: also the same requests through POST /v1/chat/completions of an API server "
+            "started here on loopback, answered whole and streamed (the `api` figures)."
+        ),
+    ] = "flow",
     as_json: Annotated[bool, typer.Option("--json", help="End with one JSON line of the headline figures.")] = False,
 ) -> None:
     """Orchestration overhead: the same fragments through fuse_request and as direct llama.cpp calls,
-    one request at a time and CONCURRENCY at once."""
+    one request at a time and CONCURRENCY at once; with --via api, through the API as well."""
+    if via not in ("flow", "api"):
+        fail(InvalidRequest(f"--via {via!r}: flow or api"))
+    tokens = max_tokens or (256 if via == "api" else 48)
     try:
         use_local_prefect()
         from apps.overhead import report, run_benchmark, summary_line
 
-        figures = run_flows(run_benchmark(repeats=repeats, max_tokens=max_tokens, concurrency=concurrency))
+        figures = run_flows(run_benchmark(repeats=repeats, max_tokens=tokens, concurrency=concurrency, via=via))
     except HomeskilletError as exc:
         fail(exc)
     console.print(report(figures), highlight=False, markup=False)
@@ -136,6 +148,13 @@ def loadtest(
         Path | None,
         typer.Option(exists=True, dir_okay=False, help="A RouterBench file (CSV or Parquet) for --backend replay."),
     ] = None,
+    via: Annotated[
+        str,
+        typer.Option(
+            help="flow (fuse_request in this process) or api (POST /v1/chat/completions of an API server "
+            "started here on loopback, streamed, a token per tenant; local backend only)."
+        ),
+    ] = "flow",
     as_json: Annotated[bool, typer.Option("--json", help="End with one JSON line of the figures.")] = False,
 ) -> None:
     """Load through the real flow from several tenants, checking capacity, isolation, leaks and
@@ -145,7 +164,7 @@ def loadtest(
         from apps.loadtest import report, run_load, summary, violated
 
         figures = run_flows(
-            run_load(requests, concurrency, tenants, backend, faults, max_tokens, recordings=recordings)
+            run_load(requests, concurrency, tenants, backend, faults, max_tokens, recordings=recordings, via=via)
         )
     except HomeskilletError as exc:
         fail(exc)

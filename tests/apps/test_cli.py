@@ -202,3 +202,19 @@ async def test_a_signal_mid_inference_cancels_the_run_and_releases(signum, test_
     assert await ended_as([a.allocation_id for a in held]) == {"released"}  # by its rollback hooks
     (flow_run,) = await _runs_since("fuse-acme", since)
     assert flow_run["state"]["type"] in ("CANCELLED", "CRASHED"), flow_run["state"]
+
+
+def test_bench_overhead_via_the_api_adds_its_figures_to_the_json_line_and_revokes_its_token():
+    done = cli("bench-overhead", "--via", "api", "--repeats", "1", "--max-tokens", "8", "--concurrency", "2", "--json")
+    assert done.returncode == 0, done.stderr
+    line = json.loads(done.stdout.strip().splitlines()[-1])
+    assert {"overhead_ratio", "overhead_ms_p50", "concurrent"} <= line.keys()  # the flow's figures stay
+    api = line["api"]
+    assert api["requests"] == 2 and api["max_tokens"] == 8
+    assert api["ratio"] > 0 and api["ttft_ms_p50"] > 0 and api["direct_ttft_ms_p50"] > 0
+    assert api["completion_tokens"]["api"] > 0 and api["completion_tokens"]["direct"] > 0
+    cpu = api["cpu_ms_per_fragment"]
+    assert cpu["flow_process"] > 0 and cpu["prefect_server"] > 0  # the Prefect server's pid was found
+    assert "through the API" in done.stdout
+    tokens = json.loads(cli("tokens", "list", "--tenant", "demo", "--json").stdout)
+    assert tokens and all(t["revoked_at"] for t in tokens)  # the run's token lived for the run only

@@ -4,10 +4,12 @@ import asyncio
 
 import pytest
 
-from apps.loadtest import Run, _sample, quantile, run_load
+from apps.loadtest import Run, _sample, chunk_text, quantile, run_load, sse_data, streamed_problem
 from connectors.ledger import new_allocation_id
+from connectors.tokens import TokenStore
 from homeskillet.errors import InvalidRequest
 from homeskillet.settings import RECORDINGS as ROUTERBENCH
+from homeskillet.settings import get_settings
 from tasks import runtime
 
 INVARIANTS = ("leaked_allocations", "capacity_violations", "cross_tenant", "duplicate_subscriptions")
@@ -32,6 +34,20 @@ async def test_a_small_load_on_the_local_models_keeps_every_invariant(assert_no_
 
 
 @pytest.mark.usefixtures("local_services")  # flows
+async def test_a_small_load_through_the_api_keeps_every_invariant_and_revokes_its_tokens(assert_no_leaks):
+    store = await TokenStore.open(get_settings().pgdata)
+    before = {t["token_id"] for t in await store.list()}
+    figures = await run_load(requests=4, concurrency=2, tenants=2, max_tokens=8, sample_s=0.05, via="api")
+    made = [t for t in await store.list() if t["token_id"] not in before]
+    await store.close()
+    assert figures["ok"] == 4, figures["errors"]
+    assert figures["via"] == "api" and figures["samples"] > 0
+    assert broken(figures) == {}
+    assert sorted(t["tenant"] for t in made) == ["acme", "demo"]  # a token per tenant, for the run only
+    assert all(t["revoked_at"] is not None for t in made)
+
+
+@pytest.mark.usefixtures("local_services")  # flows
 async def test_a_replayed_load_answers_from_the_recordings_and_keeps_every_invariant(assert_no_leaks):
     figures = await run_load(
         requests=9, concurrency=3, tenants=3, backend="replay", recordings=RECORDINGS, sample_s=0.05
@@ -47,11 +63,36 @@ async def test_a_replayed_load_answers_from_the_recordings_and_keeps_every_invar
         ("replay", None, "--recordings"),
         ("local", RECORDINGS, "--recordings"),
         ("gpu-farm", None, "unknown backend 'gpu-farm'"),
+        ("hostedai", None, "--via api runs on the local backend"),
     ],
 )
 async def test_a_load_that_cannot_run_as_asked_says_why(backend, recordings, problem):
+    via = "api" if "--via" in problem else "flow"
     with pytest.raises(InvalidRequest, match=problem):
-        await run_load(requests=1, concurrency=1, tenants=1, backend=backend, recordings=recordings)
+        await run_load(requests=1, concurrency=1, tenants=1, backend=backend, recordings=recordings, via=via)
+    with pytest.raises(InvalidRequest, match="unknown way in 'carrier-pigeon'"):
+        await run_load(requests=1, concurrency=1, tenants=1, via="carrier-pigeon")
+
+
+def lines(*texts: str):
+    async def each():
+        for text in texts:
+            yield text
+
+    return each()
+
+
+async def test_a_streamed_answer_is_read_to_its_done_and_its_failures_are_named():
+    role = 'data: {"choices": [{"delta": {"role": "assistant", "content": ""}}]}'
+    text = 'data: {"choices": [{"delta": {"content": "Paris."}}]}'
+    assert sse_data(": keep-alive") is None and sse_data("data: [DONE]") == "[DONE]"
+    assert chunk_text(sse_data(role)) == "" and chunk_text(sse_data(text)) == "Paris."
+    assert chunk_text({"choices": [], "usage": {"completion_tokens": 2}}) == ""
+    assert await streamed_problem(lines(role, "", text, "", "data: [DONE]")) is None
+    assert await streamed_problem(lines(role, "data: [DONE]")) == "empty answer"
+    assert await streamed_problem(lines(role, text)) == "stream ended before [DONE]"
+    error = 'data: {"error": {"message": "x", "type": "server_error"}}'
+    assert await streamed_problem(lines(role, text, error, "data: [DONE]")) == "stream error server_error"
 
 
 @pytest.mark.usefixtures("postgres")  # the ledger
