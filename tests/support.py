@@ -20,7 +20,7 @@ import yaml
 
 from connectors.hostedai import HostedAIClient, Policy
 from connectors.processes import free_port, serve_in_thread
-from homeskillet.schemas import Fragment, HostedAICredentials, Plan
+from homeskillet.schemas import Fragment, FragmentResult, HostedAICredentials, Plan, Timings
 
 __all__ = [
     "HOMESKILLET",
@@ -76,6 +76,24 @@ def emulator_client(emulator, tenant: str = "acme", **kwargs) -> HostedAIClient:
 def frag(fid, text, deps=()):
     """A chat fragment, depending on the fragments named in deps."""
     return Fragment(id=fid, text=text, task_type="chat", depends_on=list(deps), est_prompt_tokens=3)
+
+
+def fragment_result(fid: str, text: str = "", cost: float = 0.5, infer_s: float = 0.0, tokens=(1, 2)):
+    """A fragment's result on model m, pool p, with this text, cost, inference time and tokens (in, out)."""
+    return FragmentResult(
+        fragment_id=fid,
+        task_type="chat",
+        text=text,
+        model="m",
+        pool="p",
+        tier="dedicated",
+        allocation_id=f"alloc-{fid}",
+        tokens_in=tokens[0],
+        tokens_out=tokens[1],
+        timings=Timings(infer_s=infer_s),
+        cost_usd=cost,
+        reason="r",
+    )
 
 
 def plan(*pairs):

@@ -22,9 +22,9 @@ from apps.api import (
 )
 from connectors.tokens import TokenStore
 from homeskillet.errors import CapacityTimeout, CovenantViolation, InvalidRequest, TooManyRequests
-from homeskillet.schemas import FragmentResult, FusionResult, Timings
+from homeskillet.schemas import FragmentResult, FusionResult
 from homeskillet.settings import get_settings
-from tests.support import write_catalog
+from tests.support import fragment_result, write_catalog
 
 USER = [{"role": "user", "content": "What is the capital of France? Who wrote Hamlet?"}]
 
@@ -100,22 +100,8 @@ def test_errors_get_the_status_codes_the_sdk_maps_to_its_exceptions():
     assert "secret" not in error_of(RuntimeError("upstream said secret things"), "api-1")[1]["error"]["message"]
 
 
-def fragment(fid: str, infer_s: float, tokens=(5, 7)) -> FragmentResult:
-    return FragmentResult(
-        fragment_id=fid,
-        task_type="chat",
-        text=fid,
-        model="echo",
-        backend="local",
-        pool="roomy",
-        tier="preemptible",
-        allocation_id=f"alloc-{fid}",
-        tokens_in=tokens[0],
-        tokens_out=tokens[1],
-        timings=Timings(allocate_s=0.01, infer_s=infer_s, release_s=0.01),
-        cost_usd=0.001,
-        reason="cheapest",
-    )
+def fragment(fid: str, infer_s: float) -> FragmentResult:
+    return fragment_result(fid, fid, cost=0.001, infer_s=infer_s, tokens=(5, 7))
 
 
 def test_model_time_counts_fragments_that_run_at_once_once_and_chains_in_full():

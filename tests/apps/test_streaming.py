@@ -10,8 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from apps.streaming import FusedStream
-from homeskillet.schemas import Fragment, FragmentResult, Plan, Timings
+from homeskillet.schemas import Fragment, Plan
 from tasks.fusion import fuse_results
+from tests.support import fragment_result
 
 
 def plan(texts: list[str], fusion: str = "ordered") -> Plan:
@@ -23,23 +24,7 @@ def plan(texts: list[str], fusion: str = "ordered") -> Plan:
 
 
 def answer_of(p: Plan, answers: dict[str, str]) -> str:
-    results = {
-        fid: FragmentResult(
-            fragment_id=fid,
-            task_type="chat",
-            text=text,
-            model="m",
-            pool="p",
-            tier="dedicated",
-            allocation_id="a",
-            tokens_in=1,
-            tokens_out=1,
-            timings=Timings(allocate_s=0, infer_s=0, release_s=0),
-            cost_usd=0,
-            reason="",
-        )
-        for fid, text in answers.items()
-    }
+    results = {fid: fragment_result(fid, text) for fid, text in answers.items()}
     return fuse_results(p, results, "t", 0.0).answer
 
 
