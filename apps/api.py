@@ -235,8 +235,9 @@ def error_of(exc: BaseException, request_id: str) -> tuple[int, dict[str, Any], 
     return status, {"error": {"message": message, "type": kind, "param": param, "code": code}}, headers
 
 
-def routes(tools) -> list[Route]:
-    """The /v1 routes over the MCP server's `Tools` (catalog, token store, `run_request`)."""
+def routes(tools, guards) -> list[Route]:
+    """The /v1 routes over the MCP server's `Tools` (catalog, token store, `run_request`) and its
+    `Guards` (each call counts against its tenant's rate, as an MCP tool call does)."""
 
     async def chat_completions(request: Request) -> Response:
         started = time.perf_counter()
@@ -245,6 +246,7 @@ def routes(tools) -> list[Route]:
         created = int(time.time())
         route, model_s = "", 0.0
         try:
+            guards.call(tenant)
             chat = parse_request(await _json_body(request))
             services = tools.services
             arguments = flow_arguments(chat, {m.name for m in services.catalog.models})
@@ -259,8 +261,11 @@ def routes(tools) -> list[Route]:
                 context=arguments["context"],
             )  # refused here, before a flow run exists
             if chat.stream:
-                return await streamed(tools, tenant, request_id, chat, arguments, created, started)
-            result = await tools.run_request(tenant, request_id, "api", **arguments)
+                return await streamed(request, tools, tenant, request_id, chat, arguments, created, started)
+            run = asyncio.create_task(tools.run_request(tenant, request_id, "api", **arguments))
+            if await _gone_first(request, run):
+                return Response(status_code=499)  # nobody reads it: the run is cancelled, its slices released
+            result = run.result()
             model_s = model_seconds(result)
             route = route_of(result)
             status, payload, headers = 200, completion(chat, result, created), {}
@@ -274,6 +279,11 @@ def routes(tools) -> list[Route]:
         from tasks.covenant import restrict
 
         tenant = request.scope["state"]["homeskillet_tenant"]
+        try:
+            guards.call(tenant)
+        except TooManyRequests as exc:
+            status, payload, headers = error_of(exc, "models")
+            return JSONResponse(payload, status_code=status, headers=headers)
         services = tools.services
         covenant = services.covenant(tenant)
         allowed, _ = restrict(services.catalog, covenant)
@@ -327,7 +337,14 @@ STARTS = ("token", "answered")
 
 
 async def streamed(
-    tools, tenant: str, request_id: str, chat: ChatRequest, arguments: dict, created: int, started: float
+    request: Request,
+    tools,
+    tenant: str,
+    request_id: str,
+    chat: ChatRequest,
+    arguments: dict,
+    created: int,
+    started: float,
 ):
     events: asyncio.Queue[dict] = asyncio.Queue()
 
@@ -337,13 +354,17 @@ async def streamed(
 
     run = asyncio.create_task(tools.run_request(tenant, request_id, "api", heard, stream=True, **arguments))
     fused, pending = FusedStream(), []
+    gone = asyncio.ensure_future(_disconnected(request))  # until the response starts; then Starlette's
     try:
-        while True:  # until the first text, or the end
-            event = await _next(events, run)
+        while True:  # until the first text of the answer, or the end
+            event = await _next(events, run, gone)
+            if gone.done():
+                await _cancelled(run)
+                return Response(status_code=499)  # nobody reads it
             if event is None:
                 break
-            pending.append(fused.feed(event))
-            if event["event"] in STARTS:
+            pending.append(delta := fused.feed(event))
+            if event["event"] in STARTS and delta:
                 break
         if event is None and run.exception() is not None:
             status, payload, headers = error_of(run.exception(), request_id)
@@ -353,6 +374,8 @@ async def streamed(
     except BaseException:
         await _cancelled(run)
         raise
+    finally:
+        gone.cancel()
 
     chunk = _chunker(request_id, chat.model, created)
 
@@ -393,13 +416,14 @@ async def streamed(
     )
 
 
-async def _next(events: asyncio.Queue, run: asyncio.Task) -> dict | None:
-    """The run's next event, or None once it ended and every event was taken."""
+async def _next(events: asyncio.Queue, run: asyncio.Task, *also: asyncio.Future) -> dict | None:
+    """The run's next event, or None once it ended and every event was taken (or one of `also`
+    ended first)."""
     if not events.empty():
         return events.get_nowait()
     getter = asyncio.ensure_future(events.get())
     try:
-        done, _ = await asyncio.wait({run, getter}, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait({run, getter, *also}, return_when=asyncio.FIRST_COMPLETED)
     except BaseException:
         getter.cancel()
         raise
@@ -407,6 +431,28 @@ async def _next(events: asyncio.Queue, run: asyncio.Task) -> dict | None:
         return getter.result()
     getter.cancel()
     return events.get_nowait() if not events.empty() else None
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client goes away (its body was read already: what comes is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _gone_first(request: Request, run: asyncio.Task) -> bool:
+    """Wait for the run; True (the run cancelled, its slices released) when the client went away first."""
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({run, gone}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        await _cancelled(run)
+        raise
+    finally:
+        gone.cancel()
+    if run.done():
+        return False
+    await _cancelled(run)
+    return True
 
 
 async def _cancelled(run: asyncio.Task) -> None:

@@ -113,9 +113,10 @@ class Tools:
     store (`store`, opened on the first request when not given). Each is a plain method: it can
     be imported, read and called on its own."""
 
-    def __init__(self, catalog_path: str | None, store: TokenStore | None = None):
+    def __init__(self, catalog_path: str | None, store: TokenStore | None = None, settings: Settings | None = None):
         self.catalog_path = catalog_path
         self.store = store
+        self.settings = settings or get_settings()  # the server's limits (`tenant_max_requests`)
 
     @property
     def services(self):
@@ -183,12 +184,24 @@ class Tools:
         released before the cancellation goes on; failed, its leftovers are released and the error
         raised (logged here in full: surfaces show tenants `public_message`).
 
-        The request is admitted first (`Ledger.admit`: the covenant's max_concurrent_requests,
-        counted in PostgreSQL over every server process): beyond the cap, CovenantViolation at
-        once, and no flow run is made for it. It counts as running until its flow run has ended."""
+        The request is admitted first (`Ledger.admit`: the covenant's max_concurrent_requests, or
+        the server's `tenant_max_requests` where the covenant sets none, counted in PostgreSQL
+        over every server process): beyond the cap, CovenantViolation at once, and no flow run is
+        made for it. It counts as running until its flow run has ended."""
+        from connectors.ledger import new_request_key
+
         services = self.services
         ledger = await services.ledger()
-        admitted = await ledger.admit(tenant, request_id, services.covenant(tenant))
+        admitted = new_request_key()
+        try:
+            # shielded: cancelled while its commit is under way, the row could land unended
+            await asyncio.shield(
+                ledger.admit(tenant, request_id, services.covenant(tenant), self.settings.tenant_max_requests, admitted)
+            )
+        except asyncio.CancelledError:
+            with anyio.CancelScope(shield=True):
+                await ledger.end_request(admitted)
+            raise
         try:
             return await self._run(tenant, request_id, surface, on_event, admitted=admitted, **arguments)
         finally:
@@ -442,8 +455,8 @@ class BearerAuth:
                 return await self.app(scope, receive, send)
             with self.guards.in_session(session):  # not over while a request (or stream) of it runs
                 return await self.app(scope, receive, send)
-        elif scope["method"] == "POST":
-            self.guards.session_opening(tenant)  # a POST without a session opens one
+        elif scope["method"] == "POST" and scope.get("path") == "/mcp":
+            self.guards.session_opening(tenant)  # a POST to MCP without a session opens one
 
         async def send_and_bind(message):
             if message["type"] == "http.response.start":
@@ -488,7 +501,7 @@ def create_app(
     """The ASGI app. `store`: an opened TokenStore (default: opened on first request); `settings`:
     its limits (default: the process's settings)."""
     settings = settings or get_settings()
-    tools = Tools(catalog_path, store)
+    tools = Tools(catalog_path, store, settings)
     guards = Guards(settings)
     mcp = build_mcp(tools)
     mcp.guards = guards
@@ -506,7 +519,7 @@ def create_app(
             await lowlevel.run(read, write, lowlevel.create_initialization_options())
 
     app.router.routes.append(WebSocketRoute("/ws", ws_endpoint))
-    app.router.routes.extend(api_routes(tools))  # the OpenAI-compatible front door, beside MCP
+    app.router.routes.extend(api_routes(tools, guards))  # the OpenAI-compatible front door, beside MCP
     app.router.routes.append(Route("/healthz", _healthz, methods=["GET"]))
     auth = BearerAuth(app, tools, guards)
     subscribed: list[TokenStore] = []

@@ -132,6 +132,11 @@ def new_allocation_id() -> str:
     return "alloc-" + secrets.token_urlsafe(16)
 
 
+def new_request_key() -> str:
+    """The key a running request is recorded under (`admit`, `end_request`)."""
+    return "req-" + secrets.token_urlsafe(12)
+
+
 def holder_id() -> str:
     """This process, in a form that tells a live holder from a dead one (pids get reused)."""
     pid = psutil.Process().pid
@@ -374,16 +379,22 @@ class Ledger:
         live = [r for r in rows if alive[r["holder"]]]
         return sum(r["tflops"] for r in live), sum(r["vram_gb"] for r in live)
 
-    async def admit(self, tenant: str, request_id: str, covenant: Covenant) -> str:
+    async def admit(
+        self, tenant: str, request_id: str, covenant: Covenant, default_cap: int | None = None, key: str | None = None
+    ) -> str:
         """Start a request under the tenant's covenant: sync its quota to the tenant row, refuse
-        with CovenantViolation when max_concurrent_requests run already (in any live process),
-        else record it as running. Returns the key to `end_request` with."""
-        key = "req-" + secrets.token_urlsafe(12)
-        await self._admit(key, tenant, request_id, covenant)
+        with CovenantViolation when max_concurrent_requests (else `default_cap`, a server's cap
+        for covenants that set none) run already (in any live process), else record it as
+        running. Returns the key to `end_request` with (`key`: one the caller chose, so that it
+        can end a request whose admission it stopped waiting for)."""
+        key = key or new_request_key()
+        await self._admit(key, tenant, request_id, covenant, default_cap)
         return key
 
     @_reconnecting
-    async def _admit(self, key: str, tenant: str, request_id: str, covenant: Covenant) -> None:
+    async def _admit(
+        self, key: str, tenant: str, request_id: str, covenant: Covenant, default_cap: int | None = None
+    ) -> None:
         async with self._connect() as conn:
             async with conn.transaction():
                 if await conn.fetchval("SELECT 1 FROM requests WHERE id = $1", key):
@@ -396,7 +407,9 @@ class Ledger:
                     covenant.max_vram_gb,
                     covenant.version,
                 )
-                limit = covenant.max_concurrent_requests
+                limit = (
+                    covenant.max_concurrent_requests if covenant.max_concurrent_requests is not None else default_cap
+                )
                 if limit is not None:
                     running = len(await self._running(conn, tenant))
                     if running >= limit:

@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     )
     tenant_max_connections: int = Field(16, ge=1, description="One tenant's WebSockets and HTTP requests open at once.")
     tenant_max_sessions: int = Field(8, ge=1, description="One tenant's Streamable HTTP sessions open at once.")
+    tenant_max_requests: int = Field(
+        8, ge=1, description="Requests one tenant runs at once where its covenant sets no max_concurrent_requests."
+    )
     tenant_rate: str = Field("30/second", description="One tenant's tool calls and resource reads (a moving window).")
     connection_max_in_flight: int = Field(8, ge=1, description="Requests in flight on one WebSocket.")
     connection_max_s: float = Field(3600.0, gt=0, description="The longest a WebSocket or stream stays open.")

@@ -82,3 +82,67 @@ async def test_a_body_over_the_limit_is_refused_without_being_read_whole(test_ca
         await store.revoke(token_id)
     assert declared.status_code == 400 and f"at most {MAX_BODY_BYTES}" in declared.json()["error"]["message"]
     assert streamed.status_code == 400 and "is over" in streamed.json()["error"]["message"]
+
+
+@pytest.mark.usefixtures("local_services")
+async def test_a_client_that_goes_away_before_a_whole_answer_cancels_the_run(
+    test_catalog, monkeypatch, assert_no_leaks
+):
+    """Not streamed: the client gives up while the fragments run; the run is cancelled and its
+    slices are released at once, not when the answer would have come."""
+    import httpx
+
+    from apps.mcp_server import create_app
+    from tests.apps.test_mcp_server import serving
+
+    monkeypatch.setenv("ECHO_DELAY_S", "20")
+    store = await TokenStore.open(get_settings().pgdata)
+    token_id, token = await store.create("acme")
+    body = {"model": "echo", "messages": [{"role": "user", "content": "Say one. Say two."}]}
+    try:
+        with serving(create_app(test_catalog)) as where:
+            async with httpx.AsyncClient() as http:
+                with pytest.raises(httpx.ReadTimeout):
+                    await http.post(
+                        f"http://{where}/v1/chat/completions",
+                        json=body,
+                        headers={"Authorization": f"Bearer {token}"},
+                        timeout=3,
+                    )
+            services = runtime.services(test_catalog)
+            for _ in range(100):  # released well before the 20 s answers
+                if not await services.held("acme"):
+                    break
+                await asyncio.sleep(0.1)
+            assert await services.held("acme") == []
+    finally:
+        await store.revoke(token_id)
+
+
+@pytest.mark.usefixtures("local_services")
+async def test_each_api_call_counts_against_the_tenants_rate_and_a_server_cap_holds_without_a_covenant_one(
+    test_catalog, monkeypatch, assert_no_leaks
+):
+    from apps.mcp_server import create_app
+    from homeskillet.settings import Settings
+    from tests.apps.test_mcp_server import serving
+
+    store = await TokenStore.open(get_settings().pgdata)
+    token_id, token = await store.create("acme")  # acme's covenant sets no max_concurrent_requests
+    tight = Settings(tenant_rate="3/minute", tenant_max_requests=1)
+    messages = [{"role": "user", "content": "Say hi."}]
+    try:
+        with serving(create_app(test_catalog, settings=tight)) as where:
+            client = openai.AsyncOpenAI(base_url=f"http://{where}/v1", api_key=token, max_retries=0, timeout=60)
+            monkeypatch.setenv("ECHO_DELAY_S", "2")
+            outcomes = await asyncio.gather(
+                *(client.chat.completions.create(model="echo", messages=messages, max_tokens=4) for _ in range(2)),
+                return_exceptions=True,
+            )
+            refused = [o for o in outcomes if isinstance(o, openai.RateLimitError)]
+            assert len(refused) == 1 and "max_concurrent_requests: limit 1 at once" in str(refused[0])
+            with pytest.raises(openai.RateLimitError, match="over its rate of 3/minute"):
+                await client.models.list()  # the third and fourth calls of the minute
+                await client.models.list()
+    finally:
+        await store.revoke(token_id)
