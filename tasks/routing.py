@@ -214,6 +214,13 @@ class Stream:
         return self.prefill + "".join(self.pieces)
 
 
+def continues_prefill(model: ModelSpec) -> bool:
+    """Whether a model continues an answer it is given the start of: llama.cpp's server does (a
+    final assistant message), and so does any completion prompt; another OpenAI-compatible server
+    may start a fresh answer."""
+    return model.serving.kind == "llama_cpp" or model.prompt_style == "completion"
+
+
 # call(choice, text, its number among the fragment's calls, its Stream or None) → the answer of
 # one model call
 ModelCall = Callable[[ModelChoice, str, int, Stream | None], Awaitable[FragmentResult]]
@@ -268,6 +275,7 @@ async def route(fragment: Fragment, text: str, ctx: RunContext, call: ModelCall)
         only = constraints.model_copy(update={"allowed_models": [model]})
         choice = route_fragment(fragment, *candidates(ctx.allowed, only), constraints.max_tokens, ctx.per_call_usd)
         sent = ""  # what earlier tries of this call streamed to the client
+        continues = continues_prefill(cat.model(ctx.allowed, model))
         for number in range(1, MAX_ATTEMPTS + 1):
             ctx.log.info(
                 "fragment %s: %s on %s pool %s (%s)", fragment.id, choice.model, choice.tier, choice.pool, choice.reason
@@ -302,6 +310,11 @@ async def route(fragment: Fragment, text: str, ctx: RunContext, call: ModelCall)
             finally:
                 if stream is not None:
                     sent = stream.sent
+            if sent and not continues:  # another try would start its answer over: the client's text would repeat
+                raise InferenceError(
+                    f"fragment {fragment.id}: {model} failed after {len(sent)} characters were streamed, and it "
+                    "cannot continue an answer"
+                )
         calls.append(result)
         return result.text
 

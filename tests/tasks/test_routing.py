@@ -228,3 +228,32 @@ async def test_a_streamed_call_preempted_mid_answer_continues_on_the_pool_it_is_
 
     out = await route(fragment, "Write.", ctx, attempt)
     assert tries == [("preemptible", ""), ("dedicated", "Once")] and out.text == "Once more"
+
+
+async def test_a_model_that_may_not_continue_an_answer_is_not_asked_to_after_a_failure_mid_answer():
+    """Another OpenAI-compatible server may start a fresh answer when given the start of one: the
+    client's text would repeat. Its failure mid-answer fails the fragment instead."""
+    from homeskillet.schemas import OpenAIServing
+
+    remote = OpenAIServing(base_url="https://llm.example/v1", model="smol")
+    catalog = CATALOG.model_copy(
+        update={
+            "models": [
+                m.model_copy(update={"serving": remote}) if m.name == "smollm2-135m" else m for m in CATALOG.models
+            ]
+        }
+    )
+    fragment = Fragment(id="f0", text="Write.", task_type="chat", est_prompt_tokens=10)
+    request = InferenceRequest(tenant="demo", prompt="p", constraints=Constraints(allowed_models=["smollm2-135m"]))
+    ctx = RunContext(request, Services(catalog_path=PACKAGED_CATALOG, home="/nonexistent"), catalog, LOG, None)
+    ctx.stream = True
+    tries = []
+
+    async def attempt(choice, text, number, stream):
+        tries.append(number)
+        stream.add("Once")
+        raise InferenceError("the server hung up")
+
+    with pytest.raises(InferenceError, match="failed after 4 characters were streamed, and it cannot continue"):
+        await route(fragment, "Write.", ctx, attempt)
+    assert tries == [1]
