@@ -59,6 +59,20 @@ class Constraints(_Frozen):
     task_type: TaskType | None = Field(
         None, description="The task type of the request's fragments, when the caller knows it; None: classified."
     )
+    quality_cost: float | None = Field(
+        None,
+        ge=0,
+        le=100,
+        description="The learned router's trade-off: how much probability of a right answer the request gives "
+        "up to avoid the dearest candidate's cost (0: the likeliest right model whatever it costs; larger: cheaper). "
+        "None: the covenant's, else the router's default.",
+    )
+    samples: int = Field(
+        1,
+        ge=1,
+        le=5,
+        description="A cascade's first model answers this many times (sampled); the answer stands when most agree.",
+    )
     temperature: float | None = Field(
         None, ge=0, le=2, description="Sampling temperature of every model call; None: 0 (greedy, repeatable)."
     )
@@ -271,6 +285,9 @@ class Covenant(_Frozen):
     budget_usd_per_month: float | None = Field(None, ge=0, description="Spend per UTC month, US$.")
     max_prompt_tokens: int | None = Field(None, ge=1, description="The largest request, in prompt tokens.")
     max_fragments: int | None = Field(None, ge=1, description="The most fragments a request may split into.")
+    quality_cost: float | None = Field(
+        None, ge=0, le=100, description="The learned router's trade-off for requests that set none (see Constraints)."
+    )
 
     @property
     def version(self) -> str:
@@ -378,6 +395,12 @@ class FragmentResult(_Frozen):
     models_called: list[str] = []
     allocation_ids: list[str] = []
     confidence: float | None = None
+    token_confidence: float | None = Field(
+        None, description="The answering model's own probability of its answer, from its token log-probabilities."
+    )
+    p_correct: dict[str, float] | None = Field(
+        None, description="The learned router's P(correct) of its top candidates for this fragment."
+    )
     covenant_version: str | None = None
     covenant_terms: list[str] = Field([], description="The covenant terms that narrowed the fragment's route.")
 
@@ -392,6 +415,12 @@ class FusionResult(_Frozen):
     wall_s: float
 
 
+class TokenLogprob(_Frozen):
+    token: str
+    logprob: float
+    top: dict[str, float] = Field({}, description="The likeliest tokens at this position and their log-probabilities.")
+
+
 class Completion(_Frozen):
     """What one OpenAI-compatible call returned."""
 
@@ -402,6 +431,9 @@ class Completion(_Frozen):
     total_s: float
     finish_reason: str | None = None
     cost_usd: float | None = Field(None, description="What the provider says the call cost, if it says.")
+    logprobs: list[TokenLogprob] | None = Field(
+        None, description="Per answer token its log-probability and its likeliest alternatives, when asked for."
+    )
 
 
 class TelemetryRecord(_Frozen):
@@ -430,3 +462,28 @@ class TelemetryRecord(_Frozen):
     cost_usd: float = 0.0
     outcome: Literal["ok", "error"]
     error_class: str | None = None
+
+
+class RouteRecord(_Frozen):
+    """One learned routing decision, as the routes dataset stores it: what feedback on the answer
+    teaches the router. The prompt itself is not kept, only its embedding."""
+
+    ts: datetime
+    request_id: str
+    tenant: str
+    fragment_id: str
+    task_type: TaskType
+    model: str
+    quality_cost: float
+    p_correct: dict[str, float]
+    embedding: list[float]
+
+
+class FeedbackRecord(_Frozen):
+    """A tenant's judgement of one of its answers (a fragment's, or the whole request's)."""
+
+    ts: datetime
+    request_id: str
+    tenant: str
+    fragment_id: str | None = None
+    score: float = Field(ge=0, le=1)
