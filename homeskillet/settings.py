@@ -38,6 +38,12 @@ class Settings(BaseSettings):
     telemetry_dir: Path | None = Field(
         None, description="Parquet dataset of fragment records (default: home/telemetry)."
     )
+    routes_dir: Path | None = Field(
+        None, description="Parquet dataset of the learning router's decisions (default: home/routes)."
+    )
+    feedback_dir: Path | None = Field(
+        None, description="Parquet dataset of tenants' scores of their answers (default: home/feedback)."
+    )
     metrics_port: int | None = Field(None, description="Serve Prometheus /metrics on 127.0.0.1:PORT.")
     # Fair shares on the server (per process): no tenant, and no stranger, can take it all.
     server_max_in_flight: int = Field(
@@ -71,6 +77,14 @@ class Settings(BaseSettings):
     @property
     def telemetry(self) -> Path:
         return self.telemetry_dir or self.home / "telemetry"
+
+    @property
+    def routes(self) -> Path:
+        return self.routes_dir or self.home / "routes"
+
+    @property
+    def feedback(self) -> Path:
+        return self.feedback_dir or self.home / "feedback"
 
 
 @lru_cache
