@@ -4,6 +4,7 @@ This module builds the command tree (`app`, the console script's entry point) an
 command; the commands themselves live in one module per group:
 
 - `request`: run, allocations, classify
+- `feedback`: feedback
 - `covenant`: covenant show
 - `server`: server start, stop, status, check
 - `routing`: eval-routing, learn-routing, train-classifier
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import typer
 
-from apps.cli import bench, covenant, mcp, ops, request, routing, server
+from apps.cli import bench, covenant, feedback, mcp, ops, request, routing, server
 
 app = typer.Typer(help="Homeskillet: decompose, route, allocate, infer, release, fuse.", no_args_is_help=True)
 app.command("run")(request.run)
@@ -38,6 +39,7 @@ app.command("loadtest")(bench.loadtest)
 app.command("bench-workers")(bench.bench_workers)
 app.command("isolation-report")(ops.isolation_report)
 app.command("classify")(request.classify)
+app.command("feedback")(feedback.feedback)
 
 server_app = typer.Typer(help="The local services: Prefect server, PostgreSQL, model servers.", no_args_is_help=True)
 server_app.command("start")(server.start)
