@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
 
@@ -10,7 +11,9 @@ import httpx
 
 from connectors import http_client, model_server
 from homeskillet.errors import InferenceError
-from homeskillet.schemas import Completion
+from homeskillet.schemas import Completion, TokenLogprob
+
+TOP_LOGPROBS = 5  # alternatives asked for at each answer token: enough to see a closed answer's other options
 
 
 async def complete(
@@ -27,6 +30,7 @@ async def complete(
     api_key: str | None = None,
     prefill: str = "",
     on_text: Callable[[str], None] | None = None,
+    logprobs: int = TOP_LOGPROBS,
 ) -> Completion:
     """One call: `messages` goes to /chat/completions, `prompt` to /completions.
 
@@ -43,6 +47,10 @@ async def complete(
     `stop` and `temperature` go in the body as given (`stop` only when there is one); without a
     `temperature`, it is 0.
     Without `api_key`, a local model server this process resolved gets its own key.
+    `logprobs` > 0 asks for each answer token's log-probability and that many likeliest
+    alternatives (chat: `logprobs: true, top_logprobs: N`; a completion prompt: `logprobs: N`), in
+    the Completion's `logprobs`, streamed or not; 0 asks for none. A provider that sends none
+    leaves it None; one that refuses the field (HTTP 400 naming it) is asked again without it.
     """
     if (prompt is None) == (messages is None):
         raise ValueError("pass exactly one of prompt or messages")
@@ -58,6 +66,8 @@ async def complete(
         body["stream_options"] = {"include_usage": True}  # OpenAI's way to get usage in a stream
     if stop:
         body["stop"] = stop
+    if logprobs > 0:
+        body |= {"logprobs": True, "top_logprobs": logprobs} if chat else {"logprobs": logprobs}
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else model_server.auth_headers(endpoint)
     timeout = httpx.Timeout(timeout_s, connect=10.0)
     client = http_client.client()
@@ -65,11 +75,29 @@ async def complete(
     try:
         if not stream:
             response = await client.post(url, json=body, headers=headers, timeout=timeout)
+            if _refuses_logprobs(response, body):
+                response = await client.post(url, json=_without_logprobs(body), headers=headers, timeout=timeout)
             _check(response, url)
             return _parse(response.json(), chat, url, time.perf_counter() - started, prefill)
         async with client.stream("POST", url, json=body, headers=headers, timeout=timeout) as response:
             if response.status_code >= 400:
                 await response.aread()
+                if _refuses_logprobs(response, body):
+                    return await complete(
+                        endpoint,
+                        model,
+                        prompt=prompt,
+                        messages=messages,
+                        max_tokens=max_tokens,
+                        stop=stop,
+                        temperature=temperature,
+                        stream=stream,
+                        timeout_s=timeout_s,
+                        api_key=api_key,
+                        prefill=prefill,
+                        on_text=on_text,
+                        logprobs=0,
+                    )
                 _check(response, url)
             if response.headers.get("content-type", "").startswith("application/json"):
                 await response.aread()  # a server that does not stream answers with one body: one piece
@@ -81,6 +109,16 @@ async def complete(
         raise InferenceError(f"{url} did not answer within {timeout_s:g}s") from None
     except httpx.HTTPError as exc:
         raise InferenceError(f"{url} failed: {type(exc).__name__}: {exc}") from None
+
+
+def _refuses_logprobs(response: httpx.Response, body: dict) -> bool:
+    """A provider that does not give log-probabilities for this model (some refuse the field
+    with HTTP 400 naming it): the call is asked again without them."""
+    return response.status_code == 400 and "logprobs" in body and "logprob" in response.text.lower()
+
+
+def _without_logprobs(body: dict) -> dict:
+    return {k: v for k, v in body.items() if k not in ("logprobs", "top_logprobs")}
 
 
 def _check(response: httpx.Response, url: str) -> None:
@@ -130,6 +168,7 @@ def _parse(data: dict, chat: bool, url: str, total_s: float, prefill: str = "") 
         total_s=total_s,
         finish_reason=choice.get("finish_reason"),
         cost_usd=_cost(usage),
+        logprobs=parse_logprobs(choice.get("logprobs")),
     )
 
 
@@ -147,6 +186,7 @@ async def _read_stream(
     chunks = 0
     usage: dict = {}
     finish: str | None = None
+    tokens: list[TokenLogprob] | None = None
     async for line in response.aiter_lines():
         if not line.startswith("data:"):
             continue
@@ -161,6 +201,9 @@ async def _read_stream(
         for choice in data.get("choices") or []:
             piece = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
             finish = choice.get("finish_reason") or finish
+            pieces = parse_logprobs(choice.get("logprobs"))
+            if pieces is not None:
+                tokens = (tokens or []) + pieces
             if piece:
                 if first is None:
                     first = time.perf_counter() - started
@@ -175,6 +218,7 @@ async def _read_stream(
         total_s=time.perf_counter() - started,
         finish_reason=finish,
         cost_usd=_cost(usage),
+        logprobs=tokens,
     )
 
 
@@ -192,3 +236,57 @@ def _cost(usage: dict) -> float | None:
         return None if value is None else max(0.0, float(value))
     except (TypeError, ValueError):
         return None
+
+
+def parse_logprobs(data: object) -> list[TokenLogprob] | None:
+    """The answer tokens' log-probabilities in either shape OpenAI-compatible servers send:
+    `{"content": [{"token", "logprob", "top_logprobs": [{"token", "logprob"}]}]}` (chat
+    completions, and llama-server's completions too) or the legacy completions shape
+    `{"tokens": [...], "token_logprobs": [...], "top_logprobs": [{token: logprob}]}` (OpenAI's
+    and vLLM's completions). None when there are none or they are malformed: log-probabilities
+    are extra information, never a reason to fail a call. Alternatives with the same text
+    (different token ids) are merged: their probabilities add up."""
+    if not isinstance(data, dict):
+        return None
+    try:
+        if isinstance(data.get("content"), list):
+            entries = [
+                (e["token"], e["logprob"], [(t["token"], t["logprob"]) for t in e.get("top_logprobs") or []])
+                for e in data["content"]
+            ]
+        elif isinstance(data.get("tokens"), list) and isinstance(data.get("token_logprobs"), list):
+            tops = data.get("top_logprobs") or []
+            entries = [
+                (token, logprob, list((tops[i] or {}).items()) if i < len(tops) else [])
+                for i, (token, logprob) in enumerate(zip(data["tokens"], data["token_logprobs"], strict=True))
+            ]
+        else:
+            return None
+        return [
+            TokenLogprob(token=str(token), logprob=_number(logprob), top=_merged(top))
+            for token, logprob, top in entries
+            if logprob is not None  # the legacy shape's first prompt token, when a server echoes it
+        ]
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+
+
+def _number(value: object) -> float:
+    number = float(value)  # type: ignore[arg-type]
+    if math.isnan(number):
+        raise ValueError("not a log-probability")
+    return max(number, -1e30)  # llama.cpp's float lowest stands for probability 0
+
+
+def _merged(top: list[tuple[object, object]]) -> dict[str, float]:
+    merged: dict[str, float] = {}
+    for token, logprob in top:
+        value = _number(logprob)
+        key = str(token)
+        merged[key] = value if key not in merged else _log_add(merged[key], value)
+    return merged
+
+
+def _log_add(a: float, b: float) -> float:
+    high, low = max(a, b), min(a, b)
+    return high + math.log1p(math.exp(low - high))
