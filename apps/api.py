@@ -1,5 +1,6 @@
 """The OpenAI-compatible front door: `POST /v1/chat/completions` and `GET /v1/models`, so that
-the `openai` SDK, LangChain, curl and chat UIs talk to Homeskillet unchanged.
+the `openai` SDK, LangChain, curl and chat UIs talk to Homeskillet unchanged; and `POST
+/v1/feedback`, a tenant's score of one of its finished answers.
 
 - `model`: `homeskillet/auto` (the router decides per fragment), `homeskillet/<strategy>`
   (single, cascade, ensemble, moa), or a catalog model's name (pinned: every fragment on it,
@@ -20,6 +21,10 @@ the `openai` SDK, LangChain, curl and chat UIs talk to Homeskillet unchanged.
   route and the overhead are in the last chunk. The client going away cancels the flow run and
   releases every slice.
 - The body is at most MAX_BODY_BYTES, read no further.
+- `POST /v1/feedback` (`{"request_id", "score", "fragment"?}`, at most FEEDBACK_MAX_BODY_BYTES):
+  the token's tenant scores its finished request's answer from 0 to 1, or one fragment's
+  (`connectors.feedback`); 200 with the record. Another tenant's request is a 404 exactly like an
+  unknown one.
 - Errors in OpenAI's shape (`{"error": {"message", "type", "param", "code"}}`) with the status
   codes the SDK maps to its exceptions (see `error_of`). A field that is not supported is refused
   (400, naming it), never ignored.
@@ -32,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import time
 import uuid
@@ -44,6 +50,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from apps.streaming import FusedStream
+from connectors.feedback import MAX_ID_CHARS, UnknownRequest, record_feedback
 from homeskillet.errors import (
     CapacityTimeout,
     CovenantViolation,
@@ -55,11 +62,14 @@ from homeskillet.errors import (
 )
 from homeskillet.schemas import MAX_PROMPT_CHARS, Constraints, FusionResult, Strategy
 
+log = logging.getLogger(__name__)
+
 PREFIX = "homeskillet/"
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
 BUDGET_TERMS = ("budget_usd_per_day", "budget_usd_per_month")
 # a prompt and its context are at most MAX_PROMPT_CHARS characters: room for JSON's escapes
 MAX_BODY_BYTES = 4 * MAX_PROMPT_CHARS
+FEEDBACK_MAX_BODY_BYTES = 4096  # two ids and a number
 
 
 class UnknownModelName(InvalidRequest):
@@ -122,6 +132,28 @@ class ChatRequest(BaseModel):
 
 
 NOT_SERVED = {"n": "one answer per request (n=1) is served"}
+
+
+class FeedbackRequest(BaseModel):
+    """A tenant's score of one of its finished answers: the whole request's, or one fragment's."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    request_id: str = Field(min_length=1, max_length=MAX_ID_CHARS)
+    score: float = Field(ge=0, le=1, allow_inf_nan=False, strict=True, description="0 (wrong) to 1 (right).")
+    fragment: str | None = Field(None, min_length=1, max_length=MAX_ID_CHARS, description="f1, f2, …; none: all.")
+
+
+def parse_feedback(body: Any) -> FeedbackRequest:
+    """The feedback, or InvalidRequest naming each problem (a field not served: its name)."""
+    try:
+        return FeedbackRequest.model_validate(body)
+    except ValidationError as exc:
+        problems = [
+            f"{'.'.join(map(str, e['loc'])) or 'body'}: {'is not supported' if e['type'] == 'extra_forbidden' else e['msg']}"
+            for e in exc.errors()
+        ]
+        raise InvalidRequest("; ".join(problems)) from None
 
 
 def parse_request(body: Any) -> ChatRequest:
@@ -217,6 +249,8 @@ def error_of(exc: BaseException, request_id: str) -> tuple[int, dict[str, Any], 
     kind, code, param, headers = "invalid_request_error", None, None, {}
     if isinstance(exc, UnknownModelName):
         status, code, param = 404, "model_not_found", "model"
+    elif isinstance(exc, UnknownRequest):  # another tenant's request: the same answer as an unknown one
+        status, code, param = 404, "request_not_found", "request_id"
     elif isinstance(exc, CovenantViolation) and exc.term in BUDGET_TERMS:
         status, kind, code = 429, "insufficient_quota", "insufficient_quota"
     elif isinstance(exc, CovenantViolation) and exc.term == "max_concurrent_requests":
@@ -292,23 +326,47 @@ def routes(tools, guards) -> list[Route]:
         data = [{"id": name, "object": "model", "created": 0, "owned_by": "homeskillet"} for name in names]
         return JSONResponse({"object": "list", "data": data})
 
+    async def feedback(request: Request) -> JSONResponse:
+        tenant = request.scope["state"]["homeskillet_tenant"]
+        request_id = "feedback-" + uuid.uuid4().hex[:16]  # the call's, for the operator's log
+        try:
+            guards.call(tenant)
+            asked = parse_feedback(await _json_body(request, FEEDBACK_MAX_BODY_BYTES))
+            settings = tools.services.settings  # the datasets the flow writes to
+            record = await asyncio.to_thread(
+                record_feedback,
+                settings.feedback,
+                settings.telemetry,
+                tenant,
+                asked.request_id,
+                asked.score,
+                asked.fragment,
+            )
+        except Exception as exc:
+            if not isinstance(exc, HomeskilletError):
+                log.warning("%s of tenant %s failed: %s: %s", request_id, tenant, type(exc).__name__, exc)
+            status, payload, headers = error_of(exc, request_id)
+            return JSONResponse(payload, status_code=status, headers=headers)
+        return JSONResponse(record.model_dump(mode="json"))
+
     return [
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
+        Route("/v1/feedback", feedback, methods=["POST"]),
     ]
 
 
-async def _json_body(request: Request) -> Any:
-    """The request's JSON, read only up to MAX_BODY_BYTES (a stranger's body is bounded before it
+async def _json_body(request: Request, limit: int = MAX_BODY_BYTES) -> Any:
+    """The request's JSON, read only up to `limit` bytes (a stranger's body is bounded before it
     is held in memory), or InvalidRequest."""
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise InvalidRequest(f"the body is {declared} bytes; at most {MAX_BODY_BYTES}")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise InvalidRequest(f"the body is {declared} bytes; at most {limit}")
     body = bytearray()
     async for piece in request.stream():
         body += piece
-        if len(body) > MAX_BODY_BYTES:
-            raise InvalidRequest(f"the body is over {MAX_BODY_BYTES} bytes")
+        if len(body) > limit:
+            raise InvalidRequest(f"the body is over {limit} bytes")
     try:
         return json.loads(body)
     except ValueError:

@@ -1,6 +1,7 @@
 """The MCP server: Streamable HTTP at /mcp and WebSocket at /ws, one tenant per bearer token.
 
-Tools: fuse (a real fuse_request flow run, progress per fragment), plan, classify, allocations.
+Tools: fuse (a real fuse_request flow run, progress per fragment), plan, classify, allocations,
+feedback (a score of one of the tenant's finished answers).
 Resources: homeskillet://catalog, homeskillet://requests/{request_id} (the caller's own only).
 Every call is the token's tenant: the auth middleware resolves the token before any work and
 puts the tenant in the connection's ASGI state; no tool takes a tenant argument.
@@ -335,6 +336,25 @@ class Tools:
         shown = [a.model_dump(mode="json", exclude={"endpoint"}) for a in held]
         return _structured({"tenant": tenant, "allocations": shown})
 
+    async def feedback(
+        self, request_id: str, score: float, ctx: Context, fragment: str | None = None
+    ) -> types.CallToolResult:
+        """Rate the answer of one of your finished requests from 0 (wrong) to 1 (right): the whole
+        request's, or one fragment's (fragment: f1, f2, …). The router learns from it."""
+        from connectors.feedback import record_feedback
+
+        tenant = tenant_of(ctx)  # the token's: another tenant's request reads like an unknown one
+        settings = self.services.settings  # the datasets the flow writes to
+        try:
+            record = await asyncio.to_thread(
+                record_feedback, settings.feedback, settings.telemetry, tenant, request_id, score, fragment
+            )
+        except Exception as exc:
+            if not isinstance(exc, HomeskilletError):
+                log.warning("feedback of tenant %s failed: %s: %s", tenant, type(exc).__name__, exc)
+            raise ToolError(public_message(exc, request_id)) from None
+        return _structured(record.model_dump(mode="json"))
+
     def catalog(self) -> str:
         """The models and pools (tier, capacity, price per hour) your covenant allows, and its terms."""
         tenant = CALLER.get()
@@ -375,13 +395,13 @@ def constraints_of(constraints: dict | None) -> Constraints:
 
 
 def build_mcp(tools: Tools) -> _Server:
-    """The MCP server: the four tools and two resources of `tools`."""
+    """The MCP server: the five tools and two resources of `tools`."""
     mcp = _Server(
         name="homeskillet",
         instructions="Homeskillet: decompose a request, run each part on its own GPU share, fuse the answers.",
         log_level="WARNING",
     )
-    for tool in (tools.fuse, tools.plan, tools.classify, tools.allocations):
+    for tool in (tools.fuse, tools.plan, tools.classify, tools.allocations, tools.feedback):
         mcp.tool()(tool)
     mcp.resource("homeskillet://catalog", mime_type="application/json")(tools.catalog)
     mcp.resource("homeskillet://requests/{request_id}", mime_type="application/json")(tools.request)
