@@ -332,7 +332,7 @@ def routes(tools, guards) -> list[Route]:
         try:
             guards.call(tenant)
             asked = parse_feedback(await _json_body(request, FEEDBACK_MAX_BODY_BYTES))
-            settings = tools.services.settings  # the datasets the flow writes to
+            settings = tools.settings  # the server's datasets: by default the ones the flow writes to
             record = await asyncio.to_thread(
                 record_feedback,
                 settings.feedback,

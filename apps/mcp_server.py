@@ -117,7 +117,8 @@ class Tools:
     def __init__(self, catalog_path: str | None, store: TokenStore | None = None, settings: Settings | None = None):
         self.catalog_path = catalog_path
         self.store = store
-        self.settings = settings or get_settings()  # the server's limits (`tenant_max_requests`)
+        # the server's limits (`tenant_max_requests`) and the datasets feedback reads and writes
+        self.settings = settings or get_settings()
 
     @property
     def services(self):
@@ -344,7 +345,7 @@ class Tools:
         from connectors.feedback import record_feedback
 
         tenant = tenant_of(ctx)  # the token's: another tenant's request reads like an unknown one
-        settings = self.services.settings  # the datasets the flow writes to
+        settings = self.settings  # the server's datasets: by default the ones the flow writes to
         try:
             record = await asyncio.to_thread(
                 record_feedback, settings.feedback, settings.telemetry, tenant, request_id, score, fragment
@@ -519,7 +520,7 @@ def create_app(
     settings: Settings | None = None,
 ):
     """The ASGI app. `store`: an opened TokenStore (default: opened on first request); `settings`:
-    its limits (default: the process's settings)."""
+    its limits and the telemetry and feedback datasets (default: the process's settings)."""
     settings = settings or get_settings()
     tools = Tools(catalog_path, store, settings)
     guards = Guards(settings)

@@ -32,6 +32,8 @@ The attacks come in groups, one module each, in the order they run:
 - `mcp`: the MCP server's tools, resources and sessions ("mcp");
 - `api`: the OpenAI-compatible API: A's name in the body, a made-up key, a model B's covenant
   forbids, A's allocations in B's answer ("api");
+- `feedback`: B's score of A's finished request through the API, MCP (both transports) and the
+  command line, and A's ids told from unknown ones by the refusal ("feedback");
 - `availability`: everyone's share of the server (floods of made-up tokens, sessions and calls, a
   huge prompt, a capacity hog, a revoked token on an open socket) while A's `fuse` keeps within
   its baseline + 2 s, and the metadata a tenant must not see ("availability");
@@ -61,7 +63,20 @@ from __future__ import annotations
 import uuid
 from collections.abc import Awaitable, Callable
 
-from apps.isolation import api, availability, cost, covenant, edge, hostedai, mcp, network, secrets, telemetry, tenancy
+from apps.isolation import (
+    api,
+    availability,
+    cost,
+    covenant,
+    edge,
+    feedback,
+    hostedai,
+    mcp,
+    network,
+    secrets,
+    telemetry,
+    tenancy,
+)
 from apps.isolation.report import OPERATOR, A, Attack, B, Report, Target, broken
 from connectors.ledger import new_allocation_id
 from homeskillet.errors import AllocationNotFound
@@ -77,6 +92,7 @@ LOCAL: tuple[Group, ...] = (
     ("results", tenancy.result_attacks),
     ("mcp", mcp.attacks),
     ("api", api.attacks),
+    ("feedback", feedback.attacks),
     ("availability", availability.attacks),
     ("network", network.attacks),
     ("edge", edge.attacks),
