@@ -34,6 +34,7 @@ from homeskillet.schemas import (
     Timings,
 )
 from tasks import progress
+from tasks.confidence import token_confidence
 from tasks.context import RunContext
 from tasks.covenant import reserve_budget
 from tasks.resources import allocate, infer, release, release_if_reserved, transcript
@@ -54,7 +55,10 @@ async def call_model(
     transaction whose rollback releases. `number` is the call's place among the fragment's calls;
     `stream` measures time to first token (and counts tokens from chunks) and hands each new piece
     of the answer to `on_text` as it arrives. `prefill` is the start of the answer, already sent by
-    an earlier call that failed: the model continues it, and the result's text starts with it."""
+    an earlier call that failed: the model continues it, and the result's text starts with it.
+    Every call asks for its answer tokens' log-probabilities (the client's default); the result's
+    `token_confidence` is the model's probability of its answer from them (`tasks.confidence`),
+    None when the provider gave none."""
     request, services = ctx.request, ctx.services
     pool = cat.pool(ctx.allowed, choice.pool)
     model = cat.model(ctx.allowed, choice.model)
@@ -202,6 +206,7 @@ async def call_model(
         cost_usd=record["cost_usd"],
         reason=choice.reason,
         attempts=number,
+        token_confidence=token_confidence(fragment.task_type, completion.logprobs),
     )
 
 

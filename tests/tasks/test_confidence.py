@@ -141,3 +141,28 @@ def test_the_threshold_is_chosen_on_training_folds_and_scored_on_held_out_ones()
     assert cross_validate(outcomes, folds=5) == figures
     with pytest.raises(InvalidRequest, match="2 to 40 folds"):
         cross_validate(outcomes, folds=1)
+
+
+async def test_a_fragment_carries_the_model_own_confidence_or_none(
+    test_catalog, local_services, local_models, monkeypatch
+):
+    """Through the flow: SmolLM2 on llama.cpp gives log-probabilities, so its multiple-choice
+    answer carries its option probability; the echo endpoint gives none, so its answer carries None."""
+    from flows.fusion import fuse_request
+
+    monkeypatch.setenv("ECHO_DELAY_S", "0")
+    question = (
+        'Steven asked Logan for a pen. _ had none.\nA) Steven\nB) Logan\nPrint only a single choice from "A" or "B".'
+    )
+
+    async def fragment(model: str):
+        constraints = {"allowed_models": [model], "pool": "roomy", "split": False, "max_tokens": 8}
+        constraints["task_type"] = "multiple_choice"
+        result = await fuse_request(prompt=question, tenant="acme", catalog_path=test_catalog, constraints=constraints)
+        (only,) = result.fragments
+        return only
+
+    smol = await fragment("smollm2-135m")
+    assert smol.task_type == "multiple_choice" and 0 < smol.token_confidence <= 1
+    echo = await fragment("echo")
+    assert echo.text.startswith("echo:") and echo.token_confidence is None
