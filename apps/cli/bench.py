@@ -1,6 +1,8 @@
 """Measurements run from this process: the `benchmark` and `cost-report` flows, the orchestration's
 overhead (`bench-overhead`), load from several tenants (`loadtest`) and throughput by worker count
-(`bench-workers`), and what the MCP layer adds (`bench-mcp`). The measuring is in flows/ and apps.overhead, apps.loadtest, apps.scaling, apps.bench_mcp; this
+(`bench-workers`), what the MCP layer adds (`bench-mcp`), and how well the local models' own
+confidence tells their right answers from wrong ones (`bench-confidence`). The measuring is in
+flows/ and apps.overhead, apps.loadtest, apps.scaling, apps.bench_mcp, apps.confidence; this
 module runs it and prints what it found.
 """
 
@@ -219,3 +221,65 @@ def bench_workers(
     for row in rows:
         table.add_row(*(str(row[c]) for c in SCALING_COLUMNS))
     console.print(table)
+
+
+def bench_confidence(
+    labelled: Annotated[
+        Path | None,
+        typer.Option(
+            "--set", exists=True, dir_okay=False, help="A labelled set (default: the packaged quality_set.json)."
+        ),
+    ] = None,
+    models: Annotated[
+        list[str] | None, typer.Option("--model", help="A local model to measure (repeatable; default: all).")
+    ] = None,
+    samples: Annotated[int, typer.Option(min=2, help="Sampled answers per question, for self-consistency.")] = 5,
+    temperature: Annotated[float, typer.Option(min=0.0, max=2.0, help="Temperature of the samples.")] = 0.8,
+    folds: Annotated[int, typer.Option(min=2, help="Cross-validation folds for the cascade's threshold.")] = 5,
+    per_task: Annotated[
+        int | None, typer.Option(min=1, help="Only the set's first N questions of each task type.")
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            dir_okay=False, help="Write the figures (and each question's row) to this JSON file, under the set's name."
+        ),
+    ] = None,
+    recordings: Annotated[
+        Path | None,
+        typer.Option(dir_okay=False, help="Write the per-question outcomes here as a RouterBench-format CSV."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the figures (without rows) as JSON.")] = False,
+) -> None:
+    """Each local model on labelled questions: the AUC of its own confidence signals for "this
+    answer is right", and a two-stage cascade on them (threshold by cross-validation) against
+    each model alone and always escalating. Talks to the model servers only (no Prefect)."""
+    import asyncio
+
+    try:
+        from apps.confidence import recordings_frame, report, run, write
+
+        figures = asyncio.run(
+            run(
+                labelled,
+                models or None,
+                samples=samples,
+                temperature=temperature,
+                folds=folds,
+                per_task=per_task,
+                on_progress=lambda line: console.print(line, highlight=False, markup=False),
+            )
+        )
+    except HomeskilletError as exc:
+        fail(exc)
+    if out:
+        write(figures, out, (labelled or Path("quality_set.json")).stem)
+    if recordings:
+        recordings_frame(figures["rows"]).to_csv(recordings, index=False)
+    if as_json:
+        print(json.dumps({k: v for k, v in figures.items() if k != "rows"}, indent=1))
+    else:
+        console.print(report(figures), highlight=False, markup=False)
+    written = [str(p) for p in (out, recordings) if p]
+    if written:
+        console.print(f"written to {', '.join(written)}", highlight=False, markup=False)
