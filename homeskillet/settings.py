@@ -44,6 +44,12 @@ class Settings(BaseSettings):
     feedback_dir: Path | None = Field(
         None, description="Parquet dataset of tenants' scores of their answers (default: home/feedback)."
     )
+    routers_dir: Path | None = Field(
+        None,
+        description="Routers the learn-routing flow published, per tenant and a default (default: home/routers); "
+        "without one the router the package ships routes.",
+    )
+    learned_routing: bool = Field(True, description="Route with a trained router when there is one.")
     metrics_port: int | None = Field(None, description="Serve Prometheus /metrics on 127.0.0.1:PORT.")
     # Fair shares on the server (per process): no tenant, and no stranger, can take it all.
     server_max_in_flight: int = Field(
@@ -85,6 +91,10 @@ class Settings(BaseSettings):
     @property
     def feedback(self) -> Path:
         return self.feedback_dir or self.home / "feedback"
+
+    @property
+    def routers(self) -> Path:
+        return self.routers_dir or self.home / "routers"
 
 
 @lru_cache
