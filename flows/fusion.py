@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import replace
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import acreate_table_artifact
@@ -161,7 +162,7 @@ async def _record(ctx: RunContext) -> None:
     """The request's fragment records to the telemetry dataset; a failure is logged, never raised
     (telemetry must not hide the request's own outcome)."""
     try:
-        await record_telemetry(ctx.services, ctx.records)
+        await record_telemetry(ctx.services, ctx.records, ctx.routes)
     except Exception as exc:
         ctx.log.warning("telemetry not written: %s", exc)
 
@@ -187,7 +188,13 @@ async def run_fragment(
     answers = {r.fragment_id: r.text.strip() for r in await asyncio.gather(*upstream)}
     request_id = ctx.request.request_id
 
-    async def call(choice: ModelChoice, text: str, number: int, stream: Stream | None) -> FragmentResult:
+    async def call(
+        choice: ModelChoice, text: str, number: int, stream: Stream | None, temperature: float | None = None
+    ) -> FragmentResult:
+        if temperature is not None:  # a sample, at its own temperature (the run's records are shared)
+            constraints = ctx.constraints.model_copy(update={"temperature": temperature})
+            sampled = replace(ctx, request=ctx.request.model_copy(update={"constraints": constraints}))
+            return await call_model(fragment, text, choice, sampled, number)
         if stream is None:
             return await call_model(fragment, text, choice, ctx, number)
 

@@ -31,7 +31,7 @@ TaskType = Literal[
     "multiple_choice", "factual_qa", "math", "code", "summarize", "translate", "chat", "extract", "reduce"
 ]
 AllocationState = Literal["active", "released", "expired"]
-Strategy = Literal["single", "cascade", "ensemble", "moa", "auto"]
+Strategy = Literal["single", "cascade", "ensemble", "moa", "auto", "learned"]
 
 
 class _Frozen(BaseModel):

@@ -9,9 +9,9 @@ accepts a cheap answer on or escalates, and how well they tell right answers fro
   answers, the mean probability otherwise;
 - `agreement`: self-consistency, the share of sampled answers that agree with the most common one;
 - `auc`, `auc_interval`: how well a signal ranks right answers above wrong ones (ROC AUC);
-- `choose_threshold`, `cascade`, `cross_validate`: a two-stage cascade (accept the cheap model's
-  answer when its signal reaches a threshold, else ask the strong model), its threshold chosen on
-  training questions and scored on held-out ones.
+- `choose_threshold(s)`, `cascade`, `cross_validate`: a two-stage cascade (accept the cheap
+  model's answer when its signal reaches a threshold, else ask the strong model), its threshold
+  (one, or one per task type) chosen on training questions and scored on held-out ones.
 
 Pure functions over token log-probabilities and recorded outcomes.
 """
@@ -103,14 +103,14 @@ def mean_probability(logprobs: Sequence[TokenLogprob] | None) -> float | None:
 
 
 def token_confidence(task: str, logprobs: Sequence[TokenLogprob] | None) -> float | None:
-    """The model's probability of its answer: the option probability for closed answers (0 when
-    the answer holds no choice or number: no answer to be sure of), the mean token probability
-    otherwise. None when the provider gave no log-probabilities."""
-    if not logprobs:
+    """The model's probability of its answer: the option probability for closed answers, the
+    mean token probability otherwise; 0 when there is nothing to be sure of (a closed answer with
+    no choice or number, an empty answer). None when the provider gave no log-probabilities."""
+    if logprobs is None:
         return None
     if task in CLOSED:
         return option_probability(task, logprobs) or 0.0
-    return mean_probability(logprobs)
+    return mean_probability(logprobs) or 0.0
 
 
 def answer_key(task: str, text: str) -> str:
@@ -194,14 +194,16 @@ class Outcome:
     strong_cost: float
 
 
-def cascade(outcomes: Sequence[Outcome], threshold: float) -> dict[str, float]:
-    """Accept the cheap answer when its signal is at least `threshold`, else pay for the strong
-    model too: the share of right answers, the mean cost per question and the share escalated."""
+def cascade(outcomes: Sequence[Outcome], threshold: float | Sequence[float]) -> dict[str, float]:
+    """Accept the cheap answer when its signal is at least the threshold (one for all questions,
+    or one per question), else pay for the strong model too: the share of right answers, the
+    mean cost per question and the share escalated."""
     if not outcomes:
         raise InvalidRequest("a cascade needs at least one question")
+    thresholds = [threshold] * len(outcomes) if isinstance(threshold, int | float) else list(threshold)
     right = cost = escalated = 0.0
-    for o in outcomes:
-        if o.signal is not None and o.signal >= threshold:
+    for o, t in zip(outcomes, thresholds, strict=True):
+        if o.signal is not None and o.signal >= t:
             right += o.cheap_right
             cost += o.cheap_cost
         else:
@@ -216,19 +218,32 @@ def choose_threshold(outcomes: Sequence[Outcome]) -> float:
     """The threshold with the most right answers on these questions, the cheaper on a tie: each
     signal seen is a candidate (accept from it up), and inf (always escalate). The one chosen is
     placed halfway down to the next lower signal seen, so that a new answer scoring between the
-    two is judged by the nearer."""
+    two is judged by the nearer. No questions: inf."""
     signals = sorted({o.signal for o in outcomes if o.signal is not None})
     candidates = [*signals, math.inf]
+    if not outcomes:
+        return math.inf
     figures = {t: cascade(outcomes, t) for t in candidates}
     best = max(candidates, key=lambda t: (round(figures[t]["accuracy"], 12), -figures[t]["cost_usd"], -t))
     below = [s for s in signals if s < best]
     return (below[-1] + best) / 2 if below and best != math.inf else best
 
 
-def cross_validate(outcomes: Sequence[Outcome], folds: int = 5, seed: int = 0) -> dict:
+def choose_thresholds(outcomes: Sequence[Outcome], groups: Sequence[str]) -> dict[str, float]:
+    """A threshold for each group (task type), chosen on that group's questions alone."""
+    return {
+        g: choose_threshold([o for o, h in zip(outcomes, groups, strict=True) if h == g]) for g in sorted(set(groups))
+    }
+
+
+def cross_validate(
+    outcomes: Sequence[Outcome], folds: int = 5, seed: int = 0, groups: Sequence[str] | None = None
+) -> dict:
     """The cascade's threshold chosen on the training folds and scored on the held-out fold, for
     each of `folds` folds (questions shuffled with `seed`): accuracy, mean cost and share
-    escalated over all questions, each scored once while held out, and the thresholds chosen."""
+    escalated over all questions, each scored once while held out, and the thresholds chosen
+    (with `groups`, one per group, e.g. per task type: {group: threshold} for each fold; a group
+    with no training question escalates)."""
     if folds < 2 or folds > len(outcomes):
         raise InvalidRequest(f"cross-validation needs 2 to {len(outcomes)} folds, not {folds}")
     order = list(range(len(outcomes)))
@@ -237,9 +252,16 @@ def cross_validate(outcomes: Sequence[Outcome], folds: int = 5, seed: int = 0) -
     thresholds, scored = [], []
     for part in held_out:
         chosen = set(part)
-        threshold = choose_threshold([o for i, o in enumerate(outcomes) if i not in chosen])
-        thresholds.append(threshold)
-        scored.append((len(part), cascade([outcomes[i] for i in part], threshold)))
+        train = [i for i in range(len(outcomes)) if i not in chosen]
+        if groups is None:
+            threshold = choose_threshold([outcomes[i] for i in train])
+            per_question: list[float] = [threshold] * len(part)
+            thresholds.append(threshold)
+        else:
+            by_group = choose_thresholds([outcomes[i] for i in train], [groups[i] for i in train])
+            per_question = [by_group.get(groups[i], math.inf) for i in part]
+            thresholds.append(by_group)
+        scored.append((len(part), cascade([outcomes[i] for i in part], per_question)))
     n = len(outcomes)
     totals = {key: sum(size * figures[key] for size, figures in scored) / n for key in scored[0][1]}
     return {**totals, "thresholds": thresholds}

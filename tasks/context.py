@@ -6,13 +6,21 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from homeskillet.schemas import Catalog, Constraints, Covenant, InferenceRequest, TelemetryRecord
+from homeskillet.schemas import Catalog, Constraints, Covenant, InferenceRequest, RouteRecord, TelemetryRecord
+from tasks.learned import Router
 from tasks.strategies import Stats
 
 if TYPE_CHECKING:  # the pure routing core imports this module and stays Prefect-free
     from tasks.runtime import Services
 
-MAX_CALLS = {"single": 1, "cascade": 3, "ensemble": 3, "moa": 4, "auto": 3}  # model calls a strategy may make
+MAX_CALLS = {
+    "single": 1,
+    "cascade": 3,
+    "ensemble": 3,
+    "moa": 4,
+    "auto": 3,
+    "learned": 1,
+}  # model calls a strategy may make
 
 
 @dataclass
@@ -27,6 +35,8 @@ class RunContext:
     covenant: Covenant = field(default_factory=Covenant)  # the tenant's, as it was when the request started
     covenant_terms: list[str] = field(default_factory=list)  # its terms that narrowed `catalog`
     stream: bool = False  # the request asks for its answer's text as it is made (`tasks.routing.Stream`)
+    router: Router | None = None  # the learned router the tenant's requests route with (`tasks.learned`)
+    routes: list[RouteRecord] = field(default_factory=list)  # its decisions, written when the run ends
 
     @property
     def constraints(self) -> Constraints:
@@ -35,7 +45,10 @@ class RunContext:
     @property
     def per_call_usd(self) -> float | None:
         """What one model call of a fragment may spend: its budget over the strategy's most calls."""
-        return None if self.budget_usd is None else self.budget_usd / MAX_CALLS[self.request.strategy]
+        calls = MAX_CALLS[self.request.strategy]
+        if self.request.strategy in ("cascade", "auto"):
+            calls = max(calls, self.constraints.samples + 1)  # the samples of its first probe, then escalation
+        return None if self.budget_usd is None else self.budget_usd / calls
 
     @property
     def wait_s(self) -> float:

@@ -7,12 +7,18 @@ themselves live in `tasks.strategies`.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
 
 from connectors.recordings import Record, Recordings
 from homeskillet.errors import InvalidRequest, NoRoute
 from tasks.cascade import Outcomes, is_valid, learn_plan
-from tasks.strategies import Decision, Stats, check_strategy, decide, normalise
+from tasks.learned import Router
+from tasks.learning import Examples, Trained, apply, examples, only, train
+from tasks.strategies import Decision, Learned, Reply, Stats, check_strategy, decide, normalise
 
 BUDGET = 0.25  # a learned cascade may cost at most this share of the best model's mean cost
 
@@ -81,6 +87,54 @@ def score(records: list[Record], answers: list[str], cost: float) -> Score:
     return Score(correct / len(records), cost)
 
 
+def replay(
+    records: list[Record],
+    indices: list[int],
+    strategy: str,
+    stats_of: Callable[[int], Stats],
+    allowed: list[str],
+    learned_of: Callable[[int], Learned | None] = lambda i: None,
+) -> tuple[list[Decision], list[float]]:
+    """Decide each indexed record under a strategy with the figures (and learned view) its index
+    is given; every model asked answers with its recorded answer and costs its recorded cost."""
+    provider = Recordings(records)
+    decisions: list[Decision] = []
+    costs: list[float] = []
+
+    async def run() -> None:
+        for i in indices:
+            record = records[i]
+            spent = 0.0
+
+            async def ask(model: str, _prompt: str | None = None, _sampled: bool = False, record=record) -> Reply:
+                nonlocal spent
+                text, cost = provider.answer(model, record.prompt)
+                spent += cost
+                return Reply(text)
+
+            decisions.append(
+                await decide(strategy, record.task, record.prompt, stats_of(i), allowed, ask, learned_of(i))
+            )
+            costs.append(spent)
+
+    asyncio.run(run())
+    return decisions, costs
+
+
+def view(
+    router: Router, models: list[str], p: np.ndarray, est: np.ndarray, task: str, quality_cost: float | None
+) -> Learned:
+    """The learned router's view of one record from its predictions (p and est: one row)."""
+    known = [j for j in range(len(models)) if not np.isnan(p[j])]
+    return Learned(
+        p={models[j]: float(p[j]) for j in known},
+        cost={models[j]: float(est[j]) for j in known},
+        quality_cost=router.quality_cost if quality_cost is None else quality_cost,
+        explicit=quality_cost is not None,
+        auto=router.auto.get(task),
+    )
+
+
 def evaluate(
     records: list[Record],
     strategy: str,
@@ -88,36 +142,94 @@ def evaluate(
     allowed: list[str] | None = None,
     limit: int | None = None,
     budget_share: float = BUDGET,
+    cache: Path | None = None,
+    quality_cost: float | None = None,
+    router: bool = True,
 ) -> tuple[Score, list[Decision]]:
     """k-fold: fit on k-1 folds, decide on the held-out fold; accuracy and total cost over the
-    first `limit` records (all by default), each decided by the stats of the folds without it.
+    first `limit` records (all by default), each decided by the stats (and, for learned and auto,
+    the router) of the folds without it. Without `router`, auto runs as it does where no trained
+    router is present: from the per-task figures.
 
     Replay cannot show an aggregator the proposals (its recorded answer saw only the prompt), so
     `moa` here pays the proposers and returns the aggregator's recorded answer.
     """
     check_strategy(strategy)
     allowed = check_models(records, allowed)
-    provider = Recordings(records)
     n = len(records[:limit])
+    ex = examples(records, cache) if strategy == "learned" or (strategy == "auto" and router) else None
+    stats_k = fold_fits(records, folds, budget_share, allowed)
+    views: dict[int, Learned] = {}
+    if ex is not None:
+        for k in range(folds):
+            rows = np.flatnonzero(np.arange(len(records)) % folds != k)
+            router = train(records, stats_k[k], ex, rows, folds=folds).router
+            held = np.arange(k, n, folds)
+            p, est = only(ex, *apply(router.heads, ex, held), allowed)
+            views.update(
+                {
+                    int(i): view(router, ex.models, p[r], est[r], records[i].task, quality_cost)
+                    for r, i in enumerate(held)
+                }
+            )
+    order = [i for k in range(folds) for i in range(k, n, folds)]
+    decided, costs = replay(records, order, strategy, lambda i: stats_k[fold_of(i, folds)], allowed, views.get)
     decisions: list[Decision] = [Decision("")] * n
-    total_cost = 0.0
+    for i, d in zip(order, decided):
+        decisions[i] = d
+    return score(records[:n], [d.answer for d in decisions], sum(costs)), decisions
 
-    async def run() -> None:
-        nonlocal total_cost
-        for k, stats in enumerate(fold_fits(records, folds, budget_share, allowed)):
-            for i in range(k, n, folds):
-                record = records[i]
 
-                async def ask(model: str, _prompt: str | None = None, record: Record = record) -> str:
-                    nonlocal total_cost
-                    text, cost = provider.answer(model, record.prompt)
-                    total_cost += cost
-                    return text
+LEARNING = ("learned", "auto")  # the strategies that use the learned router
 
-                decisions[i] = await decide(strategy, record.task, record.prompt, stats, allowed, ask)
 
-    asyncio.run(run())
-    return score(records[:n], [d.answer for d in decisions], total_cost), decisions
+@dataclass(frozen=True)
+class HeldOut:
+    """A strategy fitted on training records and replayed on test records: per test record its
+    decision and cost; and, for the learned router, its predictions on the test records and what
+    was chosen on the training records (`tasks.learning.Trained`)."""
+
+    decisions: list[Decision]
+    costs: list[float]
+    examples: Examples | None = None
+    p: np.ndarray | None = None
+    est: np.ndarray | None = None
+    trained: Trained | None = None
+
+
+def evaluate_held_out(
+    train_records: list[Record],
+    test_records: list[Record],
+    strategy: str,
+    allowed: list[str] | None = None,
+    budget_share: float = BUDGET,
+    cache: Path | None = None,
+    quality_cost: float | None = None,
+) -> HeldOut:
+    """Fit everything on the training records only (figures, cascades, the router, its λs), then
+    decide every test record with it: nothing is chosen on the answers it is scored on."""
+    check_strategy(strategy)
+    allowed = check_models(train_records, allowed)
+    stats = fit(train_records, budget_share, allowed)
+    if strategy not in LEARNING:
+        decided, costs = replay(test_records, list(range(len(test_records))), strategy, lambda i: stats, allowed)
+        return HeldOut(decided, costs)
+    both = train_records + test_records
+    ex = examples(both, cache)
+    trained = train(both, stats, ex, np.arange(len(train_records)))
+    test_rows = np.arange(len(train_records), len(both))
+    p, est = only(ex, *apply(trained.router.heads, ex, test_rows), allowed)
+    views = [
+        view(trained.router, ex.models, p[r], est[r], record.task, quality_cost)
+        for r, record in enumerate(test_records)
+    ]
+    test_ex = Examples(
+        *(getattr(ex, f)[test_rows] if f != "models" else ex.models for f in Examples.__dataclass_fields__)
+    )
+    decided, costs = replay(
+        test_records, list(range(len(test_records))), strategy, lambda i: stats, allowed, views.__getitem__
+    )
+    return HeldOut(decided, costs, test_ex, p, est, trained)
 
 
 def combine(parts: list[tuple[int, Score]]) -> Score:

@@ -87,6 +87,9 @@ class Router:
     quality_cost: float  # the default λ
     auto: dict[str, float | None] = field(default_factory=dict)  # task type → λ auto routes with; None: single
     trained_on: dict = field(default_factory=dict)
+    # a cascade accepts its first model's answer when the model is this sure of it (token
+    # log-probabilities), chosen on live answers of the local models; None: no such threshold
+    accept_confidence: float | None = None
 
     def models(self) -> list[str]:
         return sorted(self.heads)
@@ -95,6 +98,7 @@ class Router:
         data = {
             "quality_cost": self.quality_cost,
             "auto": self.auto,
+            "accept_confidence": self.accept_confidence,
             "trained_on": self.trained_on,
             "heads": {
                 m: {
@@ -115,13 +119,22 @@ class Router:
         try:
             data = json.loads(Path(path).read_text())
             heads = {
-                m: Head(np.asarray(h["weights"], np.float64), tuple(h["cost"]), int(h["examples"]), float(h["accuracy"]))
+                m: Head(
+                    np.asarray(h["weights"], np.float64), tuple(h["cost"]), int(h["examples"]), float(h["accuracy"])
+                )
                 for m, h in data["heads"].items()
             }
             if not heads or any(h.weights.shape != (385,) for h in heads.values()):
                 raise ValueError("a head's weights are not 384 features and a bias")
             auto = {str(t): (None if v is None else float(v)) for t, v in (data.get("auto") or {}).items()}
-            return cls(heads, float(data["quality_cost"]), auto, dict(data.get("trained_on") or {}))
+            accept = data.get("accept_confidence")
+            return cls(
+                heads,
+                float(data["quality_cost"]),
+                auto,
+                dict(data.get("trained_on") or {}),
+                None if accept is None else float(accept),
+            )
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise InvalidRequest(f"{path}: not a router file ({type(exc).__name__}: {exc})") from None
 

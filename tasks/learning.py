@@ -212,7 +212,9 @@ def default_quality_cost(curve: list[Point], singles: dict[str, tuple[float, flo
     if cheap is not None:
         return cheap
     best = max(pt.accuracy for pt in curve)
-    return min((pt for pt in curve if pt.accuracy >= best - SLACK), key=lambda pt: (pt.cost, -pt.quality_cost)).quality_cost
+    return min(
+        (pt for pt in curve if pt.accuracy >= best - SLACK), key=lambda pt: (pt.cost, -pt.quality_cost)
+    ).quality_cost
 
 
 @dataclass(frozen=True)
@@ -300,7 +302,9 @@ def train(
     its default λ and auto's λ per task type chosen on out-of-fold predictions, auto's against
     the single strategy as `stats` (fitted on the same records) choose it."""
     rows = np.arange(len(ex.x)) if rows is None else rows
-    sub = Examples(ex.x[rows], ex.models, ex.correct[rows], ex.cost[rows], ex.length[rows], ex.task[rows], ex.source[rows])
+    sub = Examples(
+        ex.x[rows], ex.models, ex.correct[rows], ex.cost[rows], ex.length[rows], ex.task[rows], ex.source[rows]
+    )
     p, est = out_of_fold(sub, folds, l2)
     local = np.arange(len(rows))
     curve = sweep(sub, local, p, est)

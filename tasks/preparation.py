@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from pydantic import ValidationError
 
-from homeskillet.errors import InvalidRequest
+from homeskillet.errors import InvalidRequest, NoRoute
 from homeskillet.schemas import ChatTurn, Constraints, InferenceRequest, ModelChoice, Plan, TaskType
 from tasks import runtime
 from tasks.context import RunContext
@@ -99,6 +99,9 @@ async def prepare(
     allowed, terms = restrict(services.catalog, covenant)  # routed only where the covenant allows
     constraints = request.constraints
     learned = runtime.routing_stats(routing_stats) if routing_stats is not None else None  # a bad file fails here
+    router = runtime.router_for(request.tenant, services.settings) if request.strategy in ("learned", "auto") else None
+    if request.strategy == "learned" and router is None:
+        raise NoRoute("the learned strategy needs a trained router, and there is none (`homeskillet learn-routing`)")
     # the conversation before the prompt is sent with every fragment: it counts in each one's size
     extra = estimate_tokens(transcript(request.context)) if request.context else 0
     check_prompt(request.tenant, covenant, estimate_tokens(request.prompt) + extra)  # before the split: it is work
@@ -135,5 +138,6 @@ async def prepare(
         learned,
         covenant=covenant,
         covenant_terms=terms,
+        router=router,
     )
     return Prepared(ctx, plan, preview(plan, ctx))  # every fragment has a model before anything is allocated

@@ -5,8 +5,10 @@ helpers it uses: which models and pools the constraints allow, what each costs, 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 from homeskillet import catalog as cat
 from homeskillet.errors import CircuitOpen, HostedAIUnavailable, InferenceError, NoRoute, Preempted
@@ -20,9 +22,12 @@ from homeskillet.schemas import (
     ModelSpec,
     Plan,
     PoolSpec,
+    RouteRecord,
 )
 from tasks.context import RunContext
-from tasks.strategies import Stats, choose_strategy, decide, single_model
+from tasks.embedding import embed
+from tasks.learned import predict
+from tasks.strategies import SAMPLE_TEMPERATURE, Learned, Reply, Stats, choose_strategy, decide, single_model
 
 
 def slice_rate(model: ModelSpec, pool: PoolSpec) -> float:
@@ -221,9 +226,9 @@ def continues_prefill(model: ModelSpec) -> bool:
     return model.serving.kind == "llama_cpp" or model.prompt_style == "completion"
 
 
-# call(choice, text, its number among the fragment's calls, its Stream or None) → the answer of
-# one model call
-ModelCall = Callable[[ModelChoice, str, int, Stream | None], Awaitable[FragmentResult]]
+# call(choice, text, its number among the fragment's calls, its Stream or None[, a sampling
+# temperature in place of the request's]) → the answer of one model call
+ModelCall = Callable[..., Awaitable[FragmentResult]]
 
 
 def streams(fragment: Fragment, ctx: RunContext, stats: Stats) -> bool:
@@ -233,9 +238,46 @@ def streams(fragment: Fragment, ctx: RunContext, stats: Stats) -> bool:
     if not ctx.stream:
         return False
     strategy = ctx.request.strategy
+    allowed = list(stats.quality[fragment.task_type])
+    if strategy == "auto" and learns(ctx, allowed):
+        return True  # the learned router's model, or single: one call either way
     if strategy == "auto":
-        strategy, _ = choose_strategy(fragment.task_type, stats, list(stats.quality[fragment.task_type]))
-    return strategy == "single"
+        strategy, _ = choose_strategy(fragment.task_type, stats, allowed)
+    return strategy in ("single", "learned")
+
+
+def learns(ctx: RunContext, allowed: list[str]) -> bool:
+    """Whether the learned router routes a fragment: there is one, and it knows two or more of the
+    allowed models (with one, there is nothing to choose)."""
+    return ctx.router is not None and sum(m in ctx.router.heads for m in allowed) >= 2
+
+
+def quality_cost(ctx: RunContext) -> tuple[float, bool]:
+    """The trade-off λ of a request: its own, else its tenant's covenant's, else the router's
+    default; and whether the request or covenant set it."""
+    for lam in (ctx.constraints.quality_cost, ctx.covenant.quality_cost):
+        if lam is not None:
+            return lam, True
+    return ctx.router.quality_cost, False
+
+
+async def learned_view(fragment: Fragment, text: str, ctx: RunContext, stats: Stats) -> tuple[Learned, list[float]]:
+    """The learned router's view of a fragment: P(correct) of each allowed model it knows, from
+    the embedding of the fragment's text (its final question, for a few-shot prompt), each
+    candidate's estimated cost on its cheapest pool, and the trade-off; also the embedding, which
+    the routes dataset keeps for learning from feedback."""
+    router, task = ctx.router, fragment.task_type
+    x = await asyncio.to_thread(embed, [text])  # ~20 ms of CPU, off the event loop
+    known = [m for m in stats.quality[task] if m in router.heads]
+    lam, explicit = quality_cost(ctx)
+    view = Learned(
+        p={m: float(predict(router.heads[m].weights, x)[0]) for m in known},
+        cost={m: stats.cost[task][m] for m in known},
+        quality_cost=lam,
+        explicit=explicit,
+        auto=router.auto.get(task),
+    )
+    return view, [float(v) for v in x[0]]
 
 
 def stats_for(fragment: Fragment, ctx: RunContext) -> Stats:
@@ -270,8 +312,11 @@ async def route(fragment: Fragment, text: str, ctx: RunContext, call: ModelCall)
     allowed = list(stats.quality[fragment.task_type])
     streamed = streams(fragment, ctx, stats)
     calls: list[FragmentResult] = []
+    learned, embedding = None, None
+    if ctx.request.strategy in ("learned", "auto") and learns(ctx, allowed):
+        learned, embedding = await learned_view(fragment, text, ctx, stats)
 
-    async def ask(model: str, prompt: str | None = None) -> str:
+    async def ask(model: str, prompt: str | None = None, sampled: bool = False) -> Reply:
         only = constraints.model_copy(update={"allowed_models": [model]})
         choice = route_fragment(fragment, *candidates(ctx.allowed, only), constraints.max_tokens, ctx.per_call_usd)
         sent = ""  # what earlier tries of this call streamed to the client
@@ -282,7 +327,10 @@ async def route(fragment: Fragment, text: str, ctx: RunContext, call: ModelCall)
             )
             stream = Stream(sent) if streamed else None
             try:
-                result = await call(choice, prompt or text, number, stream)
+                if sampled:  # a sample of a self-consistency cascade: never streamed
+                    result = await call(choice, prompt or text, number, None, SAMPLE_TEMPERATURE)
+                else:
+                    result = await call(choice, prompt or text, number, stream)
                 break
             except Preempted:
                 if number == MAX_ATTEMPTS:
@@ -316,11 +364,35 @@ async def route(fragment: Fragment, text: str, ctx: RunContext, call: ModelCall)
                     "cannot continue an answer"
                 )
         calls.append(result)
-        return result.text
+        return Reply(result.text, result.token_confidence)
 
-    decision = await decide(ctx.request.strategy, fragment.task_type, text, stats, allowed, ask)
+    decision = await decide(
+        ctx.request.strategy,
+        fragment.task_type,
+        text,
+        stats,
+        allowed,
+        ask,
+        learned,
+        ctx.router.accept_confidence if ctx.router is not None else None,
+        constraints.samples,
+    )
     chosen = next(c for c in reversed(calls) if c.text == decision.answer)
     ctx.log.info("fragment %s: %s answer of %s stands: %s", fragment.id, decision.strategy, chosen.model, decision.why)
+    if decision.learned is not None:
+        ctx.routes.append(
+            RouteRecord(
+                ts=datetime.now(UTC),
+                request_id=ctx.request.request_id,
+                tenant=ctx.request.tenant,
+                fragment_id=fragment.id,
+                task_type=fragment.task_type,
+                model=decision.learned.model,
+                quality_cost=decision.learned.quality_cost,
+                p_correct=decision.learned.p_correct,
+                embedding=embedding,
+            )
+        )
     return chosen.model_copy(
         update={
             "tokens_in": sum(c.tokens_in for c in calls),
@@ -330,6 +402,7 @@ async def route(fragment: Fragment, text: str, ctx: RunContext, call: ModelCall)
             "models_called": decision.models,
             "allocation_ids": [c.allocation_id for c in calls],
             "confidence": decision.confidence,
+            "p_correct": decision.learned.p_correct if decision.learned else None,
             "reason": f"{decision.why}; {chosen.reason}",
             "covenant_version": ctx.covenant.version,
             "covenant_terms": ctx.covenant_terms,

@@ -23,6 +23,7 @@ from homeskillet.errors import InvalidRequest, UnknownTenant
 from homeskillet.schemas import Allocation, Catalog, Covenant
 from homeskillet.settings import Settings, get_settings
 from tasks.credentials import hostedai_credentials
+from tasks.learned import Router, router_path
 from tasks.strategies import Stats
 
 
@@ -165,3 +166,23 @@ def _covenants(path: Path, version: int) -> dict[str, Covenant]:
 @lru_cache(maxsize=16)
 def _routing_stats(path: Path, version: int) -> Stats:
     return Stats.load(path)
+
+
+def router_for(tenant: str, settings: Settings) -> Router | None:
+    """The learned router a tenant's requests route with (`tasks.learned.router_path`), loaded
+    once per file version; None when learned routing is off or there is no router."""
+    if not settings.learned_routing:
+        return None
+    path = router_path(settings.routers, tenant)
+    if path is None:
+        return None
+    try:
+        version = path.stat().st_mtime_ns
+    except OSError:  # unpublished between the check and now: the next request sees what is there
+        return None
+    return _router(path.resolve(), version)
+
+
+@lru_cache(maxsize=32)
+def _router(path: Path, version: int) -> Router:
+    return Router.load(path)

@@ -1,6 +1,8 @@
 """The routing strategies: for one fragment, which models to ask and whose answer stands.
 
-single, cascade, ensemble, moa, and auto (a strategy picked per fragment from the figures).
+single, cascade, ensemble, moa, learned (the model a learned router favours for this prompt,
+`tasks.learned`), and auto (a strategy picked per fragment: the learned router where it held its
+own against single on held-out records, else from the per-task figures).
 `decide` is the same code for live fragments (`tasks.routing.route`) and for replays of
 recorded answers (`tasks.evaluation`); it sees only the answers of the models it chose to ask.
 """
@@ -16,9 +18,11 @@ from pathlib import Path
 
 from homeskillet.errors import InvalidRequest, NoRoute
 from tasks.cascade import CascadePlan, default_plan, is_valid, signal_for
+from tasks.learned import Choice, choose
 
-STRATEGIES = ("single", "cascade", "ensemble", "moa", "auto")
+STRATEGIES = ("single", "cascade", "ensemble", "moa", "auto", "learned")
 CHEAP = 0.2  # a "cheap" model costs at most this share of the best model's mean cost
+SAMPLE_TEMPERATURE = 0.8  # a cascade's extra samples of its first probe (self-consistency)
 
 
 def normalise(task: str, text: str) -> str:
@@ -95,30 +99,104 @@ class Decision:
     strategy: str = ""  # the strategy that ran (what "auto" picked)
     confidence: float | None = None
     why: str = ""
+    learned: Choice | None = None  # the learned router's choice, when it made one
 
 
-# ask(model, prompt) → that model's raw answer; prompt None means the fragment's own prompt. The
+@dataclass(frozen=True)
+class Reply:
+    """A model's answer to one call: its text, and its own probability of that answer from its
+    token log-probabilities when the provider gave them (`tasks.confidence`)."""
+
+    text: str
+    confidence: float | None = None
+
+
+# ask(model, prompt, sampled) → that model's reply; prompt None means the fragment's own prompt;
+# sampled asks for a sample at SAMPLE_TEMPERATURE rather than the request's own decoding. The
 # caller pays: replayed answers their recorded cost, live ones their GPU share.
-Ask = Callable[[str, "str | None"], Awaitable[str]]
+Ask = Callable[[str, "str | None", bool], Awaitable[Reply]]
 
 
-async def decide(strategy: str, task: str, prompt: str, stats: Stats, allowed: list[str], ask: Ask) -> Decision:
-    """One fragment under a strategy; the same code replays RouterBench and runs live fragments."""
+@dataclass(frozen=True)
+class Learned:
+    """What a learned router says of one fragment: P(correct) of each model it knows, every
+    candidate's estimated cost, the trade-off λ to route at (`explicit`: the request's or the
+    covenant's, which auto honours too), and the λ auto uses for this task type (None: the
+    router did not hold its own against single there, held out)."""
+
+    p: dict[str, float]
+    cost: dict[str, float]
+    quality_cost: float
+    explicit: bool = False
+    auto: float | None = None
+
+    def choose(self, candidates: list[str], quality_cost: float) -> Choice:
+        known = [m for m in candidates if m in self.p]
+        if not known:
+            raise NoRoute(f"the learned router knows none of the allowed models ({', '.join(candidates)})")
+        return choose({m: self.p[m] for m in known}, {m: self.cost[m] for m in known}, quality_cost)
+
+
+def learned_route(task: str, stats: Stats, allowed: list[str], learned: Learned | None) -> tuple[Choice | None, str]:
+    """What "auto" does with a learned router: its choice, or None and why single runs instead.
+    Unless the request or covenant sets the trade-off, auto routes at the λ chosen for the task
+    type on held-out records, among the models no dearer than single's, so that it does not pay
+    more than single for what single would answer."""
+    if learned.explicit:
+        return learned.choose(allowed, learned.quality_cost), "the request's quality/cost trade-off"
+    if learned.auto is None:
+        return None, f"the learned router did not beat single on {task} held out"
+    single = single_model(task, stats, allowed)
+    capped = [m for m in allowed if stats.cost[task][m] <= stats.cost[task][single]]
+    return learned.choose(capped, learned.auto), f"held its own against single on {task}; no dearer than {single}"
+
+
+async def decide(
+    strategy: str,
+    task: str,
+    prompt: str,
+    stats: Stats,
+    allowed: list[str],
+    ask: Ask,
+    learned: Learned | None = None,
+    accept_confidence: float | None = None,
+    samples: int = 1,
+) -> Decision:
+    """One fragment under a strategy; the same code replays RouterBench and runs live fragments.
+    `learned` is the learned router's view of the fragment (required by "learned"; "auto" uses it
+    when it knows two or more allowed models). A cascade accepts its first probe's answer when
+    the model's own confidence in it reaches `accept_confidence`, or, with `samples` > 1, when
+    most of that many samples agree with it."""
     check_strategy(strategy)
     auto_why = ""
+    choice: Choice | None = None
+    if strategy == "learned" and learned is None:
+        raise NoRoute("the learned strategy needs a trained router (`homeskillet learn-routing --router`)")
     if strategy == "auto":
-        strategy, auto_why = choose_strategy(task, stats, allowed)
+        if learned is not None and sum(m in learned.p for m in allowed) >= 2:
+            choice, auto_why = learned_route(task, stats, allowed, learned)
+            strategy = "learned" if choice else "single"
+        else:
+            strategy, auto_why = choose_strategy(task, stats, allowed)
+    elif strategy == "learned":
+        choice = learned.choose(allowed, learned.quality_cost)
     best = stats.best(task, allowed)
     cheap = stats.cheap(task, allowed)
     closed = signal_for(task) == "agreement"  # answers that can be compared, so votes mean something
-    decision = Decision("")
+    decision = Decision("", learned=choice)
 
-    async def call(model: str, text: str | None = None) -> tuple[str, str]:
-        raw = await ask(model, text)
+    async def call(model: str, text: str | None = None, sampled: bool = False) -> tuple[str, str]:
+        reply = await ask(model, text, sampled)
         decision.models.append(model)
-        return raw, normalise(task, raw)
+        if not sampled:
+            replies.append(reply)
+        return reply.text, normalise(task, reply.text)
 
-    if strategy == "single":
+    replies: list[Reply] = []
+    if strategy == "learned":
+        decision.answer, _ = await call(choice.model)
+        decision.why = choice.why
+    elif strategy == "single":
         model = single_model(task, stats, allowed)
         decision.answer, _ = await call(model)
         decision.why = f"{model}: quality {stats.quality[task][model]:.3f} at the lowest cost"
@@ -130,7 +208,7 @@ async def decide(strategy: str, task: str, prompt: str, stats: Stats, allowed: l
             decision.answer, _ = await call(best)
             decision.why = f"asked {best} at once: no two cheap models to compare, or no signal for {task} answers"
         else:
-            await cascade(plan, task, call, decision, learned=plan is learned)
+            await cascade(plan, task, call, decision, plan is learned, replies, accept_confidence, samples)
     elif strategy == "ensemble":
         members = cheap[:3] or [best]
         answers = {m: await call(m) for m in members}
@@ -181,22 +259,58 @@ def choose_strategy(task: str, stats: Stats, allowed: list[str]) -> tuple[str, s
 
 
 async def cascade(
-    plan: CascadePlan, task: str, call: Callable[[str], Awaitable[tuple[str, str]]], decision: Decision, learned: bool
+    plan: CascadePlan,
+    task: str,
+    call: Callable[..., Awaitable[tuple[str, str]]],
+    decision: Decision,
+    learned: bool,
+    replies: list[Reply],
+    accept_confidence: float | None = None,
+    samples: int = 1,
 ) -> None:
-    """Ask the plan's probes until it can decide; accept a probe's answer or escalate."""
+    """Ask the plan's probes until it can decide; accept a probe's answer or escalate. A live
+    signal on the first probe's answer decides at once: its own confidence (when the model gave
+    one and a threshold is set), or its agreement with samples of the same model."""
+    source = "learned" if learned else "default"
+    first = plan.probes[0]
+    if samples > 1 or accept_confidence is not None:
+        raw, answer = await call(first)
+        own = replies[-1].confidence
+        if samples > 1:
+            others = [(await call(first, None, True))[1] for _ in range(samples - 1)]
+            agreeing = 1 + sum(a == answer for a in others)
+            decision.confidence = agreeing / samples
+            accepted = bool(answer) and agreeing * 2 > samples
+            evidence = f"{agreeing} of {samples} samples of {first} agree on {answer!r}"
+        elif own is not None:
+            decision.confidence = own
+            accepted = own >= accept_confidence
+            evidence = f"{first} is {own:.2f} sure of its answer (accepts at {accept_confidence:.2f})"
+        else:
+            accepted = None  # no live signal: the plan's own rule decides, from this first answer
+        if accepted is not None:
+            if accepted:
+                decision.answer = raw
+                decision.why = f"{source} cascade: {evidence}"
+            else:
+                decision.answer, _ = await call(plan.escalate)
+                decision.why = f"{source} cascade escalated to {plan.escalate}: {evidence}"
+            return
+        prior = [(raw, answer)]
+    else:
+        prior = []
     raws: list[str] = []
     answers: list[str] = []
     valid: list[bool] = []
     verdict, chosen = "ask", None
-    for probe in plan.probes:
-        raw, answer = await call(probe)
+    for index, probe in enumerate(plan.probes):
+        raw, answer = prior[0] if index == 0 and prior else await call(probe)
         raws.append(raw)
         answers.append(answer)
         valid.append(is_valid(task, answer, raw))
         verdict, chosen = plan.step(answers, valid)
         if verdict != "ask":
             break
-    source = "learned" if learned else "default"
     if verdict == "accept":
         decision.answer = raws[chosen]
         if plan.signal == "agreement":

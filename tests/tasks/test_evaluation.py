@@ -41,13 +41,13 @@ def test_cascade_accepts_agreement_and_escalates_disagreement(tmp_path):
     assert single_models(records)["big"].accuracy == 1.0
 
 
-def test_auto_runs_the_learned_cascade_where_there_is_one_and_says_so(tmp_path):
+def test_without_a_router_auto_runs_the_learned_cascade_where_there_is_one_and_says_so(tmp_path):
     rows = [dict(gold="A", **{"cheap-a": "A", "cheap-b": "A", "big": "A"})] * 3 + [
         dict(gold="B", **{"cheap-a": "A", "cheap-b": "C", "big": "B"})
     ]
     records = load(write_bench(tmp_path / "arc_challenge_train.csv", rows * 5))
     cascade, _ = evaluate(records, "cascade", folds=5, budget_share=0.5)
-    auto, decisions = evaluate(records, "auto", folds=5, budget_share=0.5)
+    auto, decisions = evaluate(records, "auto", folds=5, budget_share=0.5, router=False)
     assert (auto.accuracy, auto.cost) == (cascade.accuracy, cascade.cost)
     assert all(d.strategy == "cascade" and d.why.startswith("auto chose cascade (a cascade learned") for d in decisions)
     # free text has no learned plan and nothing to compare: auto asks the single best-value model
@@ -56,7 +56,7 @@ def test_auto_runs_the_learned_cascade_where_there_is_one_and_says_so(tmp_path):
             tmp_path / "mt_bench.csv", [dict(gold="x", **{"cheap-a": "x", "cheap-b": "y", "big": "x"})] * 5, "mt-bench"
         )
     )
-    _, decisions = evaluate(chat, "auto", folds=5)
+    _, decisions = evaluate(chat, "auto", folds=5, router=False)
     assert all(d.strategy == "single" and len(d.models) == 1 for d in decisions)
 
 
