@@ -43,6 +43,7 @@ from tasks.confidence import (
     auc_interval,
     cascade,
     choose_threshold,
+    choose_thresholds,
     cross_validate,
     majority,
     mean_probability,
@@ -171,25 +172,33 @@ def _cascades(rows: list[dict], cheap: str, strong: str, folds: int, seed: int) 
     by = {(r["id"], r["model"]): r for r in rows}
     ids = [r["id"] for r in rows if r["model"] == cheap]
     pairs = [(by[(i, cheap)], by[(i, strong)]) for i in ids]
+    tasks = [c["task_type"] for c, _ in pairs]
     variants = {  # signal → (the cheap model's answer right?, its cost) when the cascade accepts it
         "token_confidence": ("correct", "cost_usd"),
         "mean_probability": ("correct", "cost_usd"),
         "agreement_with_answer": ("correct", "answer_and_samples_cost_usd"),
         "agreement": ("majority_correct", "samples_cost_usd"),
     }
-    figures = {}
+    one, per_task = {}, {}
     for signal, (right, cost) in variants.items():
         outcomes = [Outcome(c[signal], c[right], c[cost], s["correct"], s["cost_usd"]) for c, s in pairs]
         result = cross_validate(outcomes, folds=folds, seed=seed)
         thresholds = [_threshold(t) for t in result.pop("thresholds")]
         # the threshold a live cascade would use: chosen on all the questions
-        figures[signal] = {k: round(v, 10) for k, v in result.items()} | {
+        one[signal] = {k: round(v, 10) for k, v in result.items()} | {
             "thresholds": thresholds,
             "threshold": _threshold(choose_threshold(outcomes)),
         }
+        result = cross_validate(outcomes, folds=folds, seed=seed, groups=tasks)
+        thresholds = [{t: _threshold(v) for t, v in fold.items()} for fold in result.pop("thresholds")]
+        per_task[signal] = {k: round(v, 10) for k, v in result.items()} | {
+            "thresholds": thresholds,
+            "threshold": {t: _threshold(v) for t, v in choose_thresholds(outcomes, tasks).items()},
+        }
     always = cascade([Outcome(None, False, c["cost_usd"], s["correct"], s["cost_usd"]) for c, s in pairs], math.inf)
     return {
-        "signals": figures,
+        "signals": one,
+        "signals_per_task": per_task,
         "always_escalate": {k: round(v, 10) for k, v in always.items() if k != "escalated"},
     }
 
@@ -344,5 +353,11 @@ def report(figures: dict) -> str:
             lines.append(
                 f"  on {signal:<32} accuracy {s['accuracy']:.3f}  ${s['cost_usd']:.8f}  "
                 f"escalated {s['escalated']:.2f}  thresholds {kept} (on all questions: {whole})"
+            )
+        for signal, s in c["signals_per_task"].items():
+            whole = ", ".join(f"{t} {'inf' if v is None else f'{v:.3f}'}" for t, v in s["threshold"].items())
+            lines.append(
+                f"  on {signal + ' per task type':<32} accuracy {s['accuracy']:.3f}  ${s['cost_usd']:.8f}  "
+                f"escalated {s['escalated']:.2f}  (on all questions: {whole})"
             )
     return "\n".join(lines)

@@ -219,10 +219,10 @@ def choose_threshold(outcomes: Sequence[Outcome]) -> float:
     signal seen is a candidate (accept from it up), and inf (always escalate). The one chosen is
     placed halfway down to the next lower signal seen, so that a new answer scoring between the
     two is judged by the nearer. No questions: inf."""
-    signals = sorted({o.signal for o in outcomes if o.signal is not None})
-    candidates = [*signals, math.inf]
     if not outcomes:
         return math.inf
+    signals = sorted({o.signal for o in outcomes if o.signal is not None})
+    candidates = [*signals, math.inf]
     figures = {t: cascade(outcomes, t) for t in candidates}
     best = max(candidates, key=lambda t: (round(figures[t]["accuracy"], 12), -figures[t]["cost_usd"], -t))
     below = [s for s in signals if s < best]

@@ -16,6 +16,7 @@ from tasks.confidence import (
     auc_interval,
     cascade,
     choose_threshold,
+    choose_thresholds,
     cross_validate,
     majority,
     mean_probability,
@@ -80,7 +81,9 @@ def test_token_confidence_is_the_option_probability_for_closed_answers_else_the_
     assert token_confidence("multiple_choice", SMOL_CHOICE) == option_probability("multiple_choice", SMOL_CHOICE)
     assert token_confidence("factual_qa", SMOL_CHOICE) == mean_probability(SMOL_CHOICE)
     assert token_confidence("multiple_choice", [tok("I", 0.9)]) == 0.0  # no choice at all: nothing to be sure of
-    assert token_confidence("math", None) is None and token_confidence("chat", []) is None
+    # an empty answer (a completion model that stopped at once) is no answer either
+    assert token_confidence("multiple_choice", []) == 0.0 and token_confidence("factual_qa", [tok("", 0.9)]) == 0.0
+    assert token_confidence("math", None) is None and token_confidence("chat", None) is None
 
 
 def test_agreement_is_the_share_with_the_most_common_normalised_answer():
@@ -166,3 +169,21 @@ async def test_a_fragment_carries_the_model_own_confidence_or_none(
     assert smol.task_type == "multiple_choice" and 0 < smol.token_confidence <= 1
     echo = await fragment("echo")
     assert echo.text.startswith("echo:") and echo.token_confidence is None
+
+
+def test_a_threshold_per_task_type_is_chosen_on_that_type_alone():
+    # multiple choice: wrong up to 0.39, right from 0.6; facts: right from 0.3; one threshold cannot serve both
+    outcomes, groups = [], []
+    for i in range(20):
+        outcomes += [outcome(0.6 + i / 100, True), outcome(0.2 + i / 100, False)]
+        outcomes += [outcome(0.3 + i / 100, True), outcome(0.1 - i / 400, False)]
+        groups += ["multiple_choice", "multiple_choice", "factual_qa", "factual_qa"]
+    chosen = choose_thresholds(outcomes, groups)
+    assert 0.39 < chosen["multiple_choice"] <= 0.6 and 0.1 < chosen["factual_qa"] <= 0.3
+    together = cross_validate(outcomes, folds=5)
+    apart = cross_validate(outcomes, folds=5, groups=groups)
+    assert apart["accuracy"] == 1.0 and apart["cost_usd"] < together["cost_usd"]
+    assert all(set(fold) == {"multiple_choice", "factual_qa"} for fold in apart["thresholds"])
+    # per question thresholds: the cascade takes one for each
+    assert cascade([outcome(0.5, True), outcome(0.5, False)], [0.4, 0.6])["escalated"] == 0.5
+    assert choose_threshold([]) == math.inf
