@@ -213,9 +213,17 @@ def comparison_markdown(tenant: str, current: Router, new: Router, scores: dict,
         "| held-out metric | current | refitted | better |",
         "| --- | --- | --- | --- |",
     ]
-    for name, key, lower in (("log-loss", "log_loss", True), ("Brier score", "brier", True), ("accuracy", "accuracy", False)):
+    for name, key, lower in (
+        ("log-loss", "log_loss", True),
+        ("Brier score", "brier", True),
+        ("accuracy", "accuracy", False),
+    ):
         a, b = cur[key], nxt[key]
-        better = "" if a is None or b is None else ("refitted" if (b < a if lower else b > a) else "current" if a != b else "same")
+        better = (
+            ""
+            if a is None or b is None
+            else ("refitted" if (b < a if lower else b > a) else "current" if a != b else "same")
+        )
         lines.append(f"| {name} | {_figure(a)} | {_figure(b)} | {better} |")
     lines.append(f"| rows | {cur['rows']} | {nxt['rows']} | |")
     lines += [
