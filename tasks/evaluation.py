@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +17,21 @@ from connectors.recordings import Record, Recordings
 from homeskillet.errors import InvalidRequest, NoRoute
 from tasks.cascade import Outcomes, is_valid, learn_plan
 from tasks.learned import Router
-from tasks.learning import Examples, Trained, apply, examples, only, train
+from tasks.learning import (
+    Examples,
+    Trained,
+    aiq,
+    apply,
+    choices,
+    examples,
+    hull,
+    only,
+    operating_points,
+    outcome,
+    single_points,
+    sweep,
+    train,
+)
 from tasks.strategies import Decision, Learned, Reply, Stats, check_strategy, decide, normalise
 
 BUDGET = 0.25  # a learned cascade may cost at most this share of the best model's mean cost
@@ -292,3 +306,128 @@ def overall(parts: list[Comparison]) -> Comparison:
         best_single(singles),
         combine([(p.records, p.oracle) for p in parts]),
     )
+
+
+def scope_report(
+    records: list[Record],
+    rows: list[int],
+    held: HeldOut,
+    operating: dict[str, float | None],
+) -> dict:
+    """What `eval-routing --train` reports for some test records (one file, or all pooled): the
+    strategy's accuracy and cost, the best single model, the oracle, and for strategies that use
+    the learned router its whole cost–accuracy curve over λ with its AIQ and the single models'
+    hull AIQ, and the test figures of the operating points chosen on train."""
+    mine = [records[i] for i in rows]
+    strategy_score = score(mine, [held.decisions[i].answer for i in rows], sum(held.costs[i] for i in rows))
+    singles = single_models(mine)
+    best = best_single(singles)
+    dearest = max(s.cost for s in singles.values())
+    report = {
+        "records": len(rows),
+        "accuracy": strategy_score.accuracy,
+        "cost": strategy_score.cost,
+        "best_single": {"model": best, "accuracy": singles[best].accuracy, "cost": singles[best].cost},
+        "oracle": asdict(oracle(mine)),
+        "singles": {m: (s.cost, s.accuracy) for m, s in singles.items()},
+        "singles_hull_aiq": aiq([(s.cost, s.accuracy) for s in singles.values()], dearest),
+        "aiq": aiq([(strategy_score.cost, strategy_score.accuracy)], dearest),
+        "curve": [],
+        "operating_points": {},
+    }
+    if held.examples is not None:
+        ex, index = held.examples, np.asarray(rows)
+        curve = sweep(ex, index, held.p[index], held.est[index])
+        report["curve"] = [asdict(pt) for pt in curve]
+        report["curve_aiq"] = aiq([(pt.cost, pt.accuracy) for pt in curve], dearest)
+        for name, lam in operating.items():
+            if lam is None:
+                report["operating_points"][name] = None
+                continue
+            accuracy, cost = outcome(ex, index, choices(held.p[index], held.est[index], lam))
+            report["operating_points"][name] = {"quality_cost": lam, "accuracy": accuracy, "cost": cost}
+    return report
+
+
+def held_out_report(train_records: list[Record], test_files: dict[str, list[Record]], held: HeldOut) -> dict:
+    """Per test file and pooled over them all (`scope_report`); the operating points are chosen on
+    the training records' out-of-fold curve: the best accuracy at CHEAP_SHARE of the best single
+    model's cost, and the cheapest point reaching the best single model's accuracy (None: never)."""
+    records = [r for rs in test_files.values() for r in rs]
+    operating: dict[str, float | None] = {}
+    if held.trained is not None:
+        trained = held.trained
+        singles = single_points(trained.examples, np.arange(len(trained.p)))
+        cheap, matching = operating_points(trained.curve, singles)
+        operating = {"best_at_20pct_of_best_single": cheap, "cheapest_matching_best_single": matching}
+    files, start = {}, 0
+    for name, rs in test_files.items():
+        files[name] = scope_report(records, list(range(start, start + len(rs))), held, operating)
+        start += len(rs)
+    return {
+        "protocol": "held-out",
+        "train_records": len(train_records),
+        "quality_cost": held.trained.router.quality_cost if held.trained else None,
+        "auto_quality_cost": held.trained.router.auto if held.trained else None,
+        "files": files,
+        "pooled": scope_report(records, list(range(len(records))), held, operating),
+    }
+
+
+def chart(report: dict, strategy: str, path: Path) -> Path:
+    """One panel per test scope (pooled first, then each file): the strategy's point, its curve over
+    λ when it has one, the single models and their hull, and the oracle; cost as a share of the
+    dearest single model's."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scopes = {"pooled": report["pooled"], **report["files"]}
+    fig, axes = plt.subplots(1, len(scopes), figsize=(4.6 * len(scopes), 4.2), squeeze=False)
+    for ax, (name, scope) in zip(axes[0], scopes.items()):
+        dearest = max(scope["oracle"]["cost"], scope["best_single"]["cost"], 1e-12)
+        singles = scope.get("singles") or {}
+        dearest = max([dearest, *(c for c, _ in singles.values())])
+        if singles:
+            hull_points = hull(list(singles.values()))
+            ax.plot(
+                [x / dearest for x, _ in hull_points],
+                [y for _, y in hull_points],
+                color="grey",
+                ls="--",
+                label=f"single models' hull (AIQ {scope['singles_hull_aiq']:.3f})",
+            )
+            ax.scatter([c / dearest for c, _ in singles.values()], [a for _, a in singles.values()], color="grey", s=12)
+        if scope["curve"]:
+            ax.plot(
+                [pt["cost"] / dearest for pt in scope["curve"]],
+                [pt["accuracy"] for pt in scope["curve"]],
+                color="#3b7dd8",
+                label=f"learned router over λ (AIQ {scope['curve_aiq']:.3f})",
+            )
+        ax.scatter(
+            [scope["cost"] / dearest],
+            [scope["accuracy"]],
+            color="#e0893a",
+            s=50,
+            zorder=3,
+            label=f"{strategy} ({scope['accuracy']:.3f})",
+        )
+        ax.scatter(
+            [scope["oracle"]["cost"] / dearest],
+            [scope["oracle"]["accuracy"]],
+            color="green",
+            marker="*",
+            s=80,
+            label="oracle",
+        )
+        ax.set_title(f"{name} ({scope['records']} prompts)")
+        ax.set_xlabel("cost (share of the dearest single model)")
+        ax.set_ylabel("accuracy")
+        ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"Cost–accuracy on held-out prompts: {strategy}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -69,8 +69,11 @@ def examples(records: list[Record], cache: Path | None = None) -> Examples:
         for m in r.responses:
             correct[i, index[m]] = float(r.correct[m])
             cost[i, index[m]] = r.cost[m]
+    texts = sorted({r.prompt for r in records})  # a prompt in several files is embedded once
+    where = {t: i for i, t in enumerate(texts)}
+    unique = embed_cached(texts, cache)
     return Examples(
-        x=embed_cached([r.prompt for r in records], cache),
+        x=unique[[where[r.prompt] for r in records]],
         models=models,
         correct=correct,
         cost=cost,
@@ -287,6 +290,7 @@ class Trained:
     p: np.ndarray
     est: np.ndarray
     single: dict[str, Baseline]
+    examples: Examples  # the training rows'
 
 
 def train(
@@ -322,7 +326,7 @@ def train(
             "at": datetime.now(UTC).isoformat(timespec="seconds"),
         },
     )
-    return Trained(router, curve, p, est, single)
+    return Trained(router, curve, p, est, single, sub)
 
 
 def predictions(router: Router, ex: Examples, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -45,8 +45,18 @@ def train_classifier(
 
 
 def eval_routing(
-    files: Annotated[list[str], typer.Argument(help="RouterBench-format CSV files.")],
-    strategy: Annotated[str, typer.Option(help="single, cascade, ensemble, moa or auto.")] = "cascade",
+    files: Annotated[list[str], typer.Argument(help="RouterBench-format CSV files (the test files, with --train).")],
+    strategy: Annotated[str, typer.Option(help="single, cascade, ensemble, moa, auto or learned.")] = "cascade",
+    train: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Training file (repeatable): fit on these only and score FILES held out; without it, k-fold."
+        ),
+    ] = None,
+    quality_cost: Annotated[
+        float | None, typer.Option(min=0.0, help="The learned router's trade-off λ; default: the one chosen on train.")
+    ] = None,
+    png: Annotated[str | None, typer.Option(help="Where the held-out chart goes (default: beside the home's).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="End with one JSON line of the figures.")] = False,
     folds: Annotated[int, typer.Option(min=2, help="Cross-validation folds.")] = 5,
     model: Annotated[list[str] | None, typer.Option(help="Allowed model (repeatable).")] = None,
@@ -58,12 +68,16 @@ def eval_routing(
         float, typer.Option(min=0.0, help="A learned cascade may cost this share of the best model's mean cost.")
     ] = 0.25,
 ) -> None:
-    """Replay every record through a routing strategy (k-fold), against every single model and the oracle."""
+    """Replay every record through a routing strategy, against every single model and the oracle:
+    k-fold within FILES, or (--train) fitted on the training files and scored on FILES held out."""
     from connectors import recordings
     from tasks.decompose import classify as task_of
     from tasks.evaluation import compare, evaluate, overall
     from tasks.strategies import check_strategy
 
+    cache = get_settings().home / "cache"
+    if train:
+        return _eval_held_out(files, train, strategy, as_json, model, budget_share, quality_cost, png, cache)
     try:
         check_strategy(strategy)
         loaded = {
@@ -80,7 +94,7 @@ def eval_routing(
                     evaluate_through_flow(records, strategy, workdir, folds, model, limit, budget_share)
                 )
             else:
-                score, _ = evaluate(records, strategy, folds, model, limit, budget_share)
+                score, _ = evaluate(records, strategy, folds, model, limit, budget_share, cache, quality_cost)
             figures[name] = compare(records, score, limit)
     except HomeskilletError as exc:
         fail(exc)
@@ -97,6 +111,76 @@ def eval_routing(
     console.print(f"overall: accuracy {total.score.accuracy:.3f}, cost ${total.score.cost:.4f}")
     if as_json:
         print(json.dumps(_figures_json(figures, total)))
+
+
+def _eval_held_out(
+    files: list[str],
+    train: list[str],
+    strategy: str,
+    as_json: bool,
+    model: list[str] | None,
+    budget_share: float,
+    quality_cost: float | None,
+    png: str | None,
+    cache: Path,
+) -> None:
+    """eval-routing --train: fit on the training files only, score each test file and all pooled."""
+    from connectors import recordings
+    from tasks.decompose import classify as task_of
+    from tasks.evaluation import chart, evaluate_held_out, held_out_report
+    from tasks.strategies import check_strategy
+
+    try:
+        check_strategy(strategy)
+        train_records = [r for f in train for r in recordings.load(Path(f), task_of)]
+        tests = {Path(f).stem: recordings.load(Path(f), task_of) for f in files}
+        test_records = [r for rs in tests.values() for r in rs]
+        held = evaluate_held_out(train_records, test_records, strategy, model, budget_share, cache, quality_cost)
+        report = held_out_report(train_records, tests, held)
+    except HomeskilletError as exc:
+        fail(exc)
+    report.update(strategy=strategy, train=[Path(f).stem for f in train], test=list(tests))
+    for name, scope in {**report["files"], "pooled": report["pooled"]}.items():
+        console.print(
+            _held_out_table(f"{name}: {scope['records']} held-out prompts, strategy {strategy}", strategy, scope)
+        )
+    path = Path(png) if png else get_settings().home / "eval-routing" / f"held-out-{strategy}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    chart(report, strategy, path)
+    pooled = report["pooled"]
+    console.print(
+        f"pooled: accuracy {pooled['accuracy']:.3f}, cost ${pooled['cost']:.4f}, AIQ {pooled['aiq']:.3f} "
+        f"(single models' hull {pooled['singles_hull_aiq']:.3f}); chart {path}"
+    )
+    if as_json:
+        for scope in (*report["files"].values(), pooled):
+            scope.pop("singles", None)
+        print(json.dumps(report))
+
+
+def _held_out_table(title: str, strategy: str, scope: dict) -> Table:
+    """A test scope's figures: the strategy, the best single model, the oracle, AIQs, operating points."""
+    table = Table(title=title)
+    for column in ("router", "accuracy", "cost_usd", "note"):
+        table.add_column(column)
+    best = scope["best_single"]
+    table.add_row(f"[bold]{strategy}[/]", f"{scope['accuracy']:.3f}", f"{scope['cost']:.4f}", f"AIQ {scope['aiq']:.3f}")
+    table.add_row(f"best single: {best['model']}", f"{best['accuracy']:.3f}", f"{best['cost']:.4f}", "")
+    table.add_row("oracle", f"{scope['oracle']['accuracy']:.3f}", f"{scope['oracle']['cost']:.4f}", "")
+    table.add_row("single models' hull", "", "", f"AIQ {scope['singles_hull_aiq']:.3f}")
+    if scope["curve"]:
+        table.add_row("learned router over λ", "", "", f"AIQ {scope['curve_aiq']:.3f}")
+    for name, point in scope["operating_points"].items():
+        if point is None:
+            table.add_row(name.replace("_", " "), "never", "", "chosen on train")
+        else:
+            table.add_row(
+                name.replace("_", " "),
+                f"{point['accuracy']:.3f}",
+                f"{point['cost']:.4f}",
+                f"λ={point['quality_cost']:.3g}, chosen on train",
+            )
+    return table
 
 
 def _routing_table(title: str, strategy: str, figure: Comparison) -> Table:
