@@ -19,6 +19,7 @@ from prefect.artifacts import acreate_markdown_artifact
 
 from connectors.feedback import ID, MAX_ID_CHARS, read_feedback, training_rows
 from connectors.recordings import load
+from homeskillet.errors import InvalidRequest
 from homeskillet.settings import RECORDINGS
 from tasks import runtime
 from tasks.learned import Router, published, router_path
@@ -39,17 +40,24 @@ def artifact_key(tenant: str) -> str:
     return "learn-routing-" + (re.sub(r"[^a-z0-9]+", "-", tenant.lower()).strip("-") or "tenant")
 
 
-def _recorded(folder: str | None, cache: Path) -> Examples | None:
-    """The recordings in the folder (every CSV), embedded once and kept in `cache`."""
-    if not folder:
-        return None
-    records = [r for path in sorted(Path(folder).glob("*.csv")) for r in load(path)]
+def _recording_files(folder: Path) -> list[Path]:
+    """The RouterBench-format CSVs in the folder; InvalidRequest naming the folder when it has none."""
+    files = sorted(Path(folder).glob("*.csv"))
+    if not files:
+        raise InvalidRequest(f"recordings folder {folder}: no RouterBench CSV files there")
+    return files
+
+
+def _recorded(files: list[Path], cache: Path) -> Examples | None:
+    """The recordings, embedded once and kept in `cache`."""
+    records = [r for path in files for r in load(path)]
     return examples(records, cache=cache) if records else None
 
 
 @flow(name="learn-routing", persist_result=True, result_serializer="json")
 async def learn_routing(
-    recordings: str | None = str(RECORDINGS),
+    recordings: str | None = None,
+    feedback_only: bool = False,
     min_feedback: int = 20,
     tenants: list[str] | None = None,
     held_out_share: float = HELD_OUT_SHARE,
@@ -61,7 +69,8 @@ async def learn_routing(
 
     Args:
         recordings: Folder of RouterBench-format recordings the heads are refitted on besides
-            the feedback (default: the packaged ones; none: feedback only).
+            the feedback (default: the packaged ones).
+        feedback_only: Refit the heads on the feedback alone, without recordings.
         min_feedback: The least rows of feedback a tenant needs for a refit of its own.
         tenants: The tenants to refit (default: every tenant with feedback).
         held_out_share: The share of a tenant's requests held out to score the routers on.
@@ -70,6 +79,7 @@ async def learn_routing(
     """
     log = get_run_logger()
     settings = runtime.services(catalog_path).settings
+    files = [] if feedback_only else _recording_files(Path(recordings or RECORDINGS))  # before anything is read
     if tenants is None:
         feedback = await asyncio.to_thread(read_feedback, settings.feedback)
         tenants = sorted(set(feedback["tenant"]))
@@ -77,7 +87,8 @@ async def learn_routing(
     summary: dict[str, dict] = {}
     for tenant in tenants:
         if not isinstance(tenant, str) or len(tenant) > MAX_ID_CHARS or not ID.fullmatch(tenant):
-            summary[str(tenant)[:MAX_ID_CHARS]] = {"published": False, "why": "not a tenant name a file can carry"}
+            why = "not a tenant name a file can carry"
+            summary[str(tenant)[:MAX_ID_CHARS]] = {"feedback": 0, "refitted": False, "published": False, "why": why}
             continue
         rows = await asyncio.to_thread(training_rows, settings.routes, settings.feedback, tenant)
         done = {"feedback": len(rows), "refitted": False, "published": False}
@@ -90,7 +101,7 @@ async def learn_routing(
             current = Router.load(path)
             train, held = split(rows, held_out_share)
             if not recorded:
-                recorded.append(await asyncio.to_thread(_recorded, recordings, settings.home / "embeddings"))
+                recorded.append(await asyncio.to_thread(_recorded, files, settings.home / "embeddings"))
             new = await asyncio.to_thread(refit, current, recorded[0], train)
             scores = {
                 "current": held_out_score(current, held),

@@ -15,6 +15,7 @@ import pytest
 
 from connectors.feedback import record_feedback, write_routes
 from connectors.telemetry import write_records
+from homeskillet.errors import InvalidRequest
 from homeskillet.schemas import RouteRecord, TelemetryRecord
 from tasks.embedding import embed
 from tasks.learned import Head, Router, published
@@ -195,7 +196,7 @@ async def test_too_little_feedback_refits_nothing(state, vectors):
     from flows.learn_routing import learn_routing
 
     served(state, vectors, "acme", {r: (1.0, 0.0) for r in REQUESTS})
-    summary = (await learn_routing(recordings=None, min_feedback=25))["tenants"]
+    summary = (await learn_routing(feedback_only=True, min_feedback=25))["tenants"]
     assert summary == {
         "acme": {
             "feedback": 24,
@@ -205,3 +206,5 @@ async def test_too_little_feedback_refits_nothing(state, vectors):
         }
     }
     assert sorted(p.name for p in state.routers.iterdir()) == ["default.json"]
+    with pytest.raises(InvalidRequest, match="recordings folder .*missing: no RouterBench CSV files"):
+        await learn_routing(recordings=str(state.home / "missing"))
