@@ -85,7 +85,8 @@ class Head:
 class Router:
     heads: dict[str, Head]
     quality_cost: float  # the default λ
-    auto: dict[str, float | None] = field(default_factory=dict)  # task type → λ auto routes with; None: single
+    # task type → the λ and the margin over single's model auto routes with (`choose`); None: single
+    auto: dict[str, tuple[float, float] | None] = field(default_factory=dict)
     trained_on: dict = field(default_factory=dict)
     # a cascade accepts its first model's answer when the model is this sure of it (token
     # log-probabilities), chosen on live answers of the local models; None: no such threshold
@@ -97,7 +98,7 @@ class Router:
     def save(self, path: Path) -> None:
         data = {
             "quality_cost": self.quality_cost,
-            "auto": self.auto,
+            "auto": {t: (None if v is None else {"quality_cost": v[0], "margin": v[1]}) for t, v in self.auto.items()},
             "accept_confidence": self.accept_confidence,
             "trained_on": self.trained_on,
             "heads": {
@@ -126,7 +127,10 @@ class Router:
             }
             if not heads or any(h.weights.shape != (385,) for h in heads.values()):
                 raise ValueError("a head's weights are not 384 features and a bias")
-            auto = {str(t): (None if v is None else float(v)) for t, v in (data.get("auto") or {}).items()}
+            auto = {
+                str(t): (None if v is None else (float(v["quality_cost"]), float(v["margin"])))
+                for t, v in (data.get("auto") or {}).items()
+            }
             accept = data.get("accept_confidence")
             return cls(
                 heads,
@@ -161,11 +165,21 @@ def scores(p: dict[str, float], cost: dict[str, float], quality_cost: float) -> 
     return {m: p[m] - quality_cost * cost[m] / dearest for m in p}
 
 
-def choose(p: dict[str, float], cost: dict[str, float], quality_cost: float, top: int = 3) -> Choice:
-    """The candidate with the best score, the cheaper of two as good."""
+def choose(
+    p: dict[str, float],
+    cost: dict[str, float],
+    quality_cost: float,
+    prefer: str | None = None,
+    margin: float = 0.0,
+    top: int = 3,
+) -> Choice:
+    """The candidate with the best score, the cheaper of two as good; `prefer` (a default model)
+    scores `margin` more: another model must beat it by that much."""
     if not p:
         raise InvalidRequest("the learned router has no candidate model")
     score = scores(p, cost, quality_cost)
+    if prefer in score:
+        score[prefer] += margin
     ranked = sorted(p, key=lambda m: (-score[m], cost[m], m))
     shown = ranked[:top]
     return Choice(ranked[0], quality_cost, {m: p[m] for m in shown}, {m: cost[m] for m in shown})

@@ -125,11 +125,16 @@ def out_of_fold(ex: Examples, folds: int = FOLDS, l2: float = L2) -> tuple[np.nd
     return p, c
 
 
-def choices(p: np.ndarray, est: np.ndarray, quality_cost: float) -> np.ndarray:
-    """The chosen model's column per row: argmax P − λ·est/dearest, the cheaper of two as good."""
+def choices(
+    p: np.ndarray, est: np.ndarray, quality_cost: float, prefer: int | None = None, margin: float = 0.0
+) -> np.ndarray:
+    """The chosen model's column per row: argmax P − λ·est/dearest, the cheaper of two as good;
+    the `prefer` column scores `margin` more (`tasks.learned.choose`)."""
     dearest = np.nanmax(est, axis=1, keepdims=True)
     dearest[~(dearest > 0)] = 1.0
     score = p - quality_cost * est / dearest - 1e-12 * est / dearest
+    if prefer is not None:
+        score[:, prefer] += margin
     return np.nanargmax(np.where(np.isnan(score), -np.inf, score), axis=1)
 
 
@@ -228,6 +233,7 @@ class Baseline:
     accuracy: float
     cost: float
     candidates: list[str]
+    model: str  # single's model there
 
 
 def baselines(records: list[Record], stats: Stats, ex: Examples, rows: np.ndarray) -> dict[str, Baseline]:
@@ -244,6 +250,7 @@ def baselines(records: list[Record], stats: Stats, ex: Examples, rows: np.ndarra
             float(ex.correct[mine, j].mean()),
             float(ex.cost[mine, j].sum()),
             [m for m in models if stats.cost[task][m] <= stats.cost[task][single]],
+            single,
         )
     return out
 
@@ -257,26 +264,35 @@ def only(ex: Examples, p: np.ndarray, est: np.ndarray, models: list[str]) -> tup
     return p, est
 
 
-def auto_quality_cost(ex: Examples, rows: np.ndarray, p: np.ndarray, est: np.ndarray, single: dict[str, Baseline]):
-    """Per task type, the λ at which the router, choosing among the models no dearer than single's,
-    does best against single on its worst file of that type, provided it loses at most SLACK of
-    accuracy there and costs no more on any (out-of-fold figures on training rows; p and est are
-    the rows'; the larger λ of two as good); None where no λ does: auto keeps single there."""
-    chosen: dict[str, float | None] = {}
+MARGINS = (0.0, 0.02, 0.05, 0.1, 0.2, 0.3)  # how much likelier than single's model another must be
+
+
+def auto_quality_cost(
+    ex: Examples, rows: np.ndarray, p: np.ndarray, est: np.ndarray, single: dict[str, Baseline]
+) -> dict[str, tuple[float, float] | None]:
+    """Per task type, the λ and margin at which the router, choosing among the models no dearer
+    than single's and leaving single's model only for one that margin likelier to be right, does
+    best against single on its worst file of that type, costing no more on any (out-of-fold
+    figures on training rows; p and est are the rows'); the larger margin, then λ, of two as good.
+    None where it gains nothing on some file: auto keeps single for that type."""
+    chosen: dict[str, tuple[float, float] | None] = {}
     for task in sorted(set(ex.task[rows])):
         sources = sorted(set(ex.source[rows][ex.task[rows] == task]))
-        fits = []
-        for lam in LAMBDAS:
-            margins = []
-            for source in sources:
-                mine = np.flatnonzero(ex.source[rows] == source)
-                base = single[source]
-                cp, ce = only(ex, p[mine], est[mine], base.candidates)
-                acc, cost = outcome(ex, rows[mine], choices(cp, ce, lam))
-                margins.append(acc - base.accuracy if cost <= base.cost * (1 + 1e-9) else -1.0)
-            if min(margins) >= -SLACK:
-                fits.append((min(margins), lam))
-        chosen[str(task)] = max(fits)[1] if fits else None
+        best: tuple[float, float, float] | None = None
+        for margin in MARGINS:
+            for lam in LAMBDAS:
+                gains = []
+                for source in sources:
+                    mine = np.flatnonzero(ex.source[rows] == source)
+                    base = single[source]
+                    cp, ce = only(ex, p[mine], est[mine], base.candidates)
+                    picked = choices(cp, ce, lam, ex.models.index(base.model), margin)
+                    acc, cost = outcome(ex, rows[mine], picked)
+                    gains.append(acc - base.accuracy if cost <= base.cost * (1 + 1e-9) else -1.0)
+                candidate = (min(gains), margin, lam)
+                if best is None or candidate > best:
+                    best = candidate
+        chosen[str(task)] = (best[2], best[1]) if best and best[0] > 0 else None
     return chosen
 
 

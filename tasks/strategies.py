@@ -128,27 +128,32 @@ class Learned:
     cost: dict[str, float]
     quality_cost: float
     explicit: bool = False
-    auto: float | None = None
+    auto: tuple[float, float] | None = None  # (λ, margin of single's model)
 
-    def choose(self, candidates: list[str], quality_cost: float) -> Choice:
+    def choose(
+        self, candidates: list[str], quality_cost: float, prefer: str | None = None, margin: float = 0.0
+    ) -> Choice:
         known = [m for m in candidates if m in self.p]
         if not known:
             raise NoRoute(f"the learned router knows none of the allowed models ({', '.join(candidates)})")
-        return choose({m: self.p[m] for m in known}, {m: self.cost[m] for m in known}, quality_cost)
+        return choose({m: self.p[m] for m in known}, {m: self.cost[m] for m in known}, quality_cost, prefer, margin)
 
 
 def learned_route(task: str, stats: Stats, allowed: list[str], learned: Learned | None) -> tuple[Choice | None, str]:
     """What "auto" does with a learned router: its choice, or None and why single runs instead.
-    Unless the request or covenant sets the trade-off, auto routes at the λ chosen for the task
-    type on held-out records, among the models no dearer than single's, so that it does not pay
-    more than single for what single would answer."""
+    Unless the request or covenant sets the trade-off, auto routes as chosen for the task type on
+    held-out records: among the models no dearer than single's, at that λ, and away from single's
+    model only when another is that margin likelier to be right; so it does not pay more than
+    single, and leaves single's answer only where the router has shown it gains."""
     if learned.explicit:
         return learned.choose(allowed, learned.quality_cost), "the request's quality/cost trade-off"
     if learned.auto is None:
         return None, f"the learned router did not beat single on {task} held out"
     single = single_model(task, stats, allowed)
     capped = [m for m in allowed if stats.cost[task][m] <= stats.cost[task][single]]
-    return learned.choose(capped, learned.auto), f"held its own against single on {task}; no dearer than {single}"
+    lam, margin = learned.auto
+    why = f"it beat single on {task} held out; no dearer than {single}, leaving it at a margin of {margin:g}"
+    return learned.choose(capped, lam, single, margin), why
 
 
 async def decide(

@@ -220,29 +220,64 @@ def _figures_json(figures: dict[str, Comparison], total: Comparison) -> dict:
 
 def learn_routing(
     files: Annotated[list[str], typer.Argument(help="RouterBench-format CSV files.")],
-    out: Annotated[str, typer.Option("--out", "-o", help="Where to write the routing-stats JSON.")],
+    out: Annotated[
+        str | None, typer.Option("--out", "-o", help="Also write the per-task routing-stats JSON here.")
+    ] = None,
+    router: Annotated[
+        str | None,
+        typer.Option(help="Where to write the learned router (default: the published default router in the home)."),
+    ] = None,
     budget_share: Annotated[
         float, typer.Option(min=0.0, help="A learned cascade may cost this share of the best model's mean cost.")
     ] = 0.25,
+    accept_confidence: Annotated[
+        float | None,
+        typer.Option(min=0.0, max=1.0, help="A cascade accepts its first model's answer at this confidence."),
+    ] = None,
 ) -> None:
-    """Learn quality and cost per task type and model, and each task type's cascade, from records."""
+    """Train the learned router (a correctness head and a cost model per model over prompt
+    embeddings; its default λ and auto's λ per task type chosen out of fold) from records; with
+    -o, also the per-task quality, cost and cascades."""
+    from dataclasses import replace
+
     from connectors import recordings
     from tasks.decompose import classify as task_of
     from tasks.evaluation import fit
+    from tasks.learned import published
+    from tasks.learning import examples, train
 
+    settings = get_settings()
     try:
         records = [r for f in files for r in recordings.load(Path(f), task_of)]
         stats = fit(records, budget_share)
+        trained = train(records, stats, examples(records, settings.home / "cache"), files=[Path(f).name for f in files])
     except HomeskilletError as exc:
         fail(exc)
-    stats.save(Path(out))
+    learned = replace(trained.router, accept_confidence=accept_confidence)
+    path = Path(router) if router else published(settings.routers)
+    learned.save(path)
+    if out:
+        stats.save(Path(out))
     for task, quality in stats.quality.items():
         table = Table(title=f"{task}: {sum(r.task == task for r in records)} records")
-        for column in ("model", "quality", "mean_cost_usd"):
+        for column in ("model", "quality", "mean_cost_usd", "router head: examples"):
             table.add_column(column)
         for m, q in sorted(quality.items(), key=lambda kv: -kv[1]):
-            table.add_row(m, f"{q:.3f}", f"{stats.cost[task][m]:.6f}")
+            head = learned.heads.get(m)
+            table.add_row(m, f"{q:.3f}", f"{stats.cost[task][m]:.6f}", str(head.examples if head else "-"))
         console.print(table)
         if task in stats.plans:
             console.print(f"cascade for {task}: {stats.plans[task].describe()}")
-    console.print(f"routing stats written to {out}")
+        auto = learned.auto.get(task)
+        console.print(
+            f"auto for {task}: "
+            + (
+                f"the learned router at λ={auto:.3g}"
+                if auto is not None
+                else "single (the router did not beat it held out)"
+            )
+        )
+    console.print(
+        f"router written to {path} ({path.stat().st_size // 1024} KiB, {len(learned.heads)} models, "
+        f"default λ={learned.quality_cost:.3g})" + (f"; routing stats written to {out}" if out else "")
+    )
