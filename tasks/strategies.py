@@ -209,6 +209,8 @@ async def decide(
         learned = stats.plans.get(task)
         plan = learned if learned and learned.models() <= set(allowed) else None
         plan = plan or default_plan(task, cheap, best)
+        if plan is None and cheap and (samples > 1 or accept_confidence is not None):
+            plan = CascadePlan(cheap[:1], 1, "agreement", best)  # one probe: its live signal decides
         if plan is None:
             decision.answer, _ = await call(best)
             decision.why = f"asked {best} at once: no two cheap models to compare, or no signal for {task} answers"

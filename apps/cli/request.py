@@ -28,7 +28,14 @@ def run(
     backend: Annotated[str, typer.Option(help="local or hostedai.")] = "local",
     fallback_backend: Annotated[str | None, typer.Option(help="Used while the backend's circuit is open.")] = None,
     on_preemption: Annotated[str, typer.Option(help="same_tier or dedicated.")] = "same_tier",
-    strategy: Annotated[str, typer.Option(help="single, cascade, ensemble, moa or auto.")] = "single",
+    strategy: Annotated[str, typer.Option(help="single, cascade, ensemble, moa, auto or learned.")] = "single",
+    quality_cost: Annotated[
+        float | None,
+        typer.Option(help="The learned router's trade-off λ: 0 the likeliest right model, larger cheaper ones."),
+    ] = None,
+    samples: Annotated[
+        int, typer.Option(help="A cascade's first model answers this many times; accepted when most agree.")
+    ] = 1,
     split: Annotated[bool, typer.Option(help="--no-split keeps the prompt as one fragment.")] = True,
     task_type: Annotated[str | None, typer.Option(help="Declare the task type instead of classifying.")] = None,
     routing_stats: Annotated[
@@ -47,6 +54,8 @@ def run(
         "on_preemption": on_preemption,
         "split": split,
         "task_type": task_type,
+        "quality_cost": quality_cost,
+        "samples": samples,
     }
     try:
         api_url = use_local_prefect()  # first: Prefect reads its settings when it is imported

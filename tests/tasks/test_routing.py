@@ -3,7 +3,9 @@ request's constraints, costs by the larger share of the pool, and `route` runnin
 preview shows, re-running after a preemption or falling back when asked."""
 
 import logging
+from dataclasses import replace
 
+import numpy as np
 import pytest
 
 from homeskillet.catalog import load_catalog
@@ -11,6 +13,7 @@ from homeskillet.errors import HostedAIUnavailable, InferenceError, NoRoute, Pre
 from homeskillet.schemas import Constraints, Fragment, FragmentResult, InferenceRequest, Plan, Timings
 from homeskillet.settings import PACKAGED_CATALOG
 from tasks.context import RunContext
+from tasks.learned import Head, Router
 from tasks.routing import candidates, estimate_cost, fragment_budget, fragment_cost, preview, route, slice_rate
 from tasks.runtime import Services
 from tests.support import plan
@@ -257,3 +260,81 @@ async def test_a_model_that_may_not_continue_an_answer_is_not_asked_to_after_a_f
     with pytest.raises(InferenceError, match="failed after 4 characters were streamed, and it cannot continue"):
         await route(fragment, "Write.", ctx, attempt)
     assert tries == [1]
+
+
+def constant_router(p: dict[str, float], default: float = 0.1, auto=None) -> Router:
+    """A router whose heads say P(correct) = p[model] whatever the prompt."""
+    heads = {m: Head(np.r_[np.zeros(384), np.log(q / (1 - q))], (0.0, 0.0), 10, q) for m, q in p.items()}
+    return Router(heads, default, auto or {})
+
+
+async def test_learned_routing_goes_to_the_likeliest_right_model_and_says_why(caplog):
+    fragment = Fragment(id="f0", text="What is the capital of Peru?", task_type="factual_qa", est_prompt_tokens=10)
+    asked = []
+
+    async def attempt(choice, text, number, stream):
+        asked.append(choice.model)
+        return result(choice, "Lima")
+
+    ctx = context(Constraints(quality_cost=0.0), "learned")
+    ctx.router = constant_router({"smollm2-135m": 0.3, "gemma3-270m": 0.8})
+    with caplog.at_level(logging.INFO, logger="test"):
+        out = await route(fragment, fragment.text, ctx, attempt)
+    assert asked == ["gemma3-270m"] and out.strategy == "learned"
+    assert out.p_correct == pytest.approx({"gemma3-270m": 0.8, "smollm2-135m": 0.3})
+    assert "λ=0" in out.reason and "gemma3-270m P=0.80" in caplog.text
+    (decision,) = ctx.routes
+    assert decision.model == "gemma3-270m" and len(decision.embedding) == 384 and decision.quality_cost == 0.0
+    # a steep trade-off sends it to the cheaper model, unless the router has no head for it
+    cheap = context(Constraints(quality_cost=100.0), "learned")
+    cheap.router = ctx.router
+    assert (await route(fragment, fragment.text, cheap, attempt)).model == "smollm2-135m"
+
+
+async def test_auto_with_a_router_keeps_single_where_the_router_did_not_beat_it():
+    fragment = Fragment(id="f0", text="What is the capital of Peru?", task_type="factual_qa", est_prompt_tokens=10)
+
+    async def attempt(choice, text, number, stream):
+        return result(choice, "Lima")
+
+    ctx = context(Constraints(), "auto")
+    ctx.router = constant_router({"smollm2-135m": 0.3, "gemma3-270m": 0.8}, auto={"factual_qa": None})
+    out = await route(fragment, fragment.text, ctx, attempt)
+    assert out.strategy == "single" and "did not beat single on factual_qa" in out.reason and not ctx.routes
+    learned = context(Constraints(), "auto")
+    learned.router = constant_router({"smollm2-135m": 0.3, "gemma3-270m": 0.8}, auto={"factual_qa": (0.0, 0.0)})
+    out = await route(fragment, fragment.text, learned, attempt)
+    assert out.strategy == "learned" and out.p_correct and len(learned.routes) == 1
+
+
+async def test_a_cascade_accepts_a_confident_first_answer_and_escalates_an_unsure_one():
+    fragment = Fragment(id="f0", text="2+2? A) 4 B) 5", task_type="multiple_choice", est_prompt_tokens=10)
+    sure = {"smollm2-135m": 0.95}
+
+    async def attempt(choice, text, number, stream, temperature=None):
+        return result(choice, "A").model_copy(update={"token_confidence": sure.get(choice.model, 0.99)})
+
+    ctx = context(Constraints(), "cascade")
+    ctx.router = replace(constant_router({"smollm2-135m": 0.5, "gemma3-270m": 0.5}), accept_confidence=0.9)
+    out = await route(fragment, fragment.text, ctx, attempt)
+    assert out.models_called == ["smollm2-135m"] and "smollm2-135m is 0.95 sure" in out.reason
+    sure["smollm2-135m"] = 0.5
+    again = await route(fragment, fragment.text, ctx, attempt)
+    assert again.models_called == ["smollm2-135m", "gemma3-270m"] and "escalated" in again.reason
+
+
+async def test_a_cascade_with_samples_accepts_when_most_samples_agree():
+    fragment = Fragment(id="f0", text="2+2? A) 4 B) 5", task_type="multiple_choice", est_prompt_tokens=10)
+    answers = iter(["A", "A", "B", "A", "B", "B", "C"])
+    temperatures = []
+
+    async def attempt(choice, text, number, stream, temperature=None):
+        temperatures.append(temperature)
+        return result(choice, next(answers) if choice.model == "smollm2-135m" else "A")
+
+    ctx = context(Constraints(samples=3), "cascade")
+    out = await route(fragment, fragment.text, ctx, attempt)  # A, then samples A and B: 2 of 3 agree
+    assert out.models_called == ["smollm2-135m"] * 3 and "2 of 3 samples" in out.reason
+    assert temperatures == [None, 0.8, 0.8]
+    again = await route(fragment, fragment.text, ctx, attempt)  # A, then B and B: 1 of 3
+    assert again.models_called == ["smollm2-135m"] * 3 + ["gemma3-270m"] and "escalated" in again.reason
