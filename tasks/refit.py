@@ -169,7 +169,7 @@ def held_out_score(router: Router, rows: pd.DataFrame) -> dict:
 def decide_publish(current_score: dict, new_score: dict, min_rows: int, margin: float = MARGIN) -> tuple[bool, str]:
     """Publish the refitted router only when its held-out log-loss is lower than the current
     router's by at least `margin`, on at least min_rows held-out rows: (publish, why)."""
-    rows = new_score["rows"]
+    rows, min_rows = new_score["rows"], max(min_rows, 1)
     if rows < min_rows or current_score["rows"] < min_rows:
         return False, f"{rows} held-out rows, fewer than {min_rows}: too few to tell the routers apart"
     if current_score["rows"] != rows:

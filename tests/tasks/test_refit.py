@@ -179,6 +179,11 @@ def test_decide_publish():
     published, why = decide_publish(current, better, 11)
     assert published is False and why.startswith("10 held-out rows, fewer than 11")
     assert decide_publish(current, better | {"rows": 9}, 5)[0] is False
+    nothing = {"rows": 0, "log_loss": None, "brier": None, "accuracy": None}
+    assert decide_publish(nothing, nothing, 0) == (
+        False,
+        "0 held-out rows, fewer than 1: too few to tell the routers apart",
+    )
 
 
 def test_publish_replaces_the_file_whole(tmp_path, vectors):
