@@ -101,7 +101,7 @@ async def learn_routing(
             current = Router.load(path)
             train, held = split(rows, held_out_share)
             if not recorded:
-                recorded.append(await asyncio.to_thread(_recorded, files, settings.home / "embeddings"))
+                recorded.append(await asyncio.to_thread(_recorded, files, settings.home / "cache"))
             new = await asyncio.to_thread(refit, current, recorded[0], train)
             scores = {
                 "current": held_out_score(current, held),

@@ -58,7 +58,7 @@ def state(tmp_path, monkeypatch):
     heads = {
         m: Head(np.zeros(385), (0.001, 0.0) if m == "cheap-a" else (0.01, 0.0), 100, 0.5) for m in ("cheap-a", "big")
     }
-    Router(heads, 0.25, {"math": 0.1}, {"l2": 1000.0}).save(published(settings.routers))
+    Router(heads, 0.25, {"math": (0.1, 0.02)}, {"l2": 1000.0}).save(published(settings.routers))
     return settings
 
 
@@ -171,7 +171,7 @@ async def test_each_tenant_gets_a_router_of_its_own_feedback_only_when_it_is_bet
     }
     assert not published(state.routers, "initech").exists()
     assert published(state.routers).read_bytes() == default  # the default router is no tenant's
-    assert list((state.home / "embeddings").glob("embeddings-*.npy"))  # the recordings, embedded once
+    assert list((state.home / "cache").glob("embeddings-*.npy"))  # the recordings, embedded once
 
     artifacts = await markdown_artifacts(str(run.state_details.flow_run_id))
     assert set(artifacts) == {f"learn-routing-{t}" for t in summary}

@@ -50,7 +50,7 @@ def vectors() -> dict[str, np.ndarray]:
 def base_router(models=("small", "big")) -> Router:
     """Every head at P(correct) = 0.5 everywhere (no weights, no bias)."""
     heads = {m: Head(np.zeros(385), (0.001 * (i + 1), 0.0), 100, 0.5) for i, m in enumerate(models)}
-    return Router(heads, 0.25, {"math": 0.1, "code": None}, {"files": ["x.csv"], "l2": 1000.0})
+    return Router(heads, 0.25, {"math": (0.1, 0.02), "code": None}, {"files": ["x.csv"], "l2": 1000.0})
 
 
 def rows_for(vectors, tenant="acme", model="small", sums_right=True, prefix="r") -> pd.DataFrame:
