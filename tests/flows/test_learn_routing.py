@@ -171,6 +171,12 @@ async def test_each_tenant_gets_a_router_of_its_own_feedback_only_when_it_is_bet
     }
     assert not published(state.routers, "initech").exists()
     assert published(state.routers).read_bytes() == default  # the default router is no tenant's
+    # the tenants' next requests route with their own routers; the others' with the default
+    from tasks.runtime import router_for
+
+    assert router_for("acme", state).trained_on["feedback"]["tenant"] == "acme"
+    assert router_for("globex", state).trained_on["feedback"]["tenant"] == "globex"
+    assert "feedback" not in router_for("hooli", state).trained_on
     assert list((state.home / "cache").glob("embeddings-*.npy"))  # the recordings, embedded once
 
     artifacts = await markdown_artifacts(str(run.state_details.flow_run_id))

@@ -50,7 +50,7 @@ def vectors() -> dict[str, np.ndarray]:
 def base_router(models=("small", "big")) -> Router:
     """Every head at P(correct) = 0.5 everywhere (no weights, no bias)."""
     heads = {m: Head(np.zeros(385), (0.001 * (i + 1), 0.0), 100, 0.5) for i, m in enumerate(models)}
-    return Router(heads, 0.25, {"math": (0.1, 0.02), "code": None}, {"files": ["x.csv"], "l2": 1000.0})
+    return Router(heads, 0.25, {"math": (0.1, 0.02), "code": None}, {"files": ["x.csv"], "l2": 1000.0}, 0.9)
 
 
 def rows_for(vectors, tenant="acme", model="small", sums_right=True, prefix="r") -> pd.DataFrame:
@@ -100,7 +100,7 @@ def test_refit_learns_where_a_model_is_right_and_keeps_the_rest(vectors):
     assert new.heads["big"] is base.heads["big"]  # no feedback on it: its head as it was
     assert new.heads["small"].cost == base.heads["small"].cost  # feedback tells nothing of cost
     assert new.heads["small"].examples == 16 and new.heads["small"].accuracy == 0.5
-    assert (new.quality_cost, new.auto) == (base.quality_cost, base.auto)
+    assert (new.quality_cost, new.auto, new.accept_confidence) == (base.quality_cost, base.auto, 0.9)
     assert new.trained_on["files"] == ["x.csv"]
     refitted = new.trained_on["feedback"]
     assert refitted["tenant"] == "acme" and refitted["rows"] == 16 and refitted["per_model"] == {"small": 16}
