@@ -93,10 +93,10 @@ CLIENTS = {"http": http_client, "ws": ws_client}
 
 @SERVED
 @pytest.mark.parametrize("transport", ["http", "ws"])
-async def test_four_tools_and_two_resources_are_listed(server, tokens, transport):
+async def test_five_tools_and_two_resources_are_listed(server, tokens, transport):
     async with CLIENTS[transport](server, tokens["acme"]) as client:
         tools = {t.name for t in (await client.list_tools()).tools}
-        assert tools == {"fuse", "plan", "classify", "allocations"}
+        assert tools == {"fuse", "plan", "classify", "allocations", "feedback"}
         for tool in (await client.list_tools()).tools:
             assert "tenant" not in json.dumps(tool.input_schema)  # the token is the tenant
         resources = {str(r.uri) for r in (await client.list_resources()).resources}
@@ -430,7 +430,7 @@ async def test_the_command_line_serves_mcp_and_manages_tokens(assert_no_leaks, t
 
         addr = f"127.0.0.1:{port}"
         async with ws_client(addr, made[0]["token"]) as client:
-            assert {t.name for t in (await client.list_tools()).tools} == {"fuse", "plan", "classify", "allocations"}
+            assert {t.name for t in (await client.list_tools()).tools} == {"fuse", "plan", "classify", "allocations", "feedback"}
             over_mcp = []
             for _ in range(2):  # the first in a fresh server process loads the flow's clients
                 progress.clear()
