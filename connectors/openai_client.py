@@ -76,9 +76,10 @@ async def complete(
         if not stream:
             response = await client.post(url, json=body, headers=headers, timeout=timeout)
             if _refuses_logprobs(response, body):
-                response = await client.post(url, json=_without_logprobs(body), headers=headers, timeout=timeout)
+                body = _without_logprobs(body)
+                response = await client.post(url, json=body, headers=headers, timeout=timeout)
             _check(response, url)
-            return _parse(response.json(), chat, url, time.perf_counter() - started, prefill)
+            return _parse(response.json(), chat, url, time.perf_counter() - started, prefill, "logprobs" in body)
         async with client.stream("POST", url, json=body, headers=headers, timeout=timeout) as response:
             if response.status_code >= 400:
                 await response.aread()
@@ -101,10 +102,11 @@ async def complete(
                 _check(response, url)
             if response.headers.get("content-type", "").startswith("application/json"):
                 await response.aread()  # a server that does not stream answers with one body: one piece
-                completion = _parse(response.json(), chat, url, time.perf_counter() - started, prefill)
+                elapsed = time.perf_counter() - started
+                completion = _parse(response.json(), chat, url, elapsed, prefill, "logprobs" in body)
                 _add(completion.text[len(prefill) :], [], on_text)
                 return completion.model_copy(update={"first_token_s": completion.total_s})
-            return await _read_stream(response, chat, url, started, prefill, on_text)
+            return await _read_stream(response, chat, url, started, prefill, on_text, "logprobs" in body)
     except httpx.TimeoutException:
         raise InferenceError(f"{url} did not answer within {timeout_s:g}s") from None
     except httpx.HTTPError as exc:
@@ -152,7 +154,9 @@ class Continuation:
         return held
 
 
-def _parse(data: dict, chat: bool, url: str, total_s: float, prefill: str = "") -> Completion:
+def _parse(data: dict, chat: bool, url: str, total_s: float, prefill: str = "", asked: bool = False) -> Completion:
+    """The Completion of one JSON answer. `asked`: log-probabilities were asked for; an empty
+    answer then has none to report (llama-server sends null): an empty list, not None."""
     try:
         choice = data["choices"][0]
         text = choice["message"]["content"] if chat else choice["text"]
@@ -168,7 +172,7 @@ def _parse(data: dict, chat: bool, url: str, total_s: float, prefill: str = "") 
         total_s=total_s,
         finish_reason=choice.get("finish_reason"),
         cost_usd=_cost(usage),
-        logprobs=parse_logprobs(choice.get("logprobs")),
+        logprobs=_answer_logprobs(parse_logprobs(choice.get("logprobs")), added, asked),
     )
 
 
@@ -179,6 +183,7 @@ async def _read_stream(
     started: float,
     prefill: str,
     on_text: Callable[[str], None] | None,
+    asked: bool = False,
 ) -> Completion:
     continuation = Continuation(prefill)
     parts: list[str] = []
@@ -218,7 +223,7 @@ async def _read_stream(
         total_s=time.perf_counter() - started,
         finish_reason=finish,
         cost_usd=_cost(usage),
-        logprobs=tokens,
+        logprobs=_answer_logprobs(tokens, "".join(parts), asked),
     )
 
 
@@ -236,6 +241,11 @@ def _cost(usage: dict) -> float | None:
         return None if value is None else max(0.0, float(value))
     except (TypeError, ValueError):
         return None
+
+
+def _answer_logprobs(tokens: list[TokenLogprob] | None, added: str, asked: bool) -> list[TokenLogprob] | None:
+    """An answer that adds no text has no tokens to report: [] when they were asked for."""
+    return [] if tokens is None and asked and not added else tokens
 
 
 def parse_logprobs(data: object) -> list[TokenLogprob] | None:

@@ -137,3 +137,12 @@ def test_a_parsed_answer_carries_its_logprobs_or_none():
     with_logprobs = {**choice, "logprobs": {"content": [{"token": "B", "logprob": -0.1, "top_logprobs": []}]}}
     (token,) = openai_client._parse({"choices": [with_logprobs]}, True, "u", 0.1).logprobs
     assert token.token == "B" and token.logprob == -0.1 and token.top == {}
+
+
+def test_an_empty_answer_asked_for_logprobs_has_no_tokens_rather_than_none():
+    """llama-server sends `logprobs: null` for an answer that stopped at once: no tokens to report."""
+    empty = {"choices": [{"text": "", "logprobs": None, "finish_reason": "stop"}]}
+    assert openai_client._parse(empty, False, "u", 0.1, "", True).logprobs == []
+    assert openai_client._parse(empty, False, "u", 0.1).logprobs is None  # not asked for: none
+    spoken = {"choices": [{"text": " Paris", "logprobs": None, "finish_reason": "stop"}]}
+    assert openai_client._parse(spoken, False, "u", 0.1, "", True).logprobs is None  # a provider that gives none
