@@ -316,11 +316,14 @@ def write(figures: dict, out: Path, key: str) -> None:
     except ValueError:
         existing = {}
     existing = existing if isinstance(existing, dict) else {}
-    compact = {
-        **figures,
-        "rows": [{k: v for k, v in r.items() if k not in ("question", "samples")} for r in figures["rows"]],
-    }
+    rows = [{k: _short(v) for k, v in r.items() if k not in ("question", "samples")} for r in figures["rows"]]
+    compact = {**figures, "rows": rows}
     out.write_text(json.dumps(existing | {key: compact}, indent=1) + "\n")
+
+
+def _short(value: object) -> object:
+    """A row's figure to six significant digits (costs are millionths of a dollar)."""
+    return float(f"{value:.6g}") if isinstance(value, float) else value
 
 
 def report(figures: dict) -> str:
