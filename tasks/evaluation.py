@@ -25,6 +25,7 @@ from tasks.learning import (
     choices,
     examples,
     hull,
+    merge,
     only,
     operating_points,
     outcome,
@@ -431,3 +432,17 @@ def chart(report: dict, strategy: str, path: Path) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def train_router(records: list[Record], cache: Path | None = None, budget_share: float = BUDGET) -> Router:
+    """The router for records of several files: one training per set of recorded models (files
+    that record the same models train together), merged (`merge`)."""
+    groups: dict[frozenset[str], list[Record]] = {}
+    for r in records:
+        groups.setdefault(frozenset(r.responses), []).append(r)
+    routers = []
+    for group in groups.values():
+        files = sorted({r.source for r in group})
+        trained = train(group, fit(group, budget_share), examples(group, cache), files=files)
+        routers.append(trained.router)
+    return routers[0] if len(routers) == 1 else merge(routers)

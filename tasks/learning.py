@@ -354,3 +354,30 @@ def p_correct(router: Router, text: str, models: list[str]) -> dict[str, float]:
     """P(correct) of each of the models the router knows, for one prompt."""
     x = embed([text])
     return {m: float(predict(router.heads[m].weights, x)[0]) for m in models if m in router.heads}
+
+
+def merge(routers: list[Router]) -> Router:
+    """Routers trained on files that record different models, as one: every head; the default λ
+    of the one trained on the most records; per task type the more cautious auto setting (single
+    where either keeps it, else the larger margin over single's model)."""
+    if not routers:
+        raise InvalidRequest("no routers to merge")
+    main = max(routers, key=lambda r: r.trained_on.get("records", 0))
+    auto: dict[str, tuple[float, float] | None] = {}
+    for router in routers:
+        for task, setting in router.auto.items():
+            if task not in auto:
+                auto[task] = setting
+            elif auto[task] is None or setting is None:
+                auto[task] = None
+            else:
+                auto[task] = max(auto[task], setting, key=lambda s: (s[1], s[0]))
+    return Router(
+        heads={m: h for r in routers for m, h in r.heads.items()},
+        quality_cost=main.quality_cost,
+        auto=auto,
+        trained_on={
+            "groups": [r.trained_on for r in routers],
+            "records": sum(r.trained_on["records"] for r in routers),
+        },
+    )

@@ -379,7 +379,7 @@ async def route(fragment: Fragment, text: str, ctx: RunContext, call: ModelCall)
     )
     chosen = next(c for c in reversed(calls) if c.text == decision.answer)
     ctx.log.info("fragment %s: %s answer of %s stands: %s", fragment.id, decision.strategy, chosen.model, decision.why)
-    if decision.learned is not None:
+    if learned is not None:  # what feedback on this answer teaches: the answering model, on this prompt
         ctx.routes.append(
             RouteRecord(
                 ts=datetime.now(UTC),
@@ -387,9 +387,9 @@ async def route(fragment: Fragment, text: str, ctx: RunContext, call: ModelCall)
                 tenant=ctx.request.tenant,
                 fragment_id=fragment.id,
                 task_type=fragment.task_type,
-                model=decision.learned.model,
-                quality_cost=decision.learned.quality_cost,
-                p_correct=decision.learned.p_correct,
+                model=chosen.model,
+                quality_cost=decision.learned.quality_cost if decision.learned else learned.quality_cost,
+                p_correct=decision.p_correct or {},
                 embedding=embedding,
             )
         )
@@ -402,7 +402,7 @@ async def route(fragment: Fragment, text: str, ctx: RunContext, call: ModelCall)
             "models_called": decision.models,
             "allocation_ids": [c.allocation_id for c in calls],
             "confidence": decision.confidence,
-            "p_correct": decision.learned.p_correct if decision.learned else None,
+            "p_correct": decision.p_correct,
             "reason": f"{decision.why}; {chosen.reason}",
             "covenant_version": ctx.covenant.version,
             "covenant_terms": ctx.covenant_terms,

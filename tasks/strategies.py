@@ -100,6 +100,7 @@ class Decision:
     confidence: float | None = None
     why: str = ""
     learned: Choice | None = None  # the learned router's choice, when it made one
+    p_correct: dict[str, float] | None = None  # the learned router's P(correct) of its top candidates
 
 
 @dataclass(frozen=True)
@@ -148,7 +149,8 @@ def learned_route(task: str, stats: Stats, allowed: list[str], learned: Learned 
     if learned.explicit:
         return learned.choose(allowed, learned.quality_cost), "the request's quality/cost trade-off"
     if learned.auto is None:
-        return None, f"the learned router did not beat single on {task} held out"
+        odds = ", ".join(f"{m} P={q:.2f}" for m, q in sorted(learned.p.items(), key=lambda kv: -kv[1])[:3])
+        return None, f"the learned router ({odds}) did not beat single on {task} held out"
     single = single_model(task, stats, allowed)
     capped = [m for m in allowed if stats.cost[task][m] <= stats.cost[task][single]]
     lam, margin = learned.auto
@@ -189,6 +191,8 @@ async def decide(
     cheap = stats.cheap(task, allowed)
     closed = signal_for(task) == "agreement"  # answers that can be compared, so votes mean something
     decision = Decision("", learned=choice)
+    if learned is not None:
+        decision.p_correct = dict(sorted(learned.p.items(), key=lambda kv: -kv[1])[:3])
 
     async def call(model: str, text: str | None = None, sampled: bool = False) -> tuple[str, str]:
         reply = await ask(model, text, sampled)

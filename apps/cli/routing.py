@@ -14,7 +14,7 @@ import typer
 from rich.table import Table
 
 from apps.cli.running import console, fail, run_flows, use_local_prefect
-from homeskillet.errors import HomeskilletError
+from homeskillet.errors import HomeskilletError, InvalidRequest
 from homeskillet.settings import RECORDINGS, get_settings
 
 if TYPE_CHECKING:  # the commands import the layers below only when they run: --help stays quick
@@ -242,39 +242,38 @@ def learn_routing(
 
     from connectors import recordings
     from tasks.decompose import classify as task_of
-    from tasks.evaluation import fit
+    from tasks.evaluation import fit, train_router
     from tasks.learned import published
-    from tasks.learning import examples, train
 
     settings = get_settings()
     try:
         records = [r for f in files for r in recordings.load(Path(f), task_of)]
-        stats = fit(records, budget_share)
-        trained = train(records, stats, examples(records, settings.home / "cache"), files=[Path(f).name for f in files])
+        if out and len({frozenset(r.responses) for r in records}) > 1:
+            raise InvalidRequest("per-task figures (-o) need files that record the same models")
+        learned = train_router(records, settings.home / "cache", budget_share)
+        stats = fit(records, budget_share) if out else None
     except HomeskilletError as exc:
         fail(exc)
-    learned = replace(trained.router, accept_confidence=accept_confidence)
+    learned = replace(learned, accept_confidence=accept_confidence)
     path = Path(router) if router else published(settings.routers)
     learned.save(path)
-    if out:
+    if stats is not None:
         stats.save(Path(out))
-    for task, quality in stats.quality.items():
-        table = Table(title=f"{task}: {sum(r.task == task for r in records)} records")
-        for column in ("model", "quality", "mean_cost_usd", "router head: examples"):
-            table.add_column(column)
-        for m, q in sorted(quality.items(), key=lambda kv: -kv[1]):
-            head = learned.heads.get(m)
-            table.add_row(m, f"{q:.3f}", f"{stats.cost[task][m]:.6f}", str(head.examples if head else "-"))
-        console.print(table)
-        if task in stats.plans:
+        for task in stats.plans:
             console.print(f"cascade for {task}: {stats.plans[task].describe()}")
-        auto = learned.auto.get(task)
+    table = Table(title=f"router heads: {len(records)} records")
+    for column in ("model", "examples", "right", "cost ≈ a + b·chars"):
+        table.add_column(column)
+    for m, head in sorted(learned.heads.items(), key=lambda kv: -kv[1].accuracy):
+        table.add_row(m, str(head.examples), f"{head.accuracy:.3f}", f"{head.cost[0]:.3g} + {head.cost[1]:.3g}·chars")
+    console.print(table)
+    for task, auto in sorted(learned.auto.items()):
         console.print(
             f"auto for {task}: "
             + (
-                f"the learned router at λ={auto:.3g}"
+                f"the learned router at λ={auto[0]:.3g}, margin {auto[1]:g} over single's model"
                 if auto is not None
-                else "single (the router did not beat it held out)"
+                else "single (the router did not beat it out of fold)"
             )
         )
     console.print(

@@ -300,7 +300,9 @@ async def test_auto_with_a_router_keeps_single_where_the_router_did_not_beat_it(
     ctx = context(Constraints(), "auto")
     ctx.router = constant_router({"smollm2-135m": 0.3, "gemma3-270m": 0.8}, auto={"factual_qa": None})
     out = await route(fragment, fragment.text, ctx, attempt)
-    assert out.strategy == "single" and "did not beat single on factual_qa" in out.reason and not ctx.routes
+    assert out.strategy == "single" and "did not beat single on factual_qa" in out.reason
+    assert "gemma3-270m P=0.80" in out.reason and out.p_correct["gemma3-270m"] == pytest.approx(0.8)
+    assert [r.model for r in ctx.routes] == [out.model]  # feedback on single's answer teaches its head
     learned = context(Constraints(), "auto")
     learned.router = constant_router({"smollm2-135m": 0.3, "gemma3-270m": 0.8}, auto={"factual_qa": (0.0, 0.0)})
     out = await route(fragment, fragment.text, learned, attempt)
