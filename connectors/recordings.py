@@ -31,6 +31,8 @@ EVAL_TASK_TYPES = {
     "grade-school-math": "math",
     "gsm8k": "math",
     "mt-bench": "chat",
+    "arithmetic": "math",
+    "factual-qa": "factual_qa",
 }
 
 

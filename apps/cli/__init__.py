@@ -8,7 +8,7 @@ command; the commands themselves live in one module per group:
 - `covenant`: covenant show
 - `server`: server start, stop, status, check
 - `routing`: eval-routing, learn-routing, train-classifier
-- `bench`: benchmark, cost-report, bench-overhead, bench-mcp, loadtest, bench-workers
+- `bench`: benchmark, cost-report, bench-overhead, bench-mcp, bench-confidence, loadtest, bench-workers
 - `mcp`: serve (every surface), mcp serve, tokens create, list, revoke
 - `ops`: emulator, credentials, isolation-report
 
@@ -35,6 +35,7 @@ app.command("eval-routing")(routing.eval_routing)
 app.command("learn-routing")(routing.learn_routing)
 app.command("bench-overhead")(bench.bench_overhead)
 app.command("bench-mcp")(bench.bench_mcp)
+app.command("bench-confidence")(bench.bench_confidence)
 app.command("loadtest")(bench.loadtest)
 app.command("bench-workers")(bench.bench_workers)
 app.command("isolation-report")(ops.isolation_report)
