@@ -34,6 +34,8 @@ from tasks.refit import (
     split,
 )
 
+LOCAL_RECORDINGS = RECORDINGS.parent / "local_recordings.csv"  # the local models' answers to labelled questions
+
 
 def artifact_key(tenant: str) -> str:
     """The tenant's artifact key: lowercase letters, digits and dashes, as Prefect requires."""
@@ -69,7 +71,7 @@ async def learn_routing(
 
     Args:
         recordings: Folder of RouterBench-format recordings the heads are refitted on besides
-            the feedback (default: the packaged ones).
+            the feedback (default: the packaged ones, and the local models' answers).
         feedback_only: Refit the heads on the feedback alone, without recordings.
         min_feedback: The least rows of feedback a tenant needs for a refit of its own.
         tenants: The tenants to refit (default: every tenant with feedback).
@@ -80,6 +82,8 @@ async def learn_routing(
     log = get_run_logger()
     settings = runtime.services(catalog_path).settings
     files = [] if feedback_only else _recording_files(Path(recordings or RECORDINGS))  # before anything is read
+    if recordings is None and not feedback_only and LOCAL_RECORDINGS.exists():
+        files.append(LOCAL_RECORDINGS)  # the shipped router's heads of the local models learned from these
     if tenants is None:
         feedback = await asyncio.to_thread(read_feedback, settings.feedback)
         tenants = sorted(set(feedback["tenant"]))
