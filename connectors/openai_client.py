@@ -208,7 +208,8 @@ async def _read_stream(
             finish = choice.get("finish_reason") or finish
             pieces = parse_logprobs(choice.get("logprobs"))
             if pieces is not None:
-                tokens = (tokens or []) + pieces
+                tokens = tokens if tokens is not None else []
+                tokens.extend(pieces)
             if piece:
                 if first is None:
                     first = time.perf_counter() - started

@@ -150,9 +150,17 @@ class Encoder:
         return pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
 
 
-@cache
+_loading = threading.Lock()
+
+
 def encoder() -> Encoder:
-    """The process's encoder, loaded once (about 0.2 s and 90 MB)."""
+    """The process's encoder, loaded once (about 0.2 s and 90 MB), however many threads ask at once."""
+    with _loading:
+        return _encoder()
+
+
+@cache
+def _encoder() -> Encoder:
     return Encoder(model_dir())
 
 

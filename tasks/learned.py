@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -111,8 +112,11 @@ class Router:
                 for m, h in sorted(self.heads.items())
             },
         }
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(data, separators=(",", ":")))
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, separators=(",", ":")))
+        tmp.replace(path)  # a request routing now reads the old router or the new one, never part of one
 
     @classmethod
     def load(cls, path: Path) -> Router:
@@ -186,8 +190,10 @@ def choose(
 
 
 def published(folder: Path, tenant: str | None = None) -> Path:
-    """Where a refitted router is published: one per tenant that has its own, else the default."""
-    return Path(folder) / f"{tenant or 'default'}.json"
+    """Where a router is published: a tenant's own under `tenants/` (so that no tenant's name,
+    "default" included, can stand for the router every other tenant falls back to), else the
+    default."""
+    return Path(folder) / "tenants" / f"{tenant}.json" if tenant else Path(folder) / "default.json"
 
 
 def router_path(folder: Path, tenant: str | None = None) -> Path | None:

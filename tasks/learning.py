@@ -205,6 +205,8 @@ def operating_points(curve: list[Point], singles: dict[str, tuple[float, float]]
     """On a curve (out-of-fold, on training records): the λ of the best accuracy at most
     CHEAP_SHARE of the best single model's cost, and the λ of the cheapest point as accurate
     as the best single model (None: never)."""
+    if not singles:  # no model answered every record: no best single model to measure against
+        return None, None
     best_cost, best_acc = max(singles.values(), key=lambda ca: (ca[1], -ca[0]))
     cheap = [pt for pt in curve if pt.cost <= CHEAP_SHARE * best_cost]
     matching = [pt for pt in curve if pt.accuracy >= best_acc]
@@ -237,22 +239,28 @@ class Baseline:
 
 
 def baselines(records: list[Record], stats: Stats, ex: Examples, rows: np.ndarray) -> dict[str, Baseline]:
-    """Per file of the rows, the single strategy as `stats` (figures fitted on the training
-    records, `tasks.evaluation.fit`) choose it."""
+    """Per file and task type of the rows (`part`), the single strategy as `stats` (figures
+    fitted on the training records, `tasks.evaluation.fit`) choose it."""
     out = {}
-    for source in sorted(set(ex.source[rows])):
-        mine = rows[ex.source[rows] == source]
-        task = str(ex.task[mine[0]])
-        models = sorted(records[mine[0]].responses)
-        single = single_model(task, stats, models)
+    for source, task in sorted(set(zip(ex.source[rows], ex.task[rows]))):
+        mine = rows[(ex.source[rows] == source) & (ex.task[rows] == task)]
+        models = sorted(m for m in records[mine[0]].responses if m in stats.quality.get(str(task), {}))
+        if not models:
+            continue
+        single = single_model(str(task), stats, models)
         j = ex.models.index(single)
-        out[source] = Baseline(
+        out[part(source, task)] = Baseline(
             float(ex.correct[mine, j].mean()),
             float(ex.cost[mine, j].sum()),
-            [m for m in models if stats.cost[task][m] <= stats.cost[task][single]],
+            [m for m in models if stats.cost[str(task)][m] <= stats.cost[str(task)][single]],
             single,
         )
     return out
+
+
+def part(source: str, task: str) -> str:
+    """A file's records of one task type: what auto must not lose on."""
+    return f"{source}:{task}"
 
 
 def only(ex: Examples, p: np.ndarray, est: np.ndarray, models: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -278,13 +286,16 @@ def auto_quality_cost(
     chosen: dict[str, tuple[float, float] | None] = {}
     for task in sorted(set(ex.task[rows])):
         sources = sorted(set(ex.source[rows][ex.task[rows] == task]))
+        if any(part(source, task) not in single for source in sources):
+            chosen[str(task)] = None  # a file where single cannot be chosen: nothing to compare with
+            continue
         best: tuple[float, float, float] | None = None
         for margin in MARGINS:
             for lam in LAMBDAS:
                 gains = []
                 for source in sources:
-                    mine = np.flatnonzero(ex.source[rows] == source)
-                    base = single[source]
+                    mine = np.flatnonzero((ex.source[rows] == source) & (ex.task[rows] == task))
+                    base = single[part(source, task)]
                     cp, ce = only(ex, p[mine], est[mine], base.candidates)
                     picked = choices(cp, ce, lam, ex.models.index(base.model), margin)
                     acc, cost = outcome(ex, rows[mine], picked)
@@ -358,26 +369,27 @@ def p_correct(router: Router, text: str, models: list[str]) -> dict[str, float]:
 
 def merge(routers: list[Router]) -> Router:
     """Routers trained on files that record different models, as one: every head; the default λ
-    of the one trained on the most records; per task type the more cautious auto setting (single
-    where either keeps it, else the larger margin over single's model)."""
+    of the one trained on the most records; per task type the most cautious auto setting (single
+    where any keeps it or never saw the task type, else the largest margin over single's model);
+    the highest cascade threshold."""
     if not routers:
         raise InvalidRequest("no routers to merge")
     main = max(routers, key=lambda r: r.trained_on.get("records", 0))
     auto: dict[str, tuple[float, float] | None] = {}
-    for router in routers:
-        for task, setting in router.auto.items():
-            if task not in auto:
-                auto[task] = setting
-            elif auto[task] is None or setting is None:
-                auto[task] = None
-            else:
-                auto[task] = max(auto[task], setting, key=lambda s: (s[1], s[0]))
+    for task in sorted({t for r in routers for t in r.auto}):
+        settings = [r.auto.get(task) for r in routers]  # a group that never saw the task type: None
+        if any(setting is None for setting in settings):
+            auto[task] = None
+        else:
+            auto[task] = max(settings, key=lambda setting: (setting[1], setting[0]))
+    thresholds = [r.accept_confidence for r in routers if r.accept_confidence is not None]
     return Router(
         heads={m: h for r in routers for m, h in r.heads.items()},
         quality_cost=main.quality_cost,
         auto=auto,
         trained_on={
             "groups": [r.trained_on for r in routers],
-            "records": sum(r.trained_on["records"] for r in routers),
+            "records": sum(r.trained_on.get("records", 0) for r in routers),
         },
+        accept_confidence=max(thresholds) if thresholds else None,
     )

@@ -99,7 +99,11 @@ async def prepare(
     allowed, terms = restrict(services.catalog, covenant)  # routed only where the covenant allows
     constraints = request.constraints
     learned = runtime.routing_stats(routing_stats) if routing_stats is not None else None  # a bad file fails here
-    router = runtime.router_for(request.tenant, services.settings) if request.strategy in ("learned", "auto") else None
+    router = (
+        runtime.router_for(request.tenant, services.settings)
+        if request.strategy in ("learned", "auto", "cascade")  # a cascade takes its threshold from it
+        else None
+    )
     if request.strategy == "learned" and router is None:
         raise NoRoute("the learned strategy needs a trained router, and there is none (`homeskillet learn-routing`)")
     # the conversation before the prompt is sent with every fragment: it counts in each one's size

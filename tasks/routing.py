@@ -24,6 +24,7 @@ from homeskillet.schemas import (
     PoolSpec,
     RouteRecord,
 )
+from tasks.cascade import signal_for
 from tasks.context import RunContext
 from tasks.embedding import embed
 from tasks.learned import predict
@@ -252,6 +253,14 @@ def learns(ctx: RunContext, allowed: list[str]) -> bool:
     return ctx.router is not None and sum(m in ctx.router.heads for m in allowed) >= 2
 
 
+def accept_confidence(ctx: RunContext, task: str) -> float | None:
+    """The router's threshold on a cascade's first answer, for closed answers only (a choice, a
+    number): a model's confidence in free text means something else, measured apart."""
+    if ctx.router is None or signal_for(task) != "agreement":
+        return None
+    return ctx.router.accept_confidence
+
+
 def quality_cost(ctx: RunContext) -> tuple[float, bool]:
     """The trade-off λ of a request: its own, else its tenant's covenant's, else the router's
     default; and whether the request or covenant set it."""
@@ -374,7 +383,7 @@ async def route(fragment: Fragment, text: str, ctx: RunContext, call: ModelCall)
         allowed,
         ask,
         learned,
-        ctx.router.accept_confidence if ctx.router is not None else None,
+        accept_confidence(ctx, fragment.task_type),
         constraints.samples,
     )
     chosen = next(c for c in reversed(calls) if c.text == decision.answer)

@@ -1,8 +1,8 @@
 """The routing strategies: for one fragment, which models to ask and whose answer stands.
 
 single, cascade, ensemble, moa, learned (the model a learned router favours for this prompt,
-`tasks.learned`), and auto (a strategy picked per fragment: the learned router where it held its
-own against single on held-out records, else from the per-task figures).
+`tasks.learned`), and auto (a strategy picked per fragment: with a trained router, the router
+where it beat single on held-out records, else single; without one, from the per-task figures).
 `decide` is the same code for live fragments (`tasks.routing.route`) and for replays of
 recorded answers (`tasks.evaluation`); it sees only the answers of the models it chose to ask.
 """
@@ -152,7 +152,9 @@ def learned_route(task: str, stats: Stats, allowed: list[str], learned: Learned 
         odds = ", ".join(f"{m} P={q:.2f}" for m, q in sorted(learned.p.items(), key=lambda kv: -kv[1])[:3])
         return None, f"the learned router ({odds}) did not beat single on {task} held out"
     single = single_model(task, stats, allowed)
-    capped = [m for m in allowed if stats.cost[task][m] <= stats.cost[task][single]]
+    capped = [m for m in allowed if stats.cost[task][m] <= stats.cost[task][single] and m in learned.p]
+    if single not in learned.p or len(capped) < 2:
+        return None, f"the learned router knows too few of the models no dearer than {single} ({', '.join(capped)})"
     lam, margin = learned.auto
     why = f"it beat single on {task} held out; no dearer than {single}, leaving it at a margin of {margin:g}"
     return learned.choose(capped, lam, single, margin), why
@@ -297,6 +299,8 @@ async def cascade(
             decision.confidence = own
             accepted = own >= accept_confidence
             evidence = f"{first} is {own:.2f} sure of its answer (accepts at {accept_confidence:.2f})"
+        elif not learned and len(plan.probes) == 1 and plan.signal == "agreement":
+            accepted, evidence = False, f"{first} gave no confidence to judge its answer by"
         else:
             accepted = None  # no live signal: the plan's own rule decides, from this first answer
         if accepted is not None:

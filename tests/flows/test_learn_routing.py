@@ -211,6 +211,6 @@ async def test_too_little_feedback_refits_nothing(state, vectors):
             "why": "24 rows of feedback, fewer than 25: not refitted",
         }
     }
-    assert sorted(p.name for p in state.routers.iterdir()) == ["default.json"]
+    assert sorted(p.name for p in state.routers.iterdir() if p.is_file()) == ["default.json"]
     with pytest.raises(InvalidRequest, match="recordings folder .*missing: no RouterBench CSV files"):
         await learn_routing(recordings=str(state.home / "missing"))

@@ -64,8 +64,12 @@ def test_a_tenants_own_router_comes_first_then_the_default_then_the_shipped_one(
     assert router_path(tmp_path, "acme") == (ROUTER if ROUTER.exists() else None)
     published(tmp_path).write_text("{}")
     assert router_path(tmp_path, "acme") == tmp_path / "default.json"
+    published(tmp_path, "acme").parent.mkdir()
     published(tmp_path, "acme").write_text("{}")
-    assert router_path(tmp_path, "acme") == tmp_path / "acme.json"
+    assert router_path(tmp_path, "acme") == tmp_path / "tenants" / "acme.json"
+    published(tmp_path, "default").parent.mkdir(exist_ok=True)
+    published(tmp_path, "default").write_text("{}")  # a tenant named "default" is still only itself
+    assert router_path(tmp_path, "other") == tmp_path / "default.json"
     assert router_path(tmp_path, "other") == tmp_path / "default.json"
 
 

@@ -106,3 +106,16 @@ def test_on_routerbench_held_out_auto_is_never_a_point_below_single_and_costs_no
         }
         assert figures["auto"].accuracy >= figures["single"].accuracy - 0.01, name
         assert figures["auto"].cost <= figures["single"].cost + 1e-9, name
+
+
+def test_merged_routers_keep_every_head_and_the_most_cautious_auto():
+    from tasks.learned import Head, Router
+    from tasks.learning import merge
+
+    head = Head(np.zeros(385), (0.0, 0.0), 1, 0.5)
+    remote = Router({"big": head}, 0.1, {"code": (0.2, 0.05), "multiple_choice": (0.1, 0.0)}, {"records": 100})
+    local = Router({"small": head}, 0.3, {"multiple_choice": (0.1, 0.2)}, {}, 0.8)
+    merged = merge([remote, local])
+    assert set(merged.heads) == {"big", "small"} and merged.quality_cost == 0.1
+    assert merged.auto == {"code": None, "multiple_choice": (0.1, 0.2)}  # code never seen locally: single
+    assert merged.accept_confidence == 0.8

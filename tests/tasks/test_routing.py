@@ -340,3 +340,24 @@ async def test_a_cascade_with_samples_accepts_when_most_samples_agree():
     assert temperatures == [None, 0.8, 0.8]
     again = await route(fragment, fragment.text, ctx, attempt)  # A, then B and B: 1 of 3
     assert again.models_called == ["smollm2-135m"] * 3 + ["gemma3-270m"] and "escalated" in again.reason
+
+
+def test_auto_keeps_single_when_the_router_does_not_know_singles_model():
+    from tasks.strategies import Learned, Stats, learned_route
+
+    stats = Stats({"chat": {"a": 0.9, "b": 0.8, "c": 0.95}}, {"chat": {"a": 1.0, "b": 2.0, "c": 3.0}})
+    view = Learned(p={"b": 0.9, "c": 0.95}, cost={"b": 2.0, "c": 3.0}, quality_cost=0.1, auto=(0.1, 0.0))
+    choice, why = learned_route("chat", stats, ["a", "b", "c"], view)  # single is "a", which it does not know
+    assert choice is None and "knows too few of the models no dearer than a" in why
+
+
+async def test_a_one_probe_cascade_escalates_when_its_model_gives_no_confidence():
+    fragment = Fragment(id="f0", text="2+2? A) 4 B) 5", task_type="multiple_choice", est_prompt_tokens=10)
+
+    async def attempt(choice, text, number, stream, temperature=None):
+        return result(choice, "A")  # no token_confidence: the provider gave no log-probabilities
+
+    ctx = context(Constraints(), "cascade")
+    ctx.router = replace(constant_router({"smollm2-135m": 0.5, "gemma3-270m": 0.5}), accept_confidence=0.9)
+    out = await route(fragment, fragment.text, ctx, attempt)
+    assert out.models_called == ["smollm2-135m", "gemma3-270m"] and "gave no confidence" in out.reason
