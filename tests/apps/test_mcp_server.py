@@ -430,7 +430,13 @@ async def test_the_command_line_serves_mcp_and_manages_tokens(assert_no_leaks, t
 
         addr = f"127.0.0.1:{port}"
         async with ws_client(addr, made[0]["token"]) as client:
-            assert {t.name for t in (await client.list_tools()).tools} == {"fuse", "plan", "classify", "allocations", "feedback"}
+            assert {t.name for t in (await client.list_tools()).tools} == {
+                "fuse",
+                "plan",
+                "classify",
+                "allocations",
+                "feedback",
+            }
             over_mcp = []
             for _ in range(2):  # the first in a fresh server process loads the flow's clients
                 progress.clear()
