@@ -154,10 +154,12 @@ def _holder_alive(holder: str) -> bool:
 
 
 def _lost_connection(exc: BaseException) -> bool:
-    """PostgreSQL restarting, shutting down or unreachable: worth trying again on a new connection."""
-    return isinstance(exc, asyncpg.PostgresConnectionError | asyncpg.InterfaceError | OSError) or isinstance(
-        exc, asyncpg.exceptions.OperatorInterventionError
-    )
+    """PostgreSQL restarting, shutting down or unreachable: worth trying again on a new connection.
+    InternalClientError is a connection a restart left mid-operation ("another operation is in
+    progress"): the pool discards it, and the call runs again on another."""
+    return isinstance(
+        exc, asyncpg.PostgresConnectionError | asyncpg.InterfaceError | asyncpg.InternalClientError | OSError
+    ) or isinstance(exc, asyncpg.exceptions.OperatorInterventionError)
 
 
 def _reconnecting(method):
