@@ -14,6 +14,7 @@ from connectors.recordings import load
 from homeskillet.errors import InvalidRequest, NoRoute
 from homeskillet.settings import RECORDINGS as ROUTERBENCH
 from tasks.evaluation import Comparison, Score, compare, evaluate, is_correct, oracle, overall, single_models
+from tasks.learned import Router
 from tasks.strategies import Stats
 from tests.support import HOMESKILLET, write_bench
 
@@ -119,12 +120,23 @@ def test_eval_routing_command_prints_figures_and_ends_with_json():
 def test_learn_routing_writes_stats_the_flow_can_use(tmp_path):
     out = tmp_path / "stats.json"
     done = subprocess.run(
-        [HOMESKILLET, "learn-routing", str(ROUTERBENCH / "mbpp_train.csv"), "-o", str(out)],
+        [
+            HOMESKILLET,
+            "learn-routing",
+            str(ROUTERBENCH / "mbpp_train.csv"),
+            "-o",
+            str(out),
+            "--router",
+            str(tmp_path / "router.json"),
+        ],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,
     )
     assert done.returncode == 0, done.stderr
+    router = Router.load(tmp_path / "router.json")  # the learned router, with a head per recorded model
+    assert len(router.heads) == 11 and router.heads["gpt-4-1106-preview"].examples == 299
+    assert "router written to" in done.stdout
     stats = Stats.load(out)
     assert max(stats.quality["code"], key=stats.quality["code"].get) == "gpt-4-1106-preview"
     plan = stats.plans["code"]
@@ -167,3 +179,29 @@ def test_a_strategy_is_set_beside_every_single_model_and_the_oracle_and_files_ad
     assert both.score == Score(0.75, 6.0)  # accuracy weighted by records, costs added
     assert both.singles == {"big": Score(0.75, 40.0)}  # only the models every file recorded
     assert both.best == "big" and both.oracle == Score(0.75, 4.0)
+
+
+@pytest.mark.usefixtures("local_services")  # the `homeskillet` executable
+def test_eval_routing_held_out_fits_on_train_and_reports_curves_aiq_and_operating_points(tmp_path):
+    rows = [dict(gold="A", **{"cheap-a": "A", "cheap-b": "B", "big": "A"})] * 2 + [
+        dict(gold="B", **{"cheap-a": "A", "cheap-b": "B", "big": "B"})
+    ]
+    train = write_bench(tmp_path / "train.csv", rows * 8)
+    test = write_bench(tmp_path / "test.csv", rows * 4)
+    png = tmp_path / "curves.png"
+    done = subprocess.run(
+        [HOMESKILLET, "eval-routing", "--train", str(train), str(test), "--strategy", "learned", "--json"]
+        + ["--png", str(png)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["protocol"] == "held-out" and report["train"] == ["train"] and report["test"] == ["test"]
+    pooled = report["pooled"]
+    assert pooled["records"] == 12 and report["files"]["test"]["records"] == 12
+    assert len(pooled["curve"]) > 10 and 0 < pooled["curve_aiq"] <= 1 and 0 < pooled["singles_hull_aiq"] <= 1
+    assert set(pooled["operating_points"]) == {"best_at_20pct_of_best_single", "cheapest_matching_best_single"}
+    assert pooled["best_single"]["model"] == "big" and pooled["oracle"]["accuracy"] == 1.0
+    assert png.stat().st_size > 10_000 and "AIQ" in done.stdout
