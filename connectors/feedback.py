@@ -22,10 +22,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import uuid
-from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -33,8 +30,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as ds
-import pyarrow.parquet as pq
 
+from connectors.telemetry import write_partitioned
 from homeskillet.errors import InvalidRequest
 from homeskillet.schemas import FeedbackRecord, RouteRecord
 
@@ -82,12 +79,12 @@ class UnknownRequest(InvalidRequest):
 def write_routes(root: Path, records: list[RouteRecord]) -> list[Path]:
     """Write the route records as one new Parquet file per date partition; return the files."""
     rows = [r.model_dump() | {"p_correct": json.dumps(r.p_correct, sort_keys=True)} for r in records]
-    return _write(root, rows, ROUTE_SCHEMA)
+    return write_partitioned(root, rows, ROUTE_SCHEMA)
 
 
 def write_feedback(root: Path, records: list[FeedbackRecord]) -> list[Path]:
     """Write the feedback records as one new Parquet file per date partition; return the files."""
-    return _write(root, [r.model_dump() for r in records], FEEDBACK_SCHEMA)
+    return write_partitioned(root, [r.model_dump() for r in records], FEEDBACK_SCHEMA)
 
 
 def read_routes(root: Path, tenant: str | None = None) -> pd.DataFrame:
@@ -105,29 +102,6 @@ def read_feedback(root: Path, tenant: str | None = None) -> pd.DataFrame:
     frame = _read(root, FEEDBACK_SCHEMA, tenant)
     frame["fragment_id"] = frame["fragment_id"].astype(object).where(frame["fragment_id"].notna(), None)
     return frame
-
-
-def _write(root: Path, rows: list[dict], schema: pa.Schema) -> list[Path]:
-    written = []
-    for day, group in _by_day(rows).items():
-        folder = root / f"date={day}"
-        folder.mkdir(parents=True, exist_ok=True)
-        final = folder / f"part-{uuid.uuid4().hex}.parquet"
-        partial = folder / f".{final.name}.tmp"
-        pq.write_table(pa.Table.from_pylist(group, schema=schema), partial)
-        os.replace(partial, final)
-        written.append(final)
-    return written
-
-
-def _by_day(rows: Iterable[dict]) -> dict[str, list[dict]]:
-    """The rows by their UTC date (a naive timestamp is UTC, as the telemetry dataset reads it)."""
-    days: dict[str, list[dict]] = {}
-    for row in rows:
-        ts = row["ts"] if row["ts"].tzinfo is not None else row["ts"].replace(tzinfo=UTC)
-        row = {**row, "ts": ts.astimezone(UTC)}
-        days.setdefault(row["ts"].strftime("%Y-%m-%d"), []).append(row)
-    return days
 
 
 def _files(root: Path) -> list[str]:

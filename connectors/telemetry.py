@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from datetime import UTC
 from pathlib import Path
 
 import pandas as pd
@@ -50,20 +51,32 @@ SCHEMA = pa.schema(
 
 def write_records(root: Path, records: list[TelemetryRecord]) -> list[Path]:
     """Write the records as one new Parquet file per date partition; return the files."""
-    if not records:
-        return []
-    frame = pd.DataFrame([r.model_dump() for r in records])
-    frame["ts"] = pd.to_datetime(frame["ts"], utc=True)
+    return write_partitioned(root, [r.model_dump() for r in records], SCHEMA)
+
+
+def write_partitioned(root: Path, rows: list[dict], schema: pa.Schema) -> list[Path]:
+    """Rows (each with a `ts`) as one new Parquet file per UTC date partition under root, each
+    written under a temporary name and renamed into place; return the files."""
     written = []
-    for day, rows in frame.groupby(frame["ts"].dt.strftime("%Y-%m-%d")):
+    for day, group in _by_day(rows).items():
         folder = root / f"date={day}"
         folder.mkdir(parents=True, exist_ok=True)
         final = folder / f"part-{uuid.uuid4().hex}.parquet"
         partial = folder / f".{final.name}.tmp"
-        pq.write_table(pa.Table.from_pandas(rows.reset_index(drop=True), schema=SCHEMA, preserve_index=False), partial)
+        pq.write_table(pa.Table.from_pylist(group, schema=schema), partial)
         os.replace(partial, final)
         written.append(final)
     return written
+
+
+def _by_day(rows: list[dict]) -> dict[str, list[dict]]:
+    """The rows by their UTC date (a naive timestamp is UTC)."""
+    days: dict[str, list[dict]] = {}
+    for row in rows:
+        ts = row["ts"] if row["ts"].tzinfo is not None else row["ts"].replace(tzinfo=UTC)
+        row = {**row, "ts": ts.astimezone(UTC)}
+        days.setdefault(row["ts"].strftime("%Y-%m-%d"), []).append(row)
+    return days
 
 
 def read_records(root: Path) -> pd.DataFrame:

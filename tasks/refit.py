@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
-import uuid
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -181,16 +179,9 @@ def decide_publish(current_score: dict, new_score: dict, min_rows: int, margin: 
 
 
 def publish(router: Router, path: Path) -> Path:
-    """Write the router to `path` atomically: a temporary file in the same folder renamed over it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        router.save(partial)
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
-    return path
+    """Write the router to `path` (`Router.save` writes a temporary file and renames it over)."""
+    router.save(path)
+    return Path(path)
 
 
 def _figure(value: float | None) -> str:
