@@ -13,6 +13,7 @@ import sys
 import traceback
 import warnings
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pandas as pd
@@ -20,7 +21,7 @@ import yaml
 
 from connectors.hostedai import HostedAIClient, Policy
 from connectors.processes import free_port, serve_in_thread
-from homeskillet.schemas import Fragment, FragmentResult, HostedAICredentials, Plan, Timings
+from homeskillet.schemas import Fragment, FragmentResult, HostedAICredentials, Plan, TelemetryRecord, Timings
 
 __all__ = [
     "HOMESKILLET",
@@ -94,6 +95,27 @@ def fragment_result(fid: str, text: str = "", cost: float = 0.5, infer_s: float 
         cost_usd=cost,
         reason="r",
     )
+
+
+def telemetry_record(request_id: str, tenant: str, fragment_id: str, **changes) -> TelemetryRecord:
+    """A finished fragment's telemetry record, as the flow writes it; `changes` set other fields."""
+    fields = dict(
+        ts=datetime.now(UTC),
+        request_id=request_id,
+        tenant=tenant,
+        fragment_id=fragment_id,
+        task_type="chat",
+        strategy="single",
+        model="m",
+        backend="local",
+        pool="p",
+        tier="dedicated",
+        allocation_id=None,
+        tflops=1,
+        vram_gb=0.5,
+        outcome="ok",
+    )
+    return TelemetryRecord(**(fields | changes))
 
 
 def plan(*pairs):

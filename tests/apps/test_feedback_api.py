@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from datetime import UTC, datetime
+from datetime import datetime
 
 import httpx
 import pytest
@@ -17,8 +17,8 @@ from connectors.feedback import read_feedback
 from connectors.telemetry import write_records
 from connectors.tokens import TokenStore
 from homeskillet.errors import InvalidRequest
-from homeskillet.schemas import TelemetryRecord
 from homeskillet.settings import get_settings
+from tests.support import telemetry_record
 
 SERVED = pytest.mark.usefixtures("local_services")
 
@@ -28,21 +28,14 @@ def finished(tenant: str, fragments: tuple[str, ...] = ("f1", "f2")) -> str:
     the server reads, as the flow writes them."""
     request_id = "fb-" + uuid.uuid4().hex[:12]
     records = [
-        TelemetryRecord(
-            ts=datetime.now(UTC),
-            request_id=request_id,
-            tenant=tenant,
-            fragment_id=fragment,
-            task_type="chat",
-            strategy="single",
+        telemetry_record(
+            request_id,
+            tenant,
+            fragment,
             model="echo",
-            backend="local",
             pool="roomy",
             tier="preemptible",
             allocation_id=f"alloc-{uuid.uuid4().hex[:8]}",
-            tflops=1,
-            vram_gb=0.5,
-            outcome="ok",
         )
         for fragment in fragments
     ]

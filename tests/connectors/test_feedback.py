@@ -26,27 +26,13 @@ from connectors.feedback import (
 from connectors.telemetry import write_records
 from homeskillet.errors import InvalidRequest
 from homeskillet.schemas import FeedbackRecord, RouteRecord, TelemetryRecord
+from tests.support import telemetry_record
 
 NOW = datetime(2025, 3, 1, 12, tzinfo=UTC)
 
 
 def attempt(request_id: str, tenant: str, fragment_id: str) -> TelemetryRecord:
-    return TelemetryRecord(
-        ts=NOW,
-        request_id=request_id,
-        tenant=tenant,
-        fragment_id=fragment_id,
-        task_type="chat",
-        strategy="single",
-        model="m",
-        backend="local",
-        pool="p",
-        tier="dedicated",
-        allocation_id=None,
-        tflops=1,
-        vram_gb=0.5,
-        outcome="ok",
-    )
+    return telemetry_record(request_id, tenant, fragment_id, ts=NOW)
 
 
 def route(request_id: str, tenant: str, fragment_id: str, model: str = "m", seed: int = 0) -> RouteRecord:

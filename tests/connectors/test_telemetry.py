@@ -13,29 +13,20 @@ from flows.fusion import fuse_request
 from homeskillet.errors import InferenceError
 from homeskillet.schemas import TelemetryRecord
 from homeskillet.settings import get_settings
-from tests.support import free_port
+from tests.support import free_port, telemetry_record
 
 
 def record(i: int, day: datetime) -> TelemetryRecord:
-    return TelemetryRecord(
+    return telemetry_record(
+        f"r{i}",
+        "acme",
+        "f1",
         ts=day,
-        request_id=f"r{i}",
-        tenant="acme",
-        fragment_id="f1",
-        task_type="chat",
-        strategy="single",
-        model="m",
-        backend="local",
-        pool="p",
-        tier="dedicated",
         allocation_id=f"alloc-{i}",
-        tflops=1,
-        vram_gb=0.5,
         infer_s=0.1,
         tokens_in=3,
         tokens_out=4,
         cost_usd=0.001,
-        outcome="ok",
     )
 
 

@@ -16,11 +16,11 @@ import pytest
 from connectors.feedback import record_feedback, write_routes
 from connectors.telemetry import write_records
 from homeskillet.errors import InvalidRequest
-from homeskillet.schemas import RouteRecord, TelemetryRecord
+from homeskillet.schemas import RouteRecord
 from tasks.embedding import embed
 from tasks.learned import Head, Router, published
 from tasks.refit import split
-from tests.support import write_bench
+from tests.support import telemetry_record, write_bench
 
 SUMS = [f"What is {a} plus {b}?" for a, b in [(3, 4), (12, 9), (25, 17), (8, 30), (41, 2), (7, 7)] * 2]
 CODE = [
@@ -70,22 +70,9 @@ def served(settings, vectors, tenant: str, scores: dict[str, tuple[float, float]
         i = REQUESTS.index(request_id)
         for fragment_id, text, task_type in (("f1", SUMS[i], "math"), ("f2", CODE[i], "code")):
             telemetry.append(
-                TelemetryRecord(
-                    ts=NOW,
-                    request_id=request_id,
-                    tenant=tenant,
-                    fragment_id=fragment_id,
-                    task_type=task_type,
-                    strategy="learned",
-                    model="cheap-a",
-                    backend="local",
-                    pool="p",
-                    tier="dedicated",
-                    allocation_id=None,
-                    tflops=1,
-                    vram_gb=0.5,
-                    outcome="ok",
-                )  # fmt: skip
+                telemetry_record(
+                    request_id, tenant, fragment_id, ts=NOW, task_type=task_type, strategy="learned", model="cheap-a"
+                )
             )
             routes.append(
                 RouteRecord(
