@@ -59,7 +59,7 @@ os.environ.pop("HOMESKILLET_CATALOG", None)
 
 from connectors.prefect_server import ensure_prefect_server, stop_prefect_server
 from homeskillet.settings import PACKAGED_CATALOG
-from tests.support import NARROW, Sweep, serve_app, write_catalog
+from tests.support import NARROW, JSONHandler, Sweep, serve_app, write_catalog
 
 # What a test needs, told by the fixtures it uses (item.fixturenames: the whole closure, so a
 # test's own fixture that asks for one of these counts too). A test that runs a flow, a task, the
@@ -228,7 +228,7 @@ def docker():
         pytest.skip("the Docker round trip (make staging) runs with HOMESKILLET_DOCKER_TESTS=1")
 
 
-class _EchoHandler(BaseHTTPRequestHandler):
+class _EchoHandler(JSONHandler):
     """An OpenAI-compatible endpoint that echoes, and fails on prompts containing FAIL.
 
     A FAIL prompt with a tag like #abc3 fails once 3 prompts with that tag have arrived.
@@ -257,17 +257,6 @@ class _EchoHandler(BaseHTTPRequestHandler):
         choice.update({"message": {"role": "assistant", "content": reply}} if "messages" in body else {"text": reply})
         usage = {"prompt_tokens": len(text.split()), "completion_tokens": len(reply.split())}
         self._send(200, {"choices": [choice], "usage": usage})
-
-    def _send(self, code: int, payload: dict) -> None:
-        data = json.dumps(payload).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):  # quiet
-        pass
 
 
 class _EchoServer(ThreadingHTTPServer):

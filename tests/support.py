@@ -7,6 +7,7 @@ Prefect reads at import, before any test module is imported.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -14,6 +15,7 @@ import traceback
 import warnings
 from collections.abc import Callable
 from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pandas as pd
@@ -95,6 +97,21 @@ def fragment_result(fid: str, text: str = "", cost: float = 0.5, infer_s: float 
         cost_usd=cost,
         reason="r",
     )
+
+
+class JSONHandler(BaseHTTPRequestHandler):
+    """A test HTTP server's handler that answers in JSON (`_send`) and logs nothing."""
+
+    def _send(self, code: int, payload: dict) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):  # quiet
+        pass
 
 
 def telemetry_record(request_id: str, tenant: str, fragment_id: str, **changes) -> TelemetryRecord:

@@ -4,7 +4,6 @@ and None, never an error, from a provider that gives none or refuses the field."
 
 import json
 import math
-from http.server import BaseHTTPRequestHandler
 
 import pytest
 
@@ -12,6 +11,7 @@ from connectors import openai_client
 from homeskillet import catalog as cat
 from tasks import runtime
 from tasks.resources import render
+from tests.support import JSONHandler
 
 QUESTION = 'Steven asked Logan for a pen. _ had none.\nA) Steven\nB) Logan\nPrint only a single choice from "A" or "B".'
 
@@ -57,7 +57,7 @@ async def test_a_provider_that_sends_none_leaves_them_none(echo_server, monkeypa
     assert out.text == "echo: hi" and out.logprobs is None
 
 
-class _Refuses(BaseHTTPRequestHandler):
+class _Refuses(JSONHandler):
     """A provider whose model gives no log-probabilities and says so with HTTP 400, as some do."""
 
     bodies: list[dict] = []
@@ -70,17 +70,6 @@ class _Refuses(BaseHTTPRequestHandler):
         else:
             choice = {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "B"}}
             self._send(200, {"choices": [choice], "usage": {"prompt_tokens": 3, "completion_tokens": 1}})
-
-    def _send(self, code: int, payload: dict) -> None:
-        data = json.dumps(payload).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
 
 
 async def test_a_provider_that_refuses_the_field_is_asked_again_without_it(serve_http):

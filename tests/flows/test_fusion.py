@@ -3,7 +3,6 @@
 import asyncio
 import json
 import os
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import httpx
@@ -23,6 +22,7 @@ from homeskillet.errors import (
     UnknownTenant,
 )
 from tasks import runtime
+from tests.support import JSONHandler
 
 pytestmark = pytest.mark.usefixtures("local_services", "assert_no_leaks")
 
@@ -338,20 +338,12 @@ def context_catalog(test_catalog, echo_server, serve_http, tmp_path):
     completion-style model. Returns (catalog path, the bodies the recorder got)."""
     bodies: list[dict] = []
 
-    class Recorder(BaseHTTPRequestHandler):
+    class Recorder(JSONHandler):
         def do_POST(self):  # noqa: N802
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             bodies.append({"path": self.path, **body})
             reply = {"message": {"role": "assistant", "content": f"heard {body['messages'][-1]['content']}"}}
-            data = json.dumps({"choices": [{"index": 0, "finish_reason": "stop", **reply}], "usage": {}}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *args):  # quiet
-            pass
+            self._send(200, {"choices": [{"index": 0, "finish_reason": "stop", **reply}], "usage": {}})
 
     host, port = serve_http(Recorder)
     raw = yaml.safe_load(Path(test_catalog).read_text())
