@@ -238,9 +238,7 @@ def evaluate_held_out(
         view(trained.router, ex.models, p[r], est[r], record.task, quality_cost)
         for r, record in enumerate(test_records)
     ]
-    test_ex = Examples(
-        *(getattr(ex, f)[test_rows] if f != "models" else ex.models for f in Examples.__dataclass_fields__)
-    )
+    test_ex = ex.take(test_rows)
     decided, costs = replay(
         test_records, list(range(len(test_records))), strategy, lambda i: stats, allowed, views.__getitem__
     )

@@ -40,6 +40,18 @@ class Examples:
     task: np.ndarray  # (n,) task type
     source: np.ndarray  # (n,) file stem
 
+    def take(self, rows: np.ndarray) -> Examples:
+        """These examples' rows (same models)."""
+        return Examples(
+            self.x[rows],
+            self.models,
+            self.correct[rows],
+            self.cost[rows],
+            self.length[rows],
+            self.task[rows],
+            self.source[rows],
+        )
+
 
 def embed_cached(texts: list[str], cache: Path | None) -> np.ndarray:
     """`embed`, kept in `cache` (a folder) under a hash of the texts: a file's embeddings are
@@ -333,9 +345,7 @@ def train(
     its default λ and auto's λ per task type chosen on out-of-fold predictions, auto's against
     the single strategy as `stats` (fitted on the same records) choose it."""
     rows = np.arange(len(ex.x)) if rows is None else rows
-    sub = Examples(
-        ex.x[rows], ex.models, ex.correct[rows], ex.cost[rows], ex.length[rows], ex.task[rows], ex.source[rows]
-    )
+    sub = ex.take(rows)
     p, est = out_of_fold(sub, folds, l2)
     local = np.arange(len(rows))
     curve = sweep(sub, local, p, est)
